@@ -1,0 +1,42 @@
+"""onlynorm — exact reconstruction of ReLU networks by tuning only BatchNorm's γ and β of a frozen random network.
+
+>>> import onlynorm
+>>> from torch import nn
+>>> g = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2)).double()
+>>> f = onlynorm.reconstruct(g, method="width", seed=0)
+>>> onlynorm.verify(f, g, samples=1000).passed
+True
+"""
+
+from .api import random_normnet, reconstruct, solve_norms
+from .constructions import available_methods
+from .domain import Box, interval_bounds
+from .errors import (FileFormatError, InvalidDomainError, InvalidNetworkError, InvalidTargetError,
+                     MemoryBudgetError, OnlyNormError, SingularSystemError)
+from .normnet import NetSummary, NormLinear, NormNet
+from .target import MLPSpec
+from .verify import VerifyReport, verify
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "reconstruct",
+    "random_normnet",
+    "solve_norms",
+    "verify",
+    "VerifyReport",
+    "Box",
+    "interval_bounds",
+    "MLPSpec",
+    "NormNet",
+    "NormLinear",
+    "NetSummary",
+    "available_methods",
+    "OnlyNormError",
+    "InvalidTargetError",
+    "InvalidDomainError",
+    "InvalidNetworkError",
+    "FileFormatError",
+    "SingularSystemError",
+    "MemoryBudgetError",
+]

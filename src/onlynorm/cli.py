@@ -1,0 +1,187 @@
+"""``onlynorm`` command line: a thin typer app over the public API.
+
+Every deliberate refusal (:class:`~onlynorm.errors.OnlyNormError`) becomes one line on stderr and exit code 2;
+``verify`` exits 1 when the networks disagree beyond the tolerance. Outputs are written atomically.
+Set ``ONLYNORM_DEBUG=1`` to see tracebacks of unexpected errors.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import OnlyNormError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Reconstruct ReLU networks exactly by tuning only the BatchNorm γ, β of a frozen random "
+                       "network; verify and certify the result.")
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _parse_hidden(text: Optional[str]):
+    if text is None:
+        return None
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise OnlyNormError(f"--hidden: expected an integer or a comma-separated list like 64,128, found {text!r}") from None
+    return values[0] if len(values) == 1 else values
+
+
+def _domain(low: Optional[float], high: Optional[float]):
+    from .domain import Box
+
+    if low is None and high is None:
+        return None
+    return Box(-1.0 if low is None else low, 1.0 if high is None else high)
+
+
+def _table(title: str, rows: list[tuple[str, str]]) -> Table:
+    table = Table(title=title, show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    for k, v in rows:
+        table.add_row(k, v)
+    return table
+
+
+class _LayerProgress:
+    """A transient rich progress bar fed by the constructions' ``progress(done, total, message)`` callback."""
+
+    def __init__(self, description: str):
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self._progress = Progress(TextColumn("[progress.description]{task.description}"), BarColumn(),
+                                  TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
+                                  console=err_console, transient=True)
+        self._description = description
+        self._task = None
+
+    def __enter__(self) -> "_LayerProgress":
+        self._progress.__enter__()
+        self._task = self._progress.add_task(self._description, total=None)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._progress.__exit__(*exc)
+
+    def __call__(self, done: int, total: int, message: str) -> None:
+        self._progress.update(self._task, completed=done, total=total, description=f"{self._description}: {message}")
+
+
+@app.command()
+def reconstruct(
+    target: Path = typer.Argument(..., help="Target MLP: safetensors (or .pt) state_dict of nn.Sequential(Linear, ReLU, ...)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Where to write the reconstructed network (.safetensors)."),
+    method: str = typer.Option("width", help="Construction (see below)."),
+    seed: int = typer.Option(0, help="Seed of the frozen random weights."),
+    low: Optional[float] = typer.Option(None, help="Lower bound of the input box (default -1)."),
+    high: Optional[float] = typer.Option(None, help="Upper bound of the input box (default 1)."),
+    hidden: Optional[str] = typer.Option(None, help="width: hidden width N per pair (int or list); N < m·n gives least squares."),
+    dtype: str = typer.Option("float64", help="float64 (default, exact to ~1e-13) or float32."),
+) -> None:
+    """Build a frozen random network and solve its BatchNorm γ, β so it computes TARGET on the box."""
+    import torch
+
+    from . import api
+    from .target import load_target
+
+    spec = load_target(target)
+    options = {}
+    if hidden is not None:
+        options["hidden"] = _parse_hidden(hidden)
+    torch_dtype = {"float64": torch.float64, "float32": torch.float32}.get(dtype)
+    if torch_dtype is None:
+        raise OnlyNormError(f"--dtype: expected float64 or float32, found {dtype!r}")
+    box = _domain(low, high)
+    with _LayerProgress(f"solving ({method})") as progress:
+        net = api.reconstruct(spec, method=method, domain=box, seed=seed, dtype=torch_dtype,
+                              progress=progress, **options)
+    net.save(out)
+    console.print(_table(f"reconstructed {target.name} → {out}", net.summary().rows()))
+
+
+@app.command()
+def verify(
+    net: Path = typer.Argument(..., help="Network written by `onlynorm reconstruct`."),
+    target: Path = typer.Argument(..., help="Target MLP file."),
+    samples: int = typer.Option(100_000, help="Number of sample points of the box."),
+    seed: int = typer.Option(0, help="Seed of the sample points."),
+    low: Optional[float] = typer.Option(None, help="Lower bound of the box (default: the one it was solved on)."),
+    high: Optional[float] = typer.Option(None, help="Upper bound of the box (default: the one it was solved on)."),
+    tolerance: Optional[float] = typer.Option(None, help="Relative tolerance (default 1e-9 in float64)."),
+    certify: bool = typer.Option(False, "--certify", help="Also prove equivalence on the whole box (interval bounds)."),
+) -> None:
+    """Compare NET with TARGET; exit 0 when within tolerance (and certified if asked), 1 when not."""
+    from .verify import verify as run_verify
+    from .normnet import NormNet
+    from .target import load_target
+
+    network = NormNet.load(net)
+    spec = load_target(target)
+    report = run_verify(network, spec, domain=_domain(low, high), samples=samples, seed=seed,
+                               tolerance=tolerance, certify=certify)
+    console.print(_table(f"verify {net.name} against {target.name}", report.rows()))
+    ok = report.passed and (report.certified is not False)
+    if not ok:
+        raise typer.Exit(1)
+
+
+@app.command()
+def demo(
+    seed: int = typer.Option(0, help="Seed of the example target and the frozen network."),
+) -> None:
+    """Reconstruct a built-in example MLP on the box [0, 2]^6, verify it and print the summary."""
+    import time
+
+    import torch
+
+    from . import api
+    from .verify import verify as run_verify
+    from .domain import Box
+    from .target import MLPSpec
+
+    gen = torch.Generator().manual_seed(seed)
+    dims = [6, 24, 24, 3]
+    spec = MLPSpec(tuple(torch.randn(m, n, generator=gen, dtype=torch.float64) / n ** 0.5 for n, m in zip(dims, dims[1:])),
+                   tuple(torch.randn(m, generator=gen, dtype=torch.float64) for m in dims[1:]))
+    box = Box(0.0, 2.0)
+    start = time.perf_counter()
+    with _LayerProgress("solving (width)") as progress:
+        net = api.reconstruct(spec, method="width", domain=box, seed=seed, progress=progress)
+    seconds = time.perf_counter() - start
+    report = run_verify(net, spec, samples=100_000, seed=seed)
+    console.print(_table(f"built-in target {dims} on [0, 2]^6, solved in {seconds:.2f} s", net.summary().rows()))
+    console.print(_table("verification", report.rows()))
+    if not report.passed:
+        raise typer.Exit(1)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: OnlyNormError → one line on stderr, exit 2; no tracebacks for bad input."""
+    try:
+        # standalone mode: typer itself reports usage errors (exit 2) and turns typer.Exit into an exit code
+        app(args=argv, prog_name="onlynorm")
+    except OnlyNormError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except MemoryError as exc:
+        print(f"error: out of memory ({exc or 'allocation failed'}); try --method deep or lowrank", file=sys.stderr)
+        sys.exit(2)
+    except Exception as exc:  # an onlynorm bug, not the user's input: one line, unless debugging
+        if os.environ.get("ONLYNORM_DEBUG"):
+            raise
+        print(f"internal error: {type(exc).__name__}: {exc} (set ONLYNORM_DEBUG=1 for a traceback and please "
+              "report it)", file=sys.stderr)
+        sys.exit(3)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

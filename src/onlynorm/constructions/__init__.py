@@ -1,0 +1,6 @@
+"""Constructions of the theory, one module each, behind one registry (:func:`get_construction`)."""
+
+from .base import Construction, available_methods, get_construction, register
+from . import width  # noqa: F401  (registers "width")
+
+__all__ = ["Construction", "available_methods", "get_construction", "register"]

@@ -1,0 +1,115 @@
+"""The construction protocol and registry.
+
+A construction turns a target into a frozen random :class:`~onlynorm.normnet.NormNet` (``build``) and solves that
+network's ``γ, β`` so it computes the target on a box (``solve``). ``build`` may take a network the user brought
+instead: ``solve`` only reads frozen weights and writes normalization parameters.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, ClassVar
+
+import torch
+
+from ..domain import Box
+from ..errors import InvalidNetworkError, OnlyNormError
+from ..normnet import NormNet
+from ..target import MLPSpec
+
+__all__ = ["Construction", "register", "get_construction", "available_methods", "Progress", "frozen_init",
+           "base_meta", "safe_margin"]
+
+#: ``progress(done, total, message)`` is called after each solved layer (used by the CLI's progress bar).
+Progress = Callable[[int, int, str], None]
+
+_REGISTRY: dict[str, "Construction"] = {}
+
+
+class Construction:
+    """One construction of the theory. Subclasses set ``name`` and ``cost`` and implement ``build``/``solve``."""
+
+    name: ClassVar[str] = ""
+    #: one line for ``onlynorm reconstruct --help``: what it is and its width/depth cost
+    cost: ClassVar[str] = ""
+    #: option names accepted by ``build`` (validated at the public boundary)
+    options: ClassVar[tuple[str, ...]] = ()
+
+    def build(self, target: MLPSpec, *, seed: int, dtype: torch.dtype, device, **options: Any) -> NormNet:
+        raise NotImplementedError
+
+    def solve(self, net: NormNet, target: MLPSpec, domain: Box, *, progress: Progress | None = None) -> NormNet:
+        raise NotImplementedError
+
+    def estimate_bytes(self, target: MLPSpec, dtype: torch.dtype, **options: Any) -> int:
+        """Peak bytes the solve will need (0 if unknown); used by the memory guard before allocating."""
+        return 0
+
+    def check_options(self, options: dict[str, Any]) -> None:
+        unknown = sorted(set(options) - set(self.options))
+        if unknown:
+            allowed = ", ".join(self.options) or "none"
+            raise OnlyNormError(
+                f"method {self.name!r} got unknown option(s) {unknown}; it accepts: {allowed}")
+
+
+def register(cls: type[Construction]) -> type[Construction]:
+    """Class decorator adding a construction to the registry under ``cls.name``."""
+    _REGISTRY[cls.name] = cls()
+    return cls
+
+
+def get_construction(name: str) -> Construction:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise OnlyNormError(
+            f"unknown method {name!r}; expected one of {available_methods()}") from None
+
+
+def available_methods() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def frozen_init(shape: tuple[int, ...], generator: torch.Generator, *, dtype: torch.dtype, device) -> torch.Tensor:
+    """I.i.d. Gaussian ``N(0, 1/fan_in)`` — any continuous distribution works for the theory; this scaling keeps
+    activations O(1). Drawn on the CPU in float64 so a seed gives bit-identical networks on every device/dtype.
+    """
+    fan_in = shape[-1] if len(shape) > 1 else 1
+    w = torch.randn(shape, generator=generator, dtype=torch.float64) / fan_in ** 0.5
+    return w.to(dtype=dtype, device=device)
+
+
+def base_meta(method: str, target: MLPSpec, seed: int, options: dict[str, Any]) -> dict[str, Any]:
+    return {"method": method, "seed": int(seed), "options": _jsonable(options), "target_dims": target.dims,
+            "target_parameters": target.num_parameters}
+
+
+def _jsonable(options: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for k, v in options.items():
+        if isinstance(v, torch.Tensor):
+            v = v.tolist()
+        elif isinstance(v, tuple):
+            v = list(v)
+        out[k] = v
+    return out
+
+
+def safe_margin(zmin: torch.Tensor, zmax: torch.Tensor, relative: float) -> torch.Tensor:
+    """Positive slack added to ``-zmin`` so a unit stays strictly active on its whole range.
+
+    ``relative × (zmax − zmin)`` per unit, floored by ``relative ×`` the mean range (units whose range is 0,
+    e.g. ``γ_k = 0``) and by a tiny absolute value, so the slack dwarfs rounding yet costs no accuracy: the offset
+    is cancelled exactly by the next layer's ``β``.
+    """
+    spread = (zmax - zmin).clamp_min(0)
+    floor = relative * spread.mean() if spread.numel() else spread.new_tensor(0.0)
+    tiny = torch.finfo(zmin.dtype).tiny ** 0.5
+    return torch.maximum(relative * spread, floor).clamp_min(tiny)
+
+
+def check_frozen_finite(net: NormNet) -> None:
+    for p in net.frozen_parameters():
+        if not torch.isfinite(p).all():
+            raise InvalidNetworkError(
+                "the frozen network has NaN/Inf weights; expected finite frozen weights — re-initialise them")

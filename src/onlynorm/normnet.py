@@ -1,0 +1,333 @@
+"""``NormNet``: a frozen random network whose only tunable parameters are BatchNorm's ``γ`` and ``β``.
+
+A NormNet is an ordinary ``torch.nn.Module`` made of *stages*. The basic stage, :class:`NormLinear`, is
+``Linear(no bias, frozen) → BatchNorm1d → ReLU`` (ReLU optional). BatchNorm runs in inference form with running
+mean 0, running variance 1 and ``eps = 0``, so it computes exactly ``BN(z) = γ ⊙ z + β``.
+
+**Calling ``.train()``.** Exactness needs fixed statistics: in training mode BatchNorm would normalise by batch
+statistics and the network would stop computing the target. ``NormNet.train()`` therefore switches the module
+flag but keeps every BatchNorm in inference mode, so gradient training of ``γ, β`` (``train_norm_only``) stays in
+the closed form's setting. Set ``net.batch_statistics = True`` first to opt into batch statistics deliberately.
+
+Stages are registered by ``kind`` so a saved network is rebuilt from a JSON architecture description plus a
+safetensors state dict — never from pickled code.
+
+>>> net = NormNet([NormLinear(3, 6), NormLinear(6, 2, relu=False)], meta={"method": "width"})
+>>> [p.shape for p in net.norm_parameters()]
+[torch.Size([6]), torch.Size([6]), torch.Size([2]), torch.Size([2])]
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable, Sequence
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from . import _io
+from .errors import FileFormatError, InvalidNetworkError
+
+__all__ = ["NormNet", "NormLinear", "Stage", "register_stage", "make_batchnorm", "is_norm_module", "NetSummary"]
+
+FORMAT = "onlynorm.normnet"
+FORMAT_VERSION = 1
+
+STAGES: dict[str, type["Stage"]] = {}
+
+_DTYPES = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def register_stage(cls: type["Stage"]) -> type["Stage"]:
+    """Class decorator: make a stage kind loadable from its JSON config."""
+    if cls.kind in STAGES and STAGES[cls.kind] is not cls:
+        raise ValueError(f"stage kind {cls.kind!r} registered twice")
+    STAGES[cls.kind] = cls
+    return cls
+
+
+def is_norm_module(module: nn.Module) -> bool:
+    """True for the normalization layers whose affine parameters a NormNet tunes (selected by type)."""
+    return isinstance(module, _BatchNorm)
+
+
+def make_batchnorm(num_features: int, *, dims: int = 1, dtype: torch.dtype = torch.float64,
+                   device: torch.device | str | None = None) -> _BatchNorm:
+    """A BatchNorm at identity in inference form: ``γ = 1, β = 0``, running mean 0, running var 1, ``eps = 0``.
+
+    ``eps = 0`` matters: with the default ``eps = 1e-5`` BatchNorm would scale by ``1/sqrt(1 + 1e-5)`` and perturb
+    every ``γ`` by 5e-6 relative — far above the 1e-12 the constructions reach.
+    """
+    cls = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[dims]
+    bn = cls(num_features, eps=0.0, affine=True, track_running_stats=True, dtype=dtype, device=device)
+    bn.eval()
+    return bn
+
+
+class Stage(nn.Module):
+    """Base of NormNet building blocks: a registered ``kind`` and a JSON-serialisable ``config()``."""
+
+    kind: str = "stage"
+
+    def config(self) -> dict[str, Any]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], *, dtype: torch.dtype, device=None) -> "Stage":
+        return cls(**config, dtype=dtype, device=device)
+
+    def widths(self) -> list[int]:
+        """Widths of this stage's normalization layers (for summaries)."""
+        return [m.num_features for m in self.modules() if is_norm_module(m)]
+
+
+@register_stage
+class NormLinear(Stage):
+    """``y = relu(γ ⊙ (A x) + β)`` with frozen ``A`` (``nn.Linear`` without bias) and ``γ, β`` from BatchNorm1d."""
+
+    kind = "norm_linear"
+
+    def __init__(self, in_features: int, out_features: int, relu: bool = True, *,
+                 dtype: torch.dtype = torch.float64, device: torch.device | str | None = None):
+        super().__init__()
+        self.linear = nn.Linear(in_features, out_features, bias=False, dtype=dtype, device=device)
+        self.linear.weight.requires_grad_(False)
+        self.norm = make_batchnorm(out_features, dtype=dtype, device=device)
+        self.relu = bool(relu)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.norm(self.linear(x))
+        return torch.relu(z) if self.relu else z
+
+    def config(self) -> dict[str, Any]:
+        return {"in_features": self.linear.in_features, "out_features": self.linear.out_features, "relu": self.relu}
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.linear.weight
+
+    def extra_repr(self) -> str:
+        return f"relu={self.relu}"
+
+
+@dataclass
+class NetSummary:
+    """Size facts of a NormNet next to its target (``summary()``)."""
+
+    method: str
+    target_dims: list[int]
+    depth: int                     # normalization layers along the longest path
+    widths: list[int]              # width of every normalization layer
+    frozen_parameters: int
+    frozen_nonzeros: int
+    tunable_parameters: int        # all γ and β
+    target_parameters: int
+    solved: bool
+    exact: bool | None
+    max_relative_residual: float | None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def max_width(self) -> int:
+        return max(self.widths) if self.widths else 0
+
+    def ratio(self, numerator: str) -> float:
+        return getattr(self, numerator) / max(self.target_parameters, 1)
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.update(max_width=self.max_width,
+                 frozen_to_target=self.ratio("frozen_parameters"),
+                 nonzeros_to_target=self.ratio("frozen_nonzeros"),
+                 tunable_to_target=self.ratio("tunable_parameters"))
+        return d
+
+    def rows(self) -> list[tuple[str, str]]:
+        exact = "n/a (not solved)" if not self.solved else ("yes" if self.exact else "no (approximate)")
+        rows = [
+            ("method", self.method),
+            ("target dims", " → ".join(map(str, self.target_dims))),
+            ("normalization layers (depth)", str(self.depth)),
+            ("max width", str(self.max_width)),
+            ("frozen parameters", f"{self.frozen_parameters:,} ({self.ratio('frozen_parameters'):.1f}× target)"),
+            ("frozen nonzeros", f"{self.frozen_nonzeros:,} ({self.ratio('frozen_nonzeros'):.1f}× target)"),
+            ("tunable γ, β", f"{self.tunable_parameters:,} ({self.ratio('tunable_parameters'):.2f}× target)"),
+            ("target parameters", f"{self.target_parameters:,}"),
+            ("exact", exact),
+        ]
+        if self.max_relative_residual is not None:
+            rows.append(("max relative residual of solves", f"{self.max_relative_residual:.2e}"))
+        rows += [("note", n) for n in self.notes]
+        return rows
+
+    def __str__(self) -> str:
+        width = max(len(k) for k, _ in self.rows())
+        return "\n".join(f"{k:<{width}}  {v}" for k, v in self.rows())
+
+
+class NormNet(nn.Module):
+    """A frozen network of :class:`Stage` s whose tunable parameters are exactly its BatchNorm ``γ, β``.
+
+    ``meta`` records how it was made (``method``, ``seed``, ``options``, ``target_dims``, ``domain``, the solve's
+    residuals); it is saved next to the weights.
+    """
+
+    def __init__(self, layers: Sequence[Stage], meta: dict[str, Any] | None = None):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+        self.meta: dict[str, Any] = dict(meta or {})
+        self.batch_statistics = False
+        self.eval()
+
+    # ------------------------------------------------------------------ evaluation
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        expected = self.in_features
+        if expected is not None and x.shape[-1] != expected:
+            raise InvalidNetworkError(
+                f"expected inputs with {expected} features (last dimension), found shape {tuple(x.shape)}")
+        for stage in self.layers:
+            x = stage(x)
+        return x
+
+    def train(self, mode: bool = True) -> "NormNet":
+        """Set the training flag; BatchNorm keeps fixed statistics unless ``batch_statistics`` is True."""
+        super().train(mode)
+        if mode and not self.batch_statistics:
+            for m in self.norm_modules():
+                m.eval()
+        return self
+
+    # ------------------------------------------------------------------ parameter access
+    def norm_modules(self) -> list[_BatchNorm]:
+        return [m for m in self.modules() if is_norm_module(m)]
+
+    def norm_parameters(self) -> list[nn.Parameter]:
+        """Exactly the ``γ`` and ``β`` tensors, in layer order (``[γ₁, β₁, γ₂, β₂, ...]``)."""
+        out: list[nn.Parameter] = []
+        for m in self.norm_modules():
+            out += [m.weight, m.bias]
+        return out
+
+    def frozen_parameters(self) -> list[nn.Parameter]:
+        ids = {id(p) for p in self.norm_parameters()}
+        return [p for p in self.parameters() if id(p) not in ids]
+
+    # ------------------------------------------------------------------ facts
+    @property
+    def method(self) -> str:
+        return str(self.meta.get("method", "custom"))
+
+    @property
+    def target_dims(self) -> list[int] | None:
+        dims = self.meta.get("target_dims")
+        return list(dims) if dims is not None else None
+
+    @property
+    def in_features(self) -> int | None:
+        """Input width of an MLP NormNet (``None`` for image inputs, whose shape lives in ``meta["in_shape"]``)."""
+        if "in_shape" in self.meta or self.target_dims is None:
+            return None
+        return self.target_dims[0]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(iter(self.parameters())).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.parameters())).device
+
+    @property
+    def is_solved(self) -> bool:
+        return "solve" in self.meta
+
+    def summary(self) -> NetSummary:
+        frozen = self.frozen_parameters()
+        tunable = sum(p.numel() for p in self.norm_parameters())
+        solve = self.meta.get("solve") or {}
+        residuals = [layer.get("relative_residual") for layer in solve.get("layers", [])]
+        residuals = [r for r in residuals if r is not None]
+        return NetSummary(
+            method=self.method,
+            target_dims=self.target_dims or [],
+            depth=self.depth(),
+            widths=[w for s in self.layers for w in s.widths()],
+            frozen_parameters=sum(p.numel() for p in frozen),
+            frozen_nonzeros=sum(int(torch.count_nonzero(p)) for p in frozen),
+            tunable_parameters=tunable,
+            target_parameters=int(self.meta.get("target_parameters", 0)),
+            solved=self.is_solved,
+            exact=solve.get("exact") if solve else None,
+            max_relative_residual=max(residuals) if residuals else None,
+            notes=list(solve.get("notes", [])),
+        )
+
+    def depth(self) -> int:
+        """Number of normalization layers a signal passes through on its longest path."""
+        return sum(getattr(s, "depth", lambda: len(s.widths()))() for s in self.layers)
+
+    # ------------------------------------------------------------------ files
+    def architecture(self) -> list[dict[str, Any]]:
+        return [{"kind": s.kind, **s.config()} for s in self.layers]
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write weights (safetensors) and the JSON architecture + metadata, atomically."""
+        doc = {"format": FORMAT, "version": FORMAT_VERSION, "dtype": dtype_name(self.dtype),
+               "architecture": self.architecture(), "meta": self.meta}
+        _io.write_tensors(path, self.state_dict(), metadata=doc)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, device: torch.device | str | None = None) -> "NormNet":
+        """Rebuild a NormNet saved by :meth:`save` (nothing is unpickled; the architecture is JSON)."""
+        tensors, doc = _io.read_tensors(path)
+        if not doc or doc.get("format") != FORMAT:
+            raise FileFormatError(
+                f"{str(path)!r} is not an onlynorm network file (no '{FORMAT}' metadata); expected a file written "
+                "by NormNet.save or `onlynorm reconstruct --out`")
+        return cls.from_document(doc, tensors, source=str(path), device=device)
+
+    @classmethod
+    def from_document(cls, doc: dict, tensors: dict[str, torch.Tensor], *, source: str = "network",
+                      device=None) -> "NormNet":
+        if doc.get("version") != FORMAT_VERSION:
+            raise FileFormatError(f"{source}: expected format version {FORMAT_VERSION}, found {doc.get('version')!r}")
+        dtype = _DTYPES.get(str(doc.get("dtype")))
+        if dtype is None:
+            raise FileFormatError(f"{source}: unsupported dtype {doc.get('dtype')!r}; expected one of {sorted(_DTYPES)}")
+        try:
+            stages = []
+            for cfg in doc["architecture"]:
+                cfg = dict(cfg)
+                kind = cfg.pop("kind")
+                if kind not in STAGES:
+                    raise FileFormatError(f"{source}: unknown stage kind {kind!r}; known kinds: {sorted(STAGES)}")
+                stages.append(STAGES[kind].from_config(cfg, dtype=dtype, device=device))
+            net = cls(stages, meta=doc.get("meta") or {})
+        except FileFormatError:
+            raise
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise FileFormatError(f"{source}: malformed architecture description ({exc}); re-create the file") from None
+        try:
+            net.load_state_dict({k: v.to(device=device) for k, v in tensors.items()}, strict=True)
+        except RuntimeError as exc:
+            first = str(exc).splitlines()[0]
+            raise FileFormatError(f"{source}: weights do not match the described architecture ({first})") from None
+        for k, v in tensors.items():
+            if v.is_floating_point() and not torch.isfinite(v).all():
+                raise FileFormatError(f"{source}: tensor {k!r} holds NaN/Inf values; the file is corrupt")
+        return net
+
+    def clone(self) -> "NormNet":
+        """A deep copy (the frozen weights are copied too, so the two networks are independent)."""
+        return copy.deepcopy(self)
+
+
+def all_norm_linear(layers: Iterable[nn.Module]) -> bool:
+    return all(isinstance(s, NormLinear) for s in layers)
