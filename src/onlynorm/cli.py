@@ -85,6 +85,9 @@ def reconstruct(
     low: Optional[float] = typer.Option(None, help="Lower bound of the input box (default -1)."),
     high: Optional[float] = typer.Option(None, help="Upper bound of the input box (default 1)."),
     hidden: Optional[str] = typer.Option(None, help="width: hidden width N per pair (int or list); N < m·n gives least squares."),
+    rank: Optional[int] = typer.Option(None, help="lowrank: rank r per layer (default: numerical rank)."),
+    block: Optional[int] = typer.Option(None, help="deep: input block size k (default 1)."),
+    density: Optional[float] = typer.Option(None, help="sparse: Bernoulli density p of the frozen weights."),
     dtype: str = typer.Option("float64", help="float64 (default, exact to ~1e-13) or float32."),
 ) -> None:
     """Build a frozen random network and solve its BatchNorm γ, β so it computes TARGET on the box."""
@@ -97,6 +100,9 @@ def reconstruct(
     options = {}
     if hidden is not None:
         options["hidden"] = _parse_hidden(hidden)
+    for name, value in (("rank", rank), ("block", block), ("density", density)):
+        if value is not None:
+            options[name] = value
     torch_dtype = {"float64": torch.float64, "float32": torch.float32}.get(dtype)
     if torch_dtype is None:
         raise OnlyNormError(f"--dtype: expected float64 or float32, found {dtype!r}")
@@ -136,32 +142,35 @@ def verify(
 
 @app.command()
 def demo(
-    seed: int = typer.Option(0, help="Seed of the example target and the frozen network."),
+    seed: int = typer.Option(0, help="Seed of the target training and of the frozen network."),
+    builtin: bool = typer.Option(False, "--builtin", help="Quick synthetic demo: a random MLP on [0, 2]^6 (seconds)."),
+    tasks: bool = typer.Option(False, "--tasks", help="Three digits tasks in one frozen network via swappable norm sets."),
+    cnn: bool = typer.Option(False, "--cnn", help="A small CNN (with BatchNorm) on the 8×8 digits, reconstructed exactly."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the results as JSON (atomically)."),
 ) -> None:
-    """Reconstruct a built-in example MLP on the box [0, 2]^6, verify it and print the summary."""
-    import time
+    """The main job: on scikit-learn's digits, reconstruct a trained MLP exactly by solving only BatchNorm γ, β
+    of a random frozen network, next to gradient-trained norms of the same network."""
+    import importlib
 
-    import torch
-
-    from . import api
-    from .verify import verify as run_verify
-    from .domain import Box
-    from .target import MLPSpec
-
-    gen = torch.Generator().manual_seed(seed)
-    dims = [6, 24, 24, 3]
-    spec = MLPSpec(tuple(torch.randn(m, n, generator=gen, dtype=torch.float64) / n ** 0.5 for n, m in zip(dims, dims[1:])),
-                   tuple(torch.randn(m, generator=gen, dtype=torch.float64) for m in dims[1:]))
-    box = Box(0.0, 2.0)
-    start = time.perf_counter()
-    with _LayerProgress("solving (width)") as progress:
-        net = api.reconstruct(spec, method="width", domain=box, seed=seed, progress=progress)
-    seconds = time.perf_counter() - start
-    report = run_verify(net, spec, samples=100_000, seed=seed)
-    console.print(_table(f"built-in target {dims} on [0, 2]^6, solved in {seconds:.2f} s", net.summary().rows()))
-    console.print(_table("verification", report.rows()))
-    if not report.passed:
+    if builtin + tasks + cnn > 1:
+        raise OnlyNormError("choose at most one of --builtin, --tasks, --cnn")
+    name = "builtin" if builtin else "tasks" if tasks else "cnn" if cnn else "digits"
+    module = importlib.import_module(f".demos.{name}", __package__)
+    if not module.run(seed=seed, json_path=json_path, console=console):
         raise typer.Exit(1)
+
+
+@app.command()
+def experiment(
+    name: str = typer.Argument(..., help="sparse-threshold, scaling, gd-vs-exact or depth-tradeoff."),
+    quick: bool = typer.Option(False, "--quick", help="Small sizes: about a minute."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output directory (default runs/NAME)."),
+    seed: int = typer.Option(0, help="Seed of every random choice."),
+) -> None:
+    """Run one experiment of the theory; writes results.json, PNG figures and summary.md into OUT."""
+    from .experiments import run_experiment
+
+    run_experiment(name, quick=quick, out=out, seed=seed, console=console)
 
 
 def main(argv: list[str] | None = None) -> None:

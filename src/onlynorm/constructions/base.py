@@ -40,6 +40,13 @@ class Construction:
     def solve(self, net: NormNet, target: MLPSpec, domain: Box, *, progress: Progress | None = None) -> NormNet:
         raise NotImplementedError
 
+    def certify(self, net: NormNet, target: MLPSpec, domain: Box):
+        """Rigorous check over the whole box; returns ``onlynorm.certify.CertifyResult``.
+
+        Constructions that cannot certify yet raise :class:`OnlyNormError` saying so.
+        """
+        raise OnlyNormError(f"certification is not implemented for method {self.name!r} yet")
+
     def estimate_bytes(self, target: MLPSpec, dtype: torch.dtype, **options: Any) -> int:
         """Peak bytes the solve will need (0 if unknown); used by the memory guard before allocating."""
         return 0

@@ -1,0 +1,1 @@
+"""Demos run by ``onlynorm demo``: each module exposes ``run(seed, json_path, console) -> bool`` (True = passed)."""
