@@ -7,7 +7,8 @@ mean 0, running variance 1 and ``eps = 0``, so it computes exactly ``BN(z) = γ 
 **Calling ``.train()``.** Exactness needs fixed statistics: in training mode BatchNorm would normalise by batch
 statistics and the network would stop computing the target. ``NormNet.train()`` therefore switches the module
 flag but keeps every BatchNorm in inference mode, so gradient training of ``γ, β`` (``train_norm_only``) stays in
-the closed form's setting. Set ``net.batch_statistics = True`` first to opt into batch statistics deliberately.
+the closed form's setting. Set ``net.batch_statistics = True`` first to opt into batch statistics deliberately
+(BatchNorm then uses ``eps = 1e-5``, as torch requires; ``eval()`` restores the exact ``eps = 0`` form).
 
 Stages are registered by ``kind`` so a saved network is rebuilt from a JSON architecture description plus a
 safetensors state dict — never from pickled code.
@@ -34,6 +35,8 @@ from .errors import FileFormatError, InvalidNetworkError
 __all__ = ["NormNet", "NormLinear", "Stage", "register_stage", "make_batchnorm", "is_norm_module", "NetSummary"]
 
 FORMAT = "onlynorm.normnet"
+#: eps used only while training with batch statistics (opt-in); inference always uses eps = 0
+BATCH_STATISTICS_EPS = 1e-5
 FORMAT_VERSION = 1
 
 STAGES: dict[str, type["Stage"]] = {}
@@ -199,9 +202,12 @@ class NormNet(nn.Module):
     def train(self, mode: bool = True) -> "NormNet":
         """Set the training flag; BatchNorm keeps fixed statistics unless ``batch_statistics`` is True."""
         super().train(mode)
-        if mode and not self.batch_statistics:
-            for m in self.norm_modules():
-                m.eval()
+        use_batch = mode and self.batch_statistics
+        for m in self.norm_modules():
+            m.train(use_batch)
+            # torch refuses eps = 0 with batch statistics (a constant unit has zero variance); the exact
+            # inference form keeps eps = 0 so γ is not perturbed.
+            m.eps = BATCH_STATISTICS_EPS if use_batch else 0.0
         return self
 
     # ------------------------------------------------------------------ parameter access
