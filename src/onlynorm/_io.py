@@ -27,8 +27,12 @@ METADATA_KEY = "onlynorm"
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; move it into place only if the block succeeds.
 
-    >>> with atomic_path("/tmp/x.bin") as tmp:   # doctest: +SKIP
-    ...     tmp.write_bytes(b"...")              # a crash here leaves /tmp/x.bin untouched
+    >>> import pathlib, tempfile
+    >>> target = pathlib.Path(tempfile.mkdtemp()) / "x.bin"
+    >>> with atomic_path(target) as tmp:
+    ...     _ = tmp.write_bytes(b"data")         # a crash here would leave no x.bin behind
+    >>> target.read_bytes()
+    b'data'
     """
     final = Path(path)
     if final.parent and not final.parent.exists():
