@@ -14,8 +14,8 @@ from typing import Optional
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
+from .demos.report import print_rows
 from .errors import OnlyNormError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -41,15 +41,6 @@ def _domain(low: Optional[float], high: Optional[float]):
     if low is None and high is None:
         return None
     return Box(-1.0 if low is None else low, 1.0 if high is None else high)
-
-
-def _table(title: str, rows: list[tuple[str, str]]) -> Table:
-    table = Table(title=title, show_header=False, title_justify="left")
-    table.add_column(style="bold")
-    table.add_column()
-    for k, v in rows:
-        table.add_row(k, v)
-    return table
 
 
 class _LayerProgress:
@@ -111,7 +102,7 @@ def reconstruct(
         net = api.reconstruct(spec, method=method, domain=box, seed=seed, dtype=torch_dtype,
                               progress=progress, **options)
     net.save(out)
-    console.print(_table(f"reconstructed {target.name} → {out}", net.summary().rows()))
+    print_rows(console, f"reconstructed {target.name} → {out}", net.summary().rows())
 
 
 @app.command()
@@ -134,7 +125,7 @@ def verify(
     spec = load_target(target)
     report = run_verify(network, spec, domain=_domain(low, high), samples=samples, seed=seed,
                                tolerance=tolerance, certify=certify)
-    console.print(_table(f"verify {net.name} against {target.name}", report.rows()))
+    print_rows(console, f"verify {net.name} against {target.name}", report.rows())
     ok = report.passed and (report.certified is not False)
     if not ok:
         raise typer.Exit(1)
