@@ -178,8 +178,19 @@ def _refine(A, B, rhs, lu: _LowPrecisionLU, max_steps: int) -> tuple[torch.Tenso
 def _float64_lu_solve(A, B, rhs, where: str, layer, rcond_tol) -> tuple[torch.Tensor, float]:
     N = A.shape[0]
     Mt = khatri_rao_system_transposed(A, B, torch.float64)
-    LU, pivots, info = torch.linalg.lu_factor_ex(Mt.mT)
-    del Mt
+    if Mt.device.type == "cpu":   # factor in place: peak memory is the float64 matrix itself
+        import warnings
+
+        import scipy.linalg
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            lu, piv = scipy.linalg.lu_factor(Mt.numpy().T, overwrite_a=True, check_finite=False)
+        LU = torch.from_numpy(lu)
+        pivots = torch.from_numpy(piv.astype(np.int32) + 1)   # LAPACK's 1-based pivots, as torch expects
+        info = 0
+    else:
+        LU, pivots, info = torch.linalg.lu_factor_ex(Mt.mT)
     rcond = _pivot_rcond(LU)
     tol = N * torch.finfo(torch.float64).eps if rcond_tol is None else rcond_tol
     if int(info) != 0 or rcond < tol:

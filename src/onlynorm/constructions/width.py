@@ -77,10 +77,21 @@ class WidthConstruction(Construction):
             layers += [first, second]
         return NormNet(layers, meta=base_meta(self.name, target, seed, options))
 
+    def certify(self, net: NormNet, target: MLPSpec, domain: Box):
+        """Every first-of-pair unit is proven active on the box; see :mod:`onlynorm.certify`."""
+        from ..certify import certify_blocks
+
+        check_width_layout(net, target)
+        return certify_blocks(net, target, domain, [[2 * i, 2 * i + 1] for i in range(target.depth)])
+
     def estimate_bytes(self, target: MLPSpec, dtype: torch.dtype, **options: Any) -> int:
-        item = torch.empty((), dtype=dtype).element_size()
+        """Peak of the solve: the largest ``(m·n) × N`` system in float64 (the in-place LU fallback; the usual
+        mixed-precision path needs half), twice for least squares (LAPACK's copy), plus the frozen network."""
         widths = pair_widths(target, options.get("hidden"))
-        return max(w.shape[0] * w.shape[1] * N for w, N in zip(target.weights, widths)) * item
+        item = torch.empty((), dtype=dtype).element_size()
+        network = sum((w.shape[0] + w.shape[1]) * N for w, N in zip(target.weights, widths)) * item
+        systems = [w.numel() * N * 8 * (1 if N == w.numel() else 2) for w, N in zip(target.weights, widths)]
+        return max(systems) + network
 
     def solve(self, net: NormNet, target: MLPSpec, domain: Box, *, progress: Progress | None = None) -> NormNet:
         check_width_layout(net, target)
