@@ -100,7 +100,12 @@ class NormLinear(Stage):
     def __init__(self, in_features: int, out_features: int, relu: bool = True, *,
                  dtype: torch.dtype = torch.float64, device: torch.device | str | None = None):
         super().__init__()
-        self.linear = nn.Linear(in_features, out_features, bias=False, dtype=dtype, device=device)
+        # skip_init: torch's default init would draw from the global RNG; constructions fill the weights from
+        # their own seeded generator, so building a network never perturbs the user's random stream.
+        self.linear = torch.nn.utils.skip_init(nn.Linear, in_features, out_features, bias=False, dtype=dtype,
+                                               device=device if device is not None else "cpu")
+        with torch.no_grad():
+            self.linear.weight.zero_()
         self.linear.weight.requires_grad_(False)
         self.norm = make_batchnorm(out_features, dtype=dtype, device=device)
         self.relu = bool(relu)
