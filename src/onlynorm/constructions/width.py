@@ -115,7 +115,8 @@ class WidthConstruction(Construction):
                 second.norm.weight.fill_(1.0)
                 second.norm.bias.copy_(beta2)
             records.append({"layer": i, "kind": sol.kind, "residual": sol.residual,
-                            "relative_residual": sol.relative_residual, "rcond": sol.rcond, "exact": sol.exact})
+                            "relative_residual": sol.relative_residual, "rcond": sol.rcond, "exact": sol.exact,
+                            "precision": sol.precision, "steps": sol.steps})
             if not sol.exact:
                 notes.append(f"layer {i}: hidden width {A.shape[0]} < m·n = {W.numel()}; least-squares γ reaches "
                              f"relative weight error {sol.relative_residual:.2e} (approximate)")
