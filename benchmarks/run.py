@@ -94,13 +94,22 @@ def width_case(d: int, repeat: int, naive: bool) -> dict:
     return row
 
 
+def high_water_mark() -> int:
+    """Peak resident memory of this process (VmHWM; unlike ru_maxrss it is not inherited across exec)."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def peak_memory_child(d: int) -> None:
     """Run in a subprocess: print the peak RSS growth of one width reconstruction, in bytes."""
     target = layer(d)
     onlynorm.reconstruct(nn.Linear(2, 2).double())          # warm imports and LAPACK workspaces
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    base = high_water_mark()
     net = onlynorm.reconstruct(target, method="width", seed=0)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = high_water_mark()
     print(json.dumps({"peak_extra_bytes": peak - base, "network_bytes": sum(p.numel() * 8 for p in net.parameters())}))
 
 

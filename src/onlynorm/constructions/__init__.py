@@ -2,5 +2,7 @@
 
 from .base import Construction, available_methods, get_construction, register
 from . import width  # noqa: F401  (registers "width")
+from . import lowrank  # noqa: F401  (registers "lowrank")
+from . import sparse  # noqa: F401  (registers "sparse")
 
 __all__ = ["Construction", "available_methods", "get_construction", "register"]

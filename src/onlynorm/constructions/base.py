@@ -47,6 +47,10 @@ class Construction:
         """
         raise OnlyNormError(f"certification is not implemented for method {self.name!r} yet")
 
+    def systems(self, net: NormNet, target: MLPSpec) -> list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """The Khatri–Rao systems ``(label, A, B, W)`` with ``B diag(γ) A = W`` that ``solve`` must satisfy."""
+        raise OnlyNormError(f"method {self.name!r} does not expose its systems")
+
     def estimate_bytes(self, target: MLPSpec, dtype: torch.dtype, **options: Any) -> int:
         """Peak bytes the solve will need (0 if unknown); used by the memory guard before allocating."""
         return 0

@@ -77,6 +77,15 @@ class WidthConstruction(Construction):
             layers += [first, second]
         return NormNet(layers, meta=base_meta(self.name, target, seed, options))
 
+    def precheck(self, layer: int, A: torch.Tensor, B: torch.Tensor) -> None:
+        """Hook run before each layer's solve (the sparse construction checks its pattern here)."""
+
+    def systems(self, net: NormNet, target: MLPSpec) -> list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """The Khatri–Rao systems ``(label, A, B, W)`` this network must solve for ``target``."""
+        check_width_layout(net, target)
+        return [(f"layer {i}", net.layers[2 * i].linear.weight, net.layers[2 * i + 1].linear.weight, W.to(net.dtype))
+                for i, W in enumerate(target.weights)]
+
     def certify(self, net: NormNet, target: MLPSpec, domain: Box):
         """Every first-of-pair unit is proven active on the box; see :mod:`onlynorm.certify`."""
         from ..certify import certify_blocks
@@ -104,6 +113,7 @@ class WidthConstruction(Construction):
         for i, (W, b) in enumerate(zip(spec.weights, spec.biases)):
             first, second = out.layers[2 * i], out.layers[2 * i + 1]
             A, B = first.linear.weight, second.linear.weight
+            self.precheck(i, A, B)
             sol = solve_khatri_rao(A, B, W, layer=i)
             lo, hi = boxes[i]
             zmin, zmax = affine_bounds(sol.gamma.unsqueeze(1) * A, lo, hi)
