@@ -17,7 +17,6 @@ settings.register_profile("default", deadline=None, max_examples=25,
 settings.register_profile("ci", parent=settings.get_profile("default"), derandomize=True)
 settings.load_profile("ci" if os.environ.get("CI") else "default")
 
-torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
 
 def random_mlp(dims: list[int], seed: int = 0, dtype: torch.dtype = torch.float64) -> torch.nn.Sequential:

@@ -4,5 +4,6 @@ from .base import Construction, available_methods, get_construction, register
 from . import width  # noqa: F401  (registers "width")
 from . import lowrank  # noqa: F401  (registers "lowrank")
 from . import sparse  # noqa: F401  (registers "sparse")
+from . import deep  # noqa: F401  (registers "deep")
 
 __all__ = ["Construction", "available_methods", "get_construction", "register"]

@@ -1,0 +1,202 @@
+"""Width/depth trade-off with skip connections (DESIGN §3.4): width ``m·k``, depth ``⌈n/k⌉ + 1`` per layer.
+
+The input coordinates of a target layer ``(W, b)`` are split into blocks ``J_1 … J_T`` of size ``k`` (the last one
+smaller when ``k ∤ n``). A residual stream ``s ∈ R^m`` starts at 0; a skip connection carries ``x`` to every block::
+
+    u_t = relu(Γ_t A_t x_{J_t} + β_t)      A_t ∈ R^{mk×k}        (all units active on the box)
+    s  ← s + B_t u_t                         B_t ∈ R^{m×mk} frozen, no normalization
+    y  = relu(Γ_out s + β_out)               γ_out = 1, β_out = b − Σ_t B_t β_t
+
+Each block is a square Khatri–Rao system ``B_t Γ_t A_t = W[:, J_t]`` of size ``m·k``; all blocks of a layer are
+solved as one batched LU. With ``k = 1`` a layer costs ``O(n·m³)`` instead of ``O(m³n³)``: the construction that
+scales to large ``d``. The number of tunable ``γ`` is still ``m·n`` (plus ``m`` output scales).
+
+>>> from torch import nn
+>>> import onlynorm
+>>> g = nn.Sequential(nn.Linear(5, 3)).double()
+>>> f = onlynorm.reconstruct(g, method="deep", block=2)
+>>> f.summary().widths, f.summary().depth      # blocks of 2, 2, 1 inputs; then the output norm
+([6, 6, 3, 3], 4)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..domain import Box, affine_bounds, interval_bounds
+from ..errors import InvalidNetworkError, OnlyNormError
+from ..linalg import solve_khatri_rao_batched
+from ..normnet import NormLinear, NormNet, Stage, make_batchnorm, register_stage
+from ..target import MLPSpec
+from .base import (Construction, Progress, base_meta, check_frozen_finite, frozen_init, register, safe_margin)
+from .width import DEFAULT_MARGIN
+
+__all__ = ["DeepConstruction", "ResidualStream", "block_sizes"]
+
+
+def block_sizes(n: int, k: int) -> list[int]:
+    """``[k, k, …, n mod k]``: sizes of the input blocks ``J_t``."""
+    return [k] * (n // k) + ([n % k] if n % k else [])
+
+
+@register_stage
+class ResidualStream(Stage):
+    """One target layer of the deep construction: ``T`` branches reading input blocks, a residual stream of width
+    ``m``, and an output BatchNorm (+ ReLU). State-dict keys: ``branches.t.*``, ``readouts.t.weight``, ``norm.*``."""
+
+    kind = "residual_stream"
+
+    def __init__(self, in_features: int, out_features: int, block: int = 1, relu: bool = True, *,
+                 dtype: torch.dtype = torch.float64, device=None):
+        super().__init__()
+        self.in_features, self.out_features, self.block, self.relu = in_features, out_features, block, bool(relu)
+        self.sizes = block_sizes(in_features, block)
+        self.branches = nn.ModuleList(NormLinear(k, out_features * k, relu=True, dtype=dtype, device=device)
+                                      for k in self.sizes)
+        readouts = []
+        for k in self.sizes:
+            lin = torch.nn.utils.skip_init(nn.Linear, out_features * k, out_features, bias=False, dtype=dtype,
+                                           device=device if device is not None else "cpu")
+            with torch.no_grad():
+                lin.weight.zero_()
+            lin.weight.requires_grad_(False)
+            readouts.append(lin)
+        self.readouts = nn.ModuleList(readouts)
+        self.norm = make_batchnorm(out_features, dtype=dtype, device=device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = x.new_zeros(*x.shape[:-1], self.out_features)
+        start = 0
+        for branch, readout, k in zip(self.branches, self.readouts, self.sizes):
+            s = s + readout(branch(x[..., start:start + k]))     # skip connection: every block reads x
+            start += k
+        z = self.norm(s)
+        return torch.relu(z) if self.relu else z
+
+    def config(self) -> dict[str, Any]:
+        return {"in_features": self.in_features, "out_features": self.out_features, "block": self.block,
+                "relu": self.relu}
+
+    def widths(self) -> list[int]:
+        return [b.linear.out_features for b in self.branches] + [self.out_features]
+
+    def depth(self) -> int:
+        return len(self.branches) + 1
+
+    def block_slices(self) -> list[slice]:
+        out, start = [], 0
+        for k in self.sizes:
+            out.append(slice(start, start + k))
+            start += k
+        return out
+
+
+def _check_block(block: Any) -> int:
+    if block is None:
+        return 1
+    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+        raise OnlyNormError(f"block: expected a positive integer k, found {block!r}")
+    return block
+
+
+@register
+class DeepConstruction(Construction):
+    name = "deep"
+    cost = ("residual stream with skip connections: width m·k, depth ⌈n/k⌉+1 per layer; exact; ⌈n/k⌉ systems of "
+            "size m·k (k=1: O(n·m³), scales to large d)")
+    options = ("block", "margin")
+
+    def build(self, target: MLPSpec, *, seed: int, dtype: torch.dtype, device, **options: Any) -> NormNet:
+        self.check_options(options)
+        k = _check_block(options.get("block"))
+        gen = torch.Generator().manual_seed(int(seed))
+        stages = []
+        for i, w in enumerate(target.weights):
+            m, n = w.shape
+            stage = ResidualStream(n, m, min(k, n), relu=i < target.depth - 1, dtype=dtype, device=device)
+            with torch.no_grad():
+                for branch, readout in zip(stage.branches, stage.readouts):
+                    branch.linear.weight.copy_(frozen_init(tuple(branch.linear.weight.shape), gen, dtype=dtype,
+                                                           device=device))
+                    readout.weight.copy_(frozen_init(tuple(readout.weight.shape), gen, dtype=dtype, device=device))
+            stages.append(stage)
+        return NormNet(stages, meta=base_meta(self.name, target, seed, {**options, "block": k}))
+
+    def estimate_bytes(self, target: MLPSpec, dtype: torch.dtype, **options: Any) -> int:
+        k = _check_block(options.get("block"))
+        item = torch.empty((), dtype=dtype).element_size()
+        network = sum(2 * w.shape[0] ** 2 * w.shape[1] for w in target.weights) * item
+        largest = max((w.shape[0] * min(k, w.shape[1])) ** 2 for w in target.weights) * 8
+        return network + max(largest, min(256 << 20, largest * max(w.shape[1] for w in target.weights))) * 2
+
+    def _stages(self, net: NormNet, target: MLPSpec) -> list[ResidualStream]:
+        stages = list(net.layers)
+        if len(stages) != target.depth or not all(isinstance(s, ResidualStream) for s in stages):
+            raise InvalidNetworkError(
+                f"expected a deep network of {target.depth} residual_stream stages, found "
+                f"{[getattr(s, 'kind', type(s).__name__) for s in stages]}")
+        for i, (s, w) in enumerate(zip(stages, target.weights)):
+            if (s.out_features, s.in_features) != tuple(w.shape):
+                raise InvalidNetworkError(f"layer {i}: expected a residual stream {w.shape[1]} → {w.shape[0]}, "
+                                          f"found {s.in_features} → {s.out_features}")
+            if s.relu != (i < target.depth - 1):
+                raise InvalidNetworkError(f"layer {i}: ReLU placement does not match the target")
+        return stages
+
+    def systems(self, net: NormNet, target: MLPSpec):
+        out = []
+        for i, (stage, W) in enumerate(zip(self._stages(net, target), target.weights)):
+            for t, (branch, readout, J) in enumerate(zip(stage.branches, stage.readouts, stage.block_slices())):
+                out.append((f"layer {i} block {t}", branch.linear.weight, readout.weight, W[:, J].to(net.dtype)))
+        return out
+
+    def solve(self, net: NormNet, target: MLPSpec, domain: Box, *, progress: Progress | None = None) -> NormNet:
+        self._stages(net, target)
+        check_frozen_finite(net)
+        margin = float(net.meta.get("options", {}).get("margin", DEFAULT_MARGIN))
+        spec = target.to(dtype=net.dtype, device=net.device)
+        boxes = interval_bounds(spec, domain)
+        out = net.clone()
+        records = []
+        for i, (stage, W, b) in enumerate(zip(out.layers, spec.weights, spec.biases)):
+            lo, hi = boxes[i]
+            slices = stage.block_slices()
+            gammas: list[torch.Tensor | None] = [None] * len(slices)
+            residual = 0.0
+            # one batched solve per block size (all blocks but possibly the last share k)
+            for k in sorted(set(stage.sizes)):
+                idx = [t for t, size in enumerate(stage.sizes) if size == k]
+                A = torch.stack([stage.branches[t].linear.weight for t in idx])
+                B = torch.stack([stage.readouts[t].weight for t in idx])
+                Wt = torch.stack([W[:, slices[t]] for t in idx])
+                gamma, res, _ = solve_khatri_rao_batched(A, B, Wt, layer=i)
+                residual = max(residual, float(res.max()))
+                for t, g in zip(idx, gamma):
+                    gammas[t] = g
+            offset = torch.zeros_like(b)
+            with torch.no_grad():
+                for t, (branch, readout, J) in enumerate(zip(stage.branches, stage.readouts, slices)):
+                    A = branch.linear.weight
+                    zmin, zmax = affine_bounds(gammas[t].unsqueeze(1) * A, lo[J], hi[J])
+                    beta = -zmin + safe_margin(zmin, zmax, margin)
+                    branch.norm.weight.copy_(gammas[t])
+                    branch.norm.bias.copy_(beta)
+                    offset = offset + readout.weight @ beta
+                stage.norm.weight.fill_(1.0)
+                stage.norm.bias.copy_(b - offset)
+            scale = float(W.abs().max()) if W.numel() else 1.0
+            records.append({"layer": i, "kind": "batched", "blocks": len(slices), "block": stage.block,
+                            "residual": residual, "relative_residual": residual / scale if scale > 0 else residual,
+                            "exact": True})
+            if progress is not None:
+                progress(i + 1, spec.depth, f"layer {i}: {len(slices)} systems of size {stage.out_features * stage.block}")
+        out.meta["solve"] = {"exact": True, "layers": records, "notes": [], "domain": domain.to_dict()}
+        return out
+
+    def certify(self, net: NormNet, target: MLPSpec, domain: Box):
+        from ..certify import certify_residual_streams
+
+        return certify_residual_streams(net, target, domain, self._stages(net, target))
