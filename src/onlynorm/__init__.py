@@ -9,6 +9,8 @@ True
 """
 
 from .api import random_normnet, reconstruct, solve_norms
+from .capacity import CapacityReport, capacity
+from .certify import CertifyResult
 from .constructions import available_methods
 from .domain import Box, interval_bounds
 from .errors import (FileFormatError, InvalidDomainError, InvalidNetworkError, InvalidTargetError,
@@ -25,6 +27,9 @@ __all__ = [
     "solve_norms",
     "verify",
     "VerifyReport",
+    "capacity",
+    "CapacityReport",
+    "CertifyResult",
     "Box",
     "interval_bounds",
     "MLPSpec",

@@ -67,11 +67,20 @@ class _LayerProgress:
         self._progress.update(self._task, completed=done, total=total, description=f"{self._description}: {message}")
 
 
-@app.command()
+def _reconstruct_help() -> str:
+    from .constructions import available_methods, get_construction
+
+    lines = ["Build a frozen random network and solve its BatchNorm γ, β so it computes TARGET on the box.",
+             "Methods (--method):"]
+    lines += [f"* {name}: {get_construction(name).cost}" for name in available_methods()]
+    return "\n\n".join(lines)
+
+
+@app.command(help=_reconstruct_help())
 def reconstruct(
     target: Path = typer.Argument(..., help="Target MLP: safetensors (or .pt) state_dict of nn.Sequential(Linear, ReLU, ...)."),
     out: Path = typer.Option(..., "--out", "-o", help="Where to write the reconstructed network (.safetensors)."),
-    method: str = typer.Option("width", help="Construction (see below)."),
+    method: str = typer.Option("width", help="Construction: width, lowrank, deep or sparse (see above)."),
     seed: int = typer.Option(0, help="Seed of the frozen random weights."),
     low: Optional[float] = typer.Option(None, help="Lower bound of the input box (default -1)."),
     high: Optional[float] = typer.Option(None, help="Upper bound of the input box (default 1)."),
@@ -81,7 +90,6 @@ def reconstruct(
     density: Optional[float] = typer.Option(None, help="sparse: Bernoulli density p of the frozen weights."),
     dtype: str = typer.Option("float64", help="float64 (default, exact to ~1e-13) or float32."),
 ) -> None:
-    """Build a frozen random network and solve its BatchNorm γ, β so it computes TARGET on the box."""
     import torch
 
     from . import api
@@ -128,6 +136,22 @@ def verify(
     print_rows(console, f"verify {net.name} against {target.name}", report.rows())
     ok = report.passed and (report.certified is not False)
     if not ok:
+        raise typer.Exit(1)
+
+
+@app.command()
+def capacity(
+    net: Path = typer.Argument(..., help="A frozen (or solved) network file."),
+    target: Path = typer.Argument(..., help="Target MLP file."),
+) -> None:
+    """Can NET's frozen weights express TARGET? Rank and condition of every Khatri–Rao system; exit 1 if not."""
+    from .capacity import capacity as run_capacity
+    from .normnet import NormNet
+    from .target import load_target
+
+    report = run_capacity(NormNet.load(net), load_target(target))
+    print_rows(console, f"capacity of {net.name} for {target.name} ({report.method})", report.rows())
+    if not report.expressible:
         raise typer.Exit(1)
 
 

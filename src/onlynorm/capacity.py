@@ -1,0 +1,101 @@
+"""Can this frozen network express this target? Per-system rank and conditioning, without solving twice.
+
+Every construction reduces to Khatri–Rao systems ``B diag(γ) A = W``. For a frozen network (random,
+re-initialised or pretrained) :func:`capacity` factors each system matrix ``M = Aᵀ ⊙ B`` once with a
+rank-revealing QR (column pivoting), reading off its numerical rank and a condition estimate
+``|R₁₁| / |R_kk|``. A system with full row rank reaches *every* ``W``; a rank-deficient one reaches the target
+only if ``vec W`` lies in the range of ``M`` (checked by least squares, only then). For sparse networks the
+structural rank of the pattern is reported too: it bounds the rank for every choice of values.
+
+>>> from torch import nn
+>>> import onlynorm
+>>> g = nn.Sequential(nn.Linear(3, 2)).double()
+>>> report = onlynorm.capacity(onlynorm.random_normnet(g, seed=0), g)
+>>> report.expressible, [s.rank for s in report.systems]
+(True, [6])
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from .constructions import get_construction
+from .errors import InvalidNetworkError
+from .linalg import khatri_rao_system, kr_pattern, structural_rank, vec
+from .normnet import NormNet
+from .target import MLPSpec, as_target
+
+__all__ = ["capacity", "CapacityReport", "SystemCapacity"]
+
+
+@dataclass
+class SystemCapacity:
+    label: str
+    equations: int                 # m·n
+    unknowns: int                  # N
+    rank: int
+    condition: float               # |R₁₁| / |R_kk| from pivoted QR (≈ cond(M) up to a modest factor)
+    structural_rank: int | None    # for sparse frozen weights
+    expressible: bool              # vec W ∈ range(M)
+    residual: float                # relative least-squares residual of the target (0 when full row rank)
+
+
+@dataclass
+class CapacityReport:
+    method: str
+    systems: list[SystemCapacity] = field(default_factory=list)
+
+    @property
+    def expressible(self) -> bool:
+        return all(s.expressible for s in self.systems)
+
+    def rows(self) -> list[tuple[str, str]]:
+        out = []
+        for s in self.systems:
+            srank = "" if s.structural_rank is None else f", structural rank {s.structural_rank}"
+            verdict = "expressible" if s.expressible else f"NOT expressible (residual {s.residual:.1e})"
+            out.append((s.label, f"rank {s.rank}/{s.equations} ({s.unknowns} unknowns{srank}), "
+                                 f"cond ≈ {s.condition:.1e}: {verdict}"))
+        return out
+
+    def __str__(self) -> str:
+        w = max((len(k) for k, _ in self.rows()), default=0)
+        return "\n".join(f"{k:<{w}}  {v}" for k, v in self.rows())
+
+
+def capacity(frozen: NormNet, target: MLPSpec | nn.Module) -> CapacityReport:
+    """Per Khatri–Rao system of ``frozen``: rank, condition estimate, and whether ``target`` is reachable."""
+    import scipy.linalg
+
+    if not isinstance(frozen, NormNet):
+        raise InvalidNetworkError(f"expected a NormNet, found {type(frozen).__name__}")
+    spec = as_target(target)
+    method = frozen.meta.get("method", "width")
+    report = CapacityReport(method=method)
+    for label, A, B, W in get_construction(method).systems(frozen, spec):
+        A64, B64, W64 = (t.detach().to(device="cpu", dtype=torch.float64) for t in (A, B, W))
+        M = khatri_rao_system(A64, B64).numpy()
+        equations, unknowns = M.shape
+        sparse = bool((A64 == 0).any() or (B64 == 0).any())
+        srank = structural_rank(kr_pattern(A64, B64)) if sparse else None
+        R, _perm = scipy.linalg.qr(M, mode="r", pivoting=True, check_finite=False)
+        diag = np.abs(np.diagonal(R))
+        top = float(diag[0]) if diag.size else 0.0
+        tol = max(M.shape) * np.finfo(np.float64).eps * top
+        rank = int((diag > tol).sum())
+        condition = top / float(diag[rank - 1]) if rank > 0 else float("inf")
+        if rank == equations:
+            expressible, residual = True, 0.0
+        else:   # only now a second factorisation: is vec W in the range of M?
+            rhs = vec(W64).numpy()
+            gamma = np.linalg.lstsq(M, rhs, rcond=None)[0]
+            scale = float(np.linalg.norm(rhs)) or 1.0
+            residual = float(np.linalg.norm(M @ gamma - rhs)) / scale
+            expressible = residual <= 1e3 * np.finfo(np.float64).eps * max(1.0, condition ** 0.5)
+        report.systems.append(SystemCapacity(label, equations, unknowns, rank, condition, srank, expressible,
+                                             residual))
+    return report
