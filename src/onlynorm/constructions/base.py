@@ -109,14 +109,15 @@ def _jsonable(options: dict[str, Any]) -> dict[str, Any]:
 def safe_margin(zmin: torch.Tensor, zmax: torch.Tensor, relative: float) -> torch.Tensor:
     """Positive slack added to ``-zmin`` so a unit stays strictly active on its whole range.
 
-    ``relative × (zmax − zmin)`` per unit, floored by ``relative ×`` the mean range (units whose range is 0,
-    e.g. ``γ_k = 0``) and by a tiny absolute value, so the slack dwarfs rounding yet costs no accuracy: the offset
-    is cancelled exactly by the next layer's ``β``.
+    ``relative × max(zmax − zmin, |zmin|, |zmax|)`` per unit, floored by ``relative ×`` the mean range (units whose
+    input range is a single point, e.g. after a dead ReLU, or ``γ_k = 0``) and by a tiny absolute value. The slack
+    dwarfs the rounding of ``Γ A x`` (a few ulps of ``|z|``) yet costs no accuracy: the next ``β`` cancels it.
     """
     spread = (zmax - zmin).clamp_min(0)
+    scale = torch.maximum(spread, torch.maximum(zmin.abs(), zmax.abs()))
     floor = relative * spread.mean() if spread.numel() else spread.new_tensor(0.0)
     tiny = torch.finfo(zmin.dtype).tiny ** 0.5
-    return torch.maximum(relative * spread, floor).clamp_min(tiny)
+    return torch.maximum(relative * scale, floor).clamp_min(tiny)
 
 
 def check_frozen_finite(net: NormNet) -> None:

@@ -10,7 +10,7 @@ frozen network has ``Õ(d²√d)`` nonzeros — ``O(√d)`` times the target's `
 >>> from torch import nn
 >>> import onlynorm
 >>> g = nn.Sequential(nn.Linear(6, 6)).double()
->>> f = onlynorm.reconstruct(g, method="sparse", density=0.6, seed=0)
+>>> f = onlynorm.reconstruct(g, method="sparse", density=0.8, seed=0)
 >>> f.summary().frozen_nonzeros < f.summary().frozen_parameters
 True
 """
