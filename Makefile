@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/onlynorm demo --builtin
+	$(VENV)/bin/onlynorm demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 -m "not heavy"

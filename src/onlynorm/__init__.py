@@ -17,6 +17,7 @@ from .errors import (FileFormatError, InvalidDomainError, InvalidNetworkError, I
                      MemoryBudgetError, OnlyNormError, SingularSystemError)
 from .normnet import NetSummary, NormLinear, NormNet
 from .target import MLPSpec
+from .train import TrainHistory, norm_parameters, train_norm_only
 from .verify import VerifyReport, verify
 
 __version__ = "0.1.0"
@@ -33,6 +34,9 @@ __all__ = [
     "Box",
     "interval_bounds",
     "MLPSpec",
+    "norm_parameters",
+    "train_norm_only",
+    "TrainHistory",
     "NormNet",
     "NormLinear",
     "NetSummary",

@@ -18,3 +18,21 @@ def print_rows(console, title: str, rows: list[tuple[str, str]]) -> None:
     for k, v in rows:
         table.add_row(k, v)
     console.print(table)
+
+
+def print_table(console, title: str, header: list[str], rows: list[list[str]]) -> None:
+    """A table with a header row (rich when a console is given)."""
+    if console is None:
+        widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+        print(title)
+        for r in [header, *rows]:
+            print("  " + "  ".join(f"{str(c):<{w}}" for c, w in zip(r, widths)))
+        return
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    for i, h in enumerate(header):
+        table.add_column(h, justify="left" if i == 0 else "right")
+    for r in rows:
+        table.add_row(*[str(c) for c in r])
+    console.print(table)
