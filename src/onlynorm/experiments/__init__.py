@@ -1,0 +1,38 @@
+"""Reproducible experiments of the theory: ``onlynorm experiment NAME [--quick] [--out DIR] [--seed S]``.
+
+Each experiment module exposes ``run(quick: bool, seed: int, console) -> ExperimentResult``; the runner writes
+``results.json``, PNG figures and ``summary.md``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+from ..errors import OnlyNormError
+from .runner import ExperimentResult, write_artifacts
+
+__all__ = ["EXPERIMENTS", "run_experiment"]
+
+#: CLI name → module
+EXPERIMENTS = {
+    "sparse-threshold": "sparse_threshold",
+    "scaling": "scaling",
+    "gd-vs-exact": "gd_vs_exact",
+    "depth-tradeoff": "depth_tradeoff",
+}
+
+
+def run_experiment(name: str, *, quick: bool = False, out: Path | None = None, seed: int = 0,
+                   console=None) -> ExperimentResult:
+    """Run experiment ``name`` and write its artefacts into ``out`` (default ``runs/NAME``)."""
+    if name not in EXPERIMENTS:
+        raise OnlyNormError(f"unknown experiment {name!r}; expected one of {sorted(EXPERIMENTS)}")
+    module = importlib.import_module(f".{EXPERIMENTS[name]}", __package__)
+    result: ExperimentResult = module.run(quick=quick, seed=seed, console=console)
+    target = Path(out) if out is not None else Path("runs") / name
+    paths = write_artifacts(result, target)
+    if console is not None:
+        console.print(result.summary)
+        console.print("written: " + ", ".join(str(p) for p in paths))
+    return result
