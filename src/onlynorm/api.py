@@ -32,8 +32,8 @@ def random_normnet(target: MLPSpec | nn.Module, method: str = "width", seed: int
     >>> [tuple(p.shape) for p in net.norm_parameters()][:2]
     [(6,), (6,)]
     """
-    spec = as_target(target)
-    construction = get_construction(method)
+    spec = as_target(target, options.pop("in_shape", None))
+    construction = get_construction(_method_for(spec, method))
     construction.check_options(options)
     _guard_memory(construction, spec, dtype, device, options)
     return construction.build(spec, seed=int(seed), dtype=dtype, device=device, **options)
@@ -49,7 +49,7 @@ def solve_norms(frozen: NormNet, target: MLPSpec | nn.Module, domain: Box | tupl
     if not isinstance(frozen, NormNet):
         raise InvalidNetworkError(
             f"expected a NormNet (from onlynorm.random_normnet or NormNet.load), found {type(frozen).__name__}")
-    spec = as_target(target)
+    spec = as_target(target, _in_shape(frozen))
     dims = frozen.target_dims
     if dims is not None and list(dims) != spec.dims:
         raise InvalidNetworkError(
@@ -81,10 +81,28 @@ def reconstruct(target: MLPSpec | nn.Module, method: str = "width", domain: Box 
     >>> bool((f(x) - g(x)).abs().max() < 1e-9)
     True
     """
-    spec = as_target(target)
+    spec = as_target(target, options.pop("in_shape", None))
     box = resolve_domain(domain, spec.in_features)   # validate before any work
     net = random_normnet(spec, method=method, seed=seed, dtype=dtype, device=device, **options)
     return solve_norms(net, spec, box, progress=progress)
+
+
+def _method_for(spec, method: str) -> str:
+    """CNN targets use the conv construction (the width construction generalised to convolutions)."""
+    from .cnn import ConvNetSpec
+
+    if isinstance(spec, ConvNetSpec):
+        if method not in ("width", "conv"):
+            raise InvalidNetworkError(f"method {method!r} is not available for CNN targets; use method='width'")
+        return "conv"
+    if method == "conv":
+        raise InvalidNetworkError("method 'conv' is for CNN targets; this target is an MLP — use 'width'")
+    return method
+
+
+def _in_shape(net: NormNet):
+    shape = net.meta.get("in_shape")
+    return tuple(shape) if shape else None
 
 
 def _guard_memory(construction, spec: MLPSpec, dtype, device, options: dict[str, Any]) -> None:

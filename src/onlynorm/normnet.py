@@ -35,6 +35,7 @@ from .errors import FileFormatError, InvalidNetworkError
 __all__ = ["NormNet", "NormLinear", "Stage", "register_stage", "make_batchnorm", "is_norm_module", "NetSummary"]
 
 FORMAT = "onlynorm.normnet"
+NORMSET_FORMAT = "onlynorm.normset"
 #: eps used only while training with batch statistics (opt-in); inference always uses eps = 0
 BATCH_STATISTICS_EPS = 1e-5
 FORMAT_VERSION = 1
@@ -141,6 +142,7 @@ class NetSummary:
     exact: bool | None
     max_relative_residual: float | None
     notes: list[str] = field(default_factory=list)
+    in_shape: list[int] | None = None   # image targets: (c, H, W)
 
     @property
     def max_width(self) -> int:
@@ -161,7 +163,9 @@ class NetSummary:
         exact = "n/a (not solved)" if not self.solved else ("yes" if self.exact else "no (approximate)")
         rows = [
             ("method", self.method),
-            ("target dims", " → ".join(map(str, self.target_dims))),
+            ("target dims", " → ".join(map(str, self.target_dims))) if self.in_shape is None else
+            ("target", f"input {'×'.join(map(str, self.in_shape))}, output channels/features "
+                       f"{', '.join(map(str, self.target_dims[len(self.in_shape):]))}"),
             ("normalization layers (depth)", str(self.depth)),
             ("max width", str(self.max_width)),
             ("frozen parameters", f"{self.frozen_parameters:,} ({self.ratio('frozen_parameters'):.1f}× target)"),
@@ -278,6 +282,7 @@ class NormNet(nn.Module):
             exact=solve.get("exact") if solve else None,
             max_relative_residual=max(residuals) if residuals else None,
             notes=list(solve.get("notes", [])),
+            in_shape=self.meta.get("in_shape"),
         )
 
     def depth(self) -> int:
@@ -334,6 +339,69 @@ class NormNet(nn.Module):
             if v.is_floating_point() and not torch.isfinite(v).all():
                 raise FileFormatError(f"{source}: tensor {k!r} holds NaN/Inf values; the file is corrupt")
         return net
+
+    # ------------------------------------------------------------------ norm sets
+    def fingerprint(self) -> str:
+        """SHA-256 of the architecture and every frozen tensor: identifies the frozen network a norm set fits."""
+        import hashlib
+        import json
+
+        h = hashlib.sha256(json.dumps(self.architecture(), sort_keys=True).encode())
+        skip = set(self.norm_state())
+        for name, t in self.state_dict().items():
+            if name in skip or name.endswith(("running_mean", "running_var", "num_batches_tracked")):
+                continue
+            h.update(name.encode())
+            h.update(t.detach().to("cpu").contiguous().numpy().tobytes())
+        return h.hexdigest()
+
+    def norm_state(self) -> dict[str, torch.Tensor]:
+        """Only the γ and β tensors, under their state_dict names (a *norm set*)."""
+        ids = {id(p) for p in self.norm_parameters()}
+        return {k: p for k, p in self.named_parameters() if id(p) in ids}
+
+    def save_norms(self, path: str | os.PathLike) -> None:
+        """Write this network's γ, β (and how they were solved) as a small safetensors norm set, atomically.
+
+        A norm set is the whole task-specific part of a reconstruction: swap it into the same frozen network with
+        :meth:`load_norms` to switch tasks.
+        """
+        doc = {"format": NORMSET_FORMAT, "version": FORMAT_VERSION, "fingerprint": self.fingerprint(),
+               "dtype": dtype_name(self.dtype),
+               "meta": {k: v for k, v in self.meta.items() if k in ("target_dims", "target_parameters", "solve",
+                                                                     "method", "options")}}
+        _io.write_tensors(path, self.norm_state(), metadata=doc)
+
+    def load_norms(self, path: str | os.PathLike) -> "NormNet":
+        """Load a norm set saved by :meth:`save_norms` into this network in place (only γ, β change)."""
+        tensors, doc = _io.read_tensors(path)
+        if not doc or doc.get("format") != NORMSET_FORMAT:
+            raise FileFormatError(f"{str(path)!r} is not an onlynorm norm set; expected a file written by "
+                                  "NormNet.save_norms")
+        mine = self.norm_state()
+        missing, extra = sorted(set(mine) - set(tensors)), sorted(set(tensors) - set(mine))
+        if missing or extra:
+            raise InvalidNetworkError(
+                f"norm set {str(path)!r} does not fit this network: expected γ/β tensors {sorted(mine)[:4]}..., "
+                f"missing {missing[:3]}, unexpected {extra[:3]}; it was saved from a different architecture")
+        for name, p in mine.items():
+            if tuple(tensors[name].shape) != tuple(p.shape):
+                raise InvalidNetworkError(
+                    f"norm set {str(path)!r} does not fit this network: {name} has shape "
+                    f"{tuple(tensors[name].shape)}, expected {tuple(p.shape)}")
+        if doc.get("fingerprint") != self.fingerprint():
+            raise InvalidNetworkError(
+                f"norm set {str(path)!r} was solved for a different frozen network (fingerprint "
+                f"{str(doc.get('fingerprint'))[:12]}…, this one is {self.fingerprint()[:12]}…); γ, β only make sense "
+                "with the frozen weights they were solved for — load the matching network or re-solve")
+        with torch.no_grad():
+            for name, p in mine.items():
+                t = tensors[name]
+                if not torch.isfinite(t).all():
+                    raise FileFormatError(f"norm set {str(path)!r}: {name} holds NaN/Inf values")
+                p.copy_(t.to(dtype=p.dtype, device=p.device))
+        self.meta.update(doc.get("meta") or {})
+        return self
 
     def clone(self) -> "NormNet":
         """A deep copy (the frozen weights are copied too, so the two networks are independent)."""

@@ -230,16 +230,44 @@ def _pad(seq: Sequence, n: int) -> list:
     return seq + [None] * (n - len(seq)) if len(seq) <= n else seq[:n]
 
 
-def as_target(target: "MLPSpec | nn.Module") -> MLPSpec:
-    """Accept an ``MLPSpec`` or an ``nn.Sequential`` of Linear/ReLU layers and return an ``MLPSpec``."""
-    if isinstance(target, MLPSpec):
+def as_target(target: "MLPSpec | nn.Module", in_shape: tuple[int, int, int] | None = None):
+    """Accept an ``MLPSpec``, a ``ConvNetSpec``, or an ``nn.Sequential``.
+
+    A Sequential of Linear/ReLU layers (eval-mode BatchNorm1d after a Linear is folded in) becomes an
+    ``MLPSpec``; one with convolutions, pooling, Flatten or ``Residual`` blocks becomes a ``ConvNetSpec`` and
+    needs ``in_shape=(c, H, W)``.
+    """
+    from .cnn import ConvNetSpec, is_cnn_module
+
+    if isinstance(target, (MLPSpec, ConvNetSpec)):
         return target
     if isinstance(target, nn.Module):
+        if is_cnn_module(target):
+            records = ConvNetSpec._parse(target, "")
+            if all(r["type"] in ("linear", "relu") for r in records):   # an MLP with folded BatchNorm1d
+                seq = nn.Sequential(*[_linear(r) if r["type"] == "linear" else nn.ReLU() for r in records])
+                return MLPSpec.from_module(seq)
+            return ConvNetSpec.from_module(target, in_shape)
         return MLPSpec.from_module(target)
     raise InvalidTargetError(
-        f"expected an MLPSpec or an nn.Sequential of Linear/ReLU layers, found {type(target).__name__}")
+        f"expected an MLPSpec, a ConvNetSpec or an nn.Sequential, found {type(target).__name__}")
 
 
-def load_target(path: str | os.PathLike) -> MLPSpec:
-    """Load a target file for the CLI: a safetensors (or ``.pt``) state_dict of an MLP."""
-    return MLPSpec.load(path)
+def _linear(record: dict) -> nn.Linear:
+    w = record["weight"]
+    lin = nn.Linear(w.shape[1], w.shape[0], dtype=w.dtype)
+    with torch.no_grad():
+        lin.weight.copy_(w)
+        lin.bias.copy_(record["bias"])
+    return lin
+
+
+def load_target(path: str | os.PathLike):
+    """Load a target file for the CLI: an MLP state_dict (safetensors or ``.pt``), or a CNN saved by
+    ``ConvNetSpec.save`` (safetensors with its JSON architecture description)."""
+    tensors, meta = _io.read_tensors(path)
+    if meta is not None and meta.get("kind") == "cnn-target":
+        from .cnn import ConvNetSpec
+
+        return ConvNetSpec.from_document(meta, tensors, source=str(path))
+    return MLPSpec.from_state_dict(tensors, source=str(path))

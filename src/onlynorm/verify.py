@@ -81,7 +81,8 @@ def verify(net: nn.Module, target: MLPSpec | nn.Module, domain: Box | tuple | No
     >>> report.passed, report.max_rel_error < 1e-12
     (True, True)
     """
-    spec = as_target(target)
+    in_shape = net.meta.get("in_shape") if isinstance(net, NormNet) else None
+    spec = as_target(target, tuple(in_shape) if in_shape else None)
     if samples < 1:
         raise OnlyNormError(f"expected samples >= 1, found {samples}")
     net_in = getattr(net, "in_features", None)
@@ -112,6 +113,8 @@ def verify(net: nn.Module, target: MLPSpec | nn.Module, domain: Box | tuple | No
         with torch.no_grad():
             for start in range(0, samples, batch_size):
                 x = x_all[start:start + batch_size].to(device)
+                if getattr(spec, "in_shape", None) is not None:    # CNN: flat box samples → images
+                    x = x.reshape(x.shape[0], *spec.in_shape)
                 fx = net(x.to(dtype)).to(torch.float64)
                 gx = g64(x)
                 if fx.shape != gx.shape:
