@@ -120,19 +120,30 @@ def certify_blocks(net: NormNet, spec: MLPSpec, box: Box, blocks: list[list[int]
         is_last = i == spec.depth - 1
         if stages[-1].relu == is_last:
             raise InvalidNetworkError(f"layer {i}: ReLU placement of the block does not mirror the target")
-        dW = np.abs(P - W) + P_err + _gamma(1, _EPS_XP) * np.abs(P - W)
-        db = np.abs(q - b) + q_err + _gamma(1, _EPS_XP) * np.abs(q - b)
-        err = (dW @ mag_in + np.abs(W) @ err + db) * (1 + _gamma(n + 2, _EPS_XP))
-        round_g = (np.abs(W).astype(np.float64) @ round_g
-                   + _gamma(n + 2) * (np.abs(W) @ mag_in + np.abs(b)).astype(np.float64))
+        err, round_g = _propagate(err, round_g, P, P_err, q, q_err, W, b, mag_in)
         lo, hi = stage_lo, stage_hi
         if not is_last:
             lo, hi = np.maximum(lo, 0), np.maximum(hi, 0)
-    bound = float(err.max()) if certified else float("inf")
+    return _result(certified, err, round_f, round_g, notes)
+
+
+def _propagate(err, round_g, P, P_err, q, q_err, W, b, mag_in):
+    """One target layer of the distance bound ``e ← |ΔW| a + |W| e + |Δb|`` (ΔW = P − W, Δb = q − b, including
+    the bounds on rounding in P and q) and of g's own float64 rounding."""
+    n = W.shape[1]
+    dW = np.abs(P - W) * (1 + _gamma(1, _EPS_XP)) + P_err
+    db = np.abs(q - b) * (1 + _gamma(1, _EPS_XP)) + q_err
+    err = (dW @ mag_in + np.abs(W) @ err + db) * (1 + _gamma(n + 2, _EPS_XP))
+    round_g = (np.abs(W).astype(np.float64) @ round_g
+               + _gamma(n + 2) * (np.abs(W) @ mag_in + np.abs(b)).astype(np.float64))
+    return err, round_g
+
+
+def _result(certified: bool, err, round_f, round_g, notes: list[str]) -> CertifyResult:
     if not certified:
         notes.append("not certified: equivalence is only supported by samples")
-    return CertifyResult(certified=certified, bound=bound, rounding_bound=float((round_f + round_g).max()),
-                         notes=notes)
+    return CertifyResult(certified=certified, bound=float(err.max()) if certified else float("inf"),
+                         rounding_bound=float((round_f + round_g).max()), notes=notes)
 
 
 def certify_residual_streams(net: NormNet, spec: MLPSpec, box: Box, stages: list) -> CertifyResult:
@@ -186,16 +197,8 @@ def certify_residual_streams(net: NormNet, spec: MLPSpec, box: Box, stages: list
         q_err = _gamma(len(stage.branches) + n_terms, _EPS_XP) * (np.abs(g_out) * s_offset_abs + np.abs(b_out))
         round_f = (np.abs(g_out).astype(np.float64) * round_s
                    + _gamma(2) * (np.abs(g_out) * s_mag + np.abs(b_out)).astype(np.float64))
-        dW = np.abs(P - W) + P_err
-        db = np.abs(q - b) + q_err
-        err = (dW @ mag_in + np.abs(W) @ err + db) * (1 + _gamma(n + 2, _EPS_XP))
-        round_g = (np.abs(W).astype(np.float64) @ round_g
-                   + _gamma(n + 2) * (np.abs(W) @ mag_in + np.abs(b)).astype(np.float64))
+        err, round_g = _propagate(err, round_g, P, P_err, q, q_err, W, b, mag_in)
         lo, hi = _bounds(P, lo, hi, q)
         if i < spec.depth - 1:
             lo, hi = np.maximum(lo, 0), np.maximum(hi, 0)
-    bound = float(err.max()) if certified else float("inf")
-    if not certified:
-        notes.append("not certified: equivalence is only supported by samples")
-    return CertifyResult(certified=certified, bound=bound, rounding_bound=float((round_f + round_g).max()),
-                         notes=notes)
+    return _result(certified, err, round_f, round_g, notes)

@@ -120,6 +120,17 @@ def safe_margin(zmin: torch.Tensor, zmax: torch.Tensor, relative: float) -> torc
     return torch.maximum(relative * scale, floor).clamp_min(tiny)
 
 
+def per_layer_ints(name: str, value: int | list[int], depth: int) -> list[int]:
+    """An int (same for every layer) or one positive int per target layer, validated."""
+    values = [value] * depth if isinstance(value, int) else list(value)
+    if len(values) != depth:
+        raise OnlyNormError(f"{name}: expected one value per target layer ({depth}), found {len(values)}: {values}")
+    for i, v in enumerate(values):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise OnlyNormError(f"{name}: expected positive integers, found {v!r} for layer {i}")
+    return values
+
+
 def check_frozen_finite(net: NormNet) -> None:
     for p in net.frozen_parameters():
         if not torch.isfinite(p).all():

@@ -31,7 +31,8 @@ from ..errors import InvalidNetworkError, OnlyNormError
 from ..linalg import compose, solve_khatri_rao
 from ..normnet import NormLinear, NormNet
 from ..target import MLPSpec
-from .base import (Construction, Progress, base_meta, check_frozen_finite, frozen_init, register, safe_margin)
+from .base import (Construction, Progress, base_meta, check_frozen_finite, frozen_init, per_layer_ints, register,
+                   safe_margin)
 from .width import DEFAULT_MARGIN
 
 __all__ = ["LowRankConstruction", "numerical_rank", "balanced_factors"]
@@ -66,13 +67,7 @@ def balanced_factors(W: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tenso
 def layer_ranks(target: MLPSpec, rank: int | Sequence[int] | None) -> list[int]:
     if rank is None:
         return [numerical_rank(w) for w in target.weights]
-    ranks = [rank] * target.depth if isinstance(rank, int) else list(rank)
-    if len(ranks) != target.depth:
-        raise OnlyNormError(f"rank: expected one rank per target layer ({target.depth}), found {len(ranks)}: {ranks}")
-    for i, r in enumerate(ranks):
-        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-            raise OnlyNormError(f"rank: expected positive integers, found {r!r} for layer {i}")
-    return ranks
+    return per_layer_ints("rank", rank, target.depth)
 
 
 @register

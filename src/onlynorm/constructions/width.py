@@ -32,7 +32,8 @@ from ..errors import InvalidNetworkError, OnlyNormError
 from ..linalg import solve_khatri_rao
 from ..normnet import NormLinear, NormNet
 from ..target import MLPSpec
-from .base import (Construction, Progress, base_meta, check_frozen_finite, frozen_init, register, safe_margin)
+from .base import (Construction, Progress, base_meta, check_frozen_finite, frozen_init, per_layer_ints, register,
+                   safe_margin)
 
 __all__ = ["WidthConstruction", "pair_widths"]
 
@@ -44,16 +45,7 @@ def pair_widths(target: MLPSpec, hidden: int | Sequence[int] | None) -> list[int
     exact = [w.shape[0] * w.shape[1] for w in target.weights]
     if hidden is None:
         return exact
-    if isinstance(hidden, int):
-        hidden = [hidden] * target.depth
-    hidden = list(hidden)
-    if len(hidden) != target.depth:
-        raise OnlyNormError(
-            f"hidden: expected one width per target layer ({target.depth}), found {len(hidden)} values {hidden}")
-    for i, h in enumerate(hidden):
-        if not isinstance(h, int) or isinstance(h, bool) or h < 1:
-            raise OnlyNormError(f"hidden: expected positive integers, found {h!r} for layer {i}")
-    return hidden
+    return per_layer_ints("hidden", hidden, target.depth)
 
 
 @register
