@@ -5,7 +5,8 @@ Whether a layer's Khatri–Rao system ``Aᵀ ⊙ B`` is invertible now depends (
 sparsity pattern. Its *structural rank* (maximum bipartite matching of the pattern) is checked before the LU: a
 pattern-singular system can never be solved, whatever the values, and is reported with the layer, the rank
 deficit and a denser ``p`` to try. The paper shows ``p = Θ(√(log d / d))`` suffices with high probability, so the
-frozen network has ``Õ(d²√d)`` nonzeros — ``O(√d)`` times the target's ``d²`` parameters.
+frozen network has ``Õ(d²√d)`` nonzeros — ``O(√d)`` times the target's ``d²`` parameters. Measured, the 50%
+threshold is ``≈ 2 log d / d`` (``onlynorm experiment sparse-threshold``, docs/RESULTS.md): ``Õ(d²)`` nonzeros.
 
 >>> from torch import nn
 >>> import onlynorm
@@ -42,10 +43,11 @@ class SparsePatternError(SingularSystemError):
 
 
 def suggested_density(m: int, n: int, current: float) -> float:
-    """A density that likely makes an ``m × n`` layer's system invertible: at least double the current one and
-    at least ``2·√(log d / d)`` with ``d = max(m, n)`` (the theory's rate with a safe constant)."""
-    d = max(m, n, 2)
-    return min(1.0, max(2.0 * current, 2.0 * math.sqrt(math.log(d) / d)))
+    """A density that likely makes an ``m × n`` layer's system invertible: ``3 · log d / d`` with ``d = min(m, n)``
+    (1.5× the measured 50% threshold ``2 log d / d`` of ``onlynorm experiment sparse-threshold``, see
+    docs/RESULTS.md), and at least 1.5× the density that failed."""
+    d = max(min(m, n), 2)
+    return min(1.0, max(1.5 * current, 3.0 * math.log(max(m, n, 2)) / d))
 
 
 @register
