@@ -3,8 +3,6 @@ says so, honest where approximate or impossible."""
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 from hypothesis import given

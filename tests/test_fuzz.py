@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import onlynorm
-from onlynorm import FileFormatError, InvalidTargetError, MLPSpec, NormNet
+from onlynorm import InvalidTargetError, MLPSpec, NormNet
 from onlynorm.cli import main
 
 from .conftest import random_mlp

@@ -23,7 +23,7 @@ from __future__ import annotations
 import copy
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -407,6 +407,3 @@ class NormNet(nn.Module):
         """A deep copy (the frozen weights are copied too, so the two networks are independent)."""
         return copy.deepcopy(self)
 
-
-def all_norm_linear(layers: Iterable[nn.Module]) -> bool:
-    return all(isinstance(s, NormLinear) for s in layers)

@@ -28,7 +28,7 @@ from torch import nn
 
 from ..cnn import ConvNetSpec, box_tensors, conv_interval, interval_step
 from ..domain import Box, affine_bounds
-from ..errors import InvalidNetworkError, OnlyNormError
+from ..errors import InvalidNetworkError
 from ..linalg import solve_khatri_rao
 from ..normnet import STAGES, NormLinear, NormNet, Stage, make_batchnorm, register_stage
 from .base import Construction, Progress, base_meta, check_frozen_finite, frozen_init, register, safe_margin

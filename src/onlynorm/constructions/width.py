@@ -28,7 +28,7 @@ from typing import Any, Sequence
 import torch
 
 from ..domain import Box, affine_bounds, interval_bounds
-from ..errors import InvalidNetworkError, OnlyNormError
+from ..errors import InvalidNetworkError
 from ..linalg import solve_khatri_rao
 from ..normnet import NormLinear, NormNet
 from ..target import MLPSpec
