@@ -151,3 +151,31 @@ def test_norm_sets_swap_tasks_and_refuse_mismatches(tmp_path):
         onlynorm.random_normnet(random_mlp([4, 6, 3]), seed=0).load_norms(tmp_path / "a.safetensors")
     with pytest.raises(onlynorm.FileFormatError, match="not an onlynorm norm set"):
         net.load_norms(tmp_path / "frozen.safetensors")
+
+
+def test_cnn_certificate_and_a_switched_off_channel():
+    torch.manual_seed(4)
+    g = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                      Residual(nn.Sequential(nn.Conv2d(2, 2, 3, padding=1), nn.ReLU(), nn.Conv2d(2, 2, 1))),
+                      nn.AvgPool2d(2), nn.Flatten(), nn.Linear(2 * 2 * 2, 3)).double().eval()
+    box = Box(-0.5, 1.0)
+    f = onlynorm.reconstruct(g, in_shape=(1, 8, 8), domain=box)
+    report = onlynorm.verify(f, g, samples=3000, certify=True)
+    assert report.certified and report.certified_bound < 1e-9
+    assert report.max_abs_error <= report.certified_bound + report.rounding_bound
+    first = f.layers[0]
+    with torch.no_grad():      # β₁ of channel 0 was −min + a margin ≪ 1 + |β|: it now dips below zero on the box
+        first.norm.bias[0] -= 1.0 + first.norm.bias[0].abs()
+    broken = onlynorm.verify(f, g, samples=500, certify=True)
+    assert broken.certified is False and any("layer 0 (conv)" in n for n in broken.notes)
+
+
+def test_reconstruct_help_lists_every_method_with_its_cost(capsys):
+    from onlynorm.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["reconstruct", "--help"])
+    out = capsys.readouterr().out
+    for name in onlynorm.available_methods():
+        assert f"* {name}:" in out
+    assert "width m·k" in out and "m·n" in out

@@ -198,6 +198,14 @@ class ConvConstruction(Construction):
                              "domain": domain.to_dict()}
         return out
 
+    def certify(self, net: NormNet, target: ConvNetSpec, domain: Box):
+        """Per-channel activity over every position of the box, then a distance bound; see ``certify_cnn``."""
+        from ..certify_cnn import certify_conv
+
+        if not isinstance(target, ConvNetSpec):
+            raise InvalidNetworkError("this network was built for a CNN target; pass the same CNN as target")
+        return certify_conv(net, target, domain)
+
     def _solve(self, layers, stages, lo, hi, margin, records) -> None:
         pos = 0
         for rec in layers:
