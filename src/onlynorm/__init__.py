@@ -11,11 +11,13 @@ True
 from .api import random_normnet, reconstruct, solve_norms
 from .capacity import CapacityReport, capacity
 from .certify import CertifyResult
+from .cnn import ConvNetSpec
 from .constructions import available_methods
 from .domain import Box, interval_bounds
 from .errors import (FileFormatError, InvalidDomainError, InvalidNetworkError, InvalidTargetError,
                      MemoryBudgetError, OnlyNormError, SingularSystemError)
 from .normnet import NetSummary, NormLinear, NormNet
+from .residual import Residual
 from .target import MLPSpec
 from .train import TrainHistory, norm_parameters, train_norm_only
 from .verify import VerifyReport, verify
@@ -34,6 +36,8 @@ __all__ = [
     "Box",
     "interval_bounds",
     "MLPSpec",
+    "ConvNetSpec",
+    "Residual",
     "norm_parameters",
     "train_norm_only",
     "TrainHistory",

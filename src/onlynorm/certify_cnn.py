@@ -139,7 +139,6 @@ def _pair(rec: dict, first, second, st: _State, notes: list[str], where: str) ->
     dW = (W_hat - W.flatten(1)).abs() * (1 + 2 * _U) + W_err
     db = (b_hat - b).abs() * (1 + 2 * _U) + b_err
     # f's own float64 evaluation of the two stages, and g's of its layer
-    u_mag_lin = None
     if conv:
         dW4, W4 = dW.reshape(W.shape), W.abs()
         err = _conv(rec, st.mag, dW4) + _conv(rec, st.err, W4) + db.reshape(1, -1, 1, 1)
