@@ -65,11 +65,33 @@ def test_exactly_singular_system_is_refused_on_every_path():
     for precision in ("auto", "float64"):
         with pytest.raises(SingularSystemError, match="singular"):
             solve_khatri_rao(A, B, W, precision=precision)
-    with pytest.raises(SingularSystemError, match="singular in torch.float32"):
+    with pytest.raises(SingularSystemError, match="singular"):
         solve_khatri_rao(A.float(), B.float(), W.float())
 
 
-def test_float32_request_stays_float32():
+def test_float32_network_gets_gamma_solved_in_float64_then_rounded():
     A, B, W = _system(5, 4, 4)
     sol = solve_khatri_rao(A.float(), B.float(), W.float())
-    assert sol.gamma.dtype == torch.float32 and sol.relative_residual < 1e-3
+    exact = solve_khatri_rao(A.float().double(), B.float().double(), W.float().double())
+    assert sol.gamma.dtype == torch.float32
+    assert torch.equal(sol.gamma, exact.gamma.float())       # one rounding of the float64 solution
+    assert sol.relative_residual < 1e-5
+
+
+def test_batched_solver_matches_one_solve_per_block():
+    from onlynorm.linalg import solve_khatri_rao_batched
+
+    gen = torch.Generator().manual_seed(7)
+    T, m, k = 6, 4, 2
+    A = torch.randn(T, m * k, k, generator=gen, dtype=torch.float64)
+    B = torch.randn(T, m, m * k, generator=gen, dtype=torch.float64)
+    W = torch.randn(T, m, k, generator=gen, dtype=torch.float64)
+    gamma, residual, rcond = solve_khatri_rao_batched(A, B, W, max_bytes=2 * (m * k) ** 2 * 8)   # 3 chunks
+    for t in range(T):
+        single = solve_khatri_rao(A[t], B[t], W[t], precision="float64")
+        torch.testing.assert_close(gamma[t], single.gamma, rtol=1e-9, atol=1e-12)
+        assert float(residual[t]) == pytest.approx(single.residual, abs=1e-12)
+    assert bool((rcond > 0).all())
+    A[3, 5], B[3, :, 5] = A[3, 4], B[3, :, 4]
+    with pytest.raises(SingularSystemError, match="block 3"):
+        solve_khatri_rao_batched(A, B, W)

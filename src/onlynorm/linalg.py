@@ -228,13 +228,24 @@ def solve_khatri_rao(A: torch.Tensor, B: torch.Tensor, W: torch.Tensor, *, layer
         raise ValueError(f"solve_khatri_rao: expected A (N, {n}) and B ({m}, N), found {tuple(A.shape)} and {tuple(B.shape)}")
     if precision not in {"auto", "float64"}:
         raise ValueError(f"solve_khatri_rao: precision must be 'auto' or 'float64', found {precision!r}")
+    if W.dtype != torch.float64:
+        # lower-precision networks still get γ solved in float64 (then rounded once): the solve costs the same
+        # and γ is as accurate as the network's dtype can hold
+        sol = solve_khatri_rao(A.double(), B.double(), W.double(), layer=layer, rcond_tol=rcond_tol,
+                               precision=precision, max_refinement=max_refinement)
+        gamma = sol.gamma.to(W.dtype)
+        err = compose(B.double(), gamma.double(), A.double()) - W.double()
+        scale = float(torch.linalg.norm(W.double()))
+        sol.gamma, sol.residual = gamma, float(err.abs().max())
+        sol.relative_residual = float(torch.linalg.norm(err)) / scale if scale > 0 else sol.residual
+        return sol
     rhs = vec(W)
     where = "" if layer is None else f"layer {layer}: "
-    rcond, steps, used = None, 0, W.dtype == torch.float64 and "float64" or str(W.dtype).removeprefix("torch.")
+    rcond, steps, used = None, 0, "float64"
     if N == m * n:
         kind, exact = "square", True
         gamma = None
-        if precision == "auto" and W.dtype == torch.float64:
+        if precision == "auto":
             lu = _LowPrecisionLU(khatri_rao_system_transposed(A, B, torch.float32))
             if lu.rcond > 0:
                 candidate, steps, converged = _refine(A, B, rhs, lu, max_refinement)
@@ -242,16 +253,7 @@ def solve_khatri_rao(A: torch.Tensor, B: torch.Tensor, W: torch.Tensor, *, layer
                     gamma, rcond, used = candidate, lu.rcond, "mixed"
             del lu
         if gamma is None:
-            if W.dtype == torch.float64:
-                gamma, rcond = _float64_lu_solve(A, B, rhs, where, layer, rcond_tol)
-            else:   # float32 (or lower) request: plain LU in that dtype
-                LU, pivots, info = torch.linalg.lu_factor_ex(khatri_rao_system(A, B))
-                rcond = _pivot_rcond(LU)
-                if int(info) != 0 or rcond < N * torch.finfo(W.dtype).eps:
-                    raise SingularSystemError(
-                        f"{where}Khatri–Rao system of size {N} is singular in {W.dtype} (pivot ratio {rcond:.1e}); "
-                        "solve in float64 or use fresh random weights", layer=layer, size=N)
-                gamma = torch.linalg.lu_solve(LU, pivots, rhs.unsqueeze(-1)).squeeze(-1)
+            gamma, rcond = _float64_lu_solve(A, B, rhs, where, layer, rcond_tol)
     else:
         M = khatri_rao_system(A, B)
         driver = "gelsd" if M.device.type == "cpu" else None
