@@ -105,7 +105,8 @@ def test_hand_built_pretrained_network_without_meta_is_treated_as_width():
             stage.linear.weight.copy_(lin.weight)
     net = onlynorm.NormNet(stages)
     solved = onlynorm.solve_norms(net, g)
-    assert solved.method == "width"
+    assert solved.method == "width" and solved.summary().target_parameters == 3 * 5 + 5 + 5 * 2 + 2
+    assert net.meta == {}                                  # the caller's network is untouched
     assert onlynorm.verify(solved, g, samples=5000).passed
 
 

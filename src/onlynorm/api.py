@@ -61,6 +61,7 @@ def solve_norms(frozen: NormNet, target: MLPSpec | nn.Module, domain: Box | tupl
             raise InvalidNetworkError("the frozen network has no 'method' in its meta and is not a width network; "
                                       "set net.meta['method'] to the construction it follows")
         method = "width"
+        frozen = frozen.clone()   # record what it is on a copy: the caller's network is not modified
         frozen.meta.setdefault("target_dims", spec.dims)
         frozen.meta.setdefault("target_parameters", spec.num_parameters)
         frozen.meta["method"] = method
