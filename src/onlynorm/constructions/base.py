@@ -13,7 +13,7 @@ import torch
 
 from ..domain import Box
 from ..errors import InvalidNetworkError, OnlyNormError
-from ..normnet import NormNet
+from ..normnet import NormLinear, NormNet
 from ..target import MLPSpec
 
 __all__ = ["Construction", "register", "get_construction", "available_methods", "Progress", "frozen_init",
@@ -88,6 +88,15 @@ def frozen_init(shape: tuple[int, ...], generator: torch.Generator, *, dtype: to
     fan_in = shape[-1] if len(shape) > 1 else 1
     w = torch.randn(shape, generator=generator, dtype=torch.float64) / fan_in ** 0.5
     return w.to(dtype=dtype, device=device)
+
+
+def random_norm_linear(fan_in: int, fan_out: int, relu: bool, gen: torch.Generator, *, dtype: torch.dtype,
+                       device) -> NormLinear:
+    """A :class:`NormLinear` stage with frozen ``N(0, 1/fan_in)`` weights drawn from ``gen``, norms at identity."""
+    stage = NormLinear(fan_in, fan_out, relu=relu, dtype=dtype, device=device)
+    with torch.no_grad():
+        stage.linear.weight.copy_(frozen_init((fan_out, fan_in), gen, dtype=dtype, device=device))
+    return stage
 
 
 def base_meta(method: str, target: MLPSpec, seed: int, options: dict[str, Any]) -> dict[str, Any]:

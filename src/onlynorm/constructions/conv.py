@@ -31,7 +31,8 @@ from ..domain import Box, affine_bounds
 from ..errors import InvalidNetworkError
 from ..linalg import solve_khatri_rao
 from ..normnet import STAGES, NormLinear, NormNet, Stage, make_batchnorm, register_stage
-from .base import Construction, Progress, base_meta, check_frozen_finite, frozen_init, register, safe_margin
+from .base import (Construction, Progress, base_meta, check_frozen_finite, frozen_init, random_norm_linear, register,
+                   safe_margin)
 from .width import DEFAULT_MARGIN
 
 __all__ = ["ConvConstruction", "NormConv2d", "FixedOp", "ResidualStage"]
@@ -165,12 +166,8 @@ class ConvConstruction(Construction):
                 stages += [first, second]
             elif kind == "linear":
                 m, n = rec["weight"].shape
-                first, second = NormLinear(n, m * n, True, dtype=dtype, device=device), NormLinear(
-                    m * n, m, False, dtype=dtype, device=device)
-                with torch.no_grad():
-                    first.linear.weight.copy_(frozen_init((m * n, n), gen, dtype=dtype, device=device))
-                    second.linear.weight.copy_(frozen_init((m, m * n), gen, dtype=dtype, device=device))
-                stages += [first, second]
+                stages += [random_norm_linear(n, m * n, True, gen, dtype=dtype, device=device),
+                           random_norm_linear(m * n, m, False, gen, dtype=dtype, device=device)]
             elif kind == "residual":
                 stages.append(ResidualStage(self._build(rec["block"], gen, dtype, device), dtype=dtype, device=device))
             else:
@@ -230,6 +227,9 @@ class ConvConstruction(Construction):
                                                use_bias=False)
                     zmin, zmax = zmin.amin(dim=(0, 2, 3)), zmax.amax(dim=(0, 2, 3))
                 else:
+                    if not (isinstance(first, NormLinear) and isinstance(second, NormLinear)):
+                        raise InvalidNetworkError(f"expected a linear pair for a Linear layer, found "
+                                                  f"{type(first).__name__}, {type(second).__name__}")
                     A, B = first.linear.weight, second.linear.weight
                     sol = solve_khatri_rao(A, B, W, layer=len(records))
                     zmin, zmax = affine_bounds(sol.gamma.unsqueeze(1) * A, lo[0], hi[0])

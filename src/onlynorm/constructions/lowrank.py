@@ -31,8 +31,8 @@ from ..errors import InvalidNetworkError
 from ..linalg import compose, solve_khatri_rao
 from ..normnet import NormLinear, NormNet
 from ..target import MLPSpec
-from .base import (Construction, Progress, base_meta, check_frozen_finite, frozen_init, per_layer_ints, register,
-                   safe_margin)
+from .base import (Construction, Progress, base_meta, check_frozen_finite, per_layer_ints, random_norm_linear,
+                   register, safe_margin)
 from .width import DEFAULT_MARGIN
 
 __all__ = ["LowRankConstruction", "numerical_rank", "balanced_factors"]
@@ -84,11 +84,8 @@ class LowRankConstruction(Construction):
         for i, (w, r) in enumerate(zip(target.weights, ranks)):
             m, n = w.shape
             shapes = [(n, r * n, True), (r * n, r, True), (r, m * r, True), (m * r, m, i < target.depth - 1)]
-            for fan_in, fan_out, relu in shapes:
-                stage = NormLinear(fan_in, fan_out, relu=relu, dtype=dtype, device=device)
-                with torch.no_grad():
-                    stage.linear.weight.copy_(frozen_init((fan_out, fan_in), gen, dtype=dtype, device=device))
-                layers.append(stage)
+            layers += [random_norm_linear(fan_in, fan_out, relu, gen, dtype=dtype, device=device)
+                       for fan_in, fan_out, relu in shapes]
         meta = base_meta(self.name, target, seed, options)
         meta["ranks"] = ranks
         return NormNet(layers, meta=meta)

@@ -32,8 +32,8 @@ from ..errors import InvalidNetworkError
 from ..linalg import solve_khatri_rao
 from ..normnet import NormLinear, NormNet
 from ..target import MLPSpec
-from .base import (Construction, Progress, base_meta, check_frozen_finite, frozen_init, per_layer_ints, register,
-                   safe_margin)
+from .base import (Construction, Progress, base_meta, check_frozen_finite, per_layer_ints, random_norm_linear,
+                   register, safe_margin)
 
 __all__ = ["WidthConstruction", "pair_widths"]
 
@@ -61,12 +61,8 @@ class WidthConstruction(Construction):
         layers = []
         for i, (w, N) in enumerate(zip(target.weights, widths)):
             m, n = w.shape
-            first = NormLinear(n, N, relu=True, dtype=dtype, device=device)
-            second = NormLinear(N, m, relu=i < target.depth - 1, dtype=dtype, device=device)
-            with torch.no_grad():
-                first.linear.weight.copy_(frozen_init((N, n), gen, dtype=dtype, device=device))
-                second.linear.weight.copy_(frozen_init((m, N), gen, dtype=dtype, device=device))
-            layers += [first, second]
+            layers += [random_norm_linear(n, N, True, gen, dtype=dtype, device=device),
+                       random_norm_linear(N, m, i < target.depth - 1, gen, dtype=dtype, device=device)]
         return NormNet(layers, meta=base_meta(self.name, target, seed, options))
 
     def precheck(self, layer: int, A: torch.Tensor, B: torch.Tensor) -> None:
