@@ -121,3 +121,9 @@ def test_summary_ratios(solved):
     assert d["frozen_to_target"] == pytest.approx(s.frozen_parameters / s.target_parameters)
     assert s.frozen_nonzeros == s.frozen_parameters          # dense random weights
     assert "exact" in str(s) and s.exact is True
+
+
+def test_wrong_input_dtype_is_a_clear_error(solved):
+    _, f = solved
+    with pytest.raises(onlynorm.InvalidNetworkError, match=r"expected float64 inputs .* found float32"):
+        f(torch.zeros(4, 3))

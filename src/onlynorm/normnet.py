@@ -204,6 +204,11 @@ class NormNet(nn.Module):
         if expected is not None and x.shape[-1] != expected:
             raise InvalidNetworkError(
                 f"expected inputs with {expected} features (last dimension), found shape {tuple(x.shape)}")
+        dtype = self.dtype
+        if x.dtype != dtype:
+            raise InvalidNetworkError(
+                f"expected {dtype_name(dtype)} inputs (the network's dtype), found {dtype_name(x.dtype)}; convert with "
+                f"x.to({str(dtype)}) or build the network with dtype={str(x.dtype)}")
         for stage in self.layers:
             x = stage(x)
         return x
