@@ -19,7 +19,7 @@ from .._io import atomic_path
 from ..api import reconstruct
 from ..domain import Box
 from ..verify import verify
-from .digits import load_digits_split
+from .digits import fit_classifier, load_digits_split
 from .report import print_rows, print_table
 
 IN_SHAPE = (1, 8, 8)
@@ -33,20 +33,7 @@ def make_cnn() -> nn.Sequential:
 
 def train_cnn(X, y, seed: int, epochs: int) -> nn.Sequential:
     torch.manual_seed(seed)
-    model = make_cnn()
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    gen = torch.Generator().manual_seed(seed)
-    model.train()
-    for _ in range(epochs):
-        order = torch.randperm(X.shape[0], generator=gen)
-        for start in range(0, X.shape[0], 64):
-            idx = order[start:start + 64]
-            if idx.numel() < 2:
-                continue
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(X[idx]), y[idx]).backward()
-            opt.step()
-    return model.eval()
+    return fit_classifier(make_cnn(), X, y, seed, epochs)
 
 
 def run(seed: int = 0, json_path: Path | None = None, console=None, *, epochs: int = 40) -> bool:
