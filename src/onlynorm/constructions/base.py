@@ -140,6 +140,26 @@ def per_layer_ints(name: str, value: int | list[int], depth: int) -> list[int]:
     return values
 
 
+#: slack of β₁ relative to the scale of the unit's pre-activation (see :func:`safe_margin`)
+DEFAULT_MARGIN = 1e-3
+
+
+def begin_solve(net: NormNet, target) -> tuple[Any, NormNet, float]:
+    """Common start of every ``solve``: refuse non-finite frozen weights, bring the target to the network's
+    dtype/device, copy the network (the caller's stays untouched) and read the ``margin`` option."""
+    check_frozen_finite(net)
+    spec = target.to(dtype=net.dtype, device=net.device)
+    margin = float(net.meta.get("options", {}).get("margin", DEFAULT_MARGIN))
+    return spec, net.clone(), margin
+
+
+def finish_solve(out: NormNet, records: list[dict], notes: list[str], domain: Box) -> NormNet:
+    """Record how the norms were solved (per-layer residuals, exactness, notes, the box) in ``out.meta``."""
+    out.meta["solve"] = {"exact": all(r["exact"] for r in records), "layers": records, "notes": notes,
+                         "domain": domain.to_dict()}
+    return out
+
+
 def check_frozen_finite(net: NormNet) -> None:
     for p in net.frozen_parameters():
         if not torch.isfinite(p).all():

@@ -31,9 +31,8 @@ from ..domain import Box, affine_bounds
 from ..errors import InvalidNetworkError
 from ..linalg import solve_khatri_rao
 from ..normnet import STAGES, NormLinear, NormNet, Stage, make_batchnorm, register_stage
-from .base import (Construction, Progress, base_meta, check_frozen_finite, frozen_init, random_norm_linear, register,
-                   safe_margin)
-from .width import DEFAULT_MARGIN
+from .base import (Construction, Progress, base_meta, begin_solve, finish_solve, frozen_init, random_norm_linear,
+                   register, safe_margin)
 
 __all__ = ["ConvConstruction", "NormConv2d", "FixedOp", "ResidualStage"]
 
@@ -182,18 +181,13 @@ class ConvConstruction(Construction):
     def solve(self, net: NormNet, target: ConvNetSpec, domain: Box, *, progress: Progress | None = None) -> NormNet:
         if not isinstance(target, ConvNetSpec):
             raise InvalidNetworkError("this network was built for a CNN target; pass the same CNN as target")
-        check_frozen_finite(net)
-        margin = float(net.meta.get("options", {}).get("margin", DEFAULT_MARGIN))
-        spec = target.to(dtype=net.dtype, device=net.device)
-        out = net.clone()
+        spec, out, margin = begin_solve(net, target)
         lo, hi = box_tensors(spec, domain, net.dtype)
         records: list[dict] = []
         self._solve(spec.layers, list(out.layers), lo.to(net.device), hi.to(net.device), margin, records)
         if progress is not None:
             progress(1, 1, f"{len(records)} Khatri–Rao systems")
-        out.meta["solve"] = {"exact": all(r["exact"] for r in records), "layers": records, "notes": [],
-                             "domain": domain.to_dict()}
-        return out
+        return finish_solve(out, records, [], domain)
 
     def certify(self, net: NormNet, target: ConvNetSpec, domain: Box):
         """Per-channel activity over every position of the box, then a distance bound; see ``certify_cnn``."""

@@ -31,8 +31,7 @@ from ..errors import InvalidNetworkError, OnlyNormError
 from ..linalg import solve_khatri_rao_batched
 from ..normnet import NormLinear, NormNet, Stage, make_batchnorm, register_stage
 from ..target import MLPSpec
-from .base import (Construction, Progress, base_meta, check_frozen_finite, frozen_init, register, safe_margin)
-from .width import DEFAULT_MARGIN
+from .base import (Construction, Progress, base_meta, begin_solve, finish_solve, frozen_init, register, safe_margin)
 
 __all__ = ["DeepConstruction", "ResidualStream", "block_sizes"]
 
@@ -155,11 +154,8 @@ class DeepConstruction(Construction):
 
     def solve(self, net: NormNet, target: MLPSpec, domain: Box, *, progress: Progress | None = None) -> NormNet:
         self._stages(net, target)
-        check_frozen_finite(net)
-        margin = float(net.meta.get("options", {}).get("margin", DEFAULT_MARGIN))
-        spec = target.to(dtype=net.dtype, device=net.device)
+        spec, out, margin = begin_solve(net, target)
         boxes = interval_bounds(spec, domain)
-        out = net.clone()
         records = []
         for i, (stage, W, b) in enumerate(zip(out.layers, spec.weights, spec.biases)):
             lo, hi = boxes[i]
@@ -193,8 +189,7 @@ class DeepConstruction(Construction):
                             "exact": True})
             if progress is not None:
                 progress(i + 1, spec.depth, f"layer {i}: {len(slices)} systems of size {stage.out_features * stage.block}")
-        out.meta["solve"] = {"exact": True, "layers": records, "notes": [], "domain": domain.to_dict()}
-        return out
+        return finish_solve(out, records, [], domain)
 
     def certify(self, net: NormNet, target: MLPSpec, domain: Box):
         from ..certify import certify_residual_streams

@@ -31,9 +31,8 @@ from ..errors import InvalidNetworkError
 from ..linalg import compose, solve_khatri_rao
 from ..normnet import NormLinear, NormNet
 from ..target import MLPSpec
-from .base import (Construction, Progress, base_meta, check_frozen_finite, per_layer_ints, random_norm_linear,
+from .base import (Construction, Progress, base_meta, begin_solve, finish_solve, per_layer_ints, random_norm_linear,
                    register, safe_margin)
-from .width import DEFAULT_MARGIN
 
 __all__ = ["LowRankConstruction", "numerical_rank", "balanced_factors"]
 
@@ -124,11 +123,8 @@ class LowRankConstruction(Construction):
 
     def solve(self, net: NormNet, target: MLPSpec, domain: Box, *, progress: Progress | None = None) -> NormNet:
         ranks = self._ranks(net, target)
-        check_frozen_finite(net)
-        margin = float(net.meta.get("options", {}).get("margin", DEFAULT_MARGIN))
-        spec = target.to(dtype=net.dtype, device=net.device)
+        spec, out, margin = begin_solve(net, target)
         boxes = interval_bounds(spec, domain)
-        out = net.clone()
         records, notes = [], []
         for i, (W, b, r) in enumerate(zip(spec.weights, spec.biases, ranks)):
             s0, s1, s2, s3 = out.layers[4 * i: 4 * i + 4]
@@ -172,9 +168,7 @@ class LowRankConstruction(Construction):
                              f"{rel_err:.2e} (σ_{r + 1} = {sigma_next:.2e}) — approximate")
             if progress is not None:
                 progress(i + 1, spec.depth, f"layer {i}: rank {r}, systems of size {A1.shape[0]} and {A2.shape[0]}")
-        out.meta["solve"] = {"exact": all(r["exact"] for r in records), "layers": records, "notes": notes,
-                             "domain": domain.to_dict()}
-        return out
+        return finish_solve(out, records, notes, domain)
 
     def certify(self, net: NormNet, target: MLPSpec, domain: Box):
         from ..certify import certify_blocks

@@ -32,13 +32,10 @@ from ..errors import InvalidNetworkError
 from ..linalg import solve_khatri_rao
 from ..normnet import NormLinear, NormNet
 from ..target import MLPSpec
-from .base import (Construction, Progress, base_meta, check_frozen_finite, per_layer_ints, random_norm_linear,
+from .base import (Construction, Progress, base_meta, begin_solve, finish_solve, per_layer_ints, random_norm_linear,
                    register, safe_margin)
 
 __all__ = ["WidthConstruction", "pair_widths"]
-
-DEFAULT_MARGIN = 1e-3
-
 
 def pair_widths(target: MLPSpec, hidden: int | Sequence[int] | None) -> list[int]:
     """Hidden width ``N_i`` of each pair: ``m_i · n_i`` by default, or as requested."""
@@ -92,11 +89,8 @@ class WidthConstruction(Construction):
 
     def solve(self, net: NormNet, target: MLPSpec, domain: Box, *, progress: Progress | None = None) -> NormNet:
         check_width_layout(net, target)
-        check_frozen_finite(net)
-        margin = float(net.meta.get("options", {}).get("margin", DEFAULT_MARGIN))
-        spec = target.to(dtype=net.dtype, device=net.device)
+        spec, out, margin = begin_solve(net, target)
         boxes = interval_bounds(spec, domain)
-        out = net.clone()
         records, notes = [], []
         for i, (W, b) in enumerate(zip(spec.weights, spec.biases)):
             first, second = out.layers[2 * i], out.layers[2 * i + 1]
@@ -120,9 +114,7 @@ class WidthConstruction(Construction):
                              f"relative weight error {sol.relative_residual:.2e} (approximate)")
             if progress is not None:
                 progress(i + 1, spec.depth, f"layer {i}: {sol.kind} solve of size {A.shape[0]}")
-        out.meta["solve"] = {"exact": all(r["exact"] for r in records), "layers": records, "notes": notes,
-                             "domain": domain.to_dict()}
-        return out
+        return finish_solve(out, records, notes, domain)
 
 
 def check_width_layout(net: NormNet, target: MLPSpec) -> None:
