@@ -25,9 +25,9 @@ import torch
 
 from ..errors import OnlyNormError, SingularSystemError
 from ..linalg import kr_pattern, structural_rank
-from ..normnet import NormLinear, NormNet
+from ..normnet import NormNet
 from ..target import MLPSpec
-from .base import base_meta, register
+from .base import base_meta, random_norm_linear, register
 from .width import WidthConstruction
 
 __all__ = ["SparseConstruction", "SparsePatternError", "suggested_density"]
@@ -69,40 +69,38 @@ class SparseConstruction(WidthConstruction):
         layers = []
         for i, w in enumerate(target.weights):
             m, n = w.shape
-            N = m * n
-            first = NormLinear(n, N, relu=True, dtype=dtype, device=device)
-            second = NormLinear(N, m, relu=i < target.depth - 1, dtype=dtype, device=device)
-            for stage, shape in ((first, (N, n)), (second, (m, N))):
-                values = torch.randn(shape, generator=gen, dtype=torch.float64) / math.sqrt(p * shape[1])
-                mask = torch.rand(shape, generator=gen, dtype=torch.float64) < p
+            pair = [random_norm_linear(n, m * n, True, gen, dtype=dtype, device=device),
+                    random_norm_linear(m * n, m, i < target.depth - 1, gen, dtype=dtype, device=device)]
+            for stage in pair:   # Bernoulli(p) mask; 1/√p keeps the variance of the dense N(0, 1/fan_in) init
+                weight = stage.linear.weight
+                mask = torch.rand(weight.shape, generator=gen, dtype=torch.float64) < p
                 with torch.no_grad():
-                    stage.linear.weight.copy_((values * mask).to(dtype=dtype, device=device))
-            layers += [first, second]
+                    weight.mul_((mask / math.sqrt(p)).to(dtype=dtype, device=device))
+            layers += pair
         return NormNet(layers, meta=base_meta(self.name, target, seed, {**options, "density": p}))
 
-    def precheck(self, layer: int, A: torch.Tensor, B: torch.Tensor) -> None:
+    def precheck(self, net: NormNet, layer: int, A: torch.Tensor, B: torch.Tensor) -> None:
         """Refuse a pattern-singular system before factorising it."""
         size = A.shape[0]
         if size != B.shape[0] * A.shape[1]:
             return
         rank = structural_rank(kr_pattern(A, B))
         if rank < size:
-            raise self._singular(layer, A, B, rank, "for every choice of values (its sparsity pattern)")
+            raise self._singular(net, layer, rank, "for every choice of values (its sparsity pattern)")
 
     def solve(self, net: NormNet, target: MLPSpec, domain, *, progress=None) -> NormNet:
-        self._density = float(net.meta.get("options", {}).get("density", float("nan")))
         try:
             return super().solve(net, target, domain, progress=progress)
         except SparsePatternError:
             raise
         except SingularSystemError as exc:   # numerically singular although structurally fine
-            i = exc.layer if exc.layer is not None else 0
-            A, B = net.layers[2 * i].linear.weight, net.layers[2 * i + 1].linear.weight
-            raise self._singular(i, A, B, None, "numerically") from None
+            raise self._singular(net, exc.layer if exc.layer is not None else 0, None, "numerically") from None
 
-    def _singular(self, layer: int, A, B, rank, why: str) -> SparsePatternError:
+    @staticmethod
+    def _singular(net: NormNet, layer: int, rank: int | None, why: str) -> SparsePatternError:
+        A, B = net.layers[2 * layer].linear.weight, net.layers[2 * layer + 1].linear.weight
         m, n, size = B.shape[0], A.shape[1], A.shape[0]
-        p = getattr(self, "_density", float("nan"))
+        p = float(net.meta.get("options", {}).get("density", float("nan")))
         suggestion = suggested_density(m, n, p if p == p else 0.1)
         deficit = "" if rank is None else f", rank {rank} of {size} (deficit {size - rank})"
         return SparsePatternError(

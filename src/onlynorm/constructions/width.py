@@ -62,7 +62,7 @@ class WidthConstruction(Construction):
                        random_norm_linear(N, m, i < target.depth - 1, gen, dtype=dtype, device=device)]
         return NormNet(layers, meta=base_meta(self.name, target, seed, options))
 
-    def precheck(self, layer: int, A: torch.Tensor, B: torch.Tensor) -> None:
+    def precheck(self, net: NormNet, layer: int, A: torch.Tensor, B: torch.Tensor) -> None:
         """Hook run before each layer's solve (the sparse construction checks its pattern here)."""
 
     def systems(self, net: NormNet, target: MLPSpec) -> list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -95,7 +95,7 @@ class WidthConstruction(Construction):
         for i, (W, b) in enumerate(zip(spec.weights, spec.biases)):
             first, second = out.layers[2 * i], out.layers[2 * i + 1]
             A, B = first.linear.weight, second.linear.weight
-            self.precheck(i, A, B)
+            self.precheck(net, i, A, B)
             sol = solve_khatri_rao(A, B, W, layer=i)
             lo, hi = boxes[i]
             zmin, zmax = affine_bounds(sol.gamma.unsqueeze(1) * A, lo, hi)
