@@ -68,3 +68,28 @@ def test_unknown_experiment():
 
 def _square(x):
     return x * x
+
+
+def _without_times(value):
+    """The trial's record minus wall-clock fields, which are the only thing a seed does not determine."""
+    if isinstance(value, dict):
+        return {k: _without_times(v) for k, v in value.items() if "seconds" not in k}
+    if isinstance(value, list):
+        return [_without_times(v) for v in value]
+    return value
+
+
+@pytest.mark.parametrize("module, kwargs", [
+    ("scaling", {"method": "width", "d": 4}),
+    ("scaling", {"method": "deep", "d": 4}),
+    ("depth_tradeoff", {"d": 6, "k": 2}),
+    ("gd_vs_exact", {"ratio": 0.5, "d": 3, "depth": 2, "steps": 40}),
+])
+def test_trials_are_deterministic_for_a_seed(module, kwargs):
+    import importlib
+
+    mod = importlib.import_module(f"onlynorm.experiments.{module}")
+    a, b = (_without_times(mod.trial(**kwargs, seed=11)) for _ in range(2))
+    other = _without_times(mod.trial(**kwargs, seed=12))
+    assert a == b
+    assert a != other                                   # the seed actually reaches the random draws
