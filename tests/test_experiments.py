@@ -93,3 +93,30 @@ def test_trials_are_deterministic_for_a_seed(module, kwargs):
     other = _without_times(mod.trial(**kwargs, seed=12))
     assert a == b
     assert a != other                                   # the seed actually reaches the random draws
+
+
+def test_structural_rank_predicts_the_sparse_construction_itself():
+    """The experiment's pattern model is the real one: on networks built by ``method="sparse"`` near the threshold,
+    the structural rank of their own masks predicts exactly which ones the closed form can solve."""
+    import torch
+
+    import onlynorm
+    from onlynorm.errors import OnlyNormError
+    from onlynorm.linalg import kr_pattern, structural_rank
+
+    d, p = 4, 0.6                                        # p*(4) ≈ 0.6: both outcomes occur
+    target = torch.nn.Linear(d, d).double()
+    outcomes = []
+    for seed in range(16):
+        frozen = onlynorm.random_normnet(target, method="sparse", seed=seed, density=p)
+        A = (frozen.layers[0].linear.weight != 0).numpy()   # d² × d
+        B = (frozen.layers[1].linear.weight != 0).numpy()   # d × d²
+        predicted = structural_rank(kr_pattern(A, B)) == d * d
+        try:
+            onlynorm.solve_norms(frozen, target)
+            solved = True
+        except OnlyNormError:
+            solved = False
+        assert solved == predicted, seed
+        outcomes.append(solved)
+    assert any(outcomes) and not all(outcomes)
