@@ -179,3 +179,22 @@ def test_reconstruct_help_lists_every_method_with_its_cost(capsys):
     for name in onlynorm.available_methods():
         assert f"* {name}:" in out
     assert "width m·k" in out and "m·n" in out
+
+
+def test_corrupt_norm_set_leaves_the_network_unchanged(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    g = random_mlp([3, 4, 2], seed=5)
+    frozen = onlynorm.random_normnet(g, seed=0)
+    onlynorm.solve_norms(frozen, g).save_norms(tmp_path / "good.safetensors")
+    with safe_open(str(tmp_path / "good.safetensors"), framework="pt") as fh:
+        meta = fh.metadata()
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    last = sorted(tensors)[-1]
+    tensors[last] = tensors[last].clone().fill_(float("nan"))
+    save_file(tensors, str(tmp_path / "bad.safetensors"), metadata=meta)
+    before = {k: v.clone() for k, v in frozen.state_dict().items()}
+    with pytest.raises(onlynorm.FileFormatError, match="NaN/Inf"):
+        frozen.load_norms(tmp_path / "bad.safetensors")
+    assert all(torch.equal(before[k], v) for k, v in frozen.state_dict().items())

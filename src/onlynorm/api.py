@@ -49,7 +49,7 @@ def solve_norms(frozen: NormNet, target: MLPSpec | nn.Module, domain: Box | tupl
     if not isinstance(frozen, NormNet):
         raise InvalidNetworkError(
             f"expected a NormNet (from onlynorm.random_normnet or NormNet.load), found {type(frozen).__name__}")
-    spec = as_target(target, _in_shape(frozen))
+    spec = as_target(target, frozen.in_shape)
     dims = frozen.target_dims
     if dims is not None and list(dims) != spec.dims:
         raise InvalidNetworkError(
@@ -99,11 +99,6 @@ def _method_for(spec, method: str) -> str:
     if method == "conv":
         raise InvalidNetworkError("method 'conv' is for CNN targets; this target is an MLP — use 'width'")
     return method
-
-
-def _in_shape(net: NormNet):
-    shape = net.meta.get("in_shape")
-    return tuple(shape) if shape else None
 
 
 def _guard_memory(construction, spec: MLPSpec, dtype, device, options: dict[str, Any]) -> None:

@@ -32,7 +32,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from . import _io
 from .errors import FileFormatError, InvalidNetworkError
 
-__all__ = ["NormNet", "NormLinear", "Stage", "register_stage", "make_batchnorm", "is_norm_module", "NetSummary"]
+__all__ = ["NormNet", "NormLinear", "Stage", "register_stage", "make_batchnorm", "frozen_module", "is_norm_module",
+           "NetSummary"]
 
 FORMAT = "onlynorm.normnet"
 NORMSET_FORMAT = "onlynorm.normset"
@@ -75,6 +76,20 @@ def make_batchnorm(num_features: int, *, dims: int = 1, dtype: torch.dtype = tor
     return bn
 
 
+def frozen_module(cls: type[nn.Module], *args, dtype: torch.dtype, device=None, **kwargs) -> nn.Module:
+    """A bias-free ``nn.Linear``/``nn.Conv2d`` with zero, frozen weights (``requires_grad=False``).
+
+    ``skip_init``: torch's default init would draw from the global RNG; constructions fill the weights from their
+    own seeded generator, so building a network never perturbs the user's random stream.
+    """
+    module = torch.nn.utils.skip_init(cls, *args, bias=False, dtype=dtype,
+                                      device=device if device is not None else "cpu", **kwargs)
+    with torch.no_grad():
+        module.weight.zero_()
+    module.weight.requires_grad_(False)
+    return module
+
+
 class Stage(nn.Module):
     """Base of NormNet building blocks: a registered ``kind`` and a JSON-serialisable ``config()``."""
 
@@ -101,13 +116,7 @@ class NormLinear(Stage):
     def __init__(self, in_features: int, out_features: int, relu: bool = True, *,
                  dtype: torch.dtype = torch.float64, device: torch.device | str | None = None):
         super().__init__()
-        # skip_init: torch's default init would draw from the global RNG; constructions fill the weights from
-        # their own seeded generator, so building a network never perturbs the user's random stream.
-        self.linear = torch.nn.utils.skip_init(nn.Linear, in_features, out_features, bias=False, dtype=dtype,
-                                               device=device if device is not None else "cpu")
-        with torch.no_grad():
-            self.linear.weight.zero_()
-        self.linear.weight.requires_grad_(False)
+        self.linear = frozen_module(nn.Linear, in_features, out_features, dtype=dtype, device=device)
         self.norm = make_batchnorm(out_features, dtype=dtype, device=device)
         self.relu = bool(relu)
 
@@ -257,6 +266,12 @@ class NormNet(nn.Module):
         return self.target_dims[0]
 
     @property
+    def in_shape(self) -> tuple[int, ...] | None:
+        """``(c, H, W)`` of an image-input (CNN) network, ``None`` for an MLP."""
+        shape = self.meta.get("in_shape")
+        return tuple(shape) if shape else None
+
+    @property
     def dtype(self) -> torch.dtype:
         return next(iter(self.parameters())).dtype
 
@@ -394,17 +409,18 @@ class NormNet(nn.Module):
                 raise InvalidNetworkError(
                     f"norm set {str(path)!r} does not fit this network: {name} has shape "
                     f"{tuple(tensors[name].shape)}, expected {tuple(p.shape)}")
-        if doc.get("fingerprint") != self.fingerprint():
+        fingerprint = self.fingerprint()
+        if doc.get("fingerprint") != fingerprint:
             raise InvalidNetworkError(
                 f"norm set {str(path)!r} was solved for a different frozen network (fingerprint "
-                f"{str(doc.get('fingerprint'))[:12]}…, this one is {self.fingerprint()[:12]}…); γ, β only make sense "
+                f"{str(doc.get('fingerprint'))[:12]}…, this one is {fingerprint[:12]}…); γ, β only make sense "
                 "with the frozen weights they were solved for — load the matching network or re-solve")
+        for name in mine:   # check everything before changing anything: a bad file leaves the network as it was
+            if not torch.isfinite(tensors[name]).all():
+                raise FileFormatError(f"norm set {str(path)!r}: {name} holds NaN/Inf values")
         with torch.no_grad():
             for name, p in mine.items():
-                t = tensors[name]
-                if not torch.isfinite(t).all():
-                    raise FileFormatError(f"norm set {str(path)!r}: {name} holds NaN/Inf values")
-                p.copy_(t.to(dtype=p.dtype, device=p.device))
+                p.copy_(tensors[name].to(dtype=p.dtype, device=p.device))
         self.meta.update(doc.get("meta") or {})
         return self
 

@@ -81,8 +81,7 @@ def verify(net: nn.Module, target: MLPSpec | nn.Module, domain: Box | tuple | No
     >>> report.passed, report.max_rel_error < 1e-12
     (True, True)
     """
-    in_shape = net.meta.get("in_shape") if isinstance(net, NormNet) else None
-    spec = as_target(target, tuple(in_shape) if in_shape else None)
+    spec = as_target(target, net.in_shape if isinstance(net, NormNet) else None)
     if samples < 1:
         raise OnlyNormError(f"expected samples >= 1, found {samples}")
     net_in = getattr(net, "in_features", None)

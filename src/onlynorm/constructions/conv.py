@@ -30,7 +30,7 @@ from ..cnn import ConvNetSpec, box_tensors, conv_interval, interval_step
 from ..domain import Box, affine_bounds
 from ..errors import InvalidNetworkError
 from ..linalg import solve_khatri_rao
-from ..normnet import STAGES, NormLinear, NormNet, Stage, make_batchnorm, register_stage
+from ..normnet import STAGES, NormLinear, NormNet, Stage, frozen_module, make_batchnorm, register_stage
 from .base import (Construction, Progress, base_meta, begin_solve, finish_solve, frozen_init, random_norm_linear,
                    register, safe_margin)
 
@@ -46,12 +46,8 @@ class NormConv2d(Stage):
     def __init__(self, in_channels: int, out_channels: int, kernel_size=(1, 1), stride=(1, 1), padding=(0, 0),
                  dilation=(1, 1), relu: bool = True, *, dtype: torch.dtype = torch.float64, device=None):
         super().__init__()
-        self.conv = torch.nn.utils.skip_init(nn.Conv2d, in_channels, out_channels, tuple(kernel_size),
-                                             stride=tuple(stride), padding=tuple(padding), dilation=tuple(dilation),
-                                             bias=False, dtype=dtype, device=device if device is not None else "cpu")
-        with torch.no_grad():
-            self.conv.weight.zero_()
-        self.conv.weight.requires_grad_(False)
+        self.conv = frozen_module(nn.Conv2d, in_channels, out_channels, tuple(kernel_size), stride=tuple(stride),
+                                  padding=tuple(padding), dilation=tuple(dilation), dtype=dtype, device=device)
         self.norm = make_batchnorm(out_channels, dims=2, dtype=dtype, device=device)
         self.relu = bool(relu)
 

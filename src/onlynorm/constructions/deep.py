@@ -29,7 +29,7 @@ from torch import nn
 from ..domain import Box, affine_bounds, interval_bounds
 from ..errors import InvalidNetworkError, OnlyNormError
 from ..linalg import solve_khatri_rao_batched
-from ..normnet import NormLinear, NormNet, Stage, make_batchnorm, register_stage
+from ..normnet import NormLinear, NormNet, Stage, frozen_module, make_batchnorm, register_stage
 from ..target import MLPSpec
 from .base import (Construction, Progress, base_meta, begin_solve, finish_solve, frozen_init, register, safe_margin)
 
@@ -55,15 +55,8 @@ class ResidualStream(Stage):
         self.sizes = block_sizes(in_features, block)
         self.branches = nn.ModuleList(NormLinear(k, out_features * k, relu=True, dtype=dtype, device=device)
                                       for k in self.sizes)
-        readouts = []
-        for k in self.sizes:
-            lin = torch.nn.utils.skip_init(nn.Linear, out_features * k, out_features, bias=False, dtype=dtype,
-                                           device=device if device is not None else "cpu")
-            with torch.no_grad():
-                lin.weight.zero_()
-            lin.weight.requires_grad_(False)
-            readouts.append(lin)
-        self.readouts = nn.ModuleList(readouts)
+        self.readouts = nn.ModuleList(frozen_module(nn.Linear, out_features * k, out_features, dtype=dtype,
+                                                    device=device) for k in self.sizes)
         self.norm = make_batchnorm(out_features, dtype=dtype, device=device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
