@@ -68,7 +68,7 @@ def width_case(d: int, repeat: int, naive: bool) -> dict:
     holder = {}
 
     def scipy_lu():   # in-place sgetrf on a fresh copy; only the factorisation is timed
-        work = a32.copy(order="F")
+        work = a32.copy(order="F")  # noqa: F821 (freed by the del below, after the rounds)
         start = time.perf_counter()
         scipy.linalg.lu_factor(work, overwrite_a=True, check_finite=False)
         return time.perf_counter() - start
@@ -79,8 +79,8 @@ def width_case(d: int, repeat: int, naive: bool) -> dict:
     # interleaved rounds, best of each: load from other processes on a shared machine hits every contender alike
     t_f64 = t_f32_torch = t_f32_scipy = t_ours = float("inf")
     for _ in range(repeat):
-        t_f64 = min(t_f64, best_of(lambda: torch.linalg.solve(M64, rhs), 1))
-        t_f32_torch = min(t_f32_torch, best_of(lambda: torch.linalg.lu_factor_ex(M32), 1))
+        t_f64 = min(t_f64, best_of(lambda: torch.linalg.solve(M64, rhs), 1))  # noqa: F821
+        t_f32_torch = min(t_f32_torch, best_of(lambda: torch.linalg.lu_factor_ex(M32), 1))  # noqa: F821
         t_f32_scipy = min(t_f32_scipy, scipy_lu())
         t_ours = min(t_ours, best_of(ours, 1))
     del M64, M32, a32

@@ -9,8 +9,16 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from onlynorm.errors import SingularSystemError
-from onlynorm.linalg import (compose, khatri_rao, khatri_rao_reference, khatri_rao_system, kr_pattern,
-                             solve_khatri_rao, structural_rank, vec)
+from onlynorm.linalg import (
+    compose,
+    khatri_rao,
+    khatri_rao_reference,
+    khatri_rao_system,
+    kr_pattern,
+    solve_khatri_rao,
+    structural_rank,
+    vec,
+)
 
 sizes = st.integers(min_value=1, max_value=6)
 

@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from onlynorm.errors import SingularSystemError
-from onlynorm.linalg import (compose, khatri_rao_system, khatri_rao_system_transposed, solve_khatri_rao)
+from onlynorm.linalg import compose, khatri_rao_system, khatri_rao_system_transposed, solve_khatri_rao
 
 
 def _system(m, n, seed, scale=1.0):

@@ -10,8 +10,7 @@ import torch
 from torch import nn
 
 import onlynorm
-from onlynorm import MemoryBudgetError
-from onlynorm import memory
+from onlynorm import MemoryBudgetError, memory
 from onlynorm.errors import OnlyNormError
 
 

@@ -89,8 +89,8 @@ def test_loading_a_file_that_is_not_a_network(tmp_path):
 
 
 def test_tampered_architecture_is_refused(solved, tmp_path):
-    from safetensors.torch import load_file, save_file
     from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
 
     _, f = solved
     path = tmp_path / "net.safetensors"

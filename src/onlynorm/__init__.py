@@ -14,8 +14,15 @@ from .certify import CertifyResult
 from .cnn import ConvNetSpec
 from .constructions import available_methods
 from .domain import Box, interval_bounds
-from .errors import (FileFormatError, InvalidDomainError, InvalidNetworkError, InvalidTargetError,
-                     MemoryBudgetError, OnlyNormError, SingularSystemError)
+from .errors import (
+                     FileFormatError,
+                     InvalidDomainError,
+                     InvalidNetworkError,
+                     InvalidTargetError,
+                     MemoryBudgetError,
+                     OnlyNormError,
+                     SingularSystemError,
+)
 from .normnet import NetSummary, NormLinear, NormNet
 from .residual import Residual
 from .target import MLPSpec

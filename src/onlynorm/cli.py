@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -25,7 +24,7 @@ console = Console()
 err_console = Console(stderr=True)
 
 
-def _parse_hidden(text: Optional[str]):
+def _parse_hidden(text: str | None):
     if text is None:
         return None
     try:
@@ -35,7 +34,7 @@ def _parse_hidden(text: Optional[str]):
     return values[0] if len(values) == 1 else values
 
 
-def _domain(low: Optional[float], high: Optional[float]):
+def _domain(low: float | None, high: float | None):
     from .domain import Box
 
     if low is None and high is None:
@@ -55,7 +54,7 @@ class _LayerProgress:
         self._description = description
         self._task = None
 
-    def __enter__(self) -> "_LayerProgress":
+    def __enter__(self) -> _LayerProgress:
         self._progress.__enter__()
         self._task = self._progress.add_task(self._description, total=None)
         return self
@@ -82,12 +81,12 @@ def reconstruct(
     out: Path = typer.Option(..., "--out", "-o", help="Where to write the reconstructed network (.safetensors)."),
     method: str = typer.Option("width", help="Construction: width, lowrank, deep or sparse (see above)."),
     seed: int = typer.Option(0, help="Seed of the frozen random weights."),
-    low: Optional[float] = typer.Option(None, help="Lower bound of the input box (default -1)."),
-    high: Optional[float] = typer.Option(None, help="Upper bound of the input box (default 1)."),
-    hidden: Optional[str] = typer.Option(None, help="width: hidden width N per pair (int or list); N < m·n gives least squares."),
-    rank: Optional[int] = typer.Option(None, help="lowrank: rank r per layer (default: numerical rank)."),
-    block: Optional[int] = typer.Option(None, help="deep: input block size k (default 1)."),
-    density: Optional[float] = typer.Option(None, help="sparse: Bernoulli density p of the frozen weights."),
+    low: float | None = typer.Option(None, help="Lower bound of the input box (default -1)."),
+    high: float | None = typer.Option(None, help="Upper bound of the input box (default 1)."),
+    hidden: str | None = typer.Option(None, help="width: hidden width N per pair (int or list); N < m·n gives least squares."),
+    rank: int | None = typer.Option(None, help="lowrank: rank r per layer (default: numerical rank)."),
+    block: int | None = typer.Option(None, help="deep: input block size k (default 1)."),
+    density: float | None = typer.Option(None, help="sparse: Bernoulli density p of the frozen weights."),
     dtype: str = typer.Option("float64", help="float64 (default, exact to ~1e-13) or float32."),
 ) -> None:
     import torch
@@ -119,15 +118,15 @@ def verify(
     target: Path = typer.Argument(..., help="Target MLP file."),
     samples: int = typer.Option(100_000, help="Number of sample points of the box."),
     seed: int = typer.Option(0, help="Seed of the sample points."),
-    low: Optional[float] = typer.Option(None, help="Lower bound of the box (default: the one it was solved on)."),
-    high: Optional[float] = typer.Option(None, help="Upper bound of the box (default: the one it was solved on)."),
-    tolerance: Optional[float] = typer.Option(None, help="Relative tolerance (default 1e-9 in float64)."),
+    low: float | None = typer.Option(None, help="Lower bound of the box (default: the one it was solved on)."),
+    high: float | None = typer.Option(None, help="Upper bound of the box (default: the one it was solved on)."),
+    tolerance: float | None = typer.Option(None, help="Relative tolerance (default 1e-9 in float64)."),
     certify: bool = typer.Option(False, "--certify", help="Also prove equivalence on the whole box (interval bounds)."),
 ) -> None:
     """Compare NET with TARGET; exit 0 when within tolerance (and certified if asked), 1 when not."""
-    from .verify import verify as run_verify
     from .normnet import NormNet
     from .target import load_target
+    from .verify import verify as run_verify
 
     network = NormNet.load(net)
     spec = load_target(target)
@@ -161,7 +160,7 @@ def demo(
     builtin: bool = typer.Option(False, "--builtin", help="Quick synthetic demo: a random MLP on [0, 2]^6 (seconds)."),
     tasks: bool = typer.Option(False, "--tasks", help="Three digits tasks in one frozen network via swappable norm sets."),
     cnn: bool = typer.Option(False, "--cnn", help="A small CNN (with BatchNorm) on the 8×8 digits, reconstructed exactly."),
-    json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the results as JSON (atomically)."),
+    json_path: Path | None = typer.Option(None, "--json", help="Also write the results as JSON (atomically)."),
 ) -> None:
     """The main job: on scikit-learn's digits, reconstruct a trained MLP exactly by solving only BatchNorm γ, β
     of a random frozen network, next to gradient-trained norms of the same network."""
@@ -179,7 +178,7 @@ def demo(
 def experiment(
     name: str = typer.Argument(..., help="sparse-threshold, scaling, gd-vs-exact or depth-tradeoff."),
     quick: bool = typer.Option(False, "--quick", help="Small sizes: about a minute."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Output directory (default runs/NAME)."),
+    out: Path | None = typer.Option(None, "--out", help="Output directory (default runs/NAME)."),
     seed: int = typer.Option(0, help="Seed of every random choice."),
 ) -> None:
     """Run one experiment of the theory; writes results.json, PNG figures and summary.md into OUT."""

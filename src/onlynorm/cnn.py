@@ -72,7 +72,7 @@ class ConvNetSpec:
 
     # ------------------------------------------------------------------ parsing
     @classmethod
-    def from_module(cls, module: nn.Module, in_shape: tuple[int, int, int] | None = None) -> "ConvNetSpec":
+    def from_module(cls, module: nn.Module, in_shape: tuple[int, int, int] | None = None) -> ConvNetSpec:
         if not isinstance(module, nn.Sequential):
             raise InvalidTargetError(f"expected an nn.Sequential CNN, found {type(module).__name__}")
         if in_shape is None:
@@ -171,7 +171,7 @@ class ConvNetSpec:
     def dtype(self) -> torch.dtype:
         return next(rec["weight"].dtype for rec in _walk(self.layers) if "weight" in rec)
 
-    def to(self, dtype=None, device=None) -> "ConvNetSpec":
+    def to(self, dtype=None, device=None) -> ConvNetSpec:
         return ConvNetSpec(_map(self.layers, lambda t: t.to(dtype=dtype, device=device)), self.in_shape)
 
     # ------------------------------------------------------------------ evaluation
@@ -190,7 +190,7 @@ class ConvNetSpec:
                                                    "layers": layers})
 
     @classmethod
-    def from_document(cls, doc: dict, tensors: dict[str, torch.Tensor], source: str) -> "ConvNetSpec":
+    def from_document(cls, doc: dict, tensors: dict[str, torch.Tensor], source: str) -> ConvNetSpec:
         try:
             layers = _rebuild(doc["layers"], tensors)
             return cls(layers, tuple(doc["in_shape"]))

@@ -14,7 +14,7 @@ and a ReLU clamps both ends at 0. The bounds are exact for a single affine layer
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -65,7 +65,7 @@ class Box:
         """Number of coordinates, or ``None`` for an unsized box of scalar bounds."""
         return None if self.low.ndim == 0 else self.low.numel()
 
-    def expand(self, dim: int) -> "Box":
+    def expand(self, dim: int) -> Box:
         """This box in ``dim`` coordinates; an error if it is already sized differently."""
         if self.dim is None:
             return Box(self.low, self.high, dim=dim)
@@ -110,7 +110,7 @@ class Box:
         return {"low": self.low.tolist(), "high": self.high.tolist()}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Box":
+    def from_dict(cls, d: dict) -> Box:
         return cls(d["low"], d["high"])
 
     def __repr__(self) -> str:
@@ -123,7 +123,7 @@ class Box:
         return f"Box(low={fmt(self.low)}, high={fmt(self.high)}, dim={self.dim})"
 
 
-def resolve_domain(domain: "Box | tuple | None", dim: int) -> Box:
+def resolve_domain(domain: Box | tuple | None, dim: int) -> Box:
     """``None`` → ``[-1, 1]^dim``; a ``(low, high)`` pair or a Box → a Box of dimension ``dim``."""
     if domain is None:
         return Box(-1.0, 1.0, dim=dim)

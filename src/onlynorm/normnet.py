@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import copy
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -41,7 +42,7 @@ NORMSET_FORMAT = "onlynorm.normset"
 BATCH_STATISTICS_EPS = 1e-5
 FORMAT_VERSION = 1
 
-STAGES: dict[str, type["Stage"]] = {}
+STAGES: dict[str, type[Stage]] = {}
 
 _DTYPES = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -50,7 +51,7 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def register_stage(cls: type["Stage"]) -> type["Stage"]:
+def register_stage(cls: type[Stage]) -> type[Stage]:
     """Class decorator: make a stage kind loadable from its JSON config."""
     if cls.kind in STAGES and STAGES[cls.kind] is not cls:
         raise ValueError(f"stage kind {cls.kind!r} registered twice")
@@ -99,12 +100,16 @@ class Stage(nn.Module):
         raise NotImplementedError
 
     @classmethod
-    def from_config(cls, config: dict[str, Any], *, dtype: torch.dtype, device=None) -> "Stage":
+    def from_config(cls, config: dict[str, Any], *, dtype: torch.dtype, device=None) -> Stage:
         return cls(**config, dtype=dtype, device=device)
 
     def widths(self) -> list[int]:
         """Widths of this stage's normalization layers (for summaries)."""
         return [m.num_features for m in self.modules() if is_norm_module(m)]
+
+    def depth(self) -> int:
+        """Normalization layers a signal passes through on its longest path (all of them, for a chain)."""
+        return len(self.widths())
 
 
 @register_stage
@@ -222,7 +227,7 @@ class NormNet(nn.Module):
             x = stage(x)
         return x
 
-    def train(self, mode: bool = True) -> "NormNet":
+    def train(self, mode: bool = True) -> NormNet:
         """Set the training flag; BatchNorm keeps fixed statistics unless ``batch_statistics`` is True."""
         super().train(mode)
         use_batch = mode and self.batch_statistics
@@ -307,7 +312,7 @@ class NormNet(nn.Module):
 
     def depth(self) -> int:
         """Number of normalization layers a signal passes through on its longest path."""
-        return sum(getattr(s, "depth", lambda: len(s.widths()))() for s in self.layers)
+        return sum(s.depth() for s in self.layers)
 
     # ------------------------------------------------------------------ files
     def architecture(self) -> list[dict[str, Any]]:
@@ -320,7 +325,7 @@ class NormNet(nn.Module):
         _io.write_tensors(path, self.state_dict(), metadata=doc)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, *, device: torch.device | str | None = None) -> "NormNet":
+    def load(cls, path: str | os.PathLike, *, device: torch.device | str | None = None) -> NormNet:
         """Rebuild a NormNet saved by :meth:`save` (nothing is unpickled; the architecture is JSON)."""
         tensors, doc = _io.read_tensors(path)
         if not doc or doc.get("format") != FORMAT:
@@ -331,7 +336,7 @@ class NormNet(nn.Module):
 
     @classmethod
     def from_document(cls, doc: dict, tensors: dict[str, torch.Tensor], *, source: str = "network",
-                      device=None) -> "NormNet":
+                      device=None) -> NormNet:
         if doc.get("version") != FORMAT_VERSION:
             raise FileFormatError(f"{source}: expected format version {FORMAT_VERSION}, found {doc.get('version')!r}")
         dtype = _DTYPES.get(str(doc.get("dtype")))
@@ -392,7 +397,7 @@ class NormNet(nn.Module):
                                                                      "method", "options")}}
         _io.write_tensors(path, self.norm_state(), metadata=doc)
 
-    def load_norms(self, path: str | os.PathLike) -> "NormNet":
+    def load_norms(self, path: str | os.PathLike) -> NormNet:
         """Load a norm set saved by :meth:`save_norms` into this network in place (only γ, β change)."""
         tensors, doc = _io.read_tensors(path)
         if not doc or doc.get("format") != NORMSET_FORMAT:
@@ -424,7 +429,7 @@ class NormNet(nn.Module):
         self.meta.update(doc.get("meta") or {})
         return self
 
-    def clone(self) -> "NormNet":
+    def clone(self) -> NormNet:
         """A deep copy (the frozen weights are copied too, so the two networks are independent)."""
         return copy.deepcopy(self)
 

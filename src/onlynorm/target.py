@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from torch import nn
@@ -104,7 +104,7 @@ class MLPSpec:
     def device(self) -> torch.device:
         return self.weights[0].device
 
-    def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> "MLPSpec":
+    def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> MLPSpec:
         return MLPSpec(tuple(w.to(device=device, dtype=dtype) for w in self.weights),
                        tuple(b.to(device=device, dtype=dtype) for b in self.biases))
 
@@ -122,7 +122,7 @@ class MLPSpec:
 
     # ------------------------------------------------------------------ conversions
     @classmethod
-    def from_module(cls, module: nn.Module) -> "MLPSpec":
+    def from_module(cls, module: nn.Module) -> MLPSpec:
         """Read an ``nn.Sequential`` of ``nn.Linear`` layers separated by single ``nn.ReLU`` layers.
 
         ``nn.Identity`` and ``nn.Dropout`` (identities at inference) are skipped. The last layer must be Linear.
@@ -182,7 +182,7 @@ class MLPSpec:
         return out
 
     @classmethod
-    def from_state_dict(cls, state: dict[str, torch.Tensor], source: str = "state_dict") -> "MLPSpec":
+    def from_state_dict(cls, state: dict[str, torch.Tensor], source: str = "state_dict") -> MLPSpec:
         """Parse ``{"0.weight", "0.bias", "2.weight", ...}`` (any common prefix such as ``"model."``).
 
         Layers are ordered by their integer index; gaps (the ReLUs) are expected. Biases are optional.
@@ -216,7 +216,7 @@ class MLPSpec:
         _io.write_tensors(path, self.state_dict(), metadata={"kind": "mlp-target", "dims": self.dims})
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "MLPSpec":
+    def load(cls, path: str | os.PathLike) -> MLPSpec:
         """Read a target from safetensors or a ``.pt`` state_dict (``weights_only=True``: nothing is unpickled)."""
         tensors, _meta = _io.read_tensors(path)
         return cls.from_state_dict(tensors, source=str(path))
@@ -230,7 +230,7 @@ def _pad(seq: Sequence, n: int) -> list:
     return seq + [None] * (n - len(seq)) if len(seq) <= n else seq[:n]
 
 
-def as_target(target: "MLPSpec | nn.Module", in_shape: tuple[int, int, int] | None = None):
+def as_target(target: MLPSpec | nn.Module, in_shape: tuple[int, int, int] | None = None):
     """Accept an ``MLPSpec``, a ``ConvNetSpec``, or an ``nn.Sequential``.
 
     A Sequential of Linear/ReLU layers (eval-mode BatchNorm1d after a Linear is folded in) becomes an

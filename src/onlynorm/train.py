@@ -15,8 +15,8 @@ parameter names. ``train_norm_only`` freezes everything else and optimises those
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
 
 import torch
 from torch import nn

@@ -7,7 +7,8 @@ instead: ``solve`` only reads frozen weights and writes normalization parameters
 
 from __future__ import annotations
 
-from typing import Any, Callable, ClassVar
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import torch
 
@@ -22,7 +23,7 @@ __all__ = ["Construction", "register", "get_construction", "available_methods", 
 #: ``progress(done, total, message)`` is called after each solved layer (used by the CLI's progress bar).
 Progress = Callable[[int, int, str], None]
 
-_REGISTRY: dict[str, "Construction"] = {}
+_REGISTRY: dict[str, Construction] = {}
 
 
 class Construction:

@@ -31,8 +31,17 @@ from ..domain import Box, affine_bounds
 from ..errors import InvalidNetworkError
 from ..linalg import solve_khatri_rao
 from ..normnet import STAGES, NormLinear, NormNet, Stage, frozen_module, make_batchnorm, register_stage
-from .base import (Construction, Progress, base_meta, begin_solve, finish_solve, frozen_init, random_norm_linear,
-                   register, safe_margin)
+from .base import (
+    Construction,
+    Progress,
+    base_meta,
+    begin_solve,
+    finish_solve,
+    frozen_init,
+    random_norm_linear,
+    register,
+    safe_margin,
+)
 
 __all__ = ["ConvConstruction", "NormConv2d", "FixedOp", "ResidualStage"]
 
@@ -117,7 +126,7 @@ class ResidualStage(Stage):
         return {"body": [{"kind": s.kind, **s.config()} for s in self.body]}
 
     def depth(self) -> int:
-        return sum(getattr(s, "depth", lambda: len(s.widths()))() for s in self.body)
+        return sum(s.depth() for s in self.body)
 
 
 def _stage_from_config(cfg: dict, dtype, device) -> Stage:

@@ -31,7 +31,7 @@ from ..errors import InvalidNetworkError, OnlyNormError
 from ..linalg import solve_khatri_rao_batched
 from ..normnet import NormLinear, NormNet, Stage, frozen_module, make_batchnorm, register_stage
 from ..target import MLPSpec
-from .base import (Construction, Progress, base_meta, begin_solve, finish_solve, frozen_init, register, safe_margin)
+from .base import Construction, Progress, base_meta, begin_solve, finish_solve, frozen_init, register, safe_margin
 
 __all__ = ["DeepConstruction", "ResidualStream", "block_sizes"]
 

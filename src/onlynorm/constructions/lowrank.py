@@ -22,7 +22,8 @@ layer's rank gives the best rank-``r`` reconstruction (Eckart–Young), reported
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -31,8 +32,17 @@ from ..errors import InvalidNetworkError
 from ..linalg import compose, solve_khatri_rao
 from ..normnet import NormLinear, NormNet
 from ..target import MLPSpec
-from .base import (Construction, Progress, base_meta, begin_solve, finish_solve, per_layer_ints, random_norm_linear,
-                   register, safe_margin)
+from .base import (
+    Construction,
+    Progress,
+    base_meta,
+    begin_solve,
+    finish_solve,
+    per_layer_ints,
+    random_norm_linear,
+    register,
+    safe_margin,
+)
 
 __all__ = ["LowRankConstruction", "numerical_rank", "balanced_factors"]
 

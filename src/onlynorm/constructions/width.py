@@ -23,7 +23,8 @@ Option ``hidden=N`` (int or per-layer list) changes the pair's width: ``N < m·n
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -32,8 +33,17 @@ from ..errors import InvalidNetworkError
 from ..linalg import solve_khatri_rao
 from ..normnet import NormLinear, NormNet
 from ..target import MLPSpec
-from .base import (Construction, Progress, base_meta, begin_solve, finish_solve, per_layer_ints, random_norm_linear,
-                   register, safe_margin)
+from .base import (
+    Construction,
+    Progress,
+    base_meta,
+    begin_solve,
+    finish_solve,
+    per_layer_ints,
+    random_norm_linear,
+    register,
+    safe_margin,
+)
 
 __all__ = ["WidthConstruction", "pair_widths"]
 

@@ -69,7 +69,7 @@ def run(quick: bool, seed: int, console=None) -> ExperimentResult:
     dims = QUICK_DIMS if quick else FULL_DIMS
     per_point = 16 if quick else 24
     trials = []
-    for di, d in enumerate(dims):
+    for d in dims:
         for pi, p in enumerate(density_grid(d)):
             for t in range(per_point):
                 trials.append({"d": d, "p": float(p), "seed": trial_seed(seed, d, pi, t),
