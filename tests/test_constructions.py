@@ -104,7 +104,7 @@ def test_deep_certifies():
 
 
 def test_bad_block_option():
-    with pytest.raises(onlynorm.OnlyNormError, match="block: expected a positive integer k, found 0"):
+    with pytest.raises(onlynorm.OnlyNormError, match="block: expected an integer ≥ 1, found 0"):
         onlynorm.reconstruct(random_mlp([3, 2]), method="deep", block=0)
 
 
@@ -202,7 +202,7 @@ def test_sparse_needs_a_valid_density():
     g = random_mlp([3, 3])
     with pytest.raises(onlynorm.OnlyNormError, match="needs density=p"):
         onlynorm.reconstruct(g, method="sparse")
-    with pytest.raises(onlynorm.OnlyNormError, match=r"density: expected a probability in \(0, 1\], found 1.5"):
+    with pytest.raises(onlynorm.OnlyNormError, match=r"density: expected a number > 0 and ≤ 1, found 1.5"):
         onlynorm.reconstruct(g, method="sparse", density=1.5)
 
 

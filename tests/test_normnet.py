@@ -72,7 +72,7 @@ def test_save_load_round_trip(solved, tmp_path):
     path = tmp_path / "net.safetensors"
     f.save(path)
     loaded = NormNet.load(path)
-    assert loaded.meta == json.loads(json.dumps(f.meta))
+    assert loaded.meta == f.meta and loaded.meta.to_dict() == json.loads(json.dumps(f.meta.to_dict()))
     assert loaded.method == "width" and loaded.meta["seed"] == 3 and loaded.target_dims == [3, 5, 2]
     assert loaded.meta["solve"]["domain"] == {"low": [0.0] * 3, "high": [2.0] * 3}
     for (k, a), (k2, b) in zip(f.state_dict().items(), loaded.state_dict().items()):

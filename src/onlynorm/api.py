@@ -14,29 +14,38 @@ from torch import nn
 from .constructions import get_construction
 from .constructions.base import Progress
 from .domain import Box, resolve_domain
-from .errors import InvalidNetworkError
+from .errors import InvalidNetworkError, InvalidOptionError
+from .memory import check_memory
 from .normnet import NormLinear, NormNet
+from .options import check_device, check_dtype, check_seed
 from .target import MLPSpec, as_target
 
 __all__ = ["random_normnet", "solve_norms", "reconstruct"]
 
+InShape = tuple[int, int, int]
+
 
 def random_normnet(target: MLPSpec | nn.Module, method: str = "width", seed: int = 0, *,
                    dtype: torch.dtype = torch.float64, device: torch.device | str | None = None,
-                   **options: Any) -> NormNet:
+                   in_shape: InShape | None = None, **options: Any) -> NormNet:
     """A frozen random network able to express ``target`` by ``method``, with its norms at identity
     (``γ = 1, β = 0``). Re-initialise its frozen weights if you like; then call :func:`solve_norms`.
+
+    ``in_shape=(c, H, W)`` is needed for CNN targets (the image size is not in the weights). ``options`` are the
+    method's declared options (``onlynorm reconstruct --help`` lists them); each is validated here.
 
     >>> from torch import nn
     >>> net = random_normnet(nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1)), seed=1)
     >>> [tuple(p.shape) for p in net.norm_parameters()][:2]
     [(6,), (6,)]
     """
-    spec = as_target(target, options.pop("in_shape", None))
+    spec = as_target(target, _in_shape(in_shape))
+    seed = check_seed(seed)
+    dtype, device = check_dtype(dtype), check_device(device)
     construction = get_construction(_method_for(spec, method))
-    construction.check_options(options)
-    _guard_memory(construction, spec, dtype, device, options)
-    return construction.build(spec, seed=int(seed), dtype=dtype, device=device, **options)
+    options = construction.check_options(options, getattr(spec, "depth", None))
+    check_memory(construction, spec, dtype=dtype, device=device, options=options)
+    return construction.build(spec, seed=seed, dtype=dtype, device=device, **options)
 
 
 def solve_norms(frozen: NormNet, target: MLPSpec | nn.Module, domain: Box | tuple | None = None, *,
@@ -55,24 +64,23 @@ def solve_norms(frozen: NormNet, target: MLPSpec | nn.Module, domain: Box | tupl
         raise InvalidNetworkError(
             f"the frozen network was built for a target of dims {dims}, found a target of dims {spec.dims}; "
             "build a new one with onlynorm.random_normnet(target)")
-    method = frozen.meta.get("method")
-    if method is None:
+    if frozen.meta.method is None:
         if not all(isinstance(s, NormLinear) for s in frozen.layers):
-            raise InvalidNetworkError("the frozen network has no 'method' in its meta and is not a width network; "
-                                      "set net.meta['method'] to the construction it follows")
-        method = "width"
+            raise InvalidNetworkError("the frozen network records no method and is not a width network of NormLinear "
+                                      "stages; set net.meta.method to the construction it follows")
         frozen = frozen.clone()   # record what it is on a copy: the caller's network is not modified
-        frozen.meta.setdefault("target_dims", spec.dims)
-        frozen.meta.setdefault("target_parameters", spec.num_parameters)
-        frozen.meta["method"] = method
+        frozen.meta = frozen.meta.replace(method="width", target_dims=frozen.meta.target_dims or spec.dims,
+                                          target_parameters=frozen.meta.target_parameters or spec.num_parameters)
     box = resolve_domain(domain, spec.in_features)
-    return get_construction(method).solve(frozen, spec, box, progress=progress)
+    return get_construction(frozen.meta.method).solve(frozen, spec, box, progress=progress)
 
 
 def reconstruct(target: MLPSpec | nn.Module, method: str = "width", domain: Box | tuple | None = None,
                 seed: int = 0, *, dtype: torch.dtype = torch.float64, device: torch.device | str | None = None,
-                progress: Progress | None = None, **options: Any) -> NormNet:
+                progress: Progress | None = None, in_shape: InShape | None = None, **options: Any) -> NormNet:
     """Build a frozen random network for ``target`` and solve its norms: ``f ≡ g`` on ``domain``.
+
+    For a CNN target, ``in_shape=(c, H, W)`` — or a ``Box`` with image-shaped bounds, which supplies it.
 
     >>> import torch
     >>> from torch import nn
@@ -82,29 +90,34 @@ def reconstruct(target: MLPSpec | nn.Module, method: str = "width", domain: Box 
     >>> bool((f(x) - g(x)).abs().max() < 1e-9)
     True
     """
-    spec = as_target(target, options.pop("in_shape", None))
+    if in_shape is None and isinstance(domain, Box) and domain.shape is not None:
+        in_shape = domain.shape   # type: ignore[assignment]
+    spec = as_target(target, _in_shape(in_shape))
     box = resolve_domain(domain, spec.in_features)   # validate before any work
     net = random_normnet(spec, method=method, seed=seed, dtype=dtype, device=device, **options)
     return solve_norms(net, spec, box, progress=progress)
+
+
+def _in_shape(in_shape: Any) -> InShape | None:
+    if in_shape is None:
+        return None
+    if not (isinstance(in_shape, (tuple, list)) and len(in_shape) == 3
+            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in in_shape)):
+        raise InvalidOptionError(f"in_shape: expected (channels, height, width) of positive integers, found "
+                                 f"{in_shape!r}")
+    return (int(in_shape[0]), int(in_shape[1]), int(in_shape[2]))
 
 
 def _method_for(spec, method: str) -> str:
     """CNN targets use the conv construction (the width construction generalised to convolutions)."""
     from .cnn import ConvNetSpec
 
+    if not isinstance(method, str):
+        raise InvalidOptionError(f"method: expected a string such as 'width', found {method!r}")
     if isinstance(spec, ConvNetSpec):
         if method not in ("width", "conv"):
-            raise InvalidNetworkError(f"method {method!r} is not available for CNN targets; use method='width'")
+            raise InvalidOptionError(f"method {method!r} is not available for CNN targets; use method='width'")
         return "conv"
     if method == "conv":
-        raise InvalidNetworkError("method 'conv' is for CNN targets; this target is an MLP — use 'width'")
+        raise InvalidOptionError("method 'conv' is for CNN targets; this target is an MLP — use 'width'")
     return method
-
-
-def _guard_memory(construction, spec: MLPSpec, dtype, device, options: dict[str, Any]) -> None:
-    """Hook for the memory guard (see ``onlynorm.memory``); a no-op when that module is absent."""
-    try:
-        from .memory import check_memory
-    except ImportError:  # pragma: no cover - the guard ships with the package
-        return
-    check_memory(construction, spec, dtype=dtype, device=device, options=options)

@@ -27,7 +27,12 @@ class Box:
     """An axis-aligned box ``[low, high]``; ``low``/``high`` are scalars or per-coordinate sequences/tensors.
 
     With scalar bounds and no ``dim`` the box is *unsized* and takes the target's input dimension when used.
-    Bounds are kept in float64 on the CPU (they are tiny) and moved where needed.
+    Bounds of image shape ``(c, H, W)`` describe a CNN's input box (per pixel) and supply its ``in_shape``; they
+    are kept flat (``dim = c·H·W``) with :attr:`shape` remembering the image shape. Bounds are kept in float64 on
+    the CPU (they are tiny) and moved where needed.
+
+    >>> Box(torch.zeros(1, 2, 2), torch.ones(1, 2, 2)).shape, Box(0.0, 1.0, dim=3).dim
+    ((1, 2, 2), 3)
     """
 
     def __init__(self, low: float | Sequence[float] | torch.Tensor = -1.0,
@@ -37,8 +42,13 @@ class Box:
             hi = torch.as_tensor(high, dtype=torch.float64).detach().cpu().clone()
         except (TypeError, ValueError, RuntimeError) as exc:
             raise InvalidDomainError(f"expected numbers for the box bounds, found low={low!r}, high={high!r} ({exc})") from None
-        if lo.ndim > 1 or hi.ndim > 1:
-            raise InvalidDomainError(f"expected scalar or 1-D bounds, found shapes {tuple(lo.shape)} and {tuple(hi.shape)}")
+        shapes = {tuple(t.shape) for t in (lo, hi) if t.ndim > 1}
+        if len(shapes) > 1 or any(len(s) != 3 for s in shapes):
+            raise InvalidDomainError(f"expected scalar, 1-D or image-shaped (c, H, W) bounds, found shapes "
+                                     f"{tuple(lo.shape)} and {tuple(hi.shape)}")
+        self.shape: tuple[int, ...] | None = shapes.pop() if shapes else None
+        if self.shape is not None:
+            lo, hi = lo.expand(self.shape).reshape(-1), hi.expand(self.shape).reshape(-1)
         sizes = {t.numel() for t in (lo, hi) if t.ndim == 1}
         if dim is not None:
             if dim < 1:
@@ -70,6 +80,9 @@ class Box:
         if self.dim is None:
             return Box(self.low, self.high, dim=dim)
         if self.dim != dim:
+            if self.shape is not None:
+                raise InvalidDomainError(f"expected a box of {dim} coordinates (the target's input size), found an "
+                                         f"image box of shape {self.shape}")
             raise InvalidDomainError(
                 f"expected a box of dimension {dim} (the target's input width), found dimension {self.dim}")
         return self
@@ -107,11 +120,21 @@ class Box:
         return ((x >= lo) & (x <= hi)).all(dim=-1)
 
     def to_dict(self) -> dict:
-        return {"low": self.low.tolist(), "high": self.high.tolist()}
+        out = {"low": self.low.tolist(), "high": self.high.tolist()}
+        if self.shape is not None:
+            out["shape"] = list(self.shape)
+        return out
 
     @classmethod
     def from_dict(cls, d: dict) -> Box:
-        return cls(d["low"], d["high"])
+        box = cls(d["low"], d["high"])
+        shape = d.get("shape")
+        if shape is not None:
+            if not (isinstance(shape, list) and len(shape) == 3 and all(isinstance(v, int) and v > 0 for v in shape)
+                    and box.dim == shape[0] * shape[1] * shape[2]):
+                raise InvalidDomainError(f"expected 'shape' to be (c, H, W) matching the bounds, found {shape!r}")
+            box.shape = tuple(shape)
+        return box
 
     def __repr__(self) -> str:
         def fmt(t: torch.Tensor) -> str:

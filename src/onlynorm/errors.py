@@ -15,6 +15,8 @@ __all__ = [
     "FileFormatError",
     "SingularSystemError",
     "MemoryBudgetError",
+    "InvalidOptionError",
+    "NotCertifiableError",
 ]
 
 
@@ -24,6 +26,16 @@ class OnlyNormError(Exception):
 
 class InvalidTargetError(OnlyNormError, ValueError):
     """The target network is not a finite ReLU MLP (or supported CNN) with chaining shapes."""
+
+
+class InvalidOptionError(OnlyNormError, ValueError):
+    """An argument or construction option has the wrong type or lies outside its range (see
+    :func:`onlynorm.options.check_scalar`); the message names the option, what is accepted and what was found."""
+
+
+class NotCertifiableError(OnlyNormError, ValueError):
+    """A network cannot be certified as it is (for example BatchNorm statistics that are not the fixed
+    inference form the constructions use)."""
 
 
 class InvalidDomainError(OnlyNormError, ValueError):

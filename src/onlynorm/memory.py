@@ -86,9 +86,30 @@ def check_memory(construction, spec, *, dtype: torch.dtype, device=None, options
         return
     limit, source = memory_limit(device)
     if need > limit:
-        cheaper = [m for m in ("deep", "lowrank") if m != construction.name]
+        fits = cheaper_constructions(construction, spec, dtype, limit)
+        advice = (f"use {' or '.join(f'method={n!r} (~{format_bytes(b)})' for n, b in fits)}" if fits else
+                  "no construction fits this target in the budget: use a smaller target")
         raise MemoryBudgetError(
             f"method {construction.name!r} needs about {format_bytes(need)} for target dims {spec.dims}, but the "
-            f"limit is {format_bytes(limit)} ({source}); use a cheaper construction "
-            f"({' or '.join(repr(m) for m in cheaper)}: width m·k or d·r instead of m·n) or raise the limit",
+            f"limit is {format_bytes(limit)} ({source}); {advice}, or raise the limit (ONLYNORM_MEMORY_LIMIT)",
             needed_bytes=need, limit_bytes=limit)
+
+
+def cheaper_constructions(construction, spec, dtype: torch.dtype, limit: int) -> list[tuple[str, int]]:
+    """The other constructions applicable to ``spec`` (with default options) that fit in ``limit``, cheapest
+    first, with their estimates: what the refusal suggests — only what would work."""
+    from .constructions import available_methods, get_construction
+
+    kind = "cnn" if getattr(spec, "in_shape", None) is not None else "mlp"
+    out = []
+    for name in available_methods():
+        other = get_construction(name)
+        if name == construction.name or kind not in other.target_kinds or other.needs_options:
+            continue
+        try:
+            need = int(other.estimate_bytes(spec, dtype))
+        except OnlyNormError:
+            continue
+        if 0 < need <= limit:
+            out.append((name, need))
+    return sorted(out, key=lambda item: item[1])

@@ -32,6 +32,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import _io
 from .errors import FileFormatError, InvalidNetworkError
+from .records import NetMeta
 
 __all__ = ["NormNet", "NormLinear", "Stage", "register_stage", "make_batchnorm", "frozen_module", "is_norm_module",
            "NetSummary"]
@@ -41,6 +42,8 @@ NORMSET_FORMAT = "onlynorm.normset"
 #: eps used only while training with batch statistics (opt-in); inference always uses eps = 0
 BATCH_STATISTICS_EPS = 1e-5
 FORMAT_VERSION = 1
+#: what a norm set carries of its network's metadata (how its γ, β were solved, and for which target)
+_NORMSET_META = ("target_dims", "target_parameters", "solve", "method", "options")
 
 STAGES: dict[str, type[Stage]] = {}
 
@@ -101,6 +104,12 @@ class Stage(nn.Module):
 
     @classmethod
     def from_config(cls, config: dict[str, Any], *, dtype: torch.dtype, device=None) -> Stage:
+        """Rebuild from :meth:`config`; scalar fields are checked first (sizes are positive integers, flags are
+        booleans), so a tampered file is refused with the field named instead of failing deep inside torch."""
+        for key, value in config.items():
+            if isinstance(value, int) and not isinstance(value, bool) and value < 1:
+                raise FileFormatError(f"stage {cls.kind!r}: config field {key!r} must be a positive integer, found "
+                                      f"{value!r}; the architecture description is corrupt — re-create the file")
         return cls(**config, dtype=dtype, device=device)
 
     def widths(self) -> list[int]:
@@ -201,14 +210,14 @@ class NetSummary:
 class NormNet(nn.Module):
     """A frozen network of :class:`Stage` s whose tunable parameters are exactly its BatchNorm ``γ, β``.
 
-    ``meta`` records how it was made (``method``, ``seed``, ``options``, ``target_dims``, ``domain``, the solve's
-    residuals); it is saved next to the weights.
+    ``meta`` (a :class:`~onlynorm.records.NetMeta`) records how it was made (``method``, ``seed``, ``options``,
+    ``target_dims``, the solve's records and box); it is saved as JSON next to the weights.
     """
 
-    def __init__(self, layers: Sequence[Stage], meta: dict[str, Any] | None = None):
+    def __init__(self, layers: Sequence[Stage], meta: NetMeta | dict[str, Any] | None = None):
         super().__init__()
         self.layers = nn.ModuleList(layers)
-        self.meta: dict[str, Any] = dict(meta or {})
+        self.meta: NetMeta = NetMeta.from_dict(meta, "meta").replace()
         self.batch_statistics = False
         self.eval()
 
@@ -256,24 +265,24 @@ class NormNet(nn.Module):
     # ------------------------------------------------------------------ facts
     @property
     def method(self) -> str:
-        return str(self.meta.get("method", "custom"))
+        return self.meta.method or "custom"
 
     @property
     def target_dims(self) -> list[int] | None:
-        dims = self.meta.get("target_dims")
+        dims = self.meta.target_dims
         return list(dims) if dims is not None else None
 
     @property
     def in_features(self) -> int | None:
-        """Input width of an MLP NormNet (``None`` for image inputs, whose shape lives in ``meta["in_shape"]``)."""
-        if "in_shape" in self.meta or self.target_dims is None:
+        """Input width of an MLP NormNet (``None`` for image inputs, whose shape is :attr:`in_shape`)."""
+        if self.meta.in_shape or self.target_dims is None:
             return None
         return self.target_dims[0]
 
     @property
     def in_shape(self) -> tuple[int, ...] | None:
         """``(c, H, W)`` of an image-input (CNN) network, ``None`` for an MLP."""
-        shape = self.meta.get("in_shape")
+        shape = self.meta.in_shape
         return tuple(shape) if shape else None
 
     @property
@@ -286,14 +295,12 @@ class NormNet(nn.Module):
 
     @property
     def is_solved(self) -> bool:
-        return "solve" in self.meta
+        return self.meta.solve is not None
 
     def summary(self) -> NetSummary:
         frozen = self.frozen_parameters()
         tunable = sum(p.numel() for p in self.norm_parameters())
-        solve = self.meta.get("solve") or {}
-        residuals = [layer.get("relative_residual") for layer in solve.get("layers", [])]
-        residuals = [r for r in residuals if r is not None]
+        solve = self.meta.solve
         return NetSummary(
             method=self.method,
             target_dims=self.target_dims or [],
@@ -302,12 +309,12 @@ class NormNet(nn.Module):
             frozen_parameters=sum(p.numel() for p in frozen),
             frozen_nonzeros=sum(int(torch.count_nonzero(p)) for p in frozen),
             tunable_parameters=tunable,
-            target_parameters=int(self.meta.get("target_parameters", 0)),
-            solved=self.is_solved,
-            exact=solve.get("exact") if solve else None,
-            max_relative_residual=max(residuals) if residuals else None,
-            notes=list(solve.get("notes", [])),
-            in_shape=self.meta.get("in_shape"),
+            target_parameters=self.meta.target_parameters or 0,
+            solved=solve is not None,
+            exact=solve.exact if solve is not None else None,
+            max_relative_residual=solve.max_relative_residual if solve is not None else None,
+            notes=list(solve.notes) if solve is not None else [],
+            in_shape=self.meta.in_shape,
         )
 
     def depth(self) -> int:
@@ -321,7 +328,7 @@ class NormNet(nn.Module):
     def save(self, path: str | os.PathLike) -> None:
         """Write weights (safetensors) and the JSON architecture + metadata, atomically."""
         doc = {"format": FORMAT, "version": FORMAT_VERSION, "dtype": dtype_name(self.dtype),
-               "architecture": self.architecture(), "meta": self.meta}
+               "architecture": self.architecture(), "meta": self.meta.to_dict()}
         _io.write_tensors(path, self.state_dict(), metadata=doc)
 
     @classmethod
@@ -342,27 +349,45 @@ class NormNet(nn.Module):
         dtype = _DTYPES.get(str(doc.get("dtype")))
         if dtype is None:
             raise FileFormatError(f"{source}: unsupported dtype {doc.get('dtype')!r}; expected one of {sorted(_DTYPES)}")
+        meta = NetMeta.from_dict(doc.get("meta"), source)     # typed: a tampered field is named
+        architecture = doc.get("architecture")
+        if not isinstance(architecture, list) or not all(isinstance(c, dict) for c in architecture):
+            raise FileFormatError(f"{source}: expected 'architecture' to be a list of stage objects, found "
+                                  f"{type(architecture).__name__}; re-create the file")
         try:
+            # Stages are built on the meta device first: a description claiming absurd sizes costs nothing until
+            # its shapes are compared with the tensors the file really holds.
             stages = []
-            for cfg in doc["architecture"]:
+            for cfg in architecture:
                 cfg = dict(cfg)
-                kind = cfg.pop("kind")
-                if kind not in STAGES:
+                kind = cfg.pop("kind", None)
+                if not isinstance(kind, str) or kind not in STAGES:
                     raise FileFormatError(f"{source}: unknown stage kind {kind!r}; known kinds: {sorted(STAGES)}")
-                stages.append(STAGES[kind].from_config(cfg, dtype=dtype, device=device))
-            net = cls(stages, meta=doc.get("meta") or {})
+                stages.append(STAGES[kind].from_config(cfg, dtype=dtype, device="meta"))
+            net = cls(stages, meta=meta)
         except FileFormatError:
             raise
-        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-            raise FileFormatError(f"{source}: malformed architecture description ({exc}); re-create the file") from None
-        try:
-            net.load_state_dict({k: v.to(device=device) for k, v in tensors.items()}, strict=True)
-        except RuntimeError as exc:
-            first = str(exc).splitlines()[0]
-            raise FileFormatError(f"{source}: weights do not match the described architecture ({first})") from None
+        except (KeyError, TypeError, ValueError, RuntimeError, ArithmeticError, RecursionError) as exc:
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise FileFormatError(f"{source}: malformed architecture description ({first}); re-create the "
+                                  "file") from None
+        expected = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+        found = {k: tuple(v.shape) for k, v in tensors.items()}
+        if expected != found:
+            missing, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+            wrong = sorted(k for k in set(expected) & set(found) if expected[k] != found[k])
+            detail = (f"missing {missing[:3]}" if missing else f"unexpected {extra[:3]}" if extra else
+                      f"{wrong[0]} has shape {found[wrong[0]]}, expected {expected[wrong[0]]}")
+            raise FileFormatError(f"{source}: weights do not match the described architecture ({detail}); "
+                                  "re-create the file")
         for k, v in tensors.items():
+            if not v.is_floating_point() and not k.endswith("num_batches_tracked"):
+                raise FileFormatError(f"{source}: tensor {k!r} has dtype {v.dtype}, expected a floating dtype")
             if v.is_floating_point() and not torch.isfinite(v).all():
                 raise FileFormatError(f"{source}: tensor {k!r} holds NaN/Inf values; the file is corrupt")
+        net.to_empty(device=device if device is not None else "cpu")
+        net.load_state_dict({k: v.to(device=device) for k, v in tensors.items()}, strict=True)
+        net.train(False)
         return net
 
     # ------------------------------------------------------------------ norm sets
@@ -393,8 +418,7 @@ class NormNet(nn.Module):
         """
         doc = {"format": NORMSET_FORMAT, "version": FORMAT_VERSION, "fingerprint": self.fingerprint(),
                "dtype": dtype_name(self.dtype),
-               "meta": {k: v for k, v in self.meta.items() if k in ("target_dims", "target_parameters", "solve",
-                                                                     "method", "options")}}
+               "meta": {k: v for k, v in self.meta.to_dict().items() if k in _NORMSET_META}}
         _io.write_tensors(path, self.norm_state(), metadata=doc)
 
     def load_norms(self, path: str | os.PathLike) -> NormNet:
@@ -420,13 +444,23 @@ class NormNet(nn.Module):
                 f"norm set {str(path)!r} was solved for a different frozen network (fingerprint "
                 f"{str(doc.get('fingerprint'))[:12]}…, this one is {fingerprint[:12]}…); γ, β only make sense "
                 "with the frozen weights they were solved for — load the matching network or re-solve")
-        for name in mine:   # check everything before changing anything: a bad file leaves the network as it was
+        # check everything before changing anything: a bad file leaves the network as it was
+        for name in mine:
+            if not tensors[name].is_floating_point():
+                raise FileFormatError(f"norm set {str(path)!r}: {name} has dtype {tensors[name].dtype}, expected "
+                                      f"{dtype_name(self.dtype)}; the file is corrupt — re-save it")
             if not torch.isfinite(tensors[name]).all():
                 raise FileFormatError(f"norm set {str(path)!r}: {name} holds NaN/Inf values")
+        stored = doc.get("meta") or {}
+        if not isinstance(stored, dict):
+            raise FileFormatError(f"norm set {str(path)!r}: metadata 'meta' must be an object, found "
+                                  f"{type(stored).__name__}")
+        merged = NetMeta.from_dict({**self.meta.to_dict(), **{k: v for k, v in stored.items() if k in _NORMSET_META}},
+                                   f"norm set {str(path)!r}")
         with torch.no_grad():
             for name, p in mine.items():
                 p.copy_(tensors[name].to(dtype=p.dtype, device=p.device))
-        self.meta.update(doc.get("meta") or {})
+        self.meta = merged
         return self
 
     def clone(self) -> NormNet:

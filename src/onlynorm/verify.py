@@ -7,15 +7,19 @@ vertices — and reports ``max_abs_error = max_x max_j |f_j(x) − g_j(x)|`` and
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
+from .constructions import get_construction
 from .domain import Box, resolve_domain
-from .errors import InvalidNetworkError, OnlyNormError
+from .errors import InvalidNetworkError
+from .memory import format_bytes, memory_limit
 from .normnet import NormNet
+from .options import check_scalar, check_seed
 from .target import MLPSpec, as_target
 
 __all__ = ["VerifyReport", "verify", "default_tolerance"]
@@ -28,7 +32,9 @@ def default_tolerance(dtype: torch.dtype) -> float:
 
 @dataclass
 class VerifyReport:
-    """Outcome of :func:`verify`. ``passed`` means ``max_rel_error ≤ tolerance``."""
+    """Outcome of :func:`verify`. ``passed`` means ``max_rel_error ≤ tolerance`` on the samples; with
+    ``certify=True``, :attr:`proven` says the certificate holds AND its bounds meet the same tolerance, and
+    :attr:`ok` (what ``onlynorm verify`` exits 0 on) requires both."""
 
     max_abs_error: float
     max_rel_error: float
@@ -42,8 +48,35 @@ class VerifyReport:
     rounding_bound: float | None = None        # separate bound on floating-point evaluation error
     notes: list[str] = field(default_factory=list)
 
+    @property
+    def proven(self) -> bool | None:
+        """``certified`` and ``(certified_bound + rounding_bound) / max|g| ≤ tolerance`` — relative to the largest
+        sampled ``|g|``, a lower bound of ``sup_D |g|``, so the claim is conservative. ``None`` if not certified."""
+        if self.certified is None:
+            return None
+        if not self.certified or self.certified_bound is None or self.rounding_bound is None:
+            return False
+        total = self.certified_bound + self.rounding_bound
+        return bool(math.isfinite(total) and total <= self.tolerance * (self.max_target_abs or 1.0))
+
+    @property
+    def ok(self) -> bool:
+        """Within tolerance on the samples, and proven within it if a certificate was asked for."""
+        return self.passed and self.proven is not False
+
+    def failure(self) -> str | None:
+        """Which check failed, in one line (``None`` when :attr:`ok`)."""
+        if not self.passed:
+            return f"sampled relative error {self.max_rel_error:.3e} exceeds the tolerance {self.tolerance:.1e}"
+        if self.certified is False:
+            return "the certificate does not hold on the whole box (see the notes)"
+        if self.proven is False:
+            return (f"the certified bound {self.certified_bound:.3e} + rounding bound {self.rounding_bound:.3e} "
+                    f"exceeds the tolerance {self.tolerance:.1e} × max|g| {self.max_target_abs:.3e}")
+        return None
+
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return asdict(self) | {"proven": self.proven, "ok": self.ok}
 
     def rows(self) -> list[tuple[str, str]]:
         rows = [("samples", f"{self.samples:,}"),
@@ -60,6 +93,7 @@ class VerifyReport:
                 rows.append(("certified bound sup|f − g|", f"{self.certified_bound:.3e}"))
             if self.rounding_bound is not None:
                 rows.append(("floating-point evaluation bound", f"{self.rounding_bound:.3e}"))
+            rows.append(("proven within tolerance", "yes" if self.proven else "NO"))
         rows += [("note", n) for n in self.notes]
         return rows
 
@@ -81,9 +115,25 @@ def verify(net: nn.Module, target: MLPSpec | nn.Module, domain: Box | tuple | No
     >>> report.passed, report.max_rel_error < 1e-12
     (True, True)
     """
+    if not isinstance(net, nn.Module):
+        raise InvalidNetworkError(f"expected a torch module (a NormNet) to verify, found {type(net).__name__}")
+    if certify and not isinstance(net, NormNet):
+        raise InvalidNetworkError(
+            f"certify=True needs a NormNet built by onlynorm (its construction knows what to prove), found "
+            f"{type(net).__name__}; verify it without certify, or rebuild it with onlynorm.reconstruct")
     spec = as_target(target, net.in_shape if isinstance(net, NormNet) else None)
-    if samples < 1:
-        raise OnlyNormError(f"expected samples >= 1, found {samples}")
+    samples = check_scalar(samples, "samples", int, min_val=1)
+    seed = check_seed(seed)
+    if tolerance is not None:
+        tolerance = check_scalar(tolerance, "tolerance", float, min_val=0.0)
+    if batch_size is not None:
+        batch_size = check_scalar(batch_size, "batch_size", int, min_val=1)
+    limit, source = memory_limit()
+    if samples * spec.in_features * 8 > limit // 2:   # the sample points are held at once; batches stream
+        raise InvalidNetworkError(
+            f"samples: {samples:,} points of {spec.in_features} coordinates need "
+            f"{format_bytes(samples * spec.in_features * 8)}, over half the memory limit {format_bytes(limit)} "
+            f"({source}); use fewer samples (certify=True proves the whole box without sampling it)")
     net_in = getattr(net, "in_features", None)
     if net_in is not None and net_in != spec.in_features:
         raise InvalidNetworkError(
@@ -92,8 +142,8 @@ def verify(net: nn.Module, target: MLPSpec | nn.Module, domain: Box | tuple | No
     if isinstance(net, NormNet) and net.target_dims is not None and net.target_dims != spec.dims:
         raise InvalidNetworkError(
             f"the network was built for a target of dims {net.target_dims}, found a target of dims {spec.dims}")
-    if domain is None and isinstance(net, NormNet) and "domain" in (net.meta.get("solve") or {}):
-        domain = Box.from_dict(net.meta["solve"]["domain"])
+    if domain is None and isinstance(net, NormNet) and net.meta.solve is not None:
+        domain = net.meta.solve.domain
     box = resolve_domain(domain, spec.in_features)
     param = next(iter(net.parameters()), None)
     dtype = param.dtype if param is not None else torch.float64
@@ -128,15 +178,21 @@ def verify(net: nn.Module, target: MLPSpec | nn.Module, domain: Box | tuple | No
         rel = float("inf")
     else:
         rel = max_abs / max_target if max_target > 0 else max_abs
-    exact = (net.meta.get("solve") or {}).get("exact") if isinstance(net, NormNet) else None
+    solve = net.meta.solve if isinstance(net, NormNet) else None
     report = VerifyReport(max_abs_error=max_abs, max_rel_error=rel, max_target_abs=max_target, samples=samples,
-                          tolerance=tol, passed=bool(rel <= tol), exact=exact)
-    if isinstance(net, NormNet):
-        report.notes += list((net.meta.get("solve") or {}).get("notes", []))
+                          tolerance=tol, passed=bool(rel <= tol), exact=None if solve is None else solve.exact)
+    if solve is not None:
+        report.notes += list(solve.notes)
     if certify:
-        from .certify import certify_equivalence
-
-        result = certify_equivalence(net, spec, box)
+        assert isinstance(net, NormNet)
+        if net.meta.method is None:
+            raise InvalidNetworkError("certify=True: the network records no construction method (a hand-built "
+                                      "network); solve it with onlynorm.solve_norms first")
+        net.eval()
+        try:
+            result = get_construction(net.method).certify(net, spec, box)
+        finally:
+            net.train(was_training)
         report.certified = result.certified
         report.certified_bound = result.bound
         report.rounding_bound = result.rounding_bound

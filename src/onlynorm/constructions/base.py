@@ -12,13 +12,16 @@ from typing import Any, ClassVar
 
 import torch
 
+from ..certify import CertifyResult
 from ..domain import Box
-from ..errors import InvalidNetworkError, OnlyNormError
-from ..normnet import NormLinear, NormNet
-from ..target import MLPSpec
+from ..errors import InvalidNetworkError, InvalidOptionError, OnlyNormError
+from ..normnet import NormLinear, NormNet, Stage
+from ..options import OptionSpec, check_options
+from ..records import SolveInfo, SolveRecord
+from .plan import Plan
 
 __all__ = ["Construction", "register", "get_construction", "available_methods", "Progress", "frozen_init",
-           "base_meta", "safe_margin"]
+           "base_meta", "safe_margin", "MARGIN", "DEFAULT_MARGIN"]
 
 #: ``progress(done, total, message)`` is called after each solved layer (used by the CLI's progress bar).
 Progress = Callable[[int, int, str], None]
@@ -27,41 +30,88 @@ _REGISTRY: dict[str, Construction] = {}
 
 
 class Construction:
-    """One construction of the theory. Subclasses set ``name`` and ``cost`` and implement ``build``/``solve``."""
+    """One construction of the theory (see docs/ARCHITECTURE.md, "Adding a construction").
+
+    A subclass sets ``name``, ``cost`` and ``options`` (declared :class:`~onlynorm.options.OptionSpec` s: the API
+    validates against them and the CLI derives its flags from them) and implements
+
+    * ``plan(target, options) -> Plan`` — the layout, worked out once (pure: no tensors allocated);
+    * ``build_stages(plan, target, gen, dtype, device, options)`` — the frozen stages the plan asks for (default:
+      one random :class:`NormLinear` per planned stage);
+    * ``solve(net, target, domain, progress)`` — only ``γ, β`` of a copy of ``net``;
+    * ``systems(net, target)`` and ``certify(net, target, domain)`` — the Khatri–Rao systems and the certificate;
+    * ``estimate_bytes(target, dtype, **options)`` — peak bytes, read by the memory guard before allocating.
+    """
 
     name: ClassVar[str] = ""
     #: one line for ``onlynorm reconstruct --help``: what it is and its width/depth cost
     cost: ClassVar[str] = ""
-    #: option names accepted by ``build`` (validated at the public boundary)
-    options: ClassVar[tuple[str, ...]] = ()
+    #: declared options (validated at the public boundary; the CLI's flags come from here)
+    options: ClassVar[tuple[OptionSpec | str, ...]] = ()
+    #: what targets it realises: "mlp" (MLPSpec) and/or "cnn" (ConvNetSpec)
+    target_kinds: ClassVar[tuple[str, ...]] = ("mlp",)
+    #: True when an option has no default (sparse's density): never suggested by the memory guard
+    needs_options: ClassVar[bool] = False
 
-    def build(self, target: MLPSpec, *, seed: int, dtype: torch.dtype, device, **options: Any) -> NormNet:
+    # ------------------------------------------------------------------ the plan
+    def plan(self, target: Any, options: dict[str, Any]) -> Plan:
         raise NotImplementedError
 
-    def solve(self, net: NormNet, target: MLPSpec, domain: Box, *, progress: Progress | None = None) -> NormNet:
+    def plan_of(self, net: NormNet, target: Any) -> Plan:
+        """The plan of a built (or loaded) network: from its recorded options, checked against its stages."""
+        plan = self.plan(target, self.check_options(dict(net.meta.options), getattr(target, "depth", None)))
+        plan.check(net)
+        return plan
+
+    # ------------------------------------------------------------------ build
+    def build(self, target: Any, *, seed: int, dtype: torch.dtype, device, **options: Any) -> NormNet:
+        """A frozen random network for ``target`` (norms at identity), drawn from ``seed``."""
+        options = self.check_options(options, getattr(target, "depth", None))
+        plan = self.plan(target, options)
+        gen = torch.Generator().manual_seed(int(seed))
+        stages = self.build_stages(plan, target, gen, dtype=dtype, device=device, options=options)
+        return NormNet(stages, meta=base_meta(self.name, target, seed, options))
+
+    def build_stages(self, plan: Plan, target: Any, gen: torch.Generator, *, dtype: torch.dtype, device,
+                     options: dict[str, Any]) -> list[Stage]:
+        return [random_norm_linear(fan_in, fan_out, relu, gen, dtype=dtype, device=device)
+                for step in plan.steps for (fan_in, fan_out), relu in zip(step.shapes, step.relu)]
+
+    # ------------------------------------------------------------------ solve, systems, certificate, memory
+    def solve(self, net: NormNet, target: Any, domain: Box, *, progress: Progress | None = None) -> NormNet:
         raise NotImplementedError
 
-    def certify(self, net: NormNet, target: MLPSpec, domain: Box):
-        """Rigorous check over the whole box; returns ``onlynorm.certify.CertifyResult``.
-
-        Constructions that cannot certify yet raise :class:`OnlyNormError` saying so.
-        """
+    def certify(self, net: NormNet, target: Any, domain: Box) -> CertifyResult:
+        """Rigorous check over the whole box (see :mod:`onlynorm.certify`)."""
         raise OnlyNormError(f"certification is not implemented for method {self.name!r} yet")
 
-    def systems(self, net: NormNet, target: MLPSpec) -> list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def systems(self, net: NormNet, target: Any) -> list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]]:
         """The Khatri–Rao systems ``(label, A, B, W)`` with ``B diag(γ) A = W`` that ``solve`` must satisfy."""
         raise OnlyNormError(f"method {self.name!r} does not expose its systems")
 
-    def estimate_bytes(self, target: MLPSpec, dtype: torch.dtype, **options: Any) -> int:
+    def estimate_bytes(self, target: Any, dtype: torch.dtype, **options: Any) -> int:
         """Peak bytes the solve will need (0 if unknown); used by the memory guard before allocating."""
         return 0
 
-    def check_options(self, options: dict[str, Any]) -> None:
-        unknown = sorted(set(options) - set(self.options))
+    # ------------------------------------------------------------------ options
+    def option_specs(self) -> tuple[OptionSpec, ...]:
+        return tuple(o if isinstance(o, OptionSpec) else OptionSpec(o, float) for o in self.options)
+
+    def check_options(self, options: dict[str, Any], depth: int | None = None) -> dict[str, Any]:
+        """Validate ``options`` against the declarations (unknown names, types, ranges) and return them."""
+        specs = self.option_specs()
+        loose = {o for o in self.options if isinstance(o, str)}   # undeclared type: checked by the construction
+        checked = check_options(self.name, specs, {k: v for k, v in options.items() if k not in loose}, depth)
+        unknown = sorted(set(options) - {s.name for s in specs})
         if unknown:
-            allowed = ", ".join(self.options) or "none"
-            raise OnlyNormError(
-                f"method {self.name!r} got unknown option(s) {unknown}; it accepts: {allowed}")
+            raise InvalidOptionError(f"method {self.name!r} got unknown option(s) {unknown}; it accepts: "
+                                     f"{', '.join(s.name for s in specs) or 'none'}")
+        return {**{k: v for k, v in options.items() if k in loose}, **checked}
+
+
+#: the option every construction accepts: slack of β₁ relative to the scale of a unit's pre-activation
+MARGIN = OptionSpec("margin", float, min_val=0.0, include_min=False, max_val=1.0,
+                    help="slack of the linear-regime β relative to the pre-activation's scale")
 
 
 def register(cls: type[Construction]) -> type[Construction]:
@@ -73,9 +123,9 @@ def register(cls: type[Construction]) -> type[Construction]:
 def get_construction(name: str) -> Construction:
     try:
         return _REGISTRY[name]
-    except KeyError:
-        raise OnlyNormError(
-            f"unknown method {name!r}; expected one of {available_methods()}") from None
+    except (KeyError, TypeError):
+        raise InvalidOptionError(
+            f"method: expected one of {available_methods()}, found {name!r}") from None
 
 
 def available_methods() -> list[str]:
@@ -100,9 +150,12 @@ def random_norm_linear(fan_in: int, fan_out: int, relu: bool, gen: torch.Generat
     return stage
 
 
-def base_meta(method: str, target: MLPSpec, seed: int, options: dict[str, Any]) -> dict[str, Any]:
-    return {"method": method, "seed": int(seed), "options": _jsonable(options), "target_dims": target.dims,
+def base_meta(method: str, target: Any, seed: int, options: dict[str, Any]) -> dict[str, Any]:
+    meta = {"method": method, "seed": int(seed), "options": _jsonable(options), "target_dims": target.dims,
             "target_parameters": target.num_parameters}
+    if getattr(target, "in_shape", None) is not None:
+        meta["in_shape"] = list(target.in_shape)
+    return meta
 
 
 def _jsonable(options: dict[str, Any]) -> dict[str, Any]:
@@ -130,15 +183,9 @@ def safe_margin(zmin: torch.Tensor, zmax: torch.Tensor, relative: float) -> torc
     return torch.maximum(relative * scale, floor).clamp_min(tiny)
 
 
-def per_layer_ints(name: str, value: int | list[int], depth: int) -> list[int]:
-    """An int (same for every layer) or one positive int per target layer, validated."""
-    values = [value] * depth if isinstance(value, int) else list(value)
-    if len(values) != depth:
-        raise OnlyNormError(f"{name}: expected one value per target layer ({depth}), found {len(values)}: {values}")
-    for i, v in enumerate(values):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise OnlyNormError(f"{name}: expected positive integers, found {v!r} for layer {i}")
-    return values
+def per_layer(value: Any, depth: int) -> list[Any]:
+    """A validated per-layer option as one value per target layer (a scalar applies to every layer)."""
+    return list(value) if isinstance(value, (list, tuple)) else [value] * depth
 
 
 #: slack of β₁ relative to the scale of the unit's pre-activation (see :func:`safe_margin`)
@@ -150,14 +197,14 @@ def begin_solve(net: NormNet, target) -> tuple[Any, NormNet, float]:
     dtype/device, copy the network (the caller's stays untouched) and read the ``margin`` option."""
     check_frozen_finite(net)
     spec = target.to(dtype=net.dtype, device=net.device)
-    margin = float(net.meta.get("options", {}).get("margin", DEFAULT_MARGIN))
-    return spec, net.clone(), margin
+    margin = net.meta.options.get("margin")
+    return spec, net.clone(), float(DEFAULT_MARGIN if margin is None else margin)
 
 
-def finish_solve(out: NormNet, records: list[dict], notes: list[str], domain: Box) -> NormNet:
-    """Record how the norms were solved (per-layer residuals, exactness, notes, the box) in ``out.meta``."""
-    out.meta["solve"] = {"exact": all(r["exact"] for r in records), "layers": records, "notes": notes,
-                         "domain": domain.to_dict()}
+def finish_solve(out: NormNet, records: list[SolveRecord | dict], notes: list[str], domain: Box) -> NormNet:
+    """Record how the norms were solved (typed per-layer records, notes, the box) in ``out.meta.solve``."""
+    typed = tuple(r if isinstance(r, SolveRecord) else SolveRecord.from_dict(r) for r in records)
+    out.meta = out.meta.replace(solve=SolveInfo(records=typed, domain=domain, notes=tuple(notes)))
     return out
 
 

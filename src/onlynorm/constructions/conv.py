@@ -32,6 +32,7 @@ from ..errors import InvalidNetworkError
 from ..linalg import solve_khatri_rao
 from ..normnet import STAGES, NormLinear, NormNet, Stage, frozen_module, make_batchnorm, register_stage
 from .base import (
+    MARGIN,
     Construction,
     Progress,
     base_meta,
@@ -142,7 +143,8 @@ class ConvConstruction(Construction):
     name = "conv"
     cost = ("CNN/residual targets (chosen automatically): per Conv2d a random conv c_in→N (N = c_out·c_in·k²) and a "
             "1×1 conv; per Linear a width pair; exact")
-    options = ("margin",)
+    options = (MARGIN,)
+    target_kinds = ("cnn",)
 
     def build(self, target: ConvNetSpec, *, seed: int, dtype: torch.dtype, device, **options: Any) -> NormNet:
         self.check_options(options)

@@ -1,4 +1,4 @@
-"""Width/depth trade-off with skip connections (DESIGN §3.4): width ``m·k``, depth ``⌈n/k⌉ + 1`` per layer.
+"""Width/depth trade-off with skip connections: width ``m·k``, depth ``⌈n/k⌉ + 1`` per layer.
 
 The input coordinates of a target layer ``(W, b)`` are split into blocks ``J_1 … J_T`` of size ``k`` (the last one
 smaller when ``k ∤ n``). A residual stream ``s ∈ R^m`` starts at 0; a skip connection carries ``x`` to every block::
@@ -26,12 +26,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..certify import CertifyResult, certify_residual_streams
 from ..domain import Box, affine_bounds, interval_bounds
-from ..errors import InvalidNetworkError, OnlyNormError
-from ..linalg import solve_khatri_rao_batched
+from ..linalg import compose, solve_khatri_rao_batched
 from ..normnet import NormLinear, NormNet, Stage, frozen_module, make_batchnorm, register_stage
+from ..options import OptionSpec
+from ..records import SolveRecord, relative_residual
 from ..target import MLPSpec
-from .base import Construction, Progress, base_meta, begin_solve, finish_solve, frozen_init, register, safe_margin
+from .base import MARGIN, Construction, Progress, begin_solve, finish_solve, frozen_init, register
+from .pair import pair_offsets, set_norms
+from .plan import Plan, PlanStep
 
 __all__ = ["DeepConstruction", "ResidualStream", "block_sizes"]
 
@@ -86,12 +90,7 @@ class ResidualStream(Stage):
         return out
 
 
-def _check_block(block: Any) -> int:
-    if block is None:
-        return 1
-    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
-        raise OnlyNormError(f"block: expected a positive integer k, found {block!r}")
-    return block
+BLOCK = OptionSpec("block", int, min_val=1, help="input block size k (default 1): width m·k, depth ⌈n/k⌉ + 1")
 
 
 @register
@@ -99,44 +98,46 @@ class DeepConstruction(Construction):
     name = "deep"
     cost = ("residual stream with skip connections: width m·k, depth ⌈n/k⌉+1 per layer; exact; ⌈n/k⌉ systems of "
             "size m·k (k=1: O(n·m³), scales to large d)")
-    options = ("block", "margin")
+    options = (BLOCK, MARGIN)
 
-    def build(self, target: MLPSpec, *, seed: int, dtype: torch.dtype, device, **options: Any) -> NormNet:
-        self.check_options(options)
-        k = _check_block(options.get("block"))
-        gen = torch.Generator().manual_seed(int(seed))
-        stages = []
+    def plan(self, target: MLPSpec, options: dict[str, Any]) -> Plan:
+        """One residual stream per target layer, input blocks of ``min(k, n)``."""
+        k = options.get("block") or 1
+        steps = []
         for i, w in enumerate(target.weights):
             m, n = w.shape
-            stage = ResidualStream(n, m, min(k, n), relu=i < target.depth - 1, dtype=dtype, device=device)
+            steps.append(PlanStep(layer=i, stages=(i,), shapes=((n, m),), relu=(i < target.depth - 1,),
+                                  kind="residual_stream", details={"block": min(k, n)}))
+        return Plan(self.name, tuple(steps))
+
+    def build(self, target: MLPSpec, *, seed: int, dtype: torch.dtype, device, **options: Any) -> NormNet:
+        options.setdefault("block", 1)
+        return super().build(target, seed=seed, dtype=dtype, device=device, **options)
+
+    def build_stages(self, plan: Plan, target: MLPSpec, gen: torch.Generator, *, dtype: torch.dtype, device,
+                     options: dict[str, Any]) -> list[Stage]:
+        stages: list[Stage] = []
+        for step in plan.steps:
+            (n, m), = step.shapes
+            stage = ResidualStream(n, m, step.details["block"], relu=step.relu[0], dtype=dtype, device=device)
             with torch.no_grad():
                 for branch, readout in zip(stage.branches, stage.readouts):
                     branch.linear.weight.copy_(frozen_init(tuple(branch.linear.weight.shape), gen, dtype=dtype,
                                                            device=device))
                     readout.weight.copy_(frozen_init(tuple(readout.weight.shape), gen, dtype=dtype, device=device))
             stages.append(stage)
-        return NormNet(stages, meta=base_meta(self.name, target, seed, {**options, "block": k}))
+        return stages
 
     def estimate_bytes(self, target: MLPSpec, dtype: torch.dtype, **options: Any) -> int:
-        k = _check_block(options.get("block"))
+        plan = self.plan(target, options)
         item = torch.empty((), dtype=dtype).element_size()
         network = sum(2 * w.shape[0] ** 2 * w.shape[1] for w in target.weights) * item
-        largest = max((w.shape[0] * min(k, w.shape[1])) ** 2 for w in target.weights) * 8
+        largest = max((w.shape[0] * step.details["block"]) ** 2 for w, step in zip(target.weights, plan.steps)) * 8
         return network + max(largest, min(256 << 20, largest * max(w.shape[1] for w in target.weights))) * 2
 
     def _stages(self, net: NormNet, target: MLPSpec) -> list[ResidualStream]:
-        stages = list(net.layers)
-        if len(stages) != target.depth or not all(isinstance(s, ResidualStream) for s in stages):
-            raise InvalidNetworkError(
-                f"expected a deep network of {target.depth} residual_stream stages, found "
-                f"{[getattr(s, 'kind', type(s).__name__) for s in stages]}")
-        for i, (s, w) in enumerate(zip(stages, target.weights)):
-            if (s.out_features, s.in_features) != tuple(w.shape):
-                raise InvalidNetworkError(f"layer {i}: expected a residual stream {w.shape[1]} → {w.shape[0]}, "
-                                          f"found {s.in_features} → {s.out_features}")
-            if s.relu != (i < target.depth - 1):
-                raise InvalidNetworkError(f"layer {i}: ReLU placement does not match the target")
-        return stages
+        plan = self.plan_of(net, target)
+        return [net.layers[step.stages[0]] for step in plan.steps]  # type: ignore[misc]
 
     def systems(self, net: NormNet, target: MLPSpec):
         out = []
@@ -153,38 +154,35 @@ class DeepConstruction(Construction):
         for i, (stage, W, b) in enumerate(zip(out.layers, spec.weights, spec.biases)):
             lo, hi = boxes[i]
             slices = stage.block_slices()
-            gammas: list[torch.Tensor | None] = [None] * len(slices)
-            residual = 0.0
+            gammas: list[torch.Tensor] = [W.new_empty(0)] * len(slices)
+            rconds: list[float] = []
             # one batched solve per block size (all blocks but possibly the last share k)
             for k in sorted(set(stage.sizes)):
                 idx = [t for t, size in enumerate(stage.sizes) if size == k]
                 A = torch.stack([stage.branches[t].linear.weight for t in idx])
                 B = torch.stack([stage.readouts[t].weight for t in idx])
                 Wt = torch.stack([W[:, slices[t]] for t in idx])
-                gamma, res, _ = solve_khatri_rao_batched(A, B, Wt, layer=i)
-                residual = max(residual, float(res.max()))
+                gamma, _, rcond = solve_khatri_rao_batched(A, B, Wt, layer=i)
+                rconds += [float(r) for r in rcond]
                 for t, g in zip(idx, gamma):
                     gammas[t] = g
+            realised = torch.empty_like(W)
             offset = torch.zeros_like(b)
-            with torch.no_grad():
-                for t, (branch, readout, J) in enumerate(zip(stage.branches, stage.readouts, slices)):
-                    A = branch.linear.weight
-                    zmin, zmax = affine_bounds(gammas[t].unsqueeze(1) * A, lo[J], hi[J])
-                    beta = -zmin + safe_margin(zmin, zmax, margin)
-                    branch.norm.weight.copy_(gammas[t])
-                    branch.norm.bias.copy_(beta)
-                    offset = offset + readout.weight @ beta
-                stage.norm.weight.fill_(1.0)
-                stage.norm.bias.copy_(b - offset)
-            scale = float(W.abs().max()) if W.numel() else 1.0
-            records.append({"layer": i, "kind": "batched", "blocks": len(slices), "block": stage.block,
-                            "residual": residual, "relative_residual": residual / scale if scale > 0 else residual,
-                            "exact": True})
+            for t, (branch, readout, J) in enumerate(zip(stage.branches, stage.readouts, slices)):
+                A = branch.linear.weight
+                zmin, zmax = affine_bounds(gammas[t].unsqueeze(1) * A, lo[J], hi[J])
+                beta, _ = pair_offsets(zmin, zmax, readout.weight, torch.zeros_like(b), margin)
+                set_norms(branch, gammas[t], beta)
+                offset = offset + readout.weight @ beta
+                realised[:, J] = compose(readout.weight, gammas[t], A)
+            set_norms(stage, None, b - offset)
+            residual, relative = relative_residual(realised, W)
+            records.append(SolveRecord(layer=i, kind="batched", residual=residual, relative_residual=relative,
+                                       exact=True, rcond=min(rconds), precision="float64",
+                                       details={"blocks": len(slices), "block": stage.block}))
             if progress is not None:
                 progress(i + 1, spec.depth, f"layer {i}: {len(slices)} systems of size {stage.out_features * stage.block}")
         return finish_solve(out, records, [], domain)
 
-    def certify(self, net: NormNet, target: MLPSpec, domain: Box):
-        from ..certify import certify_residual_streams
-
+    def certify(self, net: NormNet, target: MLPSpec, domain: Box) -> CertifyResult:
         return certify_residual_streams(net, target, domain, self._stages(net, target))

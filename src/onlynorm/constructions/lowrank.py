@@ -1,4 +1,4 @@
-"""Low rank (DESIGN §3.3): width ``~ d·r`` instead of ``d²``.
+"""Low rank: width ``~ d·r`` instead of ``d²``.
 
 Factor each target weight ``W = U V`` (``U ∈ R^{m×r}``, ``V ∈ R^{r×n}``, balanced from the SVD
 ``W = P Σ Qᵀ``: ``U = P_r Σ_r^{1/2}``, ``V = Σ_r^{1/2} Q_rᵀ``) and realise each factor with a Khatri–Rao pair::
@@ -22,29 +22,25 @@ layer's rank gives the best rank-``r`` reconstruction (Eckart–Young), reported
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import torch
 
+from ..certify import CertifyResult, certify_blocks
 from ..domain import Box, affine_bounds, interval_bounds
-from ..errors import InvalidNetworkError
 from ..linalg import compose, solve_khatri_rao
-from ..normnet import NormLinear, NormNet
+from ..normnet import NormNet
+from ..options import OptionSpec
+from ..records import SolveRecord, relative_residual
 from ..target import MLPSpec
-from .base import (
-    Construction,
-    Progress,
-    base_meta,
-    begin_solve,
-    finish_solve,
-    per_layer_ints,
-    random_norm_linear,
-    register,
-    safe_margin,
-)
+from .base import MARGIN, Construction, Progress, begin_solve, finish_solve, per_layer, register, safe_margin
+from .pair import solve_pair
+from .plan import Plan, PlanStep
 
 __all__ = ["LowRankConstruction", "numerical_rank", "balanced_factors"]
+
+RANK = OptionSpec("rank", int, min_val=1, per_layer=True,
+                  help="rank r of each layer's factorisation (default: the numerical rank)")
 
 
 def numerical_rank(W: torch.Tensor) -> int:
@@ -73,115 +69,94 @@ def balanced_factors(W: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tenso
     return U, V, rel, float(tail[0]) if tail.numel() else 0.0
 
 
-def layer_ranks(target: MLPSpec, rank: int | Sequence[int] | None) -> list[int]:
+def layer_ranks(target: MLPSpec, rank: int | list[int] | None) -> list[int]:
     if rank is None:
         return [numerical_rank(w) for w in target.weights]
-    return per_layer_ints("rank", rank, target.depth)
+    return per_layer(rank, target.depth)
 
 
 @register
 class LowRankConstruction(Construction):
     name = "lowrank"
     cost = "two pairs per target layer (depth 4L), width max(r·n, m·r); exact for rank-r layers, else best rank r"
-    options = ("rank", "margin")
+    options = (RANK, MARGIN)
 
-    def build(self, target: MLPSpec, *, seed: int, dtype: torch.dtype, device, **options: Any) -> NormNet:
-        self.check_options(options)
-        ranks = layer_ranks(target, options.get("rank"))
-        gen = torch.Generator().manual_seed(int(seed))
-        layers = []
+    def plan(self, target: MLPSpec, options: dict[str, Any]) -> Plan:
+        """Per layer of rank ``r``: stages ``n → r·n → r`` (the pair for V) and ``r → m·r → m`` (the pair for U);
+        the first three stages stay in the linear regime."""
+        return self._plan(target, layer_ranks(target, options.get("rank")))
+
+    def _plan(self, target: MLPSpec, ranks: list[int]) -> Plan:
+        steps = []
         for i, (w, r) in enumerate(zip(target.weights, ranks)):
             m, n = w.shape
-            shapes = [(n, r * n, True), (r * n, r, True), (r, m * r, True), (m * r, m, i < target.depth - 1)]
-            layers += [random_norm_linear(fan_in, fan_out, relu, gen, dtype=dtype, device=device)
-                       for fan_in, fan_out, relu in shapes]
-        meta = base_meta(self.name, target, seed, options)
-        meta["ranks"] = ranks
-        return NormNet(layers, meta=meta)
+            steps.append(PlanStep(layer=i, stages=tuple(range(4 * i, 4 * i + 4)),
+                                  shapes=((n, r * n), (r * n, r), (r, m * r), (m * r, m)),
+                                  relu=(True, True, True, i < target.depth - 1), linear_regime=(0, 1, 2),
+                                  details={"rank": r}))
+        return Plan(self.name, tuple(steps))
+
+    def plan_of(self, net: NormNet, target: MLPSpec) -> Plan:
+        """The ranks are read from the network (stage 4i+1 has r units): it may have been built with any."""
+        layers = list(net.layers)
+        ranks = [getattr(getattr(layers[4 * i + 1], "linear", None), "out_features", 1) if 4 * i + 1 < len(layers)
+                 else 1 for i in range(target.depth)]
+        plan = self._plan(target, [int(r) for r in ranks])
+        plan.check(net)
+        return plan
+
+    def build(self, target: MLPSpec, *, seed: int, dtype: torch.dtype, device, **options: Any) -> NormNet:
+        net = super().build(target, seed=seed, dtype=dtype, device=device, **options)
+        net.meta["ranks"] = layer_ranks(target, net.meta.options.get("rank"))
+        return net
 
     def estimate_bytes(self, target: MLPSpec, dtype: torch.dtype, **options: Any) -> int:
-        ranks = layer_ranks(target, options.get("rank"))
-        sizes = [max(r * w.shape[1], r * w.shape[0]) for w, r in zip(target.weights, ranks)]
+        plan = self.plan(target, options)
+        sizes = [max(step.widths[0], step.widths[2]) for step in plan.steps]
         return max(s * s for s in sizes) * 8 + sum(2 * s * max(w.shape) for s, w in zip(sizes, target.weights)) * 8
-
-    def _ranks(self, net: NormNet, target: MLPSpec) -> list[int]:
-        layers = list(net.layers)
-        if len(layers) != 4 * target.depth or not all(isinstance(s, NormLinear) for s in layers):
-            raise InvalidNetworkError(
-                f"expected a lowrank network of {4 * target.depth} NormLinear stages for a {target.depth}-layer "
-                f"target, found {len(layers)} stages")
-        ranks = []
-        for i, w in enumerate(target.weights):
-            m, n = w.shape
-            s = layers[4 * i: 4 * i + 4]
-            r = s[1].linear.out_features
-            got = [(t.linear.in_features, t.linear.out_features) for t in s]
-            want = [(n, r * n), (r * n, r), (r, m * r), (m * r, m)]
-            if got != want:
-                raise InvalidNetworkError(f"layer {i}: expected lowrank stages {want} for a {m}×{n} layer, found {got}")
-            ranks.append(r)
-        return ranks
 
     def systems(self, net: NormNet, target: MLPSpec):
         out = []
-        for i, (W, r) in enumerate(zip(target.weights, self._ranks(net, target))):
-            U, V, _, _ = balanced_factors(W.to(net.dtype), r)
-            s = net.layers[4 * i: 4 * i + 4]
-            out += [(f"layer {i} V", s[0].linear.weight, s[1].linear.weight, V),
-                    (f"layer {i} U", s[2].linear.weight, s[3].linear.weight, U)]
+        plan = self.plan_of(net, target)
+        for step, W in zip(plan.steps, target.weights):
+            U, V, _, _ = balanced_factors(W.to(net.dtype), step.details["rank"])
+            s = plan.stages(net, step)
+            out += [(f"layer {step.layer} V", s[0].linear.weight, s[1].linear.weight, V),
+                    (f"layer {step.layer} U", s[2].linear.weight, s[3].linear.weight, U)]
         return out
 
     def solve(self, net: NormNet, target: MLPSpec, domain: Box, *, progress: Progress | None = None) -> NormNet:
-        ranks = self._ranks(net, target)
+        plan = self.plan_of(net, target)
         spec, out, margin = begin_solve(net, target)
         boxes = interval_bounds(spec, domain)
         records, notes = [], []
-        for i, (W, b, r) in enumerate(zip(spec.weights, spec.biases, ranks)):
-            s0, s1, s2, s3 = out.layers[4 * i: 4 * i + 4]
+        for step, W, b, (lo, hi) in zip(plan.steps, spec.weights, spec.biases, boxes):
+            i, r = step.layer, step.details["rank"]
+            s0, s1, s2, s3 = plan.stages(out, step)
             U, V, rel_err, sigma_next = balanced_factors(W, r)
-            A1, B1, A2, B2 = s0.linear.weight, s1.linear.weight, s2.linear.weight, s3.linear.weight
-            sol_v = solve_khatri_rao(A1, B1, V, layer=i)
-            sol_u = solve_khatri_rao(A2, B2, U, layer=i)
-            lo, hi = boxes[i]
-            # stage 0: u₁ = Γ₁ A₁ h + β₁ > 0 on the input box
-            z1min, z1max = affine_bounds(sol_v.gamma.unsqueeze(1) * A1, lo, hi)
-            beta1 = -z1min + safe_margin(z1min, z1max, margin)
-            # stage 1: v = V̂ h + c with c = B₁ β₁ + β₂ chosen so v > 0 on the box
-            V_hat = compose(B1, sol_v.gamma, A1)
+            sol_v = solve_khatri_rao(s0.linear.weight, s1.linear.weight, V, layer=i)
+            sol_u = solve_khatri_rao(s2.linear.weight, s3.linear.weight, U, layer=i)
+            # pair V: v = V̂ h + c, with c chosen so v > 0 on the box (the next pair's input stays linear)
+            V_hat = compose(s1.linear.weight, sol_v.gamma, s0.linear.weight)
             vmin, vmax = affine_bounds(V_hat, lo, hi)
             c = -vmin + safe_margin(vmin, vmax, margin)
-            beta2 = c - B1 @ beta1
-            # stage 2: u₂ = Γ₃ A₂ v + β₃ > 0 for v in [vmin + c, vmax + c]
-            z3min, z3max = affine_bounds(sol_u.gamma.unsqueeze(1) * A2, vmin + c, vmax + c)
-            beta3 = -z3min + safe_margin(z3min, z3max, margin)
-            # stage 3: y = Û v + B₂ β₃ + β₄ = Û V̂ h + (Û c + B₂ β₃ + β₄) → offsets cancel
-            U_hat = compose(B2, sol_u.gamma, A2)
-            beta4 = b - U_hat @ c - B2 @ beta3
-            with torch.no_grad():
-                for stage, gamma, beta in ((s0, sol_v.gamma, beta1), (s1, None, beta2), (s2, sol_u.gamma, beta3),
-                                           (s3, None, beta4)):
-                    if gamma is None:
-                        stage.norm.weight.fill_(1.0)
-                    else:
-                        stage.norm.weight.copy_(gamma)
-                    stage.norm.bias.copy_(beta)
-            realised = U_hat @ V_hat
-            scale = float(torch.linalg.norm(W))
-            total_rel = float(torch.linalg.norm(realised - W)) / scale if scale > 0 else 0.0
+            solve_pair(s0, s1, V, c, lo, hi, margin=margin, layer=i, solution=sol_v)
+            # pair U on v ∈ [vmin + c, vmax + c]: y = Û v + (b − Û c) = Û V̂ h + b, every offset cancelled
+            U_hat = compose(s3.linear.weight, sol_u.gamma, s2.linear.weight)
+            solve_pair(s2, s3, U, b - U_hat @ c, vmin + c, vmax + c, margin=margin, layer=i, solution=sol_u)
+            residual, relative = relative_residual(U_hat @ V_hat, W)
             exact = rel_err == 0.0 or rel_err <= 1e3 * torch.finfo(W.dtype).eps
-            records.append({"layer": i, "kind": "lowrank", "rank": r, "residual": float((realised - W).abs().max()),
-                            "relative_residual": total_rel, "truncation_error": rel_err,
-                            "sigma_next": sigma_next, "exact": exact,
-                            "precision": [sol_v.precision, sol_u.precision]})
+            records.append(SolveRecord(layer=i, kind="lowrank", residual=residual, relative_residual=relative,
+                                       exact=exact, precision=f"{sol_v.precision}+{sol_u.precision}",
+                                       details={"rank": r, "truncation_error": rel_err, "sigma_next": sigma_next}))
             if not exact:
                 notes.append(f"layer {i}: rank {r} < rank of W; best rank-{r} weight has relative error "
                              f"{rel_err:.2e} (σ_{r + 1} = {sigma_next:.2e}) — approximate")
             if progress is not None:
-                progress(i + 1, spec.depth, f"layer {i}: rank {r}, systems of size {A1.shape[0]} and {A2.shape[0]}")
+                progress(i + 1, spec.depth, f"layer {i}: rank {r}, systems of size {step.widths[0]} and "
+                                            f"{step.widths[2]}")
         return finish_solve(out, records, notes, domain)
 
-    def certify(self, net: NormNet, target: MLPSpec, domain: Box):
-        from ..certify import certify_blocks
-
-        self._ranks(net, target)
-        return certify_blocks(net, target, domain, [[4 * i + k for k in range(4)] for i in range(target.depth)])
+    def certify(self, net: NormNet, target: MLPSpec, domain: Box) -> CertifyResult:
+        plan = self.plan_of(net, target)
+        return certify_blocks(net, target, domain, [list(step.stages) for step in plan.steps])

@@ -1,4 +1,4 @@
-"""Sparse random networks (DESIGN §3.5): the width construction with i.i.d. Bernoulli(``p``) masks on every frozen
+"""Sparse random networks: the width construction with i.i.d. Bernoulli(``p``) masks on every frozen
 weight matrix. The masks are part of the frozen network — zeros stay zero.
 
 Whether a layer's Khatri–Rao system ``Aᵀ ⊙ B`` is invertible now depends (with probability one) only on the
@@ -7,6 +7,10 @@ pattern-singular system can never be solved, whatever the values, and is reporte
 deficit and a denser ``p`` to try. The paper shows ``p = Θ(√(log d / d))`` suffices with high probability, so the
 frozen network has ``Õ(d²√d)`` nonzeros — ``O(√d)`` times the target's ``d²`` parameters. Measured, the 50%
 threshold is ``≈ 2 log d / d`` (``onlynorm experiment sparse-threshold``, docs/RESULTS.md): ``Õ(d²)`` nonzeros.
+Here ``d = max(m, n)`` in the logarithm and ``d = min(m, n)`` in the denominator (:func:`suggested_density`).
+
+This module is the worked example of docs/ARCHITECTURE.md ("Adding a construction"): it reuses the width
+construction's plan and pair solve, overrides ``build_stages`` to mask the frozen weights, and hooks ``precheck``.
 
 >>> from torch import nn
 >>> import onlynorm
@@ -23,12 +27,14 @@ from typing import Any
 
 import torch
 
-from ..errors import OnlyNormError, SingularSystemError
+from ..errors import InvalidOptionError, SingularSystemError
 from ..linalg import kr_pattern, structural_rank
-from ..normnet import NormNet
+from ..normnet import NormNet, Stage
+from ..options import OptionSpec
 from ..target import MLPSpec
-from .base import base_meta, random_norm_linear, register
-from .width import WidthConstruction
+from .base import MARGIN, random_norm_linear, register
+from .plan import Plan
+from .width import WidthConstruction, pair_plan, pair_widths
 
 __all__ = ["SparseConstruction", "SparsePatternError", "suggested_density"]
 
@@ -43,11 +49,20 @@ class SparsePatternError(SingularSystemError):
 
 
 def suggested_density(m: int, n: int, current: float) -> float:
-    """A density that likely makes an ``m × n`` layer's system invertible: ``3 · log d / d`` with ``d = min(m, n)``
+    """A density that likely makes an ``m × n`` layer's system invertible: ``3 · log(max(m, n)) / min(m, n)``
     (1.5× the measured 50% threshold ``2 log d / d`` of ``onlynorm experiment sparse-threshold``, see
-    docs/RESULTS.md), and at least 1.5× the density that failed."""
-    d = max(min(m, n), 2)
-    return min(1.0, max(1.5 * current, 3.0 * math.log(max(m, n, 2)) / d))
+    docs/RESULTS.md; the all-zero row that breaks a system is a coupon-collector event over the ``max(m, n)``
+    units of the wider side, seen by each of the ``min(m, n)`` narrower ones), and at least 1.5× the density
+    that failed.
+
+    >>> round(suggested_density(8, 8, 0.1), 3)
+    0.78
+    """
+    return min(1.0, max(1.5 * current, 3.0 * math.log(max(m, n, 2)) / max(min(m, n), 2)))
+
+
+DENSITY = OptionSpec("density", float, min_val=0.0, include_min=False, max_val=1.0,
+                     help="Bernoulli density p of the frozen weights (required)")
 
 
 @register
@@ -55,29 +70,36 @@ class SparseConstruction(WidthConstruction):
     name = "sparse"
     cost = ("width construction with Bernoulli(p) frozen weights: depth 2L, width m·n, ~p·(width nonzeros); exact "
             "when the pattern allows (checked), else a clear error")
-    options = ("density", "margin")
+    options = (DENSITY, MARGIN)
+    needs_options = True
 
-    def build(self, target: MLPSpec, *, seed: int, dtype: torch.dtype, device, **options: Any) -> NormNet:
-        self.check_options(options)
-        p = options.get("density")
-        if p is None:
-            raise OnlyNormError("method 'sparse' needs density=p (0 < p ≤ 1), e.g. density=0.3")
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 < float(p) <= 1.0:
-            raise OnlyNormError(f"density: expected a probability in (0, 1], found {p!r}")
-        p = float(p)
-        gen = torch.Generator().manual_seed(int(seed))
-        layers = []
-        for i, w in enumerate(target.weights):
-            m, n = w.shape
-            pair = [random_norm_linear(n, m * n, True, gen, dtype=dtype, device=device),
-                    random_norm_linear(m * n, m, i < target.depth - 1, gen, dtype=dtype, device=device)]
-            for stage in pair:   # Bernoulli(p) mask; 1/√p keeps the variance of the dense N(0, 1/fan_in) init
+    def plan(self, target: MLPSpec, options: dict[str, Any]) -> Plan:
+        if options.get("density") is None:
+            raise InvalidOptionError("density: method 'sparse' needs density=p (0 < p ≤ 1), e.g. density=0.3")
+        return pair_plan(self.name, target, pair_widths(target, None))
+
+    def plan_of(self, net: NormNet, target: MLPSpec) -> Plan:
+        plan = pair_plan(self.name, target, pair_widths(target, None))
+        plan.check(net)
+        return plan
+
+    def build_stages(self, plan: Plan, target: MLPSpec, gen: torch.Generator, *, dtype: torch.dtype, device,
+                     options: dict[str, Any]) -> list[Stage]:
+        """The width stages, each frozen weight masked by Bernoulli(p); ``1/√p`` keeps the variance of the dense
+        ``N(0, 1/fan_in)`` init. Per pair, both weights are drawn before both masks (one generator stream, so a
+        seed gives the networks 0.1 gave)."""
+        p = float(options["density"])
+        stages: list[Stage] = []
+        for step in plan.steps:
+            pair = [random_norm_linear(fan_in, fan_out, relu, gen, dtype=dtype, device=device)
+                    for (fan_in, fan_out), relu in zip(step.shapes, step.relu)]
+            for stage in pair:
                 weight = stage.linear.weight
-                mask = torch.rand(weight.shape, generator=gen, dtype=torch.float64) < p
+                mask = torch.rand(tuple(weight.shape), generator=gen, dtype=torch.float64) < p
                 with torch.no_grad():
                     weight.mul_((mask / math.sqrt(p)).to(dtype=dtype, device=device))
-            layers += pair
-        return NormNet(layers, meta=base_meta(self.name, target, seed, {**options, "density": p}))
+            stages += pair
+        return stages
 
     def precheck(self, net: NormNet, layer: int, A: torch.Tensor, B: torch.Tensor) -> None:
         """Refuse a pattern-singular system before factorising it."""
@@ -98,9 +120,11 @@ class SparseConstruction(WidthConstruction):
 
     @staticmethod
     def _singular(net: NormNet, layer: int, rank: int | None, why: str) -> SparsePatternError:
-        A, B = net.layers[2 * layer].linear.weight, net.layers[2 * layer + 1].linear.weight
+        first, second = net.layers[2 * layer], net.layers[2 * layer + 1]
+        A, B = first.linear.weight, second.linear.weight  # type: ignore[union-attr]
         m, n, size = B.shape[0], A.shape[1], A.shape[0]
-        p = float(net.meta.get("options", {}).get("density", float("nan")))
+        density = net.meta.options.get("density")
+        p = float(density) if isinstance(density, (int, float)) else float("nan")
         suggestion = suggested_density(m, n, p if p == p else 0.1)
         deficit = "" if rank is None else f", rank {rank} of {size} (deficit {size - rank})"
         return SparsePatternError(

@@ -1,0 +1,105 @@
+"""The certificate's common core: the result type, the rounding model, and what makes a network certifiable.
+
+**Rounding model.** Every quantity computed in floating point carries the standard forward-error bound of a dot
+product, ``|fl(a·x) − a·x| ≤ γ_n |a|·|x|`` with ``γ_n = n·u / (1 − n·u)`` and ``u`` the unit roundoff of the format
+that computed it (:func:`gamma_n`). The certificate's own arithmetic runs in extended precision (x87 80-bit on
+x86-64, ``u = 2⁻⁶⁴``), so its rounding lands far below float64's; the evaluation of ``f`` is bounded with the unit
+roundoff of *the network's own dtype* (float32 networks too), and that of ``g`` with float64's (targets are always
+evaluated in float64).
+
+**What is certified.** The function a NormNet computes in inference form: frozen weights, ``γ``, ``β`` AND the
+BatchNorm statistics as evaluated. The constructions use running mean 0, running variance 1 and ``eps = 0``
+(``BN(z) = γ z + β`` exactly); a network whose statistics differ (a tampered file, a network trained with batch
+statistics) is *not certifiable* and says which tensor is off (:func:`certifiability_problems`); so is one with
+non-finite parameters. Nothing is ever certified from part of a network.
+
+>>> gamma_n(10) < 1.2e-15
+True
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = ["CertifyResult", "gamma_n", "unit_roundoff", "XP", "U_XP", "to_xp", "affine_interval",
+           "certifiability_problems", "not_certifiable"]
+
+#: extended precision used by the certificate's own arithmetic, and its unit roundoff
+XP = np.longdouble
+U_XP = float(np.finfo(XP).eps) / 2
+U64 = float(torch.finfo(torch.float64).eps) / 2
+
+
+def unit_roundoff(dtype: torch.dtype) -> float:
+    """``u = eps / 2`` of a floating dtype (float64: 1.1e-16, float32: 6.0e-8)."""
+    return float(torch.finfo(dtype).eps) / 2
+
+
+def gamma_n(n: int, u: float = U64) -> float:
+    """``γ_n = n·u / (1 − n·u)``: the relative forward-error bound of an ``n``-term dot product."""
+    if n * u >= 1:
+        return float("inf")
+    return n * u / (1 - n * u)
+
+
+@dataclass
+class CertifyResult:
+    """``certified``: every linear-regime unit is proven active on the box and the network is certifiable;
+    ``bound``: ``sup_D |f − g|`` in exact arithmetic for the stored parameters (``inf`` if not certified);
+    ``rounding_bound``: floating-point evaluation error of ``f`` (in its dtype) and ``g`` (float64) on ``D``."""
+
+    certified: bool
+    bound: float
+    rounding_bound: float
+    notes: list[str] = field(default_factory=list)
+
+
+def to_xp(t: torch.Tensor) -> np.ndarray:
+    """A tensor in extended precision (exact: every float64/float32 value is representable)."""
+    return t.detach().to(device="cpu", dtype=torch.float64).numpy().astype(XP)
+
+
+def affine_interval(P: np.ndarray, lo: np.ndarray, hi: np.ndarray, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Exact range of ``P h + q`` over the box ``[lo, hi]`` (up to the rounding of this very computation)."""
+    pos, neg = np.maximum(P, 0), np.minimum(P, 0)
+    return pos @ lo + neg @ hi + q, pos @ hi + neg @ lo + q
+
+
+def certifiability_problems(net: nn.Module) -> list[str]:
+    """Why ``net`` cannot be certified as it is (empty when it can): non-finite parameters or buffers, BatchNorm
+    layers that are not the fixed inference form ``γ z + β`` (running mean 0, running var 1, eps 0, running
+    statistics tracked, not training)."""
+    problems: list[str] = []
+    for name, t in list(net.named_parameters()) + list(net.named_buffers()):
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            problems.append(f"{name} holds NaN/Inf values")
+    for name, m in net.named_modules():
+        if not isinstance(m, nn.modules.batchnorm._BatchNorm):
+            continue
+        where = name or "batchnorm"
+        if m.training or not m.track_running_stats or m.running_mean is None or m.running_var is None:
+            problems.append(f"{where} normalises by batch statistics (training mode); call net.eval()")
+            continue
+        if not m.affine:
+            problems.append(f"{where} has no affine γ, β")
+        if float(m.eps) != 0.0:
+            problems.append(f"{where}.eps is {m.eps:g}, expected 0 (BN(z) = γ z + β exactly)")
+        if bool((m.running_mean != 0).any()):
+            problems.append(f"{where}.running_mean is not 0 (max |mean| {float(m.running_mean.abs().max()):.3g})")
+        if bool((m.running_var != 1).any()):
+            problems.append(f"{where}.running_var is not 1 (max |var − 1| "
+                            f"{float((m.running_var - 1).abs().max()):.3g})")
+    return problems
+
+
+def not_certifiable(problems: list[str]) -> CertifyResult:
+    """The result for a network that cannot be certified: the first few reasons, and what to do."""
+    shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
+    return CertifyResult(certified=False, bound=float("inf"), rounding_bound=float("inf"),
+                         notes=[f"not certifiable: {shown} — the certificate covers networks in the constructions' "
+                                "inference form (running mean 0, running var 1, eps 0, finite parameters); re-solve "
+                                "or reload the network"])

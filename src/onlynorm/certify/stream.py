@@ -1,0 +1,90 @@
+"""Certificate of the deep construction: residual streams with skip connections.
+
+Every branch unit ``Γ_t A_t x_{J_t} + β_t`` is proven positive on the box (one interval step per branch), so each
+target layer computes ``relu(γ_out ⊙ Σ_t B_t (Γ_t A_t x_{J_t} + β_t) + β_out)`` — an affine map ``P x + q``
+composed in extended precision; the distance to ``g`` then follows as for blocks (:mod:`onlynorm.certify.mlp`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..domain import Box
+from ..normnet import NormNet
+from ..target import MLPSpec
+from .core import (
+    U_XP,
+    XP,
+    CertifyResult,
+    affine_interval,
+    certifiability_problems,
+    gamma_n,
+    not_certifiable,
+    to_xp,
+    unit_roundoff,
+)
+from .mlp import certify_result, propagate_distance, start_rounding
+
+__all__ = ["certify_residual_streams"]
+
+
+def certify_residual_streams(net: NormNet, spec: MLPSpec, box: Box, stages: list) -> CertifyResult:
+    """Certify the deep construction: every branch unit ``Γ_t A_t x_{J_t} + β_t`` is proven positive on the box
+    (one interval step per branch), so each layer computes ``relu(γ_out ⊙ Σ_t B_t (Γ_t A_t x_{J_t} + β_t) + β_out)``,
+    an affine map ``P x + q`` composed in extended precision; the distance to ``g`` then follows as for blocks."""
+    problems = certifiability_problems(net)
+    if problems:
+        return not_certifiable(problems)
+    u_f = unit_roundoff(net.dtype)
+    lo, hi = to_xp(box.low), to_xp(box.high)
+    err = np.zeros_like(lo)
+    round_f = start_rounding(net, lo, hi)
+    round_g = np.zeros(lo.shape)
+    notes: list[str] = []
+    certified = True
+    for i, (stage, W_t, b_t) in enumerate(zip(stages, spec.weights, spec.biases)):
+        W, b = to_xp(W_t), to_xp(b_t)
+        m, n = W.shape
+        mag_in = np.maximum(np.abs(lo), np.abs(hi))
+        g_out, b_out = to_xp(stage.norm.weight), to_xp(stage.norm.bias)
+        P = np.zeros((m, n), dtype=XP)
+        P_err = np.zeros_like(P)
+        s_offset = np.zeros(m, dtype=XP)
+        s_offset_abs = np.zeros(m, dtype=XP)
+        s_mag = np.zeros(m, dtype=XP)            # bound on |s| for rounding
+        round_s = np.zeros(m)
+        for t, (branch, readout, J) in enumerate(zip(stage.branches, stage.readouts, stage.block_slices())):
+            GA = to_xp(branch.norm.weight).reshape(-1, 1) * to_xp(branch.linear.weight)
+            beta = to_xp(branch.norm.bias)
+            Bt = to_xp(readout.weight)
+            k = GA.shape[1]
+            u_lo, u_hi = affine_interval(GA, lo[J], hi[J], beta)
+            slack = gamma_n(k + 2, U_XP) * (np.abs(GA) @ mag_in[J] + np.abs(beta))
+            off = u_lo <= slack
+            if off.any():
+                certified = False
+                notes.append(f"layer {i}, block {t}: {int(off.sum())} unit(s) may switch off on the box (min "
+                             f"pre-activation {float((u_lo - slack).min()):.3e} ≤ 0)")
+            BGA = Bt @ GA
+            P[:, J] = BGA
+            P_err[:, J] = gamma_n(GA.shape[0] + 1, U_XP) * (np.abs(Bt) @ np.abs(GA))
+            s_offset += Bt @ beta
+            s_offset_abs += np.abs(Bt) @ np.abs(beta)
+            u_mag = np.maximum(np.abs(u_lo), np.abs(u_hi))
+            s_mag += np.abs(Bt) @ u_mag
+            round_u = (np.abs(GA).astype(np.float64) @ round_f[J]
+                       + gamma_n(k + 2, u_f) * (np.abs(GA) @ (mag_in[J] + round_f[J]) + np.abs(beta)).astype(np.float64))
+            round_s = round_s + np.abs(Bt).astype(np.float64) @ round_u
+        n_terms = stage.branches[0].linear.out_features + len(stage.branches) + 2
+        round_s = round_s + gamma_n(n_terms, u_f) * s_mag.astype(np.float64)
+        P = g_out.reshape(-1, 1) * P
+        P_err = np.abs(g_out).reshape(-1, 1) * P_err + gamma_n(1, U_XP) * np.abs(P)
+        q = g_out * s_offset + b_out
+        q_err = gamma_n(len(stage.branches) + n_terms, U_XP) * (np.abs(g_out) * s_offset_abs + np.abs(b_out))
+        round_f = (np.abs(g_out).astype(np.float64) * round_s
+                   + gamma_n(2, u_f) * (np.abs(g_out) * (s_mag + round_s) + np.abs(b_out)).astype(np.float64))
+        err, round_g = propagate_distance(err, round_g, P, P_err, q, q_err, W, b, mag_in)
+        lo, hi = affine_interval(P, lo, hi, q)
+        if i < spec.depth - 1:
+            lo, hi = np.maximum(lo, 0), np.maximum(hi, 0)
+    return certify_result(certified, err, round_f, round_g, notes)

@@ -1,0 +1,256 @@
+"""Typed records of how a network was made and solved, with a JSON round trip.
+
+* :class:`SolveRecord` — one solved system (or group of systems) of one target layer. Its ``relative_residual``
+  has ONE definition for every construction, ``‖Ŵ − W‖_F / ‖W‖_F`` (:func:`relative_residual`), and ``residual``
+  is ``max |Ŵ − W|`` (absolute, entrywise), where ``Ŵ`` is the weight the frozen network realises.
+* :class:`SolveInfo` — all records of a solve, whether every layer is exact, notes, and the box.
+* :class:`NetMeta` — what a :class:`~onlynorm.normnet.NormNet` knows about itself (method, seed, options, target
+  dims, image shape, solve info); saved as JSON next to the weights.
+
+Files written by onlynorm 0.1 (plain dictionaries of the same keys) load unchanged: :meth:`NetMeta.from_dict`
+reads them and validates every field's JSON type, so a tampered file is refused with the field named.
+
+>>> rec = SolveRecord(layer=0, kind="square", residual=1e-15, relative_residual=2e-16, exact=True)
+>>> meta = NetMeta(method="width", seed=0, target_dims=[3, 2])
+>>> NetMeta.from_dict(meta.to_dict()) == meta
+True
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import torch
+
+from .domain import Box
+from .errors import FileFormatError, InvalidDomainError
+
+__all__ = ["SolveRecord", "SolveInfo", "NetMeta", "relative_residual"]
+
+
+def relative_residual(realised: torch.Tensor, target: torch.Tensor) -> tuple[float, float]:
+    """``(max |Ŵ − W|, ‖Ŵ − W‖_F / ‖W‖_F)`` — the one definition of a solve's error (absolute if ``W = 0``).
+
+    >>> W = torch.eye(2, dtype=torch.float64)
+    >>> relative_residual(W + 1e-3, W)
+    (0.001, 0.0014142135623730952)
+    """
+    err = (realised - target).to(torch.float64)
+    absolute = float(err.abs().max()) if err.numel() else 0.0
+    scale = float(torch.linalg.norm(target.to(torch.float64)))
+    frob = float(torch.linalg.norm(err))
+    return absolute, (frob / scale if scale > 0 else frob)
+
+
+def _bad(source: str, what: str, expected: str, found: Any) -> FileFormatError:
+    shown = repr(found)
+    shown = shown if len(shown) <= 60 else shown[:57] + "..."
+    return FileFormatError(f"{source}: metadata field {what!r} must be {expected}, found {shown} "
+                           f"({type(found).__name__}); the file is corrupt or was edited — re-create it")
+
+
+def _number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _ints(x: Any) -> bool:
+    return isinstance(x, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in x)
+
+
+@dataclass(frozen=True)
+class SolveRecord:
+    """One target layer's solve: ``kind`` (``square``, ``least-squares``, ``min-norm``, ``lowrank``, ``batched``),
+    ``residual = max|Ŵ − W|``, ``relative_residual = ‖Ŵ − W‖_F/‖W‖_F``, ``exact``, the pivot-ratio ``rcond``, how it
+    was computed (``precision``, refinement ``steps``) and construction-specific ``details`` (rank, blocks...)."""
+
+    layer: int
+    kind: str
+    residual: float
+    relative_residual: float
+    exact: bool
+    rcond: float | None = None
+    precision: str | None = None
+    steps: int | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {"layer": self.layer, "kind": self.kind, "residual": self.residual,
+               "relative_residual": self.relative_residual, "exact": self.exact, "rcond": self.rcond,
+               "precision": self.precision, "steps": self.steps}
+        out.update(self.details)
+        return out
+
+    @classmethod
+    def from_dict(cls, d: Any, source: str = "network") -> SolveRecord:
+        if not isinstance(d, dict):
+            raise _bad(source, "solve.layers[]", "an object", d)
+        known = {"layer", "kind", "residual", "relative_residual", "exact", "rcond", "precision", "steps"}
+        for key, ok, expected in (("layer", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+                                   "a non-negative integer"),
+                                  ("residual", _number, "a number"), ("relative_residual", _number, "a number"),
+                                  ("exact", lambda v: isinstance(v, bool), "true or false")):
+            if not ok(d.get(key)):
+                raise _bad(source, f"solve.layers[].{key}", expected, d.get(key))
+        rcond = d.get("rcond")
+        if rcond is not None and not _number(rcond):
+            raise _bad(source, "solve.layers[].rcond", "a number or null", rcond)
+        precision = d.get("precision")
+        if isinstance(precision, list):   # 0.1's lowrank wrote one precision per factor
+            precision = "+".join(map(str, precision))
+        return cls(layer=d["layer"], kind=str(d.get("kind", "")), residual=float(d["residual"]),
+                   relative_residual=float(d["relative_residual"]), exact=d["exact"],
+                   rcond=None if rcond is None else float(rcond),
+                   precision=None if precision is None else str(precision),
+                   steps=d.get("steps") if isinstance(d.get("steps"), int) else None,
+                   details={k: v for k, v in d.items() if k not in known})
+
+
+@dataclass(frozen=True)
+class SolveInfo:
+    """All records of one solve, the box it was solved for, and notes (approximations, truncations)."""
+
+    records: tuple[SolveRecord, ...]
+    domain: Box
+    notes: tuple[str, ...] = ()
+
+    @property
+    def exact(self) -> bool:
+        return all(r.exact for r in self.records)
+
+    @property
+    def max_relative_residual(self) -> float | None:
+        return max((r.relative_residual for r in self.records), default=None)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"exact": self.exact, "layers": [r.to_dict() for r in self.records], "notes": list(self.notes),
+                "domain": self.domain.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: Any, source: str = "network") -> SolveInfo:
+        if not isinstance(d, dict):
+            raise _bad(source, "solve", "an object", d)
+        layers, notes, domain = d.get("layers", []), d.get("notes", []), d.get("domain")
+        if not isinstance(layers, list):
+            raise _bad(source, "solve.layers", "a list", layers)
+        if not isinstance(notes, list) or not all(isinstance(n, str) for n in notes):
+            raise _bad(source, "solve.notes", "a list of strings", notes)
+        if not isinstance(domain, dict) or not isinstance(domain.get("low"), (list, int, float)) \
+                or not isinstance(domain.get("high"), (list, int, float)):
+            raise _bad(source, "solve.domain", 'an object {"low": [...], "high": [...]}', domain)
+        try:
+            box = Box.from_dict(domain)
+        except InvalidDomainError as exc:
+            raise FileFormatError(f"{source}: metadata field 'solve.domain' is not a valid box ({exc})") from None
+        return cls(records=tuple(SolveRecord.from_dict(r, source) for r in layers), domain=box, notes=tuple(notes))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, SolveInfo) and self.to_dict() == other.to_dict()
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+_META_FIELDS = ("method", "seed", "options", "target_dims", "target_parameters", "in_shape", "solve")
+
+
+@dataclass
+class NetMeta(Mapping):
+    """How a NormNet was made: ``method``, ``seed``, ``options``, ``target_dims``, ``target_parameters``,
+    ``in_shape`` (image targets), ``solve`` (a :class:`SolveInfo` once solved) and ``extra`` (keys other tools
+    add, kept as they are).
+
+    A read-only mapping view (``meta["seed"]``, ``meta.get("solve")``) serves code and files written against 0.1's
+    dictionary: it yields exactly what :meth:`to_dict` writes.
+    """
+
+    method: str | None = None
+    seed: int | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    target_dims: list[int] | None = None
+    target_parameters: int | None = None
+    in_shape: list[int] | None = None
+    solve: SolveInfo | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    # ------------------------------------------------------------------ JSON
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = dict(self.extra)
+        for name in _META_FIELDS:
+            value = getattr(self, name)
+            if name == "options":
+                out[name] = dict(value)
+            elif value is not None:
+                out[name] = value.to_dict() if name == "solve" else value
+        return out
+
+    @classmethod
+    def from_dict(cls, d: Any, source: str = "network") -> NetMeta:
+        """Read (and type-check) a metadata dictionary; 0.1's files have this very layout."""
+        if d is None:
+            return cls()
+        if isinstance(d, NetMeta):
+            return d
+        if not isinstance(d, dict):
+            raise _bad(source, "meta", "an object", d)
+        method, seed, options = d.get("method"), d.get("seed"), d.get("options", {})
+        if method is not None and not isinstance(method, str):
+            raise _bad(source, "method", "a string", method)
+        if seed is not None and not (isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0):
+            raise _bad(source, "seed", "a non-negative integer", seed)
+        if not isinstance(options, dict):
+            raise _bad(source, "options", "an object", options)
+        for key in ("target_dims", "in_shape"):
+            if d.get(key) is not None and not (_ints(d[key]) and all(v >= 1 for v in d[key])):
+                raise _bad(source, key, "a list of positive integers", d[key])
+        params = d.get("target_parameters")
+        if params is not None and not (isinstance(params, int) and not isinstance(params, bool) and params >= 0):
+            raise _bad(source, "target_parameters", "a non-negative integer", params)
+        solve = d.get("solve")
+        if isinstance(solve, SolveInfo):
+            info: SolveInfo | None = solve
+        else:
+            info = None if solve is None else SolveInfo.from_dict(solve, source)
+        return cls(method=method, seed=seed, options=dict(options), target_dims=d.get("target_dims"),
+                   target_parameters=params, in_shape=d.get("in_shape"), solve=info,
+                   extra={k: v for k, v in d.items() if k not in _META_FIELDS})
+
+    def replace(self, **changes: Any) -> NetMeta:
+        """A copy with some fields changed (the solve writes its :class:`SolveInfo` on the solved copy)."""
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d.update(changes)
+        d["options"], d["extra"] = dict(d["options"]), dict(d["extra"])
+        return NetMeta(**d)
+
+    # ------------------------------------------------------------------ mapping view (0.1 layout)
+    def __getitem__(self, key: str) -> Any:
+        return self.to_dict()[key]
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        """``meta[key] = value`` as 0.1 code wrote it: a typed field (validated) or an extra key."""
+        if key in _META_FIELDS:
+            typed = NetMeta.from_dict({key: value}, "meta")
+            setattr(self, key, getattr(typed, key))
+        else:
+            self.extra[key] = value
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.to_dict())
+
+    def __len__(self) -> int:
+        return len(self.to_dict())
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, NetMeta):
+            return self.to_dict() == other.to_dict()
+        if isinstance(other, Mapping):
+            return self.to_dict() == dict(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def finite_or_none(x: float | None) -> float | None:
+    """JSON has no NaN/Inf: non-finite floats are stored as ``null``."""
+    return None if x is None or not math.isfinite(x) else float(x)
