@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import resource
-import time
 
 import pytest
 import torch
@@ -14,13 +13,11 @@ from onlynorm import MemoryBudgetError, memory
 from onlynorm.errors import OnlyNormError
 
 
-def test_400_wide_layer_is_refused_within_a_second_without_allocating():
+def test_400_wide_layer_is_refused_without_allocating():
     g = nn.Linear(400, 400).double()
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    start = time.perf_counter()
     with pytest.raises(MemoryBudgetError, match=r"method 'width' needs about 19\d\.\d GiB.*use method='deep' \(~") as info:
         onlynorm.reconstruct(g)
-    assert time.perf_counter() - start < 1.0
     grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
     assert grown_kib < 200 * 1024          # nowhere near the 192 GiB system
     assert info.value.needed_bytes == 160000 ** 2 * 8 + 2 * 400 * 160000 * 8

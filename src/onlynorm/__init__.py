@@ -13,17 +13,21 @@ from .capacity import CapacityReport, capacity
 from .certify import CertifyResult
 from .cnn import ConvNetSpec
 from .constructions import available_methods
+from .constructions.sparse import SparsePatternError
 from .domain import Box, interval_bounds
 from .errors import (
-                     FileFormatError,
-                     InvalidDomainError,
-                     InvalidNetworkError,
-                     InvalidTargetError,
-                     MemoryBudgetError,
-                     OnlyNormError,
-                     SingularSystemError,
+    FileFormatError,
+    InvalidDomainError,
+    InvalidNetworkError,
+    InvalidOptionError,
+    InvalidTargetError,
+    MemoryBudgetError,
+    NotCertifiableError,
+    OnlyNormError,
+    SingularSystemError,
 )
 from .normnet import NetSummary, NormLinear, NormNet
+from .records import NetMeta, SolveInfo, SolveRecord
 from .residual import Residual
 from .target import MLPSpec
 from .train import TrainHistory, norm_parameters, train_norm_only
@@ -59,4 +63,10 @@ __all__ = [
     "FileFormatError",
     "SingularSystemError",
     "MemoryBudgetError",
+    "InvalidOptionError",
+    "NotCertifiableError",
+    "SparsePatternError",
+    "NetMeta",
+    "SolveInfo",
+    "SolveRecord",
 ]

@@ -17,10 +17,63 @@ import torch
 
 from .errors import FileFormatError
 
-__all__ = ["atomic_path", "read_tensors", "write_tensors", "METADATA_KEY"]
+__all__ = ["atomic_path", "read_tensors", "write_tensors", "check_output_path", "check_output_dir", "METADATA_KEY"]
 
 #: safetensors metadata is a flat ``str -> str`` map; onlynorm stores one JSON document under this key.
 METADATA_KEY = "onlynorm"
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def check_output_path(path: str | os.PathLike, *, inputs: tuple[str | os.PathLike, ...] = ()) -> Path:
+    """Refuse, before any work, an output path that cannot or must not be written: an empty name, a directory, a
+    missing or unwritable parent, a special file (FIFO, device, socket — only regular files are ever replaced),
+    or one of the run's own ``inputs``.
+
+    >>> check_output_path("")
+    Traceback (most recent call last):
+    ...
+    onlynorm.errors.FileFormatError: output path: expected a file name, found an empty string
+    """
+    if str(path) in ("", "."):
+        raise FileFormatError("output path: expected a file name, found an empty string")
+    final = Path(path)
+    if final.is_dir():
+        raise FileFormatError(f"output path {str(final)!r} is a directory; expected a file name such as "
+                              f"{str(final / 'net.safetensors')!r}")
+    if final.exists() and not final.is_file():
+        raise FileFormatError(f"output path {str(final)!r} exists and is not a regular file (a FIFO, device or "
+                              "socket); onlynorm only replaces regular files — choose another name")
+    parent = final.parent
+    if not parent.is_dir():
+        raise FileFormatError(f"cannot write {str(final)!r}: directory {str(parent)!r} does not exist; create it first")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise FileFormatError(f"cannot write {str(final)!r}: directory {str(parent)!r} is not writable")
+    for source in inputs:
+        if final.exists() and Path(source).exists() and os.path.samefile(final, source):
+            raise FileFormatError(f"output path {str(final)!r} is the input file {str(source)!r}; refusing to "
+                                  "overwrite an input — write to another file")
+    return final
+
+
+def check_output_dir(path: str | os.PathLike) -> Path:
+    """An output *directory*: existing or creatable, and not a file (checked before the work, not after)."""
+    if str(path) == "":
+        raise FileFormatError("output directory: expected a directory name, found an empty string")
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise FileFormatError(f"output directory {str(out)!r} exists and is not a directory; choose another --out")
+    existing = out
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise FileFormatError(f"cannot create output directory {str(out)!r}: {str(existing)!r} is not a writable "
+                              "directory")
+    return out
 
 
 @contextlib.contextmanager
@@ -34,17 +87,17 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     >>> target.read_bytes()
     b'data'
     """
-    final = Path(path)
-    if final.parent and not final.parent.exists():
-        raise FileFormatError(
-            f"cannot write {str(final)!r}: directory {str(final.parent)!r} does not exist; create it first")
+    final = check_output_path(path)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent or ".")
     os.close(fd)
     tmp = Path(tmp_name)
+    os.chmod(tmp, 0o666 & ~_umask())   # mkstemp makes 0600; an output file gets the usual permissions
     try:
         yield tmp
+        if final.exists() and not final.is_file():   # became special while we worked: never replace it
+            raise FileFormatError(f"output path {str(final)!r} is no longer a regular file; not replaced")
         os.replace(tmp, final)
-    finally:
+    finally:   # also on KeyboardInterrupt and on SIGTERM (the CLI turns it into SystemExit): no partial file
         if tmp.exists():
             tmp.unlink()
 
@@ -71,9 +124,14 @@ def read_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
     if not p.is_file():
         raise FileFormatError(f"file {str(p)!r} not found; expected a .safetensors (or .pt state_dict) file")
     suffix = p.suffix.lower()
-    if suffix in {".pt", ".pth", ".bin"}:
-        return _read_torch_state_dict(p), None
-    return _read_safetensors(p)
+    tensors, meta = (_read_torch_state_dict(p), None) if suffix in {".pt", ".pth", ".bin"} else _read_safetensors(p)
+    for name, t in tensors.items():
+        if t.layout != torch.strided or t.device.type != "cpu" or t.is_quantized:
+            raise FileFormatError(f"{str(p)!r}: tensor {name!r} is {t.layout} on device {t.device.type}; expected "
+                                  "dense CPU tensors (save with tensor.to_dense().cpu())")
+        if t.is_complex():
+            raise FileFormatError(f"{str(p)!r}: tensor {name!r} has complex dtype {t.dtype}; expected real values")
+    return tensors, meta
 
 
 def _read_safetensors(p: Path) -> tuple[dict[str, torch.Tensor], dict | None]:
@@ -94,8 +152,9 @@ def _read_safetensors(p: Path) -> tuple[dict[str, torch.Tensor], dict | None]:
     if METADATA_KEY in raw_meta:
         try:
             meta = json.loads(raw_meta[METADATA_KEY])
-        except json.JSONDecodeError:
-            raise FileFormatError(f"{str(p)!r} has corrupt onlynorm metadata (not JSON); re-create the file") from None
+        except (json.JSONDecodeError, RecursionError):
+            raise FileFormatError(f"{str(p)!r} has corrupt onlynorm metadata (not JSON, or nested too deeply); "
+                                  "re-create the file") from None
         if not isinstance(meta, dict):
             raise FileFormatError(f"{str(p)!r} has onlynorm metadata of type {type(meta).__name__}, expected an object")
     return tensors, meta

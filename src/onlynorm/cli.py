@@ -7,15 +7,18 @@ Set ``ONLYNORM_DEBUG=1`` to see tracebacks of unexpected errors.
 
 from __future__ import annotations
 
+import inspect
 import os
+import signal
 import sys
 from pathlib import Path
 
 import typer
 from rich.console import Console
 
+from ._io import check_output_dir, check_output_path
 from .demos.report import print_rows
-from .errors import OnlyNormError
+from .errors import InvalidOptionError, OnlyNormError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Reconstruct ReLU networks exactly by tuning only the BatchNorm γ, β of a frozen random "
@@ -24,21 +27,15 @@ console = Console()
 err_console = Console(stderr=True)
 
 
-def _parse_hidden(text: str | None):
-    if text is None:
-        return None
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise OnlyNormError(f"--hidden: expected an integer or a comma-separated list like 64,128, found {text!r}") from None
-    return values[0] if len(values) == 1 else values
-
-
-def _domain(low: float | None, high: float | None):
+def _domain(low: float | None, high: float | None, stored=None):
+    """The box from ``--low/--high``; a bound not given comes from ``stored`` (the box a network was solved on)
+    if there is one, else from the default ``[-1, 1]``."""
     from .domain import Box
 
     if low is None and high is None:
-        return None
+        return stored
+    if stored is not None:
+        return Box(stored.low if low is None else low, stored.high if high is None else high)
     return Box(-1.0 if low is None else low, 1.0 if high is None else high)
 
 
@@ -75,66 +72,89 @@ def _reconstruct_help() -> str:
     return "\n\n".join(lines)
 
 
-@app.command(help=_reconstruct_help())
 def reconstruct(
-    target: Path = typer.Argument(..., help="Target MLP: safetensors (or .pt) state_dict of nn.Sequential(Linear, ReLU, ...)."),
+    target: Path = typer.Argument(..., help="Target: safetensors (or .pt) state_dict of nn.Sequential(Linear, ReLU, "
+                                            "...), or a CNN saved by ConvNetSpec.save."),
     out: Path = typer.Option(..., "--out", "-o", help="Where to write the reconstructed network (.safetensors)."),
-    method: str = typer.Option("width", help="Construction: width, lowrank, deep or sparse (see above)."),
-    seed: int = typer.Option(0, help="Seed of the frozen random weights."),
+    method: str = typer.Option("width", help="Construction (see above)."),
+    seed: int = typer.Option(0, help="Seed of the frozen random weights (0 ≤ seed < 2⁶⁴)."),
     low: float | None = typer.Option(None, help="Lower bound of the input box (default -1)."),
     high: float | None = typer.Option(None, help="Upper bound of the input box (default 1)."),
-    hidden: str | None = typer.Option(None, help="width: hidden width N per pair (int or list); N < m·n gives least squares."),
-    rank: int | None = typer.Option(None, help="lowrank: rank r per layer (default: numerical rank)."),
-    block: int | None = typer.Option(None, help="deep: input block size k (default 1)."),
-    density: float | None = typer.Option(None, help="sparse: Bernoulli density p of the frozen weights."),
     dtype: str = typer.Option("float64", help="float64 (default, exact to ~1e-13) or float32."),
+    **options: str | None,
 ) -> None:
     import torch
 
     from . import api
     from .target import load_target
 
+    check_output_path(out, inputs=(target,))
     spec = load_target(target)
-    options = {}
-    if hidden is not None:
-        options["hidden"] = _parse_hidden(hidden)
-    for name, value in (("rank", rank), ("block", block), ("density", density)):
-        if value is not None:
-            options[name] = value
     torch_dtype = {"float64": torch.float64, "float32": torch.float32}.get(dtype)
     if torch_dtype is None:
-        raise OnlyNormError(f"--dtype: expected float64 or float32, found {dtype!r}")
+        raise InvalidOptionError(f"--dtype: expected float64 or float32, found {dtype!r}")
+    given = {name: _option_specs()[name].parse_text(text) for name, text in options.items() if text is not None}
     box = _domain(low, high)
     with _LayerProgress(f"solving ({method})") as progress:
         net = api.reconstruct(spec, method=method, domain=box, seed=seed, dtype=torch_dtype,
-                              progress=progress, **options)
+                              progress=progress, **given)
     net.save(out)
     print_rows(console, f"reconstructed {target.name} → {out}", net.summary().rows())
+
+
+def _option_specs() -> dict:
+    """Every construction's declared options by name (one declaration: the API validates against the same)."""
+    from .constructions import available_methods, get_construction
+
+    specs: dict = {}
+    for name in available_methods():
+        for spec in get_construction(name).option_specs():
+            specs.setdefault(spec.name, spec)
+    return specs
+
+
+def _with_option_flags(fn):
+    """Give ``fn`` one ``--NAME`` flag per declared construction option (typer reads ``__signature__``)."""
+    from .constructions import available_methods, get_construction
+
+    params = [p for p in inspect.signature(fn).parameters.values() if p.kind != inspect.Parameter.VAR_KEYWORD]
+    for name, spec in _option_specs().items():
+        users = [m for m in available_methods() if any(s.name == name for s in get_construction(m).option_specs())]
+        default = typer.Option(None, f"--{name}", help=f"{'/'.join(users)}: {spec.cli_help()}")
+        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                                        annotation=str | None))
+    fn.__signature__ = inspect.Signature(params)
+    return fn
+
+
+reconstruct = app.command(help=_reconstruct_help())(_with_option_flags(reconstruct))
 
 
 @app.command()
 def verify(
     net: Path = typer.Argument(..., help="Network written by `onlynorm reconstruct`."),
-    target: Path = typer.Argument(..., help="Target MLP file."),
+    target: Path = typer.Argument(..., help="Target file."),
     samples: int = typer.Option(100_000, help="Number of sample points of the box."),
     seed: int = typer.Option(0, help="Seed of the sample points."),
     low: float | None = typer.Option(None, help="Lower bound of the box (default: the one it was solved on)."),
     high: float | None = typer.Option(None, help="Upper bound of the box (default: the one it was solved on)."),
     tolerance: float | None = typer.Option(None, help="Relative tolerance (default 1e-9 in float64)."),
-    certify: bool = typer.Option(False, "--certify", help="Also prove equivalence on the whole box (interval bounds)."),
+    certify: bool = typer.Option(False, "--certify", help="Also prove equivalence on the whole box; exit 0 only if "
+                                                          "the proven bound meets the tolerance too."),
 ) -> None:
-    """Compare NET with TARGET; exit 0 when within tolerance (and certified if asked), 1 when not."""
+    """Compare NET with TARGET; exit 0 when within tolerance (and, with --certify, proven within it), 1 when not."""
     from .normnet import NormNet
     from .target import load_target
     from .verify import verify as run_verify
 
     network = NormNet.load(net)
     spec = load_target(target)
-    report = run_verify(network, spec, domain=_domain(low, high), samples=samples, seed=seed,
-                               tolerance=tolerance, certify=certify)
+    stored = network.meta.solve.domain if network.meta.solve is not None else None
+    report = run_verify(network, spec, domain=_domain(low, high, stored), samples=samples, seed=seed,
+                        tolerance=tolerance, certify=certify)
     print_rows(console, f"verify {net.name} against {target.name}", report.rows())
-    ok = report.passed and (report.certified is not False)
-    if not ok:
+    if not report.ok:
+        err_console.print(f"not verified: {report.failure()}", highlight=False, soft_wrap=True)
         raise typer.Exit(1)
 
 
@@ -168,6 +188,8 @@ def demo(
 
     if builtin + tasks + cnn > 1:
         raise OnlyNormError("choose at most one of --builtin, --tasks, --cnn")
+    if json_path is not None:
+        check_output_path(json_path)
     name = "builtin" if builtin else "tasks" if tasks else "cnn" if cnn else "digits"
     module = importlib.import_module(f".demos.{name}", __package__)
     if not module.run(seed=seed, json_path=json_path, console=console):
@@ -183,27 +205,55 @@ def experiment(
 ) -> None:
     """Run one experiment of the theory; writes results.json, PNG figures and summary.md into OUT."""
     from .experiments import run_experiment
+    from .options import check_seed
+
+    check_seed(seed, "--seed")
+    if out is not None:
+        check_output_dir(out)
 
     run_experiment(name, quick=quick, out=out, seed=seed, console=console)
 
 
+def _terminate(signum, frame):  # pragma: no cover - exercised by a subprocess test
+    """SIGTERM unwinds like Ctrl-C: ``finally`` blocks remove temporary files, then a quiet exit 143."""
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point: OnlyNormError → one line on stderr, exit 2; no tracebacks for bad input."""
+    """Console entry point: every refusal is one line on stderr and exit 2 — OnlyNormError, usage errors, memory;
+    Ctrl-C / SIGTERM exit 130 / 143 quietly, leaving no partial file. Unexpected errors: one line, exit 3."""
+    from typer._click.exceptions import ClickException
+    from typer.exceptions import Abort
+    from typer.main import get_command
+
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
-        # standalone mode: typer itself reports usage errors (exit 2) and turns typer.Exit into an exit code
-        app(args=argv, prog_name="onlynorm")
+        code = get_command(app).main(args=argv, prog_name="onlynorm", standalone_mode=False)
+        sys.exit(code if isinstance(code, int) else 0)
     except OnlyNormError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        _fail(f"error: {exc}", 2)
+    except ClickException as exc:   # usage errors: one line, not a box
+        _fail(f"error: {exc.format_message()} (see onlynorm --help)", 2)
+    except (KeyboardInterrupt, Abort):
+        _fail("interrupted; nothing was written", 130)
     except MemoryError as exc:
-        print(f"error: out of memory ({exc or 'allocation failed'}); try --method deep or lowrank", file=sys.stderr)
-        sys.exit(2)
+        _fail(f"error: out of memory ({exc or 'allocation failed'}); try --method deep or lowrank, or fewer "
+              "--samples", 2)
+    except RecursionError:
+        _fail("error: the input is nested too deeply to process; expected a flatter architecture description", 2)
     except Exception as exc:  # an onlynorm bug, not the user's input: one line, unless debugging
         if os.environ.get("ONLYNORM_DEBUG"):
             raise
-        print(f"internal error: {type(exc).__name__}: {exc} (set ONLYNORM_DEBUG=1 for a traceback and please "
-              "report it)", file=sys.stderr)
-        sys.exit(3)
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        _fail(f"internal error: {type(exc).__name__}: {first} (set ONLYNORM_DEBUG=1 for a traceback and please "
+              "report it)", 3)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _fail(message: str, code: int) -> None:
+    print(" ".join(message.split()), file=sys.stderr)   # one line, whatever the message held
+    sys.exit(code)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -111,7 +111,7 @@ class OptionSpec:
     def cli_help(self) -> str:
         rng = _range_words(self.min_val, self.max_val, self.include_min, self.include_max)
         per = " (one value, or one per target layer: 64,128)" if self.per_layer else ""
-        return f"{self.help} [{_TYPE_WORDS[self.kind].split()[-1]}{' ' + rng if rng else ''}{per}]"
+        return f"{self.help} ({_TYPE_WORDS[self.kind].split()[-1]}{' ' + rng if rng else ''}{per})"
 
 
 def check_options(method: str, specs: Sequence[OptionSpec], options: Mapping[str, Any],

@@ -43,6 +43,9 @@ class MLPSpec:
         weights = tuple(torch.as_tensor(w).detach() for w in self.weights)
         if len(weights) == 0:
             raise InvalidTargetError("expected a target with at least one Linear layer, found none")
+        for i, w in enumerate(weights):   # shapes first: a 0-d "weight" has no rows to size a bias by
+            if w.ndim != 2:
+                raise InvalidTargetError(f"layer {i}: expected a 2-D weight (out, in), found shape {tuple(w.shape)}")
         biases = tuple(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device) if b is None
                        else torch.as_tensor(b).detach() for w, b in zip(weights, _pad(self.biases, len(weights))))
         if len(self.biases) not in (0, len(weights)):

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .certify import certifiability_problems, not_certifiable
 from .constructions import get_construction
 from .domain import Box, resolve_domain
 from .errors import InvalidNetworkError
@@ -190,7 +191,11 @@ def verify(net: nn.Module, target: MLPSpec | nn.Module, domain: Box | tuple | No
                                       "network); solve it with onlynorm.solve_norms first")
         net.eval()
         try:
-            result = get_construction(net.method).certify(net, spec, box)
+            # one gate for every construction: the certificate covers the network as it evaluates, so statistics
+            # that are not the fixed inference form (or non-finite parameters) are refused, never half-certified
+            problems = certifiability_problems(net)
+            result = (not_certifiable(problems) if problems else
+                      get_construction(net.method).certify(net, spec, box))
         finally:
             net.train(was_training)
         report.certified = result.certified

@@ -30,17 +30,7 @@ from ..domain import Box
 from ..errors import InvalidNetworkError
 from ..normnet import NormLinear, NormNet
 from ..target import MLPSpec
-from .core import (
-    U_XP,
-    XP,
-    CertifyResult,
-    affine_interval,
-    certifiability_problems,
-    gamma_n,
-    not_certifiable,
-    to_xp,
-    unit_roundoff,
-)
+from .core import U_XP, XP, CertifyResult, affine_interval, gamma_n, to_xp, unit_roundoff
 
 __all__ = ["certify_blocks", "propagate_distance", "certify_result", "start_rounding"]
 
@@ -54,9 +44,6 @@ def start_rounding(net: NormNet, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
 
 def certify_blocks(net: NormNet, spec: MLPSpec, box: Box, blocks: list[list[int]]) -> CertifyResult:
     """Certify a chain of :class:`NormLinear` blocks (``blocks[i]`` = stage indices realising target layer i)."""
-    problems = certifiability_problems(net)
-    if problems:
-        return not_certifiable(problems)
     u_f = unit_roundoff(net.dtype)
     if len(blocks) != spec.depth:
         raise InvalidNetworkError(f"expected {spec.depth} blocks for a {spec.depth}-layer target, found {len(blocks)}")

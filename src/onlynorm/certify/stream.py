@@ -12,17 +12,7 @@ import numpy as np
 from ..domain import Box
 from ..normnet import NormNet
 from ..target import MLPSpec
-from .core import (
-    U_XP,
-    XP,
-    CertifyResult,
-    affine_interval,
-    certifiability_problems,
-    gamma_n,
-    not_certifiable,
-    to_xp,
-    unit_roundoff,
-)
+from .core import U_XP, XP, CertifyResult, affine_interval, gamma_n, to_xp, unit_roundoff
 from .mlp import certify_result, propagate_distance, start_rounding
 
 __all__ = ["certify_residual_streams"]
@@ -32,9 +22,6 @@ def certify_residual_streams(net: NormNet, spec: MLPSpec, box: Box, stages: list
     """Certify the deep construction: every branch unit ``Γ_t A_t x_{J_t} + β_t`` is proven positive on the box
     (one interval step per branch), so each layer computes ``relu(γ_out ⊙ Σ_t B_t (Γ_t A_t x_{J_t} + β_t) + β_out)``,
     an affine map ``P x + q`` composed in extended precision; the distance to ``g`` then follows as for blocks."""
-    problems = certifiability_problems(net)
-    if problems:
-        return not_certifiable(problems)
     u_f = unit_roundoff(net.dtype)
     lo, hi = to_xp(box.low), to_xp(box.high)
     err = np.zeros_like(lo)

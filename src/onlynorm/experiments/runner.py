@@ -67,20 +67,28 @@ def run_trials(fn: Callable[..., Any], trials: list[dict], *, console=None, desc
     jobs = default_jobs() if n_jobs is None else n_jobs
     if not trials:
         return []
-    parallel = Parallel(n_jobs=jobs, backend="loky" if jobs > 1 else "sequential", return_as="generator")
-    outputs = parallel(delayed(_call)(fn, t) for t in trials)
-    if console is None:
-        return list(outputs)
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    import torch
 
-    results = []
-    with Progress(TextColumn(description), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeElapsedColumn(), console=console, transient=True) as bar:
-        task = bar.add_task(description, total=len(trials))
-        for r in outputs:
-            results.append(r)
-            bar.advance(task)
-    return results
+    # The sequential path runs the trials in *this* process: _init_worker's single-thread setting must not stick
+    # in the caller's session (timings are single-threaded per trial either way, as every table says).
+    threads = torch.get_num_threads()
+    try:
+        parallel = Parallel(n_jobs=jobs, backend="loky" if jobs > 1 else "sequential", return_as="generator")
+        outputs = parallel(delayed(_call)(fn, t) for t in trials)
+        if console is None:
+            return list(outputs)
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        results = []
+        with Progress(TextColumn(description), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                      TimeElapsedColumn(), console=console, transient=True) as bar:
+            task = bar.add_task(description, total=len(trials))
+            for r in outputs:
+                results.append(r)
+                bar.advance(task)
+        return results
+    finally:
+        torch.set_num_threads(threads)
 
 
 @dataclass

@@ -1,0 +1,175 @@
+"""Tamper suite: a certificate either refuses a tampered network or bounds its observed error.
+
+For every construction, each kind of tensor a network file holds — γ, β, frozen weights, running mean, running
+variance — is perturbed in the saved file by 1e-12, 1e-6 and 1e-3 (relative), singly and in compensating pairs
+(γ with a β that hides the change at the box centre; a running mean with the β that cancels it exactly). The
+network is loaded back and verified with ``certify=True`` on many points: it must be refused (not certified) or
+its observed ``max |f − g|`` must lie within ``certified_bound + rounding_bound``. And ``verify --certify`` (the
+report's ``ok``) must never pass a network whose sampled error exceeds the tolerance.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+import onlynorm
+from onlynorm import Box, NormNet, _io
+
+from .conftest import random_mlp
+
+SAMPLES = 20_000
+KINDS = ("gamma", "beta", "frozen", "running_mean", "running_var")
+SIZES = (1e-12, 1e-6, 1e-3)
+
+
+def _networks():
+    g = random_mlp([3, 5, 2], seed=7)
+    box = Box(-1.0, 2.0)
+    out = {m: (onlynorm.reconstruct(g, method=m, domain=box, seed=1, **o), g, box)
+           for m, o in (("width", {}), ("deep", {"block": 2}), ("lowrank", {}), ("sparse", {"density": 0.95}))}
+    cnn = nn.Sequential(nn.Conv2d(1, 2, 2), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 2 * 2, 2)).double().eval()
+    out["conv"] = (onlynorm.reconstruct(cnn, in_shape=(1, 3, 3), domain=Box(0.0, 1.0), seed=1), cnn, Box(0.0, 1.0))
+    out["width-float32"] = (onlynorm.reconstruct(g, domain=box, seed=1, dtype=torch.float32), g, box)
+    return out
+
+
+NETWORKS = _networks()
+
+
+def _names(net: NormNet, kind: str) -> list[str]:
+    norm = set(net.norm_state())
+    state = net.state_dict()
+    if kind == "gamma":
+        return [k for k in norm if k.endswith(".weight")]
+    if kind == "beta":
+        return [k for k in norm if k.endswith(".bias")]
+    if kind == "frozen":
+        return [k for k in state if k not in norm and k.endswith("weight")]
+    return [k for k in state if k.endswith(kind)]
+
+
+def _tampered(tmp_path, net: NormNet, edits: dict[str, tuple[int, float]]) -> NormNet:
+    """Save ``net``, change entries of its tensors *in the file*, load it back."""
+    path = tmp_path / "net.safetensors"
+    net.save(path)
+    tensors, doc = _io.read_tensors(path)
+    for name, (index, delta) in edits.items():
+        flat = tensors[name].reshape(-1)
+        flat[index] = flat[index] + delta
+    _io.write_tensors(path, tensors, metadata=doc)
+    return NormNet.load(path)
+
+
+def _check(net: NormNet, g, box: Box, counts: dict) -> None:
+    report = onlynorm.verify(net, g, domain=box, samples=SAMPLES, seed=3, certify=True)
+    if report.certified:
+        counts["bounded"] += 1
+        assert report.max_abs_error <= report.certified_bound + report.rounding_bound, report
+    else:
+        counts["refused"] += 1
+        assert report.proven is False and not report.ok
+    if report.ok:   # verify --certify exits 0 only within the tolerance
+        assert report.max_rel_error <= report.tolerance
+
+
+@pytest.mark.parametrize("method", sorted(NETWORKS))
+def test_single_edits_are_refused_or_bounded(method, tmp_path):
+    net, g, box = NETWORKS[method]
+    counts = {"bounded": 0, "refused": 0}
+    gen = torch.Generator().manual_seed(0)
+    for kind, size in itertools.product(KINDS, SIZES):
+        names = _names(net, kind)
+        assert names, f"{method} has no {kind} tensor"
+        name = names[int(torch.randint(len(names), (1,), generator=gen))]
+        t = net.state_dict()[name]
+        index = int(torch.randint(t.numel(), (1,), generator=gen))
+        scale = max(float(t.reshape(-1)[index].abs()), 1.0)
+        _check(_tampered(tmp_path, net, {name: (index, size * scale)}), g, box, counts)
+    assert counts["refused"] >= 2 * len(SIZES)      # every running-statistics edit is refused
+    assert counts["bounded"] > 0                    # and γ/β/weight edits are bounded, not all refused
+
+
+@pytest.mark.parametrize("method", ["width", "deep", "lowrank", "sparse", "width-float32"])
+def test_compensating_pairs_are_refused_or_bounded(method, tmp_path):
+    net, g, box = NETWORKS[method]
+    counts = {"bounded": 0, "refused": 0}
+    first = net.layers[0].branches[0] if method == "deep" else net.layers[0]
+    prefix = "layers.0.branches.0." if method == "deep" else "layers.0."
+    centre = ((box.low + box.high) / 2).expand(first.linear.in_features).to(net.dtype)
+    z = first.linear(centre).detach()                    # the unit's input at the box centre
+    gamma = first.norm.weight.detach()
+    for size in SIZES:
+        k = 0
+        # γ_k (1 + δ) with β_k − δ γ_k z_k: the same output at the centre, different elsewhere
+        edits = {prefix + "norm.weight": (k, size * float(gamma[k])),
+                 prefix + "norm.bias": (k, -size * float(gamma[k] * z[k]))}
+        _check(_tampered(tmp_path, net, edits), g, box, counts)
+        # running mean + δ with β + δ γ: the very same function, but not the form the certificate covers
+        edits = {prefix + "norm.running_mean": (k, size), prefix + "norm.bias": (k, size * float(gamma[k]))}
+        _check(_tampered(tmp_path, net, edits), g, box, counts)
+    assert counts["refused"] >= len(SIZES) and counts["bounded"] >= 1   # a 1e-3 γ edit may also be refused
+
+
+def test_eps_and_training_mode_are_not_certified():
+    from onlynorm.certify import certifiability_problems
+
+    net, g, box = NETWORKS["width"]
+    bn = net.norm_modules()[0]
+    bn.eps = 1e-3
+    assert any("eps" in p for p in certifiability_problems(net))
+    bn.eps = 0.0
+    net.batch_statistics = True
+    net.train()
+    try:
+        assert any("batch statistics" in p for p in certifiability_problems(net))
+    finally:
+        net.batch_statistics = False
+        net.eval()
+    assert certifiability_problems(net) == []
+
+
+def test_non_finite_parameters_are_never_certified():
+    net, g, box = NETWORKS["width"]
+    bad = net.clone()
+    with torch.no_grad():
+        bad.norm_modules()[0].weight[0] = float("nan")
+    report = onlynorm.verify(bad, g, domain=box, samples=100, certify=True)
+    assert report.certified is False and not report.ok and any("NaN" in n for n in report.notes)
+
+
+def test_float32_rounding_bound_covers_the_observed_error():
+    net, g, box = NETWORKS["width-float32"]
+    report = onlynorm.verify(net, g, domain=box, samples=SAMPLES, certify=True)
+    assert report.certified and report.max_abs_error > 0
+    assert report.max_abs_error <= report.certified_bound + report.rounding_bound
+    assert report.rounding_bound > 1e-9    # float32 arithmetic, not float64's 1e-13 (0.1 reported 7e-13)
+
+
+def test_cli_verify_certify_exits_1_when_the_bound_exceeds_the_tolerance(tmp_path, capsys):
+    """A γ edited with a compensating β passes the sampled check at one point; the certificate's bound does not
+    meet the tolerance, so the exit code is 1 with the failing check named."""
+    from onlynorm.cli import main
+
+    net, g, box = NETWORKS["width"]
+    first = net.layers[0]
+    centre = ((box.low + box.high) / 2).expand(first.linear.in_features).to(net.dtype)
+    z = first.linear(centre).detach()
+    gamma = float(first.norm.weight.detach()[0])
+    tampered = _tampered(tmp_path, net, {"layers.0.norm.weight": (0, 1e-3 * gamma),
+                                         "layers.0.norm.bias": (0, -1e-3 * gamma * float(z[0]))})
+    sampled = onlynorm.verify(tampered, g, samples=1, certify=True)
+    tolerance = 2 * sampled.max_rel_error          # the sampled check passes at this tolerance...
+    report = onlynorm.verify(tampered, g, samples=1, certify=True, tolerance=tolerance)
+    assert report.passed and report.certified
+    assert not report.proven                       # ...but the proven bound does not meet it
+    tampered.save(tmp_path / "t.safetensors")
+    onlynorm.MLPSpec.from_module(g).save(tmp_path / "g.safetensors")
+    with pytest.raises(SystemExit) as info:
+        main(["verify", str(tmp_path / "t.safetensors"), str(tmp_path / "g.safetensors"), "--samples", "1",
+              "--certify", "--tolerance", repr(tolerance)])
+    err = capsys.readouterr().err
+    assert info.value.code == 1 and "the certified bound" in err and "exceeds the tolerance" in err
