@@ -214,9 +214,12 @@ def experiment(
     run_experiment(name, quick=quick, out=out, seed=seed, console=console)
 
 
+class _Terminated(Exception):
+    """Raised by the SIGTERM handler so that ``finally`` blocks (temporary files) run before exit 143."""
+
+
 def _terminate(signum, frame):  # pragma: no cover - exercised by a subprocess test
-    """SIGTERM unwinds like Ctrl-C: ``finally`` blocks remove temporary files, then a quiet exit 143."""
-    raise SystemExit(128 + signum)
+    raise _Terminated()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -229,6 +232,8 @@ def main(argv: list[str] | None = None) -> None:
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         code = get_command(app).main(args=argv, prog_name="onlynorm", standalone_mode=False)
+        if code == 130:   # typer turns Ctrl-C inside a command into Exit(130), which is returned here
+            raise KeyboardInterrupt
         sys.exit(code if isinstance(code, int) else 0)
     except OnlyNormError as exc:
         _fail(f"error: {exc}", 2)
@@ -236,6 +241,8 @@ def main(argv: list[str] | None = None) -> None:
         _fail(f"error: {exc.format_message()} (see onlynorm --help)", 2)
     except (KeyboardInterrupt, Abort):
         _fail("interrupted; nothing was written", 130)
+    except _Terminated:
+        _fail("terminated; nothing was written", 143)
     except MemoryError as exc:
         _fail(f"error: out of memory ({exc or 'allocation failed'}); try --method deep or lowrank, or fewer "
               "--samples", 2)
@@ -252,7 +259,9 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _fail(message: str, code: int) -> None:
-    print(" ".join(message.split()), file=sys.stderr)   # one line, whatever the message held
+    # sys.__stderr__: an interrupted rich progress bar can leave sys.stderr redirected into its console
+    stream = sys.__stderr__ if sys.__stderr__ is not None else sys.stderr
+    print(" ".join(message.split()), file=stream, flush=True)   # one line, whatever the message held
     sys.exit(code)
 
 

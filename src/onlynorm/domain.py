@@ -22,6 +22,10 @@ from .errors import InvalidDomainError
 
 __all__ = ["Box", "affine_bounds", "interval_bounds", "resolve_domain"]
 
+#: largest accepted |bound|: far beyond any real input scale, far below where products of weights and bounds
+#: overflow float64 (≈ 1.8e308)
+_MAX_BOUND = 1e100
+
 
 class Box:
     """An axis-aligned box ``[low, high]``; ``low``/``high`` are scalars or per-coordinate sequences/tensors.
@@ -63,6 +67,9 @@ class Box:
             lo, hi = lo.expand(n).clone(), hi.expand(n).clone()
         if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
             raise InvalidDomainError("expected finite box bounds, found NaN or Inf; use a bounded domain")
+        if not torch.isfinite(hi - lo).all() or float(torch.maximum(lo.abs(), hi.abs()).max()) > _MAX_BOUND:
+            raise InvalidDomainError(f"box bounds overflow: expected |low|, |high| ≤ {_MAX_BOUND:g} so that interval "
+                                     "bounds and β stay finite in float64; rescale the inputs")
         if not (lo < hi).all():
             bad = int(torch.nonzero(~(lo < hi).reshape(-1))[0]) if lo.ndim else 0
             raise InvalidDomainError(

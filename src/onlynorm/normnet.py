@@ -94,6 +94,28 @@ def frozen_module(cls: type[nn.Module], *args, dtype: torch.dtype, device=None, 
     return module
 
 
+def _check_sizes(config: Any, kind: str, held: int, key: str = "") -> None:
+    """Every integer of a stage's config (nested ones too) must be a size the file's tensors could describe:
+    ≥ 0 (padding may be 0) and ≤ ``held`` elements; sizes such as ``block`` or ``in_features`` must be ≥ 1 — so a
+    tampered description is refused with the field named before anything is built or allocated."""
+    if isinstance(config, dict):
+        for k, v in config.items():
+            _check_sizes(v, kind, held, k)
+    elif isinstance(config, list):
+        for v in config:
+            _check_sizes(v, kind, held, key)
+    elif isinstance(config, int) and not isinstance(config, bool):
+        low = 0 if key in _MAY_BE_ZERO else 1
+        if not low <= config <= held:
+            raise FileFormatError(f"stage {kind!r}: config field {key!r} must be an integer from {low} to the file's "
+                                  f"{held:,} weight elements, found {config!r}; the architecture description is "
+                                  "corrupt — re-create the file")
+
+
+#: config fields for which 0 is a valid value
+_MAY_BE_ZERO = frozenset({"padding"})
+
+
 class Stage(nn.Module):
     """Base of NormNet building blocks: a registered ``kind`` and a JSON-serialisable ``config()``."""
 
@@ -104,12 +126,6 @@ class Stage(nn.Module):
 
     @classmethod
     def from_config(cls, config: dict[str, Any], *, dtype: torch.dtype, device=None) -> Stage:
-        """Rebuild from :meth:`config`; scalar fields are checked first (sizes are positive integers, flags are
-        booleans), so a tampered file is refused with the field named instead of failing deep inside torch."""
-        for key, value in config.items():
-            if isinstance(value, int) and not isinstance(value, bool) and value < 1:
-                raise FileFormatError(f"stage {cls.kind!r}: config field {key!r} must be a positive integer, found "
-                                      f"{value!r}; the architecture description is corrupt — re-create the file")
         return cls(**config, dtype=dtype, device=device)
 
     def widths(self) -> list[int]:
@@ -354,6 +370,7 @@ class NormNet(nn.Module):
         if not isinstance(architecture, list) or not all(isinstance(c, dict) for c in architecture):
             raise FileFormatError(f"{source}: expected 'architecture' to be a list of stage objects, found "
                                   f"{type(architecture).__name__}; re-create the file")
+        held = max(sum(t.numel() for t in tensors.values()), 1)
         try:
             # Stages are built on the meta device first: a description claiming absurd sizes costs nothing until
             # its shapes are compared with the tensors the file really holds.
@@ -363,6 +380,7 @@ class NormNet(nn.Module):
                 kind = cfg.pop("kind", None)
                 if not isinstance(kind, str) or kind not in STAGES:
                     raise FileFormatError(f"{source}: unknown stage kind {kind!r}; known kinds: {sorted(STAGES)}")
+                _check_sizes(cfg, kind, held)
                 stages.append(STAGES[kind].from_config(cfg, dtype=dtype, device="meta"))
             net = cls(stages, meta=meta)
         except FileFormatError:

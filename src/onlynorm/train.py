@@ -24,7 +24,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
 from .domain import Box
-from .errors import OnlyNormError
+from .errors import InvalidOptionError, OnlyNormError
 
 __all__ = ["norm_parameters", "norm_modules", "train_norm_only", "TrainHistory", "NORM_TYPES"]
 
@@ -116,8 +116,16 @@ def train_norm_only(model: nn.Module, data=None, *, target: Callable | None = No
     for a NormNet this sets ``net.batch_statistics``). Stops after ``steps`` or ``time_budget`` seconds. The model is
     left in ``eval()`` mode. Returns a :class:`TrainHistory`.
     """
+    from .options import check_scalar, check_seed
+
     if statistics not in {"fixed", "batch"}:
-        raise OnlyNormError(f"statistics: expected 'fixed' or 'batch', found {statistics!r}")
+        raise InvalidOptionError(f"statistics: expected 'fixed' or 'batch', found {statistics!r}")
+    steps = check_scalar(steps, "steps", int, min_val=1)
+    batch_size = check_scalar(batch_size, "batch_size", int, min_val=1)
+    lr = check_scalar(lr, "lr", float, min_val=0.0, include_min=False)
+    seed = check_seed(seed)
+    if time_budget is not None:
+        time_budget = check_scalar(time_budget, "time_budget", float, min_val=0.0, include_min=False)
     if (data is None) == (target is None):
         raise OnlyNormError("expected exactly one of data=(X, Y)/Dataset/DataLoader or target=function (with box=)")
     params = norm_parameters(model)

@@ -14,7 +14,7 @@ import torch
 
 from ..certify import CertifyResult
 from ..domain import Box
-from ..errors import InvalidNetworkError, InvalidOptionError, OnlyNormError
+from ..errors import InvalidDomainError, InvalidNetworkError, InvalidOptionError, OnlyNormError
 from ..normnet import NormLinear, NormNet, Stage
 from ..options import OptionSpec, check_options
 from ..records import SolveInfo, SolveRecord
@@ -203,6 +203,11 @@ def begin_solve(net: NormNet, target) -> tuple[Any, NormNet, float]:
 
 def finish_solve(out: NormNet, records: list[SolveRecord | dict], notes: list[str], domain: Box) -> NormNet:
     """Record how the norms were solved (typed per-layer records, notes, the box) in ``out.meta.solve``."""
+    for p in out.norm_parameters():
+        if not bool(torch.isfinite(p).all()):
+            raise InvalidDomainError(
+                f"the solved γ, β overflow (non-finite) on the box {domain!r}: the bounds or the weights are too "
+                f"large for {str(out.dtype).removeprefix('torch.')}; rescale the inputs or use a smaller box")
     typed = tuple(r if isinstance(r, SolveRecord) else SolveRecord.from_dict(r) for r in records)
     out.meta = out.meta.replace(solve=SolveInfo(records=typed, domain=domain, notes=tuple(notes)))
     return out
