@@ -176,7 +176,7 @@ def main() -> None:
     print(fmt_table(rows, ["d", "N", "ours/f64", "ours/f32_torch", "ours/f32_scipy", "ours/naive", "max_rel_error",
                            "precision", "steps", "peak/system", "system_MiB"]))
     required = [r for r in rows if r["d"] in (16, 32, 64)]
-    if required:   # issue 2's table: one d×d layer vs a bare float64 torch.linalg.solve of N×N, N = d²
+    if required:   # the required table: one d×d layer vs a bare float64 torch.linalg.solve of N×N, N = d²
         print("\nReconstruct one d×d layer / bare float64 torch.linalg.solve on N×N (N = d²), same run:\n")
         print(fmt_table(required, ["d", "N", "ours/f64", "max_rel_error"]))
     print("\nAbsolute seconds (noise on a shared machine; for orientation only):\n")

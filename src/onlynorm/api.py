@@ -72,7 +72,7 @@ def solve_norms(frozen: NormNet, target: MLPSpec | nn.Module, domain: Box | tupl
         frozen.meta = frozen.meta.replace(method="width", target_dims=frozen.meta.target_dims or spec.dims,
                                           target_parameters=frozen.meta.target_parameters or spec.num_parameters)
     box = resolve_domain(domain, spec.in_features)
-    return get_construction(frozen.meta.method).solve(frozen, spec, box, progress=progress)
+    return get_construction(frozen.meta.method or "width").solve(frozen, spec, box, progress=progress)
 
 
 def reconstruct(target: MLPSpec | nn.Module, method: str = "width", domain: Box | tuple | None = None,

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.progress import TaskID
 
 from ._io import check_output_dir, check_output_path
 from .demos.report import print_rows
@@ -45,11 +46,12 @@ class _LayerProgress:
     def __init__(self, description: str):
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+
         self._progress = Progress(TextColumn("[progress.description]{task.description}"), BarColumn(),
                                   TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
                                   console=err_console, transient=True)
         self._description = description
-        self._task = None
+        self._task = TaskID(0)
 
     def __enter__(self) -> _LayerProgress:
         self._progress.__enter__()

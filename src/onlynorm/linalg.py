@@ -233,10 +233,10 @@ def solve_khatri_rao(A: torch.Tensor, B: torch.Tensor, W: torch.Tensor, *, layer
         # and γ is as accurate as the network's dtype can hold
         sol = solve_khatri_rao(A.double(), B.double(), W.double(), layer=layer, rcond_tol=rcond_tol,
                                precision=precision, max_refinement=max_refinement)
-        gamma = sol.gamma.to(W.dtype)
-        err = compose(B.double(), gamma.double(), A.double()) - W.double()
+        rounded = sol.gamma.to(W.dtype)
+        err = compose(B.double(), rounded.double(), A.double()) - W.double()
         scale = float(torch.linalg.norm(W.double()))
-        sol.gamma, sol.residual = gamma, float(err.abs().max())
+        sol.gamma, sol.residual = rounded, float(err.abs().max())
         sol.relative_residual = float(torch.linalg.norm(err)) / scale if scale > 0 else sol.residual
         return sol
     rhs = vec(W)
@@ -244,7 +244,7 @@ def solve_khatri_rao(A: torch.Tensor, B: torch.Tensor, W: torch.Tensor, *, layer
     rcond, steps, used = None, 0, "float64"
     if N == m * n:
         kind, exact = "square", True
-        gamma = None
+        gamma: torch.Tensor | None = None
         if precision == "auto":
             lu = _LowPrecisionLU(khatri_rao_system_transposed(A, B, torch.float32))
             if lu.rcond > 0:

@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import torch
 from torch import nn
@@ -116,6 +116,19 @@ def _check_sizes(config: Any, kind: str, held: int, key: str = "") -> None:
 _MAY_BE_ZERO = frozenset({"padding"})
 
 
+M = TypeVar("M", bound=nn.Module)
+
+
+class ModuleSeq(nn.ModuleList, Generic[M]):
+    """An ``nn.ModuleList`` whose items have one declared type (for readers and type checkers; same state dict)."""
+
+    def __iter__(self) -> Iterator[M]:
+        return super().__iter__()  # type: ignore[return-value]
+
+    def __getitem__(self, idx: Any) -> Any:
+        return super().__getitem__(idx)
+
+
 class Stage(nn.Module):
     """Base of NormNet building blocks: a registered ``kind`` and a JSON-serialisable ``config()``."""
 
@@ -130,7 +143,7 @@ class Stage(nn.Module):
 
     def widths(self) -> list[int]:
         """Widths of this stage's normalization layers (for summaries)."""
-        return [m.num_features for m in self.modules() if is_norm_module(m)]
+        return [int(m.num_features) for m in self.modules() if isinstance(m, _BatchNorm)]
 
     def depth(self) -> int:
         """Normalization layers a signal passes through on its longest path (all of them, for a chain)."""
@@ -142,11 +155,13 @@ class NormLinear(Stage):
     """``y = relu(γ ⊙ (A x) + β)`` with frozen ``A`` (``nn.Linear`` without bias) and ``γ, β`` from BatchNorm1d."""
 
     kind = "norm_linear"
+    linear: nn.Linear
+    norm: _BatchNorm
 
     def __init__(self, in_features: int, out_features: int, relu: bool = True, *,
                  dtype: torch.dtype = torch.float64, device: torch.device | str | None = None):
         super().__init__()
-        self.linear = frozen_module(nn.Linear, in_features, out_features, dtype=dtype, device=device)
+        self.linear = frozen_module(nn.Linear, in_features, out_features, dtype=dtype, device=device)  # type: ignore[assignment]
         self.norm = make_batchnorm(out_features, dtype=dtype, device=device)
         self.relu = bool(relu)
 
@@ -232,7 +247,7 @@ class NormNet(nn.Module):
 
     def __init__(self, layers: Sequence[Stage], meta: NetMeta | dict[str, Any] | None = None):
         super().__init__()
-        self.layers = nn.ModuleList(layers)
+        self.layers: ModuleSeq[Stage] = ModuleSeq(layers)
         self.meta: NetMeta = NetMeta.from_dict(meta, "meta").replace()
         self.batch_statistics = False
         self.eval()
@@ -265,7 +280,7 @@ class NormNet(nn.Module):
 
     # ------------------------------------------------------------------ parameter access
     def norm_modules(self) -> list[_BatchNorm]:
-        return [m for m in self.modules() if is_norm_module(m)]
+        return [m for m in self.modules() if isinstance(m, _BatchNorm)]
 
     def norm_parameters(self) -> list[nn.Parameter]:
         """Exactly the ``γ`` and ``β`` tensors, in layer order (``[γ₁, β₁, γ₂, β₂, ...]``)."""
@@ -296,10 +311,10 @@ class NormNet(nn.Module):
         return self.target_dims[0]
 
     @property
-    def in_shape(self) -> tuple[int, ...] | None:
+    def in_shape(self) -> tuple[int, int, int] | None:
         """``(c, H, W)`` of an image-input (CNN) network, ``None`` for an MLP."""
         shape = self.meta.in_shape
-        return tuple(shape) if shape else None
+        return (int(shape[0]), int(shape[1]), int(shape[2])) if shape else None
 
     @property
     def dtype(self) -> torch.dtype:

@@ -205,14 +205,15 @@ class MLPSpec:
             layers.setdefault(int(match["index"]), {})[match["kind"]] = tensor
         if len(prefixes) > 1:
             raise InvalidTargetError(f"{source}: expected one Sequential, found several key prefixes {sorted(prefixes)}")
-        weights, biases = [], []
+        weights: list[torch.Tensor] = []
+        biases: list[torch.Tensor | None] = []
         for index in sorted(layers):
             entry = layers[index]
             if "weight" not in entry:
                 raise InvalidTargetError(f"{source}: layer '{index}' has a bias but no weight")
             weights.append(entry["weight"])
             biases.append(entry.get("bias"))
-        return cls(tuple(weights), tuple(biases))
+        return cls(tuple(weights), tuple(biases))  # type: ignore[arg-type]  # None: no bias (zeros)
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the state_dict as safetensors, atomically."""

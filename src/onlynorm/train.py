@@ -95,7 +95,7 @@ def _sampled(target: Callable[[torch.Tensor], torch.Tensor], box: Box, batch_siz
              dtype: torch.dtype, device) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
     gen = torch.Generator().manual_seed(seed)
     while True:
-        u = torch.rand(batch_size, box.dim, generator=gen, dtype=torch.float64)
+        u = torch.rand(batch_size, int(box.dim or 0), generator=gen, dtype=torch.float64)
         x = (box.low + u * (box.high - box.low)).to(dtype=dtype, device=device)
         with torch.no_grad():
             y = target(x)
@@ -148,7 +148,7 @@ def train_norm_only(model: nn.Module, data=None, *, target: Callable | None = No
     opt = optimizer(params, lr=lr)
     history = TrainHistory(tuned_parameters=sum(p.numel() for p in params), statistics=statistics)
     if hasattr(model, "batch_statistics"):
-        model.batch_statistics = statistics == "batch"
+        model.batch_statistics = statistics == "batch"   # a NormNet flag (plain attribute)
     model.train()
     if statistics == "fixed":
         for m in norm_modules(model):

@@ -7,7 +7,7 @@ instead: ``solve`` only reads frozen weights and writes normalization parameters
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -201,7 +201,7 @@ def begin_solve(net: NormNet, target) -> tuple[Any, NormNet, float]:
     return spec, net.clone(), float(DEFAULT_MARGIN if margin is None else margin)
 
 
-def finish_solve(out: NormNet, records: list[SolveRecord | dict], notes: list[str], domain: Box) -> NormNet:
+def finish_solve(out: NormNet, records: Sequence[SolveRecord | dict], notes: list[str], domain: Box) -> NormNet:
     """Record how the norms were solved (typed per-layer records, notes, the box) in ``out.meta.solve``."""
     for p in out.norm_parameters():
         if not bool(torch.isfinite(p).all()):

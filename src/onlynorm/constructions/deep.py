@@ -25,11 +25,12 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..certify import CertifyResult, certify_residual_streams
 from ..domain import Box, affine_bounds, interval_bounds
 from ..linalg import compose, solve_khatri_rao_batched
-from ..normnet import NormLinear, NormNet, Stage, frozen_module, make_batchnorm, register_stage
+from ..normnet import ModuleSeq, NormLinear, NormNet, Stage, frozen_module, make_batchnorm, register_stage
 from ..options import OptionSpec
 from ..records import SolveRecord, relative_residual
 from ..target import MLPSpec
@@ -51,15 +52,18 @@ class ResidualStream(Stage):
     ``m``, and an output BatchNorm (+ ReLU). State-dict keys: ``branches.t.*``, ``readouts.t.weight``, ``norm.*``."""
 
     kind = "residual_stream"
+    branches: ModuleSeq[NormLinear]
+    readouts: ModuleSeq[nn.Linear]
+    norm: _BatchNorm
 
     def __init__(self, in_features: int, out_features: int, block: int = 1, relu: bool = True, *,
                  dtype: torch.dtype = torch.float64, device=None):
         super().__init__()
         self.in_features, self.out_features, self.block, self.relu = in_features, out_features, block, bool(relu)
         self.sizes = block_sizes(in_features, block)
-        self.branches = nn.ModuleList(NormLinear(k, out_features * k, relu=True, dtype=dtype, device=device)
+        self.branches = ModuleSeq(NormLinear(k, out_features * k, relu=True, dtype=dtype, device=device)
                                       for k in self.sizes)
-        self.readouts = nn.ModuleList(frozen_module(nn.Linear, out_features * k, out_features, dtype=dtype,
+        self.readouts = ModuleSeq(frozen_module(nn.Linear, out_features * k, out_features, dtype=dtype,
                                                     device=device) for k in self.sizes)
         self.norm = make_batchnorm(out_features, dtype=dtype, device=device)
 
@@ -137,7 +141,7 @@ class DeepConstruction(Construction):
 
     def _stages(self, net: NormNet, target: MLPSpec) -> list[ResidualStream]:
         plan = self.plan_of(net, target)
-        return [net.layers[step.stages[0]] for step in plan.steps]  # type: ignore[misc]
+        return [net.layers[step.stages[0]] for step in plan.steps]
 
     def systems(self, net: NormNet, target: MLPSpec):
         out = []
@@ -147,11 +151,12 @@ class DeepConstruction(Construction):
         return out
 
     def solve(self, net: NormNet, target: MLPSpec, domain: Box, *, progress: Progress | None = None) -> NormNet:
-        self._stages(net, target)
+        self.plan_of(net, target)
         spec, out, margin = begin_solve(net, target)
         boxes = interval_bounds(spec, domain)
         records = []
-        for i, (stage, W, b) in enumerate(zip(out.layers, spec.weights, spec.biases)):
+        stages = self._stages(out, target)
+        for i, (stage, W, b) in enumerate(zip(stages, spec.weights, spec.biases)):
             lo, hi = boxes[i]
             slices = stage.block_slices()
             gammas: list[torch.Tensor] = [W.new_empty(0)] * len(slices)

@@ -25,6 +25,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..domain import affine_bounds
 from ..linalg import KRSolution, solve_khatri_rao
@@ -45,12 +46,14 @@ def pair_offsets(zmin: torch.Tensor, zmax: torch.Tensor, B: torch.Tensor, b: tor
 
 def set_norms(stage: torch.nn.Module, gamma: torch.Tensor | None, beta: torch.Tensor) -> None:
     """Write ``γ`` (``None``: 1) and ``β`` into ``stage.norm`` without recording autograd history."""
+    norm = stage.get_submodule("norm")
+    assert isinstance(norm, _BatchNorm)
     with torch.no_grad():
         if gamma is None:
-            stage.norm.weight.fill_(1.0)
+            norm.weight.fill_(1.0)
         else:
-            stage.norm.weight.copy_(gamma)
-        stage.norm.bias.copy_(beta)
+            norm.weight.copy_(gamma)
+        norm.bias.copy_(beta)
 
 
 def record_of(sol: KRSolution, layer: int, **details) -> SolveRecord:

@@ -66,7 +66,7 @@ class Plan:
 
     def stages(self, net: NormNet, step: PlanStep) -> list[NormLinear]:
         """The NormLinear stages of ``step`` in ``net`` (after :meth:`check`)."""
-        return [net.layers[j] for j in step.stages]  # type: ignore[misc]
+        return [net.layers[j] for j in step.stages]
 
     def check(self, net: NormNet) -> None:
         """Refuse a network whose stages do not follow this plan, naming the first difference."""

@@ -121,7 +121,7 @@ class SparseConstruction(WidthConstruction):
     @staticmethod
     def _singular(net: NormNet, layer: int, rank: int | None, why: str) -> SparsePatternError:
         first, second = net.layers[2 * layer], net.layers[2 * layer + 1]
-        A, B = first.linear.weight, second.linear.weight  # type: ignore[union-attr]
+        A, B = first.linear.weight, second.linear.weight
         m, n, size = B.shape[0], A.shape[1], A.shape[0]
         density = net.meta.options.get("density")
         p = float(density) if isinstance(density, (int, float)) else float("nan")

@@ -23,7 +23,8 @@ Option ``hidden=N`` (int or per-layer list) changes the pair's width: ``N < m·n
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+from typing import Any, cast
 
 import torch
 
@@ -72,7 +73,7 @@ class WidthConstruction(Construction):
         """A width network's hidden widths are read from the network itself (a hand-built one records none)."""
         layers = list(net.layers)
         if len(layers) == 2 * target.depth and all(isinstance(s, NormLinear) for s in layers):
-            widths = [layers[2 * i].linear.out_features for i in range(target.depth)]  # type: ignore[union-attr]
+            widths = [cast(NormLinear, layers[2 * i]).linear.out_features for i in range(target.depth)]
         else:
             widths = pair_widths(target, None)
         plan = pair_plan(self.name, target, widths)
@@ -115,7 +116,7 @@ class WidthConstruction(Construction):
             i = step.layer
             first, second = plan.stages(out, step)
             record = solve_pair(first, second, W, b, lo, hi, margin=margin, layer=i,
-                                precheck=lambda A, B, i=i: self.precheck(net, i, A, B))
+                                precheck=functools.partial(self.precheck, net, i))
             records.append(record)
             if not record.exact:
                 notes.append(f"layer {i}: hidden width {step.widths[0]} < m·n = {W.numel()}; least-squares γ reaches "

@@ -72,7 +72,9 @@ def train_target(Xtr, ytr, seed: int, epochs: int = 150) -> nn.Sequential:
         layers.append(nn.Linear(n, m, dtype=torch.float64))
         if i < len(dims) - 2:
             layers.append(nn.ReLU())
-    return fit_classifier(nn.Sequential(*layers), Xtr, ytr, seed, epochs, weight_decay=1e-4)
+    model = nn.Sequential(*layers)
+    fit_classifier(model, Xtr, ytr, seed, epochs, weight_decay=1e-4)
+    return model
 
 
 def _metrics(net, target_logits, Xte, yte) -> dict:

@@ -34,8 +34,8 @@ def run(seed: int = 0, json_path: Path | None = None, console=None, *, epochs: i
     specs = {name: MLPSpec.from_module(m) for name, m in targets.items()}
     frozen = random_normnet(next(iter(specs.values())), seed=seed)
     rows, doc_tasks, ok = [], {}, True
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
         frozen.save(tmp / "frozen.safetensors")
         for name, spec in specs.items():   # solve each task's γ, β on the same frozen network
             solve_norms(frozen, spec, box).save_norms(tmp / f"{name.replace('/', '-')}.norms.safetensors")

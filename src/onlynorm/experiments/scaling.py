@@ -10,6 +10,7 @@ pivoted-QR estimate of every Khatri–Rao system (:func:`onlynorm.capacity`), wh
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,7 +40,7 @@ def trial(method: str, d: int, seed: int) -> dict:
     import onlynorm
 
     spec = _target(method, d, seed)
-    options = {"block": 1} if method == "deep" else {}
+    options: dict[str, Any] = {"block": 1} if method == "deep" else {}
     start = time.perf_counter()
     net = onlynorm.reconstruct(spec, method=method, seed=seed, **options)
     seconds = time.perf_counter() - start

@@ -60,8 +60,8 @@ def fit_threshold(ps: np.ndarray, ok: np.ndarray, rng: np.random.Generator, boot
     for _ in range(boots):
         idx = rng.integers(0, len(ps), len(ps))
         samples.append(one(ps[idx], ok[idx]))
-    samples = np.array([s for s in samples if np.isfinite(s)])
-    lo, hi = (np.percentile(samples, [5, 95]) if samples.size else (float("nan"), float("nan")))
+    finite = np.array([s for s in samples if np.isfinite(s)])
+    lo, hi = (np.percentile(finite, [5, 95]) if finite.size else (float("nan"), float("nan")))
     return point, float(lo), float(hi)
 
 
