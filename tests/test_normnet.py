@@ -98,7 +98,7 @@ def test_tampered_architecture_is_refused(solved, tmp_path):
     with safe_open(str(path), framework="pt") as fh:
         doc = json.loads(fh.metadata()[METADATA_KEY])
     tensors = load_file(str(path))
-    doc["architecture"][0]["out_features"] = 999
+    doc["architecture"][0]["out_features"] += 1
     save_file(tensors, str(tmp_path / "bad.safetensors"), metadata={METADATA_KEY: json.dumps(doc)})
     with pytest.raises(FileFormatError, match="weights do not match the described architecture"):
         NormNet.load(tmp_path / "bad.safetensors")

@@ -261,8 +261,11 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _fail(message: str, code: int) -> None:
-    # sys.__stderr__: an interrupted rich progress bar can leave sys.stderr redirected into its console
-    stream = sys.__stderr__ if sys.__stderr__ is not None else sys.stderr
+    from rich.file_proxy import FileProxy
+
+    stream = sys.stderr
+    while isinstance(stream, FileProxy):   # an interrupted rich progress bar can leave stderr redirected into it
+        stream = stream.rich_proxied_file
     print(" ".join(message.split()), file=stream, flush=True)   # one line, whatever the message held
     sys.exit(code)
 
