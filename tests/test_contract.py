@@ -290,3 +290,15 @@ def test_capacity_of_a_zero_pattern_is_not_expressible():
     with torch.no_grad():
         frozen.layers[1].linear.weight.zero_()
     assert not onlynorm.capacity(frozen, g).expressible
+
+
+def test_structurally_singular_sparse_system_that_still_reaches_w_is_solved_exactly():
+    """Found by hypothesis: the target's weight row equals a frozen row (same seed), so a pattern-singular system
+    still reaches W. 0.1 refused it as "not expressible"; it is solved exactly (minimum norm) and says so."""
+    g = random_mlp([3, 1], seed=19583)
+    frozen = onlynorm.random_normnet(g, method="sparse", density=0.8, seed=19583)
+    report = onlynorm.capacity(frozen, g)
+    assert report.systems[0].structural_rank == 2 and report.expressible
+    f = onlynorm.solve_norms(frozen, g)
+    assert f.meta.solve.records[0].kind == "singular-consistent" and f.meta.solve.exact
+    assert onlynorm.verify(f, g, samples=2000, certify=True).ok

@@ -34,6 +34,8 @@ __all__ = [
     "solve_khatri_rao_batched",
     "kr_pattern",
     "structural_rank",
+    "consistent_solution",
+    "vec",
 ]
 
 
@@ -86,7 +88,7 @@ class KRSolution:
     residual: float
     relative_residual: float
     exact: bool
-    kind: str  # "square", "least-squares" (N < m·n) or "min-norm" (N > m·n)
+    kind: str  # "square", "least-squares" (N < m·n), "min-norm" (N > m·n), "singular-consistent" (W in range)
     rcond: float | None = None  # cheap reciprocal-condition estimate (pivot ratio) where available
     precision: str = "float64"
     steps: int = 0
@@ -205,6 +207,16 @@ def _float64_lu_solve(A, B, rhs, where: str, layer, rcond_tol) -> tuple[torch.Te
     return torch.linalg.lu_solve(LU, pivots, rhs.unsqueeze(-1)).squeeze(-1), rcond
 
 
+def consistent_solution(A: torch.Tensor, B: torch.Tensor, W: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor | None:
+    """The minimum-norm γ of ``B diag(γ) A = W`` if it reaches ``W`` to ``1e3·eps`` relative, else ``None``."""
+    M = khatri_rao_system(A, B)
+    driver = "gelsd" if M.device.type == "cpu" else None
+    gamma = torch.linalg.lstsq(M, rhs.unsqueeze(-1), driver=driver).solution.squeeze(-1)
+    scale = float(torch.linalg.norm(W))
+    err = float(torch.linalg.norm(compose(B, gamma, A) - W))
+    return gamma if err <= 1e3 * torch.finfo(W.dtype).eps * max(scale, 1e-300) else None
+
+
 def solve_khatri_rao(A: torch.Tensor, B: torch.Tensor, W: torch.Tensor, *, layer: int | None = None,
                      rcond_tol: float | None = None, precision: str = "auto", max_refinement: int = 30) -> KRSolution:
     """Solve ``B diag(γ) A = W`` for ``γ``: LU when square, least squares when ``N < m·n``, minimum norm when
@@ -253,7 +265,16 @@ def solve_khatri_rao(A: torch.Tensor, B: torch.Tensor, W: torch.Tensor, *, layer
                     gamma, rcond, used = candidate, lu.rcond, "mixed"
             del lu
         if gamma is None:
-            gamma, rcond = _float64_lu_solve(A, B, rhs, where, layer, rcond_tol)
+            try:
+                gamma, rcond = _float64_lu_solve(A, B, rhs, where, layer, rcond_tol)
+            except SingularSystemError:
+                # A singular system can still reach this particular W (W in the range of M, e.g. a target that
+                # shares directions with the frozen weights): then the minimum-norm γ is exact, not an
+                # approximation. Anything else stays a refusal.
+                gamma = consistent_solution(A, B, W, rhs)
+                if gamma is None:
+                    raise
+                kind, rcond = "singular-consistent", 0.0
     else:
         M = khatri_rao_system(A, B)
         driver = "gelsd" if M.device.type == "cpu" else None

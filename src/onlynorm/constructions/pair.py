@@ -64,16 +64,16 @@ def record_of(sol: KRSolution, layer: int, **details) -> SolveRecord:
 
 def solve_pair(first: NormLinear, second: NormLinear, W: torch.Tensor, b: torch.Tensor, lo: torch.Tensor,
                hi: torch.Tensor, *, margin: float, layer: int, solution: KRSolution | None = None,
-               precheck: Callable[[torch.Tensor, torch.Tensor], None] | None = None) -> SolveRecord:
+               precheck: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None) -> SolveRecord:
     """Set the norms of a NormLinear pair so it computes ``W h + b`` for every ``h ∈ [lo, hi]`` (steps 1–3 above).
 
-    ``solution`` passes a γ₁ already solved (lowrank needs it before it can choose ``b``); ``precheck(A, B)`` runs
+    ``solution`` passes a γ₁ already solved (lowrank needs it before it can choose ``b``); ``precheck(A, B, W)`` runs
     before the solve (the sparse construction refuses pattern-singular systems there).
     """
     A, B = first.linear.weight, second.linear.weight
     if solution is None:
         if precheck is not None:
-            precheck(A, B)
+            precheck(A, B, W)
         solution = solve_khatri_rao(A, B, W, layer=layer)
     zmin, zmax = affine_bounds(solution.gamma.unsqueeze(1) * A, lo, hi)
     beta1, beta2 = pair_offsets(zmin, zmax, B, b, margin)

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from ..errors import InvalidOptionError, SingularSystemError
-from ..linalg import kr_pattern, structural_rank
+from ..linalg import consistent_solution, kr_pattern, structural_rank, vec
 from ..normnet import NormNet, Stage
 from ..options import OptionSpec
 from ..target import MLPSpec
@@ -101,13 +101,14 @@ class SparseConstruction(WidthConstruction):
             stages += pair
         return stages
 
-    def precheck(self, net: NormNet, layer: int, A: torch.Tensor, B: torch.Tensor) -> None:
-        """Refuse a pattern-singular system before factorising it."""
+    def precheck(self, net: NormNet, layer: int, A: torch.Tensor, B: torch.Tensor, W: torch.Tensor) -> None:
+        """Refuse a pattern-singular system before factorising it — unless this W happens to lie in the range of
+        the singular system (then the solver's consistent fallback reaches it exactly)."""
         size = A.shape[0]
         if size != B.shape[0] * A.shape[1]:
             return
         rank = structural_rank(kr_pattern(A, B))
-        if rank < size:
+        if rank < size and consistent_solution(A, B, W, vec(W)) is None:
             raise self._singular(net, layer, rank, "for every choice of values (its sparsity pattern)")
 
     def solve(self, net: NormNet, target: MLPSpec, domain, *, progress=None) -> NormNet:

@@ -80,7 +80,7 @@ class WidthConstruction(Construction):
         plan.check(net)
         return plan
 
-    def precheck(self, net: NormNet, layer: int, A: torch.Tensor, B: torch.Tensor) -> None:
+    def precheck(self, net: NormNet, layer: int, A: torch.Tensor, B: torch.Tensor, W: torch.Tensor) -> None:
         """Hook run before each layer's solve (the sparse construction checks its pattern here)."""
 
     def systems(self, net: NormNet, target: MLPSpec) -> list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]]:
