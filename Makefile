@@ -30,8 +30,10 @@ test: lint
 test-all: $(STAMP)
 	$(PY) -m pytest -q -n 2
 
+# The benchmarks, then the heavy test cases `make test` leaves out (so every case runs somewhere).
 bench: $(STAMP)
 	$(PY) benchmarks/run.py
+	$(PY) -m pytest -q -n 2 -m heavy
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache .hypothesis

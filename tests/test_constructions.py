@@ -86,6 +86,7 @@ def test_deep_independent_forward_and_round_trip(tmp_path):
         assert torch.equal(loaded(x), f(x))
 
 
+@pytest.mark.heavy
 def test_deep_scales_to_a_192_wide_layer():
     g = torch.nn.Linear(192, 192).double()
     f = onlynorm.reconstruct(g, method="deep", seed=0)

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from onlynorm.demos import digits
 
 
+@pytest.mark.heavy
 def test_digits_demo_reduced(tmp_path):
     path = tmp_path / "demo.json"
     ok = digits.run(seed=1, json_path=path, console=None, steps=150, epochs=40)

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from onlynorm.demos import cnn, tasks
 
 
+@pytest.mark.heavy
 def test_tasks_demo(tmp_path):
     path = tmp_path / "tasks.json"
     assert tasks.run(seed=0, json_path=path, console=None, epochs=15)

@@ -17,7 +17,12 @@ def _cli(args):
     return info.value.code
 
 
-@pytest.mark.parametrize("name", sorted(EXPERIMENTS))
+#: experiments whose --quick run takes over ~20 s on 2 cores: run by `make bench` (pytest -m heavy), not `make test`
+HEAVY_EXPERIMENTS = {"gd-vs-exact"}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.heavy) if n in HEAVY_EXPERIMENTS else n
+                                  for n in sorted(EXPERIMENTS)])
 def test_quick_experiment_writes_artefacts(name, tmp_path, monkeypatch):
     monkeypatch.setenv("ONLYNORM_JOBS", "1")
     if name == "sparse-threshold":   # keep the test small: the two smallest sizes

@@ -49,7 +49,8 @@ def test_exact_on_random_rectangular_targets_and_boxes(case):
     assert f.summary().exact is True
 
 
-@pytest.mark.parametrize("dims", [[32, 32, 32, 32, 32, 32, 32], [32, 16, 32, 8]])
+@pytest.mark.parametrize("dims", [pytest.param([32, 32, 32, 32, 32, 32, 32], marks=pytest.mark.heavy),
+                                  [32, 16, 32, 8]])
 def test_width_32_depth_6_on_1e5_samples_of_an_asymmetric_box(dims):
     g = random_mlp(dims, seed=7)
     box = Box(0.0, 5.0)
