@@ -18,7 +18,13 @@ followed by the target's ReLU. The certificate has two parts:
    ``sup_D |f − g| ≤ max e_L`` — the ``certified_bound``.
 
 Floating-point evaluation of ``f`` and ``g`` is bounded separately (``rounding_bound``) by the standard forward
-error bound of dot products, ``|fl(a·x) − a·x| ≤ γ_n |a|·|x|`` with ``γ_n = n·u / (1 − n·u)``.
+error bound of dot products, ``|fl(a·x) − a·x| ≤ γ_n |a|·|x|`` with ``γ_n = n·u / (1 − n·u)`` (``u`` of the network's
+dtype for ``f``). The error ``δ`` that ``f`` carries into a block is propagated through the block's *exact* composed
+map: on the linear regime the block is affine, so ``block(x̃) − block(x) = P (x̃ − x)`` and contributes ``|P| δ`` —
+``|P| ≈ |W|`` — instead of ``|B| |Γ A| δ``, which would lose every cancellation of the Khatri–Rao factors (0.1 did
+that: bounds of 1e-4 where 1e-12 is observed). The rounding made inside the block (``local``) is bounded stage by
+stage at the computed inputs, and the activity proof leaves room for both, so the computed network follows the
+linear branch as well.
 """
 
 from __future__ import annotations
@@ -65,6 +71,12 @@ def certify_blocks(net: NormNet, spec: MLPSpec, box: Box, blocks: list[list[int]
         P_abs = np.eye(n, dtype=XP)                            # |Γ_k A_k| ⋯ |Γ_1 A_1|, for rounding bounds
         P_err, q_err = np.zeros_like(P), np.zeros_like(q)       # bounds on |fl(P) − P|, |fl(q) − q|
         x_mag = mag_in
+        # Rounding of f, split in two (see the module docstring): ``delta`` is the error f carries into this block;
+        # inside the linear regime it propagates through the exact composed map P (|P| δ — not |B||ΓA| δ, which
+        # would lose every cancellation), while ``local`` is the rounding made inside the block.
+        delta = round_f
+        local = np.zeros(n)
+        prop = delta
         for k, stage in enumerate(stages):
             GA = to_xp(stage.norm.weight).reshape(-1, 1) * to_xp(stage.linear.weight)
             beta = to_xp(stage.norm.bias)
@@ -74,18 +86,21 @@ def certify_blocks(net: NormNet, spec: MLPSpec, box: Box, blocks: list[list[int]
             P_err = GA_abs @ P_err + gamma_n(width_in + 1, U_XP) * P_abs
             q_err = GA_abs @ q_err + gamma_n(width_in + 2, U_XP) * (GA_abs @ np.abs(q) + np.abs(beta))
             P, q = GA @ P, GA @ q + beta
-            # f evaluates this stage in its dtype: δ_out = |ΓA| δ_in + γ_{n+2}(|ΓA| |x| + |β|), where |x| bounds
-            # the stage's input including the rounding already made
-            round_f = (GA_abs.astype(np.float64) @ round_f
-                       + gamma_n(width_in + 2, u_f) * (GA_abs @ (x_mag + round_f) + np.abs(beta)).astype(np.float64))
+            # f evaluates this stage in its dtype at its computed input, which lies within prop + local of the
+            # exact one: local_k = |ΓA| local_{k-1} + γ_{n+2}(|ΓA| (|x| + prop + local_{k-1}) + |β|)
+            GA64 = GA_abs.astype(np.float64)
+            local = GA64 @ local + gamma_n(width_in + 2, u_f) * (
+                GA64 @ (x_mag.astype(np.float64) + prop + local) + np.abs(beta).astype(np.float64))
+            prop = (np.abs(P) + P_err).astype(np.float64) @ delta
             stage_lo, stage_hi = affine_interval(P, lo, hi, q)
             x_mag = np.maximum(np.abs(stage_lo), np.abs(stage_hi))
             if k < len(stages) - 1:
                 if not stage.relu:
                     raise InvalidNetworkError(f"layer {i}: linear-regime stage {indices[k]} has no ReLU")
-                # the minimum is exact for P h + q; allow for rounding in P, q and in forming the bound itself
+                # the minimum is exact for P h + q; allow for rounding in P, q and in forming the bound itself —
+                # and for f's own evaluation error, so the *computed* network takes the linear branch too
                 slack = P_err @ mag_in + q_err + gamma_n(n + 2, U_XP) * (np.abs(P) @ mag_in + np.abs(q))
-                off = stage_lo <= slack
+                off = stage_lo <= slack + (prop + local).astype(XP)
                 if off.any():
                     certified = False
                     notes.append(f"layer {i}, stage {indices[k]}: {int(off.sum())} unit(s) may switch off on the "
@@ -94,6 +109,7 @@ def certify_blocks(net: NormNet, spec: MLPSpec, box: Box, blocks: list[list[int]
         is_last = i == spec.depth - 1
         if stages[-1].relu == is_last:
             raise InvalidNetworkError(f"layer {i}: ReLU placement of the block does not mirror the target")
+        round_f = prop + local                     # after the target's ReLU too (1-Lipschitz)
         err, round_g = propagate_distance(err, round_g, P, P_err, q, q_err, W, b, mag_in)
         lo, hi = stage_lo, stage_hi
         if not is_last:

@@ -38,15 +38,20 @@ def certify_residual_streams(net: NormNet, spec: MLPSpec, box: Box, stages: list
         P_err = np.zeros_like(P)
         s_offset = np.zeros(m, dtype=XP)
         s_offset_abs = np.zeros(m, dtype=XP)
-        s_mag = np.zeros(m, dtype=XP)            # bound on |s| for rounding
-        round_s = np.zeros(m)
+        s_mag = np.zeros(m, dtype=XP)            # bound on |s| for rounding (at the computed inputs)
+        round_s = np.zeros(m)                     # rounding made in this layer (f's incoming error: |P| δ below)
+        delta = round_f
         for t, (branch, readout, J) in enumerate(zip(stage.branches, stage.readouts, stage.block_slices())):
             GA = to_xp(branch.norm.weight).reshape(-1, 1) * to_xp(branch.linear.weight)
             beta = to_xp(branch.norm.bias)
             Bt = to_xp(readout.weight)
             k = GA.shape[1]
             u_lo, u_hi = affine_interval(GA, lo[J], hi[J], beta)
-            slack = gamma_n(k + 2, U_XP) * (np.abs(GA) @ mag_in[J] + np.abs(beta))
+            GA64 = np.abs(GA).astype(np.float64)
+            prop_u = GA64 @ delta[J]                                  # f's incoming error, through Γ_t A_t
+            round_u = gamma_n(k + 2, u_f) * (GA64 @ (mag_in[J].astype(np.float64) + delta[J])
+                                             + np.abs(beta).astype(np.float64))
+            slack = gamma_n(k + 2, U_XP) * (np.abs(GA) @ mag_in[J] + np.abs(beta)) + (prop_u + round_u).astype(XP)
             off = u_lo <= slack
             if off.any():
                 certified = False
@@ -57,10 +62,8 @@ def certify_residual_streams(net: NormNet, spec: MLPSpec, box: Box, stages: list
             P_err[:, J] = gamma_n(GA.shape[0] + 1, U_XP) * (np.abs(Bt) @ np.abs(GA))
             s_offset += Bt @ beta
             s_offset_abs += np.abs(Bt) @ np.abs(beta)
-            u_mag = np.maximum(np.abs(u_lo), np.abs(u_hi))
+            u_mag = np.maximum(np.abs(u_lo), np.abs(u_hi)) + (prop_u + round_u).astype(XP)
             s_mag += np.abs(Bt) @ u_mag
-            round_u = (np.abs(GA).astype(np.float64) @ round_f[J]
-                       + gamma_n(k + 2, u_f) * (np.abs(GA) @ (mag_in[J] + round_f[J]) + np.abs(beta)).astype(np.float64))
             round_s = round_s + np.abs(Bt).astype(np.float64) @ round_u
         n_terms = stage.branches[0].linear.out_features + len(stage.branches) + 2
         round_s = round_s + gamma_n(n_terms, u_f) * s_mag.astype(np.float64)
@@ -68,7 +71,8 @@ def certify_residual_streams(net: NormNet, spec: MLPSpec, box: Box, stages: list
         P_err = np.abs(g_out).reshape(-1, 1) * P_err + gamma_n(1, U_XP) * np.abs(P)
         q = g_out * s_offset + b_out
         q_err = gamma_n(len(stage.branches) + n_terms, U_XP) * (np.abs(g_out) * s_offset_abs + np.abs(b_out))
-        round_f = (np.abs(g_out).astype(np.float64) * round_s
+        # the incoming error through the layer's exact map P (linear regime), plus this layer's own rounding
+        round_f = ((np.abs(P) + P_err).astype(np.float64) @ delta + np.abs(g_out).astype(np.float64) * round_s
                    + gamma_n(2, u_f) * (np.abs(g_out) * (s_mag + round_s) + np.abs(b_out)).astype(np.float64))
         err, round_g = propagate_distance(err, round_g, P, P_err, q, q_err, W, b, mag_in)
         lo, hi = affine_interval(P, lo, hi, q)
