@@ -23,6 +23,7 @@ demo: $(STAMP)
 # Lint and types first: a finding fails the run like a failing test.
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/mypy
 
 test: lint
 	$(PY) -m pytest -q -n 2 -m "not heavy"
