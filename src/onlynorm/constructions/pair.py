@@ -16,7 +16,8 @@ With every unit of ``u`` active on the reachable inputs ``h ∈ [lo, hi]`` it co
 >>> W, b = torch.randn(3, 2, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
 >>> lo, hi = -torch.ones(2, dtype=torch.float64), torch.ones(2, dtype=torch.float64)
 >>> record = solve_pair(first, second, W, b, lo, hi, margin=1e-3, layer=0)
->>> record.exact, bool((second(first(lo)) - (W @ lo + b)).abs().max() < 1e-12)
+>>> x = lo.unsqueeze(0)                            # a batch of one point: a vertex of the box
+>>> record.exact, bool((second(first(x)) - (x @ W.T + b)).abs().max() < 1e-12)
 (True, True)
 """
 
