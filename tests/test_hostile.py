@@ -278,6 +278,22 @@ def test_train_norm_only_arguments_are_validated(kwargs, word):
         onlynorm.train_norm_only(model, data, progress=False, **kwargs)
 
 
+def _wait_until_working(pid: int, timeout: float = 120.0) -> None:
+    """Until the child has imported torch and scipy's LAPACK (read from /proc, so a loaded machine only makes this
+    slower), then a little longer: the signal must land in the work, not in Python's start-up."""
+    maps = Path(f"/proc/{pid}/maps")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            text = maps.read_text()
+        except OSError:
+            return
+        if "libtorch_cpu" in text and "scipy" in text:
+            time.sleep(3.0)
+            return
+        time.sleep(0.2)
+
+
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_interrupted_runs_leave_nothing_behind(tmp_path, sig, code):
     """A run interrupted mid-work exits quietly with 128+signal, no traceback, no output, no temporary file."""
@@ -285,7 +301,7 @@ def test_interrupted_runs_leave_nothing_behind(tmp_path, sig, code):
     proc = subprocess.Popen([sys.executable, "-c", "from onlynorm.cli import main; main()", "experiment",
                              "scaling", "--quick", "--out", str(out)], stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "ONLYNORM_JOBS": "1"})
-    time.sleep(8.0)   # past the imports: the trials are running
+    _wait_until_working(proc.pid)
     assert proc.poll() is None, "the run finished before it could be interrupted"
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
