@@ -169,18 +169,29 @@ def _jsonable(options: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def safe_margin(zmin: torch.Tensor, zmax: torch.Tensor, relative: float) -> torch.Tensor:
+def safe_margin(zmin: torch.Tensor, zmax: torch.Tensor, relative: float,
+                weight_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Positive slack added to ``-zmin`` so a unit stays strictly active on its whole range.
 
-    ``relative × max(zmax − zmin, |zmin|, |zmax|)`` per unit, floored by ``relative ×`` the mean range (units whose
-    input range is a single point, e.g. after a dead ReLU, or ``γ_k = 0``) and by a tiny absolute value. The slack
-    dwarfs the rounding of ``Γ A x`` (a few ulps of ``|z|``) yet costs no accuracy: the next ``β`` cancels it.
+    ``relative × max(zmax − zmin, |zmin|, |zmax|)`` per unit, floored by ``relative ×`` the mean range and — for units
+    whose input range is a single point, e.g. after a dead ReLU — by ``relative × weight_scale`` (the unit's
+    ``|ΓA| (|h| + 1)``, :func:`weight_scale`): the evaluated input of such a unit can still be off by rounding, and
+    the certificate must be able to prove the unit active at the *computed* input too. A tiny absolute value
+    floors units with ``γ_k = 0`` (their pre-activation is ``β`` exactly). The slack dwarfs the rounding of
+    ``Γ A x`` yet costs no accuracy: the next ``β`` cancels it.
     """
     spread = (zmax - zmin).clamp_min(0)
     scale = torch.maximum(spread, torch.maximum(zmin.abs(), zmax.abs()))
     floor = relative * spread.mean() if spread.numel() else spread.new_tensor(0.0)
-    tiny = torch.finfo(zmin.dtype).tiny ** 0.5
-    return torch.maximum(relative * scale, floor).clamp_min(tiny)
+    margin = torch.maximum(relative * scale, floor)
+    if weight_scale is not None:
+        margin = torch.maximum(margin, relative * weight_scale)
+    return margin.clamp_min(torch.finfo(zmin.dtype).tiny ** 0.5)
+
+
+def weight_scale(P: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """``|P| (max(|low|, |high|) + 1)`` per row: the scale of a unit's pre-activation ``P h`` and of its rounding."""
+    return P.abs() @ (torch.maximum(low.abs(), high.abs()) + 1)
 
 
 def per_layer(value: Any, depth: int) -> list[Any]:

@@ -34,7 +34,7 @@ from ..normnet import ModuleSeq, NormLinear, NormNet, Stage, frozen_module, make
 from ..options import OptionSpec
 from ..records import SolveRecord, relative_residual
 from ..target import MLPSpec
-from .base import MARGIN, Construction, Progress, begin_solve, finish_solve, frozen_init, register
+from .base import MARGIN, Construction, Progress, begin_solve, finish_solve, frozen_init, register, weight_scale
 from .pair import pair_offsets, set_norms
 from .plan import Plan, PlanStep
 
@@ -175,8 +175,10 @@ class DeepConstruction(Construction):
             offset = torch.zeros_like(b)
             for t, (branch, readout, J) in enumerate(zip(stage.branches, stage.readouts, slices)):
                 A = branch.linear.weight
-                zmin, zmax = affine_bounds(gammas[t].unsqueeze(1) * A, lo[J], hi[J])
-                beta, _ = pair_offsets(zmin, zmax, readout.weight, torch.zeros_like(b), margin)
+                GA = gammas[t].unsqueeze(1) * A
+                zmin, zmax = affine_bounds(GA, lo[J], hi[J])
+                beta, _ = pair_offsets(zmin, zmax, readout.weight, torch.zeros_like(b), margin,
+                                       weight_scale(GA, lo[J], hi[J]))
                 set_norms(branch, gammas[t], beta)
                 offset = offset + readout.weight @ beta
                 realised[:, J] = compose(readout.weight, gammas[t], A)

@@ -33,7 +33,17 @@ from ..normnet import NormNet
 from ..options import OptionSpec
 from ..records import SolveRecord, relative_residual
 from ..target import MLPSpec
-from .base import MARGIN, Construction, Progress, begin_solve, finish_solve, per_layer, register, safe_margin
+from .base import (
+    MARGIN,
+    Construction,
+    Progress,
+    begin_solve,
+    finish_solve,
+    per_layer,
+    register,
+    safe_margin,
+    weight_scale,
+)
 from .pair import solve_pair
 from .plan import Plan, PlanStep
 
@@ -139,7 +149,7 @@ class LowRankConstruction(Construction):
             # pair V: v = V̂ h + c, with c chosen so v > 0 on the box (the next pair's input stays linear)
             V_hat = compose(s1.linear.weight, sol_v.gamma, s0.linear.weight)
             vmin, vmax = affine_bounds(V_hat, lo, hi)
-            c = -vmin + safe_margin(vmin, vmax, margin)
+            c = -vmin + safe_margin(vmin, vmax, margin, weight_scale(V_hat, lo, hi))
             solve_pair(s0, s1, V, c, lo, hi, margin=margin, layer=i, solution=sol_v)
             # pair U on v ∈ [vmin + c, vmax + c]: y = Û v + (b − Û c) = Û V̂ h + b, every offset cancelled
             U_hat = compose(s3.linear.weight, sol_u.gamma, s2.linear.weight)

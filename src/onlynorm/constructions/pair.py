@@ -32,16 +32,17 @@ from ..domain import affine_bounds
 from ..linalg import KRSolution, solve_khatri_rao
 from ..normnet import NormLinear
 from ..records import SolveRecord
-from .base import safe_margin
+from .base import safe_margin, weight_scale
 
 __all__ = ["pair_offsets", "set_norms", "solve_pair", "record_of"]
 
 
 def pair_offsets(zmin: torch.Tensor, zmax: torch.Tensor, B: torch.Tensor, b: torch.Tensor,
-                 margin: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``β₁ = −zmin + slack`` (every unit active over ``[zmin, zmax]``, see :func:`safe_margin`) and
-    ``β₂ = b − B β₁``. ``B`` is the second map as a matrix (a 1×1 conv's weight flattened to ``c_out × N``)."""
-    beta1 = -zmin + safe_margin(zmin, zmax, margin)
+                 margin: float, scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``β₁ = −zmin + slack`` (every unit active over ``[zmin, zmax]``, see :func:`safe_margin`; ``scale`` its
+    per-unit weight scale) and ``β₂ = b − B β₁``. ``B`` is the second map as a matrix (a 1×1 conv's weight
+    flattened to ``c_out × N``)."""
+    beta1 = -zmin + safe_margin(zmin, zmax, margin, scale)
     return beta1, b - B @ beta1
 
 
@@ -76,8 +77,9 @@ def solve_pair(first: NormLinear, second: NormLinear, W: torch.Tensor, b: torch.
         if precheck is not None:
             precheck(A, B, W)
         solution = solve_khatri_rao(A, B, W, layer=layer)
-    zmin, zmax = affine_bounds(solution.gamma.unsqueeze(1) * A, lo, hi)
-    beta1, beta2 = pair_offsets(zmin, zmax, B, b, margin)
+    GA = solution.gamma.unsqueeze(1) * A
+    zmin, zmax = affine_bounds(GA, lo, hi)
+    beta1, beta2 = pair_offsets(zmin, zmax, B, b, margin, weight_scale(GA, lo, hi))
     set_norms(first, solution.gamma, beta1)
     set_norms(second, None, beta2)
     return record_of(solution, layer)
