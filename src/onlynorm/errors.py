@@ -10,6 +10,7 @@ from __future__ import annotations
 __all__ = [
     "OnlyNormError",
     "InvalidTargetError",
+    "UnsupportedActivationError",
     "InvalidDomainError",
     "InvalidNetworkError",
     "FileFormatError",
@@ -36,6 +37,10 @@ class InvalidOptionError(OnlyNormError, ValueError):
 class NotCertifiableError(OnlyNormError, ValueError):
     """A network cannot be certified as it is (for example BatchNorm statistics that are not the fixed
     inference form the constructions use)."""
+
+
+class UnsupportedActivationError(InvalidTargetError):
+    """The target uses an activation other than ReLU (e.g. a scikit-learn MLP with ``activation="tanh"``)."""
 
 
 class InvalidDomainError(OnlyNormError, ValueError):
