@@ -177,6 +177,21 @@ def capacity(
 
 
 @app.command()
+def export(
+    net: Path = typer.Argument(..., help="Network written by `onlynorm reconstruct` (.safetensors)."),
+    onnx: Path = typer.Option(..., "--onnx", help="Where to write the ONNX file (needs onlynorm[onnx])."),
+) -> None:
+    """Export NET as ONNX: MatMul/Conv, BatchNormalization (epsilon 0), Relu, pooling; float64 or float32."""
+    from .export_onnx import export_onnx
+    from .normnet import NormNet
+
+    info = export_onnx(NormNet.load(net), onnx)
+    print_rows(console, f"exported {net.name} → {onnx}",
+               [("opset", str(info["opset"])), ("nodes", str(info["nodes"])), ("dtype", info["dtype"]),
+                ("input shape", " × ".join(map(str, info["inputs"])))])
+
+
+@app.command()
 def demo(
     seed: int = typer.Option(0, help="Seed of the target training and of the frozen network."),
     builtin: bool = typer.Option(False, "--builtin", help="Quick synthetic demo: a random MLP on [0, 2]^6 (seconds)."),

@@ -18,6 +18,7 @@ __all__ = [
     "MemoryBudgetError",
     "InvalidOptionError",
     "NotCertifiableError",
+    "MissingDependencyError",
 ]
 
 
@@ -78,3 +79,7 @@ class MemoryBudgetError(OnlyNormError, MemoryError):
         super().__init__(message)
         self.needed_bytes = needed_bytes
         self.limit_bytes = limit_bytes
+
+
+class MissingDependencyError(OnlyNormError, ImportError):
+    """An optional feature needs a package that is not installed (the message names the extra to install)."""
