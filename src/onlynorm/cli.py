@@ -219,6 +219,10 @@ def experiment(
     quick: bool = typer.Option(False, "--quick", help="Small sizes: about a minute."),
     out: Path | None = typer.Option(None, "--out", help="Output directory (default runs/NAME)."),
     seed: int = typer.Option(0, help="Seed of every random choice."),
+    backend: str = typer.Option("local", help="local (this machine's cores) or dask (a Dask cluster)."),
+    scheduler: Optional[str] = typer.Option(
+        None, help="dask: scheduler address like tcp://HOST:8786 (default: $ONLYNORM_SCHEDULER, else a "
+                   "LocalCluster of one-thread worker processes)."),
 ) -> None:
     """Run one experiment of the theory; writes results.json, PNG figures and summary.md into OUT."""
     from .experiments import run_experiment
@@ -228,7 +232,9 @@ def experiment(
     if out is not None:
         check_output_dir(out)
 
-    run_experiment(name, quick=quick, out=out, seed=seed, console=console)
+    if backend == "dask" and not scheduler:
+        scheduler = os.environ.get("ONLYNORM_SCHEDULER") or None
+    run_experiment(name, quick=quick, out=out, seed=seed, console=console, backend=backend, scheduler=scheduler)
 
 
 class _Terminated(Exception):
