@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo test test-all lint bench install clean
+.PHONY: demo test test-all lint bench install clean package docs
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,5 +35,15 @@ bench: $(STAMP)
 	$(PY) benchmarks/run.py
 	$(PY) -m pytest -q -n 2 -m heavy
 
+# sdist + wheel into dist/, then install the wheel into a fresh venv and run it (tests/test_package.py does the same)
+package: $(STAMP)
+	rm -rf dist build/package-check
+	$(PY) -m build --no-isolation --outdir dist .
+	$(PY) scripts/check_wheel.py dist build/package-check
+
+# the documentation site in site/ (broken references fail the build)
+docs: $(STAMP)
+	$(VENV)/bin/mkdocs build --strict
+
 clean:
-	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) build dist site *.egg-info src/*.egg-info .pytest_cache .hypothesis

@@ -28,6 +28,27 @@ console = Console()
 err_console = Console(stderr=True)
 
 
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            number = version("onlynorm")
+        except PackageNotFoundError:   # running from a source tree that was never installed
+            from . import __version__ as number
+        print(f"onlynorm {number}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print the installed version and exit."),
+) -> None:
+    """Reconstruct ReLU networks exactly by tuning only the BatchNorm γ, β of a frozen random network; verify and
+    certify the result."""
+
+
 def _domain(low: float | None, high: float | None, stored=None):
     """The box from ``--low/--high``; a bound not given comes from ``stored`` (the box a network was solved on)
     if there is one, else from the default ``[-1, 1]``."""
@@ -179,7 +200,8 @@ def capacity(
 @app.command()
 def export(
     net: Path = typer.Argument(..., help="Network written by `onlynorm reconstruct` (.safetensors)."),
-    onnx: Path = typer.Option(..., "--onnx", help="Where to write the ONNX file (needs onlynorm[onnx])."),
+    onnx: Path = typer.Option(..., "--onnx",
+                              help="Where to write the ONNX file (needs the onnx extra: pip install onlynorm\\[onnx])."),
 ) -> None:
     """Export NET as ONNX: MatMul/Conv, BatchNormalization (epsilon 0), Relu, pooling; float64 or float32."""
     from .export_onnx import export_onnx
