@@ -20,7 +20,7 @@ from .test_experiments import _without_times
 
 
 def _cluster(n_workers: int) -> LocalCluster:
-    return LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=None)
+    return LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=":0")
 
 
 def test_dask_trials_are_bit_identical_to_local_ones(monkeypatch):

@@ -46,7 +46,7 @@ BUILDERS = {
 
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _built(case: str, dtype: torch.dtype) -> NormNet:
     return BUILDERS[case](dtype)
 

@@ -242,7 +242,7 @@ def experiment(
     out: Path | None = typer.Option(None, "--out", help="Output directory (default runs/NAME)."),
     seed: int = typer.Option(0, help="Seed of every random choice."),
     backend: str = typer.Option("local", help="local (this machine's cores) or dask (a Dask cluster)."),
-    scheduler: Optional[str] = typer.Option(
+    scheduler: str | None = typer.Option(
         None, help="dask: scheduler address like tcp://HOST:8786 (default: $ONLYNORM_SCHEDULER, else a "
                    "LocalCluster of one-thread worker processes)."),
 ) -> None:

@@ -23,7 +23,8 @@ needs only the ``onnx`` package (``pip install 'onlynorm[onnx]'``).
 from __future__ import annotations
 
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -36,7 +37,7 @@ __all__ = ["export_onnx", "OPSET"]
 OPSET = 17
 IR_VERSION = 8
 
-_EXPORTERS: dict[str, Callable[["_Graph", Any, str, torch.Tensor], str]] = {}
+_EXPORTERS: dict[str, Callable[[_Graph, Any, str, torch.Tensor], str]] = {}
 
 
 def _exports(kind: str):

@@ -119,7 +119,7 @@ def _dask_backend() -> str:
     """joblib's dask backend, except that a cluster with a single worker thread still receives the trials
     (joblib runs a one-job ``Parallel`` in the calling process, which would silently bypass the cluster)."""
     from joblib import register_parallel_backend
-    from joblib._dask import DaskDistributedBackend   # joblib's own dask backend (joblib is pinned)
+    from joblib._dask import DaskDistributedBackend  # joblib's own dask backend (joblib is pinned)
 
     class ClusterBackend(DaskDistributedBackend):
         def effective_n_jobs(self, n_jobs):
@@ -180,7 +180,7 @@ def _dask_client(scheduler: str | None):
                                 "start one with `dask scheduler`") from None
     else:
         cluster = LocalCluster(n_workers=default_jobs(), threads_per_worker=1, processes=True,
-                               dashboard_address=None)
+                               dashboard_address=":0")
         client = Client(cluster, set_as_default=False)
     try:
         yield client
