@@ -250,10 +250,28 @@ def build_model(net, *, lower_conv: bool | None = None):
 def export_onnx(net, path: str | os.PathLike, *, lower_conv: bool | None = None) -> dict[str, Any]:
     """Write ``net`` as an ONNX file at ``path`` (atomically; checked with ``onnx.checker`` first).
 
-    ``lower_conv`` writes convolutions and average pooling as ``Slice``/``MatMul``/``Add`` instead of ``Conv``/
-    ``AveragePool``; the default does so for float64 networks only, because onnxruntime's CPU provider runs
-    ``Conv`` and ``AveragePool`` in float32 only. Returns facts about the file:
-    ``{"path", "opset", "nodes", "dtype", "inputs"}``.
+    Parameters
+    ----------
+    net
+        A float64 or float32 :class:`~onlynorm.NormNet` (MLP, deep, lowrank, sparse or CNN stages).
+    path
+        Output file; its directory must exist. Nothing is written if the export fails.
+    lower_conv
+        Write convolutions and average pooling as ``Slice``/``MatMul``/``Add`` instead of ``Conv``/``AveragePool``.
+        The default (``None``) does so for float64 networks only, because onnxruntime's CPU provider runs ``Conv``
+        and ``AveragePool`` in float32 only.
+
+    Returns
+    -------
+    dict
+        Facts about the file: ``{"path", "opset", "nodes", "dtype", "inputs"}``.
+
+    Raises
+    ------
+    MissingDependencyError
+        The ``onnx`` package is not installed (``pip install 'onlynorm[onnx]'``).
+    InvalidNetworkError
+        Not a NormNet, an unsupported dtype, or a stage kind without an exporter.
     """
     onnx = _onnx()
     model = build_model(net, lower_conv=lower_conv)

@@ -53,8 +53,22 @@ def is_classifier(model: Any) -> bool:
 def spec_from_sklearn(model: Any) -> MLPSpec:
     """The ``MLPSpec`` of a fitted ReLU ``MLPClassifier``/``MLPRegressor``, in float64 (pre-output-activation map).
 
-    Raises :class:`~onlynorm.errors.UnsupportedActivationError` for ``activation`` other than ``"relu"`` and
-    :class:`~onlynorm.errors.InvalidTargetError` for a model that is not fitted.
+    Parameters
+    ----------
+    model
+        A fitted ``sklearn.neural_network.MLPClassifier`` or ``MLPRegressor`` with ``activation="relu"``.
+
+    Returns
+    -------
+    MLPSpec
+        Weights ``coefs_[i].T`` and biases ``intercepts_[i]``: the classifier's logits, the regressor's output.
+
+    Raises
+    ------
+    UnsupportedActivationError
+        ``activation`` is not ``"relu"``.
+    InvalidTargetError
+        The model is not fitted.
     """
     name = type(model).__name__
     activation = getattr(model, "activation", None)

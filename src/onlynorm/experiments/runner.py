@@ -133,10 +133,31 @@ def _dask_backend() -> str:
 def use_backend(backend: str = "local", scheduler: str | None = None):
     """Run the :func:`run_trials` calls of the block on ``backend``.
 
-    ``"local"``: this machine's cores (loky). ``"dask"``: the Dask cluster whose scheduler is at ``scheduler``
-    (e.g. ``"tcp://10.0.0.5:8786"``), or, without an address, a ``LocalCluster`` of :func:`default_jobs`
-    worker processes with one thread each, started for the block and closed after it. Trials that an experiment
-    runs one at a time on purpose (``n_jobs=1``: wall-clock timings) stay on the calling process.
+    Trials that an experiment runs one at a time on purpose (``n_jobs=1``: wall-clock timings) stay on the calling
+    process.
+
+    Parameters
+    ----------
+    backend
+        ``"local"``: this machine's cores (loky). ``"dask"``: a Dask cluster through joblib's dask backend.
+    scheduler
+        ``"dask"`` only: the scheduler's address (e.g. ``"tcp://HOST:8786"``). Without one, a ``LocalCluster`` of
+        :func:`default_jobs` worker processes with one thread each is started for the block and closed after it.
+
+    Yields
+    ------
+    distributed.Client or None
+        The Dask client the trials are submitted through (``None`` for ``"local"``).
+
+    Raises
+    ------
+    OnlyNormError
+        Unknown backend, an address without ``"dask"``, or an unreachable scheduler.
+    MissingDependencyError
+        ``dask.distributed`` is not installed (``pip install 'onlynorm[cluster]'``).
+
+    Examples
+    --------
 
     >>> with use_backend("ray"):
     ...     pass
