@@ -22,7 +22,7 @@ demo: $(STAMP)
 
 # Lint and types first: a finding fails the run like a failing test.
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks scripts
 
 test: lint
 	$(PY) -m pytest -q -n 2 -m "not heavy"

@@ -103,6 +103,14 @@ def _matmul(g: _Graph, weight: torch.Tensor, x: str) -> str:
     return g.node("MatMul", [x, g.const("weight_t", weight.detach().t())], "linear")
 
 
+def _sum(g: _Graph, names: list[str], hint: str) -> str:
+    """``names[0] + names[1] + ...`` as a chain of ``Add`` nodes (left to right, like the torch loops)."""
+    total = names[0]
+    for name in names[1:]:
+        total = g.node("Add", [total, name], hint)
+    return total
+
+
 def _pad(g: _Graph, x: str, padding: list[int]) -> str:
     ph, pw = padding
     return g.node("Pad", [x, g.ints("pads", [0, 0, ph, pw, 0, 0, ph, pw])], "pad") if ph or pw else x
@@ -127,12 +135,10 @@ def _conv(g: _Graph, conv, x: str, shape: torch.Size) -> str:
                       strides=list(conv.stride), dilations=list(conv.dilation), pads=list(conv.padding) * 2)
     # Σ over kernel offsets of (strided slice of the padded input, channels last) @ W[:, :, i, j]ᵀ
     channels_last = g.node("Transpose", [_pad(g, x, list(conv.padding))], "nhwc", perm=[0, 2, 3, 1])
-    total = None
-    for (i, j), window in _windows(g, channels_last, shape, conv.kernel_size, conv.stride, conv.padding,
-                                   conv.dilation, axes=(1, 2)):
-        term = _matmul(g, conv.weight[:, :, i, j], window)
-        total = term if total is None else g.node("Add", [total, term], "conv_sum")
-    return g.node("Transpose", [total], "conv", perm=[0, 3, 1, 2])
+    terms = [_matmul(g, conv.weight[:, :, i, j], window)
+             for (i, j), window in _windows(g, channels_last, shape, conv.kernel_size, conv.stride, conv.padding,
+                                            conv.dilation, axes=(1, 2))]
+    return g.node("Transpose", [_sum(g, terms, "conv_sum")], "conv", perm=[0, 3, 1, 2])
 
 
 @_exports("norm_linear")
@@ -158,10 +164,9 @@ def _fixed_op(g: _Graph, stage, x: str, example: torch.Tensor) -> str:
         return g.node("MaxPool", [x], "maxpool", **pool)
     if not g.lower:
         return g.node("AveragePool", [x], "avgpool", count_include_pad=int(stage.count_include_pad), **pool)
-    total = None                                   # lowered: window sums divided by each window's count
-    for _, window in _windows(g, _pad(g, x, list(stage.padding)), example.shape, stage.kernel, stage.stride,
-                              stage.padding, (1, 1), axes=(2, 3)):
-        total = window if total is None else g.node("Add", [total, window], "pool_sum")
+    windows = [w for _, w in _windows(g, _pad(g, x, list(stage.padding)), example.shape, stage.kernel,
+                                      stage.stride, stage.padding, (1, 1), axes=(2, 3))]
+    total = _sum(g, windows, "pool_sum")           # lowered: window sums divided by each window's count
     ones = torch.ones(1, 1, *example.shape[-2:], dtype=example.dtype)
     # elements of the input under each window (padding excluded); with count_include_pad, the kernel's area
     counts = torch.nn.functional.avg_pool2d(ones, stage.kernel, stage.stride, stage.padding, divisor_override=1)
@@ -180,13 +185,12 @@ def _residual(g: _Graph, stage, x: str, example: torch.Tensor) -> str:
 
 @_exports("residual_stream")
 def _residual_stream(g: _Graph, stage, x: str, example: torch.Tensor) -> str:
-    total = None
+    terms = []
     for branch, readout, part in zip(stage.branches, stage.readouts, stage.block_slices()):
         block = g.node("Slice", [x, g.ints("start", [part.start]), g.ints("end", [part.stop]), g.ints("axis", [-1])],
                        "block")
-        h = _matmul(g, readout.weight, _norm_linear(g, branch, block, example[..., part]))
-        total = h if total is None else g.node("Add", [total, h], "stream")
-    z = _batchnorm(g, stage.norm, total)
+        terms.append(_matmul(g, readout.weight, _norm_linear(g, branch, block, example[..., part])))
+    z = _batchnorm(g, stage.norm, _sum(g, terms, "stream"))
     return g.node("Relu", [z]) if stage.relu else z
 
 
