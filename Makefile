@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo test test-all lint bench install clean
+.PHONY: demo test test-all lint bench install clean package docs notebook
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,7 +22,7 @@ demo: $(STAMP)
 
 # Lint and types first: a finding fails the run like a failing test.
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks scripts
 	$(VENV)/bin/mypy
 
 test: lint
@@ -36,5 +36,19 @@ bench: $(STAMP)
 	$(PY) benchmarks/run.py
 	$(PY) -m pytest -q -n 2 -m heavy
 
+# sdist + wheel into dist/, then install the wheel into a fresh venv and run it (tests/test_package.py does the same)
+package: $(STAMP)
+	rm -rf dist build/package-check
+	$(PY) -m build --no-isolation --outdir dist .
+	$(PY) scripts/check_wheel.py dist build/package-check
+
+# the documentation site in site/ (broken references fail the build; tests/test_docs.py builds it too)
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
+# re-execute the tutorial in place: the outputs the site shows (tests/test_notebook.py executes it too)
+notebook: $(STAMP)
+	$(VENV)/bin/jupyter-execute --inplace docs/tutorial.ipynb
+
 clean:
-	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) build dist site *.egg-info src/*.egg-info .pytest_cache .hypothesis

@@ -131,3 +131,10 @@ def test_installed_entry_point_has_no_traceback(tmp_path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and proc.stderr.startswith("error: ")
     assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_version(capsys):
+    import onlynorm
+
+    code, out, _ = run(["--version"], capsys)
+    assert code == 0 and out.strip() == f"onlynorm {onlynorm.__version__}"

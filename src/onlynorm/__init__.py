@@ -25,10 +25,12 @@ from .errors import (
     NotCertifiableError,
     OnlyNormError,
     SingularSystemError,
+    UnsupportedActivationError,
 )
 from .normnet import NetSummary, NormLinear, NormNet
 from .records import NetMeta, SolveInfo, SolveRecord
 from .residual import Residual
+from .sklearn_target import spec_from_sklearn
 from .target import MLPSpec
 from .train import TrainHistory, norm_parameters, train_norm_only
 from .verify import VerifyReport, verify
@@ -47,6 +49,7 @@ __all__ = [
     "Box",
     "interval_bounds",
     "MLPSpec",
+    "spec_from_sklearn",
     "ConvNetSpec",
     "Residual",
     "norm_parameters",
@@ -58,6 +61,7 @@ __all__ = [
     "available_methods",
     "OnlyNormError",
     "InvalidTargetError",
+    "UnsupportedActivationError",
     "InvalidDomainError",
     "InvalidNetworkError",
     "FileFormatError",

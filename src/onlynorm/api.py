@@ -34,6 +34,8 @@ def random_normnet(target: MLPSpec | nn.Module, method: str = "width", seed: int
     ``in_shape=(c, H, W)`` is needed for CNN targets (the image size is not in the weights). ``options`` are the
     method's declared options (``onlynorm reconstruct --help`` lists them); each is validated here.
 
+    Examples
+    --------
     >>> from torch import nn
     >>> net = random_normnet(nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1)), seed=1)
     >>> [tuple(p.shape) for p in net.norm_parameters()][:2]

@@ -28,6 +28,27 @@ console = Console()
 err_console = Console(stderr=True)
 
 
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            number = version("onlynorm")
+        except PackageNotFoundError:   # running from a source tree that was never installed
+            from . import __version__ as number
+        print(f"onlynorm {number}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print the installed version and exit."),
+) -> None:
+    """Reconstruct ReLU networks exactly by tuning only the BatchNorm γ, β of a frozen random network; verify and
+    certify the result."""
+
+
 def _domain(low: float | None, high: float | None, stored=None):
     """The box from ``--low/--high``; a bound not given comes from ``stored`` (the box a network was solved on)
     if there is one, else from the default ``[-1, 1]``."""
@@ -177,6 +198,22 @@ def capacity(
 
 
 @app.command()
+def export(
+    net: Path = typer.Argument(..., help="Network written by `onlynorm reconstruct` (.safetensors)."),
+    onnx: Path = typer.Option(..., "--onnx",
+                              help="Where to write the ONNX file (needs the onnx extra: pip install onlynorm\\[onnx])."),
+) -> None:
+    """Export NET as ONNX: MatMul/Conv, BatchNormalization (epsilon 0), Relu, pooling; float64 or float32."""
+    from .export_onnx import export_onnx
+    from .normnet import NormNet
+
+    info = export_onnx(NormNet.load(net), onnx)
+    print_rows(console, f"exported {net.name} → {onnx}",
+               [("opset", str(info["opset"])), ("nodes", str(info["nodes"])), ("dtype", info["dtype"]),
+                ("input shape", " × ".join(map(str, info["inputs"])))])
+
+
+@app.command()
 def demo(
     seed: int = typer.Option(0, help="Seed of the target training and of the frozen network."),
     builtin: bool = typer.Option(False, "--builtin", help="Quick synthetic demo: a random MLP on [0, 2]^6 (seconds)."),
@@ -204,6 +241,10 @@ def experiment(
     quick: bool = typer.Option(False, "--quick", help="Small sizes: about a minute."),
     out: Path | None = typer.Option(None, "--out", help="Output directory (default runs/NAME)."),
     seed: int = typer.Option(0, help="Seed of every random choice."),
+    backend: str = typer.Option("local", help="local (this machine's cores) or dask (a Dask cluster)."),
+    scheduler: str | None = typer.Option(
+        None, help="dask: scheduler address like tcp://HOST:8786 (default: $ONLYNORM_SCHEDULER, else a "
+                   "LocalCluster of one-thread worker processes)."),
 ) -> None:
     """Run one experiment of the theory; writes results.json, PNG figures and summary.md into OUT."""
     from .experiments import run_experiment
@@ -213,7 +254,9 @@ def experiment(
     if out is not None:
         check_output_dir(out)
 
-    run_experiment(name, quick=quick, out=out, seed=seed, console=console)
+    if backend == "dask" and not scheduler:
+        scheduler = os.environ.get("ONLYNORM_SCHEDULER") or None
+    run_experiment(name, quick=quick, out=out, seed=seed, console=console, backend=backend, scheduler=scheduler)
 
 
 class _Terminated(Exception):

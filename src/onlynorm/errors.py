@@ -10,6 +10,7 @@ from __future__ import annotations
 __all__ = [
     "OnlyNormError",
     "InvalidTargetError",
+    "UnsupportedActivationError",
     "InvalidDomainError",
     "InvalidNetworkError",
     "FileFormatError",
@@ -17,6 +18,7 @@ __all__ = [
     "MemoryBudgetError",
     "InvalidOptionError",
     "NotCertifiableError",
+    "MissingDependencyError",
 ]
 
 
@@ -36,6 +38,10 @@ class InvalidOptionError(OnlyNormError, ValueError):
 class NotCertifiableError(OnlyNormError, ValueError):
     """A network cannot be certified as it is (for example BatchNorm statistics that are not the fixed
     inference form the constructions use)."""
+
+
+class UnsupportedActivationError(InvalidTargetError):
+    """The target uses an activation other than ReLU (e.g. a scikit-learn MLP with ``activation="tanh"``)."""
 
 
 class InvalidDomainError(OnlyNormError, ValueError):
@@ -73,3 +79,7 @@ class MemoryBudgetError(OnlyNormError, MemoryError):
         super().__init__(message)
         self.needed_bytes = needed_bytes
         self.limit_bytes = limit_bytes
+
+
+class MissingDependencyError(OnlyNormError, ImportError):
+    """An optional feature needs a package that is not installed (the message names the extra to install)."""

@@ -496,6 +496,13 @@ class NormNet(nn.Module):
         self.meta = merged
         return self
 
+    def to_onnx(self, path: str | os.PathLike, *, lower_conv: bool | None = None) -> dict[str, Any]:
+        """Write this network as an ONNX file (needs ``pip install 'onlynorm[onnx]'``); see
+        :func:`onlynorm.export_onnx.export_onnx` for the operators written and the returned facts."""
+        from .export_onnx import export_onnx
+
+        return export_onnx(self, path, lower_conv=lower_conv)
+
     def clone(self) -> NormNet:
         """A deep copy (the frozen weights are copied too, so the two networks are independent)."""
         return copy.deepcopy(self)

@@ -235,16 +235,21 @@ def _pad(seq: Sequence, n: int) -> list:
 
 
 def as_target(target: MLPSpec | nn.Module, in_shape: tuple[int, int, int] | None = None):
-    """Accept an ``MLPSpec``, a ``ConvNetSpec``, or an ``nn.Sequential``.
+    """Accept an ``MLPSpec``, a ``ConvNetSpec``, an ``nn.Sequential``, or a fitted scikit-learn
+    ``MLPClassifier``/``MLPRegressor`` with ``activation="relu"``.
 
     A Sequential of Linear/ReLU layers (eval-mode BatchNorm1d after a Linear is folded in) becomes an
     ``MLPSpec``; one with convolutions, pooling, Flatten or ``Residual`` blocks becomes a ``ConvNetSpec`` and
-    needs ``in_shape=(c, H, W)``.
+    needs ``in_shape=(c, H, W)``. A scikit-learn MLP becomes the ``MLPSpec`` of its pre-output-activation map
+    (see :mod:`onlynorm.sklearn_target`).
     """
     from .cnn import ConvNetSpec, is_cnn_module
+    from .sklearn_target import is_sklearn_mlp, spec_from_sklearn
 
     if isinstance(target, (MLPSpec, ConvNetSpec)):
         return target
+    if is_sklearn_mlp(target):
+        return spec_from_sklearn(target)
     if isinstance(target, nn.Module):
         if is_cnn_module(target):
             records = ConvNetSpec._parse(target, "")
@@ -254,7 +259,8 @@ def as_target(target: MLPSpec | nn.Module, in_shape: tuple[int, int, int] | None
             return ConvNetSpec.from_module(target, in_shape)
         return MLPSpec.from_module(target)
     raise InvalidTargetError(
-        f"expected an MLPSpec, a ConvNetSpec or an nn.Sequential, found {type(target).__name__}")
+        f"expected an MLPSpec, a ConvNetSpec, an nn.Sequential or a fitted scikit-learn MLPClassifier/MLPRegressor, "
+        f"found {type(target).__name__}")
 
 
 def _linear(record: dict) -> nn.Linear:

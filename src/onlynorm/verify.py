@@ -21,6 +21,7 @@ from .errors import InvalidNetworkError
 from .memory import format_bytes, memory_limit
 from .normnet import NormNet
 from .options import check_scalar, check_seed
+from .sklearn_target import compare_predictions, is_sklearn_mlp
 from .target import MLPSpec, as_target
 
 __all__ = ["VerifyReport", "verify", "default_tolerance"]
@@ -46,6 +47,9 @@ class VerifyReport:
     exact: bool | None = None                  # what the construction claims (False for least-squares)
     certified: bool | None = None              # set by certify=True
     certified_bound: float | None = None       # absolute bound on sup_D |f − g| in exact arithmetic
+    prediction_agreement: float | None = None  # scikit-learn classifier targets: fraction of equal predict()
+    max_proba_error: float | None = None       # scikit-learn classifier targets: max |Δ predict_proba|
+    max_predict_error: float | None = None     # scikit-learn regressor targets: max |Δ predict|
     rounding_bound: float | None = None        # separate bound on floating-point evaluation error
     notes: list[str] = field(default_factory=list)
 
@@ -86,6 +90,12 @@ class VerifyReport:
                 ("relative error", f"{self.max_rel_error:.3e}"),
                 ("tolerance", f"{self.tolerance:.1e}"),
                 ("within tolerance", "yes" if self.passed else "NO")]
+        if self.prediction_agreement is not None:
+            rows.append(("scikit-learn predict agreement", f"{self.prediction_agreement:.2%}"))
+        if self.max_proba_error is not None:
+            rows.append(("scikit-learn max |Δ predict_proba|", f"{self.max_proba_error:.3e}"))
+        if self.max_predict_error is not None:
+            rows.append(("scikit-learn max |Δ predict|", f"{self.max_predict_error:.3e}"))
         if self.exact is not None:
             rows.append(("construction exact", "yes" if self.exact else "no (approximate)"))
         if self.certified is not None:
@@ -109,6 +119,11 @@ def verify(net: nn.Module, target: MLPSpec | nn.Module, domain: Box | tuple | No
     """Compare ``net`` with ``target`` on ``samples`` points of ``domain`` (default: the domain the network was
     solved for, else ``[-1, 1]^n``).
 
+    ``target`` may be a fitted scikit-learn ``MLPClassifier``/``MLPRegressor``: the network is compared with its
+    pre-activation outputs as usual, and ``predict``/``predict_proba`` computed from the network's outputs are
+    compared with the model's own (``prediction_agreement`` must be 1 and the probability error within the
+    tolerance for the report to pass).
+
     >>> from torch import nn
     >>> import onlynorm
     >>> g = nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 2)).double()
@@ -122,6 +137,7 @@ def verify(net: nn.Module, target: MLPSpec | nn.Module, domain: Box | tuple | No
         raise InvalidNetworkError(
             f"certify=True needs a NormNet built by onlynorm (its construction knows what to prove), found "
             f"{type(net).__name__}; verify it without certify, or rebuild it with onlynorm.reconstruct")
+    sklearn_model = target if is_sklearn_mlp(target) else None
     spec = as_target(target, net.in_shape if isinstance(net, NormNet) else None)
     samples = check_scalar(samples, "samples", int, min_val=1)
     seed = check_seed(seed)
@@ -159,6 +175,7 @@ def verify(net: nn.Module, target: MLPSpec | nn.Module, domain: Box | tuple | No
     net.eval()
     max_err = torch.zeros((), dtype=torch.float64)
     max_g = torch.zeros((), dtype=torch.float64)
+    outputs = []                                     # kept only for a scikit-learn target's predict comparison
     try:
         with torch.no_grad():
             for start in range(0, samples, batch_size):
@@ -172,6 +189,8 @@ def verify(net: nn.Module, target: MLPSpec | nn.Module, domain: Box | tuple | No
                         f"output shape mismatch: network gives {tuple(fx.shape[1:])}, target {tuple(gx.shape[1:])}")
                 max_err = torch.maximum(max_err, (fx - gx).abs().max().cpu())
                 max_g = torch.maximum(max_g, gx.abs().max().cpu())
+                if sklearn_model is not None:
+                    outputs.append(fx.cpu())
     finally:
         net.train(was_training)
     max_abs, max_target = float(max_err), float(max_g)
@@ -184,6 +203,8 @@ def verify(net: nn.Module, target: MLPSpec | nn.Module, domain: Box | tuple | No
                           tolerance=tol, passed=bool(rel <= tol), exact=None if solve is None else solve.exact)
     if solve is not None:
         report.notes += list(solve.notes)
+    if sklearn_model is not None:
+        _compare_sklearn(report, sklearn_model, x_all, torch.cat(outputs))
     if certify:
         assert isinstance(net, NormNet)
         if net.meta.method is None:
@@ -203,3 +224,18 @@ def verify(net: nn.Module, target: MLPSpec | nn.Module, domain: Box | tuple | No
         report.rounding_bound = result.rounding_bound
         report.notes += list(result.notes)
     return report
+
+
+def _compare_sklearn(report: VerifyReport, model, x: torch.Tensor, outputs: torch.Tensor) -> None:
+    """Fill the scikit-learn fields of ``report`` and fold them into ``passed``."""
+    found = compare_predictions(model, x.numpy(), outputs.numpy())
+    report.prediction_agreement = found["prediction_agreement"]
+    report.max_proba_error = found["max_proba_error"]
+    report.max_predict_error = found["max_predict_error"]
+    ok = report.prediction_agreement in (None, 1.0)
+    ok &= report.max_proba_error is None or report.max_proba_error <= report.tolerance
+    scale = report.max_target_abs if report.max_target_abs > 0 else 1.0
+    ok &= report.max_predict_error is None or report.max_predict_error / scale <= report.tolerance
+    report.passed = bool(report.passed and ok)
+    report.notes.append("scikit-learn target: the reconstructed map is the network before its output activation; "
+                        "predict/predict_proba were compared on the same samples")

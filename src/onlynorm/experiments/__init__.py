@@ -1,4 +1,5 @@
-"""Reproducible experiments of the theory: ``onlynorm experiment NAME [--quick] [--out DIR] [--seed S]``.
+"""Reproducible experiments of the theory: ``onlynorm experiment NAME [--quick] [--out DIR] [--seed S]
+[--backend local|dask [--scheduler ADDRESS]]``.
 
 Each experiment module exposes ``run(quick: bool, seed: int, console) -> ExperimentResult``; the runner writes
 ``results.json``, PNG figures and ``summary.md``.
@@ -10,7 +11,7 @@ import importlib
 from pathlib import Path
 
 from ..errors import OnlyNormError
-from .runner import ExperimentResult, write_artifacts
+from .runner import ExperimentResult, use_backend, write_artifacts
 
 __all__ = ["EXPERIMENTS", "run_experiment"]
 
@@ -24,12 +25,17 @@ EXPERIMENTS = {
 
 
 def run_experiment(name: str, *, quick: bool = False, out: Path | None = None, seed: int = 0,
-                   console=None) -> ExperimentResult:
-    """Run experiment ``name`` and write its artefacts into ``out`` (default ``runs/NAME``)."""
+                   console=None, backend: str = "local", scheduler: str | None = None) -> ExperimentResult:
+    """Run experiment ``name`` and write its artefacts into ``out`` (default ``runs/NAME``).
+
+    ``backend="dask"`` runs the trials on the Dask cluster at ``scheduler`` (or a LocalCluster without one); see
+    :func:`onlynorm.experiments.runner.use_backend`. The results are the same as with ``backend="local"``.
+    """
     if name not in EXPERIMENTS:
         raise OnlyNormError(f"unknown experiment {name!r}; expected one of {sorted(EXPERIMENTS)}")
     module = importlib.import_module(f".{EXPERIMENTS[name]}", __package__)
-    result: ExperimentResult = module.run(quick=quick, seed=seed, console=console)
+    with use_backend(backend, scheduler):
+        result: ExperimentResult = module.run(quick=quick, seed=seed, console=console)
     target = Path(out) if out is not None else Path("runs") / name
     paths = write_artifacts(result, target)
     if console is not None:
