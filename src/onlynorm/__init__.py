@@ -26,6 +26,7 @@ from .errors import (
     OnlyNormError,
     SingularSystemError,
 )
+from .fit import FitReport, fit_norms, with_norms
 from .normnet import NetSummary, NormLinear, NormNet
 from .records import NetMeta, SolveInfo, SolveRecord
 from .residual import Residual
@@ -37,6 +38,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "reconstruct",
+    "fit_norms",
+    "with_norms",
+    "FitReport",
     "random_normnet",
     "solve_norms",
     "verify",
