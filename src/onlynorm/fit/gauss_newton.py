@@ -96,6 +96,17 @@ def fit_gauss_newton(net: NormNet, data: FitData, *, spec=None, deadline: float 
                      seed: int = 0, progress=None, patience: int = 10) -> Phase:
     """Improve ``net``'s γ, β in place by Levenberg–Marquardt until converged, ``max_iterations`` accepted steps or
     ``deadline`` (a ``time.perf_counter()`` value); returns the phase record."""
+    flags = {p: p.requires_grad for p in net.parameters()}
+    for p in flags:      # Jacobians come from torch.func; no autograd graph on the network's own tensors
+        p.requires_grad_(False)
+    try:
+        return _run(net, data, spec, deadline, max_iterations, rows, memory_budget, seed, progress, patience)
+    finally:
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+
+
+def _run(net, data, spec, deadline, max_iterations, rows, memory_budget, seed, progress, patience) -> Phase:
     start = time.perf_counter()
     before = data.held_out_error(net)
     every = NormFunction(net)

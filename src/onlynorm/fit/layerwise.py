@@ -32,6 +32,7 @@ import time
 import torch
 
 from ..constructions.base import safe_margin
+from ..cnn import conv_interval
 from ..domain import affine_bounds
 from ..linalg import khatri_rao_system, vec
 from ..normnet import NormLinear, NormNet
@@ -93,8 +94,9 @@ def fit_layerwise(net: NormNet, spec, data: FitData, *, slack: float = DEFAULT_S
     segs = segments(net, spec)
     h, ht = data.x_train, data.x_train
     bounds = None
-    if data.source == "box" and all(isinstance(s, NormLinear) for s in net.layers):
-        bounds = (data.box.low.to(torch.float64), data.box.high.to(torch.float64))
+    if data.source == "box" and all(s.kind != "unit" for s in segs):   # interval bounds of the box, stage by stage
+        shape = (1, *h.shape[1:])
+        bounds = (data.box.low.to(h).reshape(shape), data.box.high.to(h).reshape(shape))
     fits: list[float] = []
     fitted = [s for s in segs if s.kind != "op"]
     with torch.no_grad():
@@ -102,7 +104,7 @@ def fit_layerwise(net: NormNet, spec, data: FitData, *, slack: float = DEFAULT_S
             if seg.kind == "op":
                 h, ht = seg.stages[0](h), seg.target_out(ht)
                 if bounds is not None:
-                    bounds = (bounds[0].clamp(min=0), bounds[1].clamp(min=0))
+                    bounds = (seg.stages[0](bounds[0]), seg.stages[0](bounds[1]))    # monotone maps
                 continue
             t_full = seg.target_out(ht)
             T = rows(t_full).to(torch.float64)
@@ -124,6 +126,33 @@ def fit_layerwise(net: NormNet, spec, data: FitData, *, slack: float = DEFAULT_S
                  details={"layer_train_errors": fits, "slack": slack})
 
 
+def _first_range(first, gamma: torch.Tensor, A: torch.Tensor, bounds) -> tuple[torch.Tensor, torch.Tensor]:
+    """Range of ``γ ⊙ (A h)`` per unit over the interval bounds of ``h`` (conv: over every position)."""
+    lo, hi = (b.to(torch.float64) for b in bounds)
+    if isinstance(first, NormLinear):
+        return affine_bounds(gamma[:, None] * A, lo[0], hi[0])
+    c = first.conv
+    rec = {"stride": list(c.stride), "padding": list(c.padding), "dilation": list(c.dilation)}
+    weight = gamma.reshape(-1, 1, 1, 1) * c.weight.to(torch.float64)
+    zmin, zmax = conv_interval(rec, lo, hi, weight=weight, use_bias=False)
+    return zmin.amin(dim=(0, 2, 3)), zmax.amax(dim=(0, 2, 3))
+
+
+def _stage_bounds(stage, bounds):
+    """Interval bounds after a NormLinear/NormConv2d stage (its γ, β set): ``γ ⊙ (A h) + β``, then its ReLU."""
+    lo, hi = bounds
+    gamma, beta = stage.norm.weight.detach(), stage.norm.bias.detach()
+    if isinstance(stage, NormLinear):
+        zmin, zmax = affine_bounds(gamma[:, None] * stage.linear.weight, lo[0], hi[0], beta)
+        zmin, zmax = zmin[None], zmax[None]
+    else:
+        c = stage.conv
+        rec = {"stride": list(c.stride), "padding": list(c.padding), "dilation": list(c.dilation)}
+        zmin, zmax = conv_interval(rec, lo, hi, weight=gamma.reshape(-1, 1, 1, 1) * c.weight, use_bias=False)
+        zmin, zmax = zmin + beta.reshape(1, -1, 1, 1), zmax + beta.reshape(1, -1, 1, 1)
+    return (zmin.clamp(min=0), zmax.clamp(min=0)) if stage.relu else (zmin, zmax)
+
+
 def _fit_pair(seg: Segment, h: torch.Tensor, T: torch.Tensor, bounds, slack: float):
     first, second = seg.stages
     A, B = weight_matrix(first).to(torch.float64), weight_matrix(second).to(torch.float64)
@@ -132,7 +161,7 @@ def _fit_pair(seg: Segment, h: torch.Tensor, T: torch.Tensor, bounds, slack: flo
     z = H @ (gamma[:, None] * A).T
     zmin, zmax = z.min(0).values, z.max(0).values
     if bounds is not None:
-        bmin, bmax = affine_bounds(gamma[:, None] * A, bounds[0], bounds[1])
+        bmin, bmax = _first_range(first, gamma, A, bounds)
         zmin, zmax = torch.minimum(zmin, bmin), torch.maximum(zmax, bmax)
     beta1 = -zmin + safe_margin(zmin, zmax, slack)
     _set(first.norm, gamma, beta1)
@@ -142,8 +171,5 @@ def _fit_pair(seg: Segment, h: torch.Tensor, T: torch.Tensor, bounds, slack: flo
     _set(second.norm, gamma2, beta2)
     out = second.norm(pre_norm(second, u))
     if bounds is not None:
-        lo, hi = affine_bounds(gamma[:, None] * A, bounds[0], bounds[1], beta1)
-        lo, hi = lo.clamp(min=0), hi.clamp(min=0)
-        lo, hi = affine_bounds(gamma2[:, None] * B, lo, hi, beta2)
-        bounds = (lo.clamp(min=0), hi.clamp(min=0)) if second.relu else (lo, hi)
+        bounds = _stage_bounds(second, _stage_bounds(first, bounds))
     return (torch.relu(out) if second.relu else out), rows(out).to(torch.float64), bounds
