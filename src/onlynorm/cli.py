@@ -137,11 +137,11 @@ def fit(
     frozen: Path = typer.Argument(..., help="Frozen network: a NormNet file (onlynorm reconstruct/NormNet.save, or with_norms(model).save)."),
     target: Path = typer.Argument(..., help="Target MLP/CNN file."),
     out: Path = typer.Option(..., "--out", "-o", help="Where to write the fitted network (.safetensors)."),
-    data: Optional[Path] = typer.Option(None, help="Inputs to fit on: a safetensors file holding one tensor (n, features)."),
-    low: Optional[float] = typer.Option(None, help="Lower bound of the box to sample (default -1; not with --data)."),
-    high: Optional[float] = typer.Option(None, help="Upper bound of the box to sample (default 1; not with --data)."),
+    data: Path | None = typer.Option(None, help="Inputs to fit on: a safetensors file holding one tensor (n, features)."),
+    low: float | None = typer.Option(None, help="Lower bound of the box to sample (default -1; not with --data)."),
+    high: float | None = typer.Option(None, help="Upper bound of the box to sample (default 1; not with --data)."),
     method: str = typer.Option("auto", help="auto, exact, layerwise, gauss-newton or adam."),
-    budget: Optional[float] = typer.Option(None, help="Wall-time budget in seconds (auto, gauss-newton, adam)."),
+    budget: float | None = typer.Option(None, help="Wall-time budget in seconds (auto, gauss-newton, adam)."),
     seed: int = typer.Option(0, help="Seed of the sampled points and splits."),
 ) -> None:
     """Fit only the BatchNorm γ, β of FROZEN to TARGET — exact where the network can express it, the best
@@ -149,6 +149,7 @@ def fit(
     from .demos.report import print_table
     from .fit.cli import load_fit_data, run_fit
 
+    check_output_path(out, inputs=tuple(p for p in (frozen, target, data) if p is not None))
     net, report = run_fit(frozen, target, load_fit_data(data, low, high), method=method, budget=budget, seed=seed,
                           progress_factory=_LayerProgress)
     net.save(out)
