@@ -226,7 +226,7 @@ def demo(
 
 @app.command()
 def experiment(
-    name: str = typer.Argument(..., help="sparse-threshold, scaling, gd-vs-exact or depth-tradeoff."),
+    name: str = typer.Argument(..., help="sparse-threshold, scaling, gd-vs-exact, depth-tradeoff, under-parameterized or fine-tune-capacity."),
     quick: bool = typer.Option(False, "--quick", help="Small sizes: about a minute."),
     out: Path | None = typer.Option(None, "--out", help="Output directory (default runs/NAME)."),
     seed: int = typer.Option(0, help="Seed of every random choice."),
