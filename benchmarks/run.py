@@ -161,7 +161,7 @@ def fit_cases(repeats: int, d: int = 6, depth: int = 2) -> list[dict]:
     for ratio in (1 / 8, 1 / 4, 1 / 2, 1.0, 2.0):
         trials = [trial(d=d, depth=depth, ratio=ratio, adam_steps=3000, seed=trial_seed(11, i, k))
                   for i in [int(ratio * 16)] for k in range(repeats)]
-        med = lambda f: float(np.median([f(t) for t in trials]))  # noqa: E731
+        med = lambda f, trials=trials: float(np.median([f(t) for t in trials]))  # noqa: E731
         row = {"ratio": ratio, "N": trials[0]["hidden"][0], "auto_rms": med(lambda t: t["auto"]["rms"]),
                "adam_rms": med(lambda t: t["adam-3000"]["rms"]), "auto_s": med(lambda t: t["auto"]["seconds"]),
                "adam_s": med(lambda t: t["adam-3000"]["seconds"]),

@@ -6,7 +6,6 @@ import pytest
 import torch
 from torch import nn
 
-import onlynorm
 from onlynorm import Box, InvalidNetworkError, NormNet, fit_norms, with_norms
 from onlynorm.fit.data import relative_rms
 

@@ -85,7 +85,7 @@ def trial(task: str, width: int, factor: int, epochs: int, tune_epochs: int, ada
 
 def run(quick: bool, seed: int, console=None) -> ExperimentResult:
     if quick:
-        tasks, factors, width, epochs, tune_epochs, steps, repeats = ["even/odd"], [1, 2], 16, 15, 10, 300, 1
+        tasks, factors, width, epochs, tune_epochs, steps, repeats = ["even/odd"], [1, 2], 16, 10, 5, 200, 1
     else:
         tasks, factors, width, epochs, tune_epochs, steps, repeats = TASKS, [1, 2, 4], 32, 100, 40, 3000, 2
     trials = [{"task": t, "width": width, "factor": f, "epochs": epochs, "tune_epochs": tune_epochs,

@@ -76,7 +76,7 @@ def trial(d: int, depth: int, ratio: float, adam_steps: int, seed: int) -> dict:
 
 def configurations(quick: bool) -> tuple[list[tuple[int, int]], list[float], int, int]:
     if quick:
-        return [(4, 2)], [1 / 4, 1.0], 1, 300
+        return [(4, 2)], [1 / 4, 1.0], 1, 200
     return [(6, 2), (6, 3), (10, 2), (16, 2)], RATIOS, 4, 3000
 
 
@@ -163,7 +163,7 @@ def _summary(data: dict) -> str:
              "auto s | adam-3000 s | auto/adam error | auto/adam time |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in data["table"]:
-        cell = lambda m: f"{r[m]:.2e}" if m in r else "—"  # noqa: E731
+        cell = lambda m, r=r: f"{r[m]:.2e}" if m in r else "—"  # noqa: E731
         lines.append(f"| {r['d']} | {r['depth']} | {r['ratio']:g} | {r['hidden']} | {cell('closed form')} | "
                      f"{cell('layerwise')} | {cell('gauss-newton')} | {cell('auto')} | {cell('adam-3000')} | "
                      f"{cell('adam-matched')} | {r['auto s']:.2f} | {r['adam-3000 s']:.2f} | "

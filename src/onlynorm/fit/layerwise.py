@@ -31,8 +31,8 @@ import time
 
 import torch
 
-from ..constructions.base import safe_margin
 from ..cnn import conv_interval
+from ..constructions.base import safe_margin
 from ..domain import affine_bounds
 from ..linalg import khatri_rao_system, vec
 from ..normnet import NormLinear, NormNet
