@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..constructions.conv import FixedOp
 from ..errors import InvalidNetworkError
@@ -37,6 +38,9 @@ METHOD = "pretrained"
 class _Pretrained(Stage):
     """A frozen pretrained layer (with its bias) followed by a tunable BatchNorm; no ReLU of its own."""
 
+    layer: Any                      # nn.Linear or nn.Conv2d
+    norm: _BatchNorm
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(self.layer(x))
 
@@ -44,7 +48,8 @@ class _Pretrained(Stage):
         """``(layer(x) − μ) / √var``: what γ multiplies."""
         z = self.layer(x)
         shape = (1, -1) + (1,) * (z.ndim - 2)
-        return (z - self.norm.running_mean.reshape(shape)) / torch.sqrt(self.norm.running_var.reshape(shape))
+        mean, var = _stats(self.norm)
+        return (z - mean.reshape(shape)) / torch.sqrt(var.reshape(shape))
 
 
 @register_stage
@@ -87,13 +92,21 @@ def _copy_layer(stage: _Pretrained, module: nn.Module) -> None:
             stage.layer.bias.copy_(module.bias)
 
 
-def _adopt_batchnorm(stage: _Pretrained, bn: nn.modules.batchnorm._BatchNorm, where: str) -> None:
+def _stats(norm: _BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """The running mean and variance buffers (always present: make_batchnorm tracks running statistics)."""
+    mean, var = norm.running_mean, norm.running_var
+    assert mean is not None and var is not None
+    return mean, var
+
+
+def _adopt_batchnorm(stage: _Pretrained, bn: _BatchNorm, where: str) -> None:
     if bn.running_mean is None or bn.running_var is None:
         raise InvalidNetworkError(f"{where}: expected a BatchNorm with running statistics "
                                   "(track_running_stats=True), found none; it cannot be used as a fixed affine map")
+    mean, var = _stats(stage.norm)
     with torch.no_grad():
-        stage.norm.running_mean.copy_(bn.running_mean)
-        stage.norm.running_var.copy_(bn.running_var + bn.eps)
+        mean.copy_(bn.running_mean)
+        var.copy_(bn.running_var + bn.eps)
         if bn.affine:
             stage.norm.weight.copy_(bn.weight)
             stage.norm.bias.copy_(bn.bias)
