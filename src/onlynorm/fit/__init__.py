@@ -84,8 +84,8 @@ SINGLE_THREAD_WIDTH = 512
 
 @contextlib.contextmanager
 def _threads_for(net: NormNet):
-    """Run small networks single-threaded (restored afterwards): measured on a loaded 2-core machine, 15
-    Levenberg–Marquardt steps on a 3 → 5 → 2 target took 0.23 s with one thread and 1.4 s with two."""
+    """Run small networks single-threaded (restored afterwards): their tensor products are tiny, and on a shared
+    2-core machine thread start-up and contention cost more than a second thread gains."""
     widest = max([p.shape[0] for p in net.parameters() if p.ndim >= 1] + [1])
     before = torch.get_num_threads()
     if widest <= SINGLE_THREAD_WIDTH and before > 1:

@@ -9,8 +9,7 @@ and is taken when the training loss falls (otherwise ``λ`` grows and the step i
 A step is **kept only if the held-out error falls** below the best seen: the network returned is the one with the
 lowest held-out error (early stopping: the run ends after ``patience`` steps without a new best, at convergence,
 or at the deadline). The held-out error of the result is therefore never above the one it started from. (Refusing
-every step that does not lower the held-out error stalls Levenberg–Marquardt early: measured 0.27 vs 0.24 median
-relative RMS at N = m·n/4.)
+every step that does not lower the held-out error stalls Levenberg–Marquardt early, in a worse minimum.)
 
 **Memory.** The Jacobian of all parameters has ``rows·m × P`` entries. When it (with its ``P × P`` normal matrix)
 would exceed the budget — a quarter of :func:`onlynorm.memory.memory_limit` unless given — the parameters are
