@@ -11,6 +11,9 @@ the same process, one right after the other:
 * ``ours / naive``      — vs a naive baseline: column-by-column ``np.kron`` assembly + ``numpy.linalg.solve``
 * ``peak / 8N²``        — peak extra resident memory of a reconstruction (measured in a child process) over the size
   of the float64 system matrix
+* ``fit_norms`` (issue 11) — on random targets 6 → 6 → 6, frozen width N = ratio·m·n: ``auto``'s relative RMS error
+  and wall time over 3,000 Adam steps' (same trial, same test points), at ratios 1/8, 1/4, 1/2; at ratios 1 and 2
+  ``auto``'s error (exact ≤ 1e-9?) and its time over the bare closed form's (``--only-fit`` runs just this part)
 """
 
 from __future__ import annotations
@@ -149,6 +152,29 @@ def fmt_table(rows: list[dict], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
+def fit_cases(repeats: int, d: int = 6, depth: int = 2) -> list[dict]:
+    """Issue 11's goal ratios, one row per width ratio (medians over ``repeats`` targets)."""
+    from onlynorm.experiments.runner import trial_seed
+    from onlynorm.experiments.under_parameterized import trial
+
+    rows = []
+    for ratio in (1 / 8, 1 / 4, 1 / 2, 1.0, 2.0):
+        trials = [trial(d=d, depth=depth, ratio=ratio, adam_steps=3000, seed=trial_seed(11, i, k))
+                  for i in [int(ratio * 16)] for k in range(repeats)]
+        med = lambda f, trials=trials: float(np.median([f(t) for t in trials]))  # noqa: E731
+        row = {"ratio": ratio, "N": trials[0]["hidden"][0], "auto_rms": med(lambda t: t["auto"]["rms"]),
+               "adam_rms": med(lambda t: t["adam-3000"]["rms"]), "auto_s": med(lambda t: t["auto"]["seconds"]),
+               "adam_s": med(lambda t: t["adam-3000"]["seconds"]),
+               "auto/adam error": med(lambda t: t["auto"]["rms"] / t["adam-3000"]["rms"]),
+               "auto/adam time": med(lambda t: t["auto"]["seconds"] / t["adam-3000"]["seconds"]),
+               "max_auto_rms": max(t["auto"]["rms"] for t in trials),
+               "auto/closed time": med(lambda t: t["auto"]["seconds"] / t["closed form"]["seconds"])}
+        rows.append(row)
+        print(f"fit ratio {ratio:g}: auto {row['auto_rms']:.3g} vs adam {row['adam_rms']:.3g} "
+              f"(error ×{row['auto/adam error']:.2f}, time ×{row['auto/adam time']:.2f})", flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="16,32,48,64,80,96")
@@ -156,9 +182,14 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small sizes only (seconds)")
     parser.add_argument("--json", help="also write all rows to this file")
     parser.add_argument("--memory-child", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--fit-repeats", type=int, default=4, help="targets per width ratio in the fit_norms part")
+    parser.add_argument("--only-fit", action="store_true", help="run only the fit_norms (issue 11) part")
     args = parser.parse_args()
     if args.memory_child:
         peak_memory_child(args.memory_child)
+        return
+    if args.only_fit:
+        report_fit(fit_cases(2 if args.quick else args.fit_repeats), args.json)
         return
     sizes = [16, 32] if args.quick else [int(s) for s in args.sizes.split(",")]
     deep_sizes = [32, 64] if args.quick else [int(s) for s in args.deep_sizes.split(",")]
@@ -188,9 +219,25 @@ def main() -> None:
             print(f"deep d={d}: {deep_rows[-1]['deep_s']:.2f} s, rel err {deep_rows[-1]['max_rel_error']:.1e}", flush=True)
         print("\nDeep construction (k = 1), one d×d layer:\n")
         print(fmt_table(deep_rows, ["d", "deep_s", "max_rel_error", "depth", "max_width"]))
+    fit_rows = fit_cases(2 if args.quick else args.fit_repeats)
+    report_fit(fit_rows, None)
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"width": rows, "deep": deep_rows}, fh, indent=2)
+            json.dump({"width": rows, "deep": deep_rows, "fit": fit_rows}, fh, indent=2)
+
+
+def report_fit(fit_rows: list[dict], json_path: str | None) -> None:
+    below = [r for r in fit_rows if r["ratio"] < 1]
+    above = [r for r in fit_rows if r["ratio"] >= 1]
+    print("\nfit_norms(method='auto') vs 3,000 Adam steps on the same γ, β — target 6 → 6 → 6, medians "
+          "(goal: error ≤ 0.7×, time ≤ 0.5×):\n")
+    print(fmt_table(below, ["ratio", "N", "auto_rms", "adam_rms", "auto/adam error", "auto_s", "adam_s",
+                            "auto/adam time"]))
+    print("\nAt and above the theorem's width (goal: exact ≤ 1e-9 in the closed form's time):\n")
+    print(fmt_table(above, ["ratio", "N", "max_auto_rms", "auto_s", "auto/closed time"]))
+    if json_path:
+        with open(json_path, "w") as fh:
+            json.dump({"fit": fit_rows}, fh, indent=2)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ def _cli(args):
 
 
 #: experiments whose --quick run takes over ~20 s on 2 cores: run by `make bench` (pytest -m heavy), not `make test`
-HEAVY_EXPERIMENTS = {"gd-vs-exact"}
+HEAVY_EXPERIMENTS = {"gd-vs-exact", "under-parameterized", "fine-tune-capacity"}
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.heavy) if n in HEAVY_EXPERIMENTS else n

@@ -27,6 +27,7 @@ from .errors import (
     SingularSystemError,
     UnsupportedActivationError,
 )
+from .fit import FitReport, fit_norms, with_norms
 from .normnet import NetSummary, NormLinear, NormNet
 from .records import NetMeta, SolveInfo, SolveRecord
 from .residual import Residual
@@ -39,6 +40,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "reconstruct",
+    "fit_norms",
+    "with_norms",
+    "FitReport",
     "random_normnet",
     "solve_norms",
     "verify",

@@ -154,6 +154,32 @@ reconstruct = app.command(help=_reconstruct_help())(_with_option_flags(reconstru
 
 
 @app.command()
+def fit(
+    frozen: Path = typer.Argument(..., help="Frozen network: a NormNet file (onlynorm reconstruct/NormNet.save, or with_norms(model).save)."),
+    target: Path = typer.Argument(..., help="Target MLP/CNN file."),
+    out: Path = typer.Option(..., "--out", "-o", help="Where to write the fitted network (.safetensors)."),
+    data: Path | None = typer.Option(None, help="Inputs to fit on: a safetensors file holding one tensor (n, features)."),
+    low: float | None = typer.Option(None, help="Lower bound of the box to sample (default -1; not with --data)."),
+    high: float | None = typer.Option(None, help="Upper bound of the box to sample (default 1; not with --data)."),
+    method: str = typer.Option("auto", help="auto, exact, layerwise, gauss-newton or adam."),
+    budget: float | None = typer.Option(None, help="Wall-time budget in seconds (auto, gauss-newton, adam)."),
+    seed: int = typer.Option(0, help="Seed of the sampled points and splits."),
+) -> None:
+    """Fit only the BatchNorm γ, β of FROZEN to TARGET — exact where the network can express it, the best
+    approximation otherwise; prints the report (held-out error per phase)."""
+    from .demos.report import print_table
+    from .fit.cli import load_fit_data, run_fit
+
+    check_output_path(out, inputs=tuple(p for p in (frozen, target, data) if p is not None))
+    net, report = run_fit(frozen, target, load_fit_data(data, low, high), method=method, budget=budget, seed=seed,
+                          progress_factory=_LayerProgress)
+    net.save(out)
+    header, rows = report.table()
+    print_table(console, f"fitted {frozen.name} to {target.name} → {out}", header, rows)
+    print_rows(console, "summary", report.rows())
+
+
+@app.command()
 def verify(
     net: Path = typer.Argument(..., help="Network written by `onlynorm reconstruct`."),
     target: Path = typer.Argument(..., help="Target file."),
@@ -237,7 +263,7 @@ def demo(
 
 @app.command()
 def experiment(
-    name: str = typer.Argument(..., help="sparse-threshold, scaling, gd-vs-exact or depth-tradeoff."),
+    name: str = typer.Argument(..., help="sparse-threshold, scaling, gd-vs-exact, depth-tradeoff, under-parameterized or fine-tune-capacity."),
     quick: bool = typer.Option(False, "--quick", help="Small sizes: about a minute."),
     out: Path | None = typer.Option(None, "--out", help="Output directory (default runs/NAME)."),
     seed: int = typer.Option(0, help="Seed of every random choice."),

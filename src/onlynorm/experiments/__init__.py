@@ -21,6 +21,8 @@ EXPERIMENTS = {
     "scaling": "scaling",
     "gd-vs-exact": "gd_vs_exact",
     "depth-tradeoff": "depth_tradeoff",
+    "under-parameterized": "under_parameterized",
+    "fine-tune-capacity": "fine_tune_capacity",
 }
 
 

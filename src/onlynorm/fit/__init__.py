@@ -1,0 +1,159 @@
+"""``fit_norms``: the best γ, β for any frozen network — exact where the theory allows, best-effort below it.
+
+``fit_norms(frozen, target, data)`` returns ``(network, report)``: a new network in which only γ, β differ from
+``frozen``, and a :class:`FitReport` (relative RMS error on held-out points before/after each phase, wall time,
+iterations). ``data`` is a :class:`~onlynorm.Box` (sampled) or a tensor of inputs (the distribution that matters
+for a pretrained network). Methods:
+
+* ``"exact"`` — the closed form (``solve_norms``) when :func:`onlynorm.capacity` says the network can express the
+  target;
+* ``"layerwise"`` — data-aware closed form pair by pair with sequential error propagation
+  (:mod:`onlynorm.fit.layerwise`);
+* ``"gauss-newton"`` — Levenberg–Marquardt on all γ, β, held-out-checked steps (:mod:`onlynorm.fit.gauss_newton`);
+* ``"adam"`` — ``train_norm_only``, the baseline;
+* ``"auto"`` — exact when every system has ``N ≥ m·n`` unknowns and the solve succeeds, else layer-wise then
+  Gauss–Newton, within ``budget_seconds``.
+
+>>> import onlynorm
+>>> from torch import nn
+>>> g = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2)).double()
+>>> frozen = onlynorm.random_normnet(g, hidden=[6, 6], seed=0)        # a quarter of the theorem's width
+>>> net, report = onlynorm.fit_norms(frozen, g, onlynorm.Box(-1, 1), budget_seconds=2)
+>>> [p.name for p in report.phases], report.final_error < report.initial_error
+(['layerwise', 'gauss-newton'], True)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..constructions.base import Progress
+from ..errors import InvalidNetworkError, OnlyNormError, SingularSystemError
+from ..normnet import NormNet
+from ..target import as_target
+from .data import FitData, prepare_data, relative_rms
+from .report import FitReport, Phase
+from .with_norms import PretrainedConv2d, PretrainedLinear, with_norms
+
+__all__ = ["fit_norms", "with_norms", "FitReport", "Phase", "FitData", "METHODS", "relative_rms",
+           "PretrainedLinear", "PretrainedConv2d"]
+
+METHODS = ("auto", "exact", "layerwise", "gauss-newton", "adam")
+#: held-out relative RMS at or below which a float64 fit counts as exact
+EXACT_TOLERANCE = 1e-9
+ADAM_STEPS, GN_STEPS = 3000, 300
+
+
+def fit_norms(frozen: NormNet, target: Any, data, *, method: str = "auto", budget_seconds: float | None = None,
+              seed: int = 0, progress: Progress | None = None, steps: int | None = None,
+              memory_budget: int | None = None, samples: int = 2048) -> tuple[NormNet, FitReport]:
+    """Fit only the γ, β of ``frozen`` so it computes ``target`` on ``data``; see the module docstring.
+
+    ``target``: an MLP/CNN (``nn.Sequential``, ``MLPSpec``, ``ConvNetSpec``). ``data``: a ``Box`` (``samples``
+    training points and half as many held-out points are drawn) or a tensor of inputs (a fifth held out).
+    ``budget_seconds`` bounds ``auto``/``gauss-newton``/``adam``; ``steps`` caps Adam's steps (default 3,000) and
+    Gauss–Newton's (default 300); ``memory_budget`` (bytes) bounds Gauss–Newton's Jacobians. ``progress(done, total, message)`` is called as work proceeds.
+    """
+    if not isinstance(frozen, NormNet):
+        raise InvalidNetworkError(f"expected a NormNet (onlynorm.random_normnet, NormNet.load or "
+                                  f"onlynorm.with_norms(model)), found {type(frozen).__name__}")
+    if method not in METHODS:
+        raise OnlyNormError(f"method: expected one of {', '.join(METHODS)}, found {method!r}")
+    if budget_seconds is not None and not (isinstance(budget_seconds, (int, float)) and budget_seconds > 0
+                                           and math.isfinite(budget_seconds)):
+        raise OnlyNormError(f"budget_seconds: expected a positive number of seconds or None, found {budget_seconds!r}")
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise OnlyNormError(f"steps: expected a positive integer or None, found {steps!r}")
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 8:
+        raise OnlyNormError(f"samples: expected an integer >= 8, found {samples!r}")
+    spec = as_target(target if not isinstance(target, nn.Module) or frozen.in_shape is None else target,
+                     frozen.in_shape)
+    with _threads_for(frozen):
+        return _fit(frozen, spec, data, method, budget_seconds, seed, progress, steps, memory_budget, samples)
+
+
+#: below this width every tensor op is tiny and extra threads only add start-up and contention
+SINGLE_THREAD_WIDTH = 512
+
+
+@contextlib.contextmanager
+def _threads_for(net: NormNet):
+    """Run small networks single-threaded (restored afterwards): their tensor products are tiny, and on a shared
+    2-core machine thread start-up and contention cost more than a second thread gains."""
+    widest = max([p.shape[0] for p in net.parameters() if p.ndim >= 1] + [1])
+    before = torch.get_num_threads()
+    if widest <= SINGLE_THREAD_WIDTH and before > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
+
+
+def _fit(frozen, spec, data, method, budget_seconds, seed, progress, steps, memory_budget, samples):
+    start = time.perf_counter()
+    deadline = None if budget_seconds is None else start + float(budget_seconds)
+    fit_data = prepare_data(frozen, spec, data, seed=seed, train_samples=samples,
+                            held_samples=max(8, samples // 2))
+    net = frozen.clone()
+    report = FitReport(method=method, train_samples=fit_data.x_train.shape[0],
+                       held_out_samples=fit_data.x_held.shape[0], initial_error=fit_data.held_out_error(net))
+    if method == "exact":
+        from .exact import check_capacity, fit_exact
+
+        check_capacity(net, spec)
+        net, phase = fit_exact(net, spec, fit_data, progress=progress)
+        report.phases.append(phase)
+    elif method == "layerwise":
+        from .layerwise import fit_layerwise
+
+        report.phases.append(fit_layerwise(net, spec, fit_data, progress=progress))
+    elif method == "gauss-newton":
+        from .gauss_newton import fit_gauss_newton
+
+        report.phases.append(fit_gauss_newton(net, fit_data, spec=spec, deadline=deadline, memory_budget=memory_budget,
+                                              seed=seed, progress=progress, max_iterations=steps or GN_STEPS))
+    elif method == "adam":
+        from .adam import fit_adam
+
+        report.phases.append(fit_adam(net, spec, fit_data, steps=steps or ADAM_STEPS, budget_seconds=budget_seconds,
+                                      seed=seed))
+    else:
+        net = _auto(net, spec, fit_data, report, deadline, memory_budget, seed, progress, steps or GN_STEPS)
+    report.exact = net.dtype == torch.float64 and report.final_error <= EXACT_TOLERANCE
+    net.meta["fit"] = report.as_dict()
+    return net, report
+
+
+def _auto(net: NormNet, spec, data: FitData, report: FitReport, deadline, memory_budget, seed, progress,
+          steps: int) -> NormNet:
+    from .exact import exact_applicable, fit_exact
+    from .gauss_newton import fit_gauss_newton
+    from .layerwise import fit_layerwise
+
+    if exact_applicable(net, spec):
+        try:
+            solved, phase = fit_exact(net, spec, data, progress=progress)
+        except SingularSystemError as exc:
+            report.notes.append(f"closed form not available ({str(exc).splitlines()[0][:120]}); fitting instead")
+        else:
+            report.phases.append(phase)
+            if phase.error_after <= EXACT_TOLERANCE or phase.error_after <= phase.error_before * 1e-9:
+                return solved
+            if phase.error_after < phase.error_before:
+                net = solved
+    try:
+        report.phases.append(fit_layerwise(net, spec, data, progress=progress))
+    except InvalidNetworkError as exc:
+        report.notes.append(f"layer-wise start skipped: {exc}")
+    if report.final_error > EXACT_TOLERANCE and (deadline is None or time.perf_counter() < deadline):
+        report.phases.append(fit_gauss_newton(net, data, spec=spec, deadline=deadline, memory_budget=memory_budget,
+                                              seed=seed, progress=progress, max_iterations=steps))
+    return net

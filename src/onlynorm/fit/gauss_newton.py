@@ -1,0 +1,199 @@
+"""Levenberg–Marquardt (damped Gauss–Newton) on all γ, β over sampled points.
+
+With residuals ``r(θ) = (f(X; θ) − g(X)) / ‖g(X)‖`` on the training rows and ``J = ∂r/∂θ`` (``torch.func``, see
+:mod:`onlynorm.fit.jacobian`), each step solves::
+
+    (JᵀJ + λ diag(JᵀJ)) δ = −Jᵀ r
+
+and is taken when the training loss falls (otherwise ``λ`` grows and the step is retried from the same Jacobian).
+A step is **kept only if the held-out error falls** below the best seen: the network returned is the one with the
+lowest held-out error (early stopping: the run ends after ``patience`` steps without a new best, at convergence,
+or at the deadline). The held-out error of the result is therefore never above the one it started from. (Refusing
+every step that does not lower the held-out error stalls Levenberg–Marquardt early, in a worse minimum.)
+
+**Memory.** The Jacobian of all parameters has ``rows·m × P`` entries. When it (with its ``P × P`` normal matrix)
+would exceed the budget — a quarter of :func:`onlynorm.memory.memory_limit` unless given — the parameters are
+split into blocks (one target layer's norms each) and the steps cycle through the blocks; a block that still does
+not fit uses fewer rows. No Jacobian above the budget is ever formed; the phase records the largest one.
+
+>>> import torch, onlynorm
+>>> from torch import nn
+>>> g = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).double()
+>>> frozen = onlynorm.random_normnet(g, hidden=4, seed=0)
+>>> net, report = onlynorm.fit_norms(frozen, g, onlynorm.Box(-1, 1), method="gauss-newton")
+>>> report.final_error < report.initial_error
+True
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ..errors import MemoryBudgetError
+from ..memory import format_bytes, memory_limit
+from ..normnet import NormNet
+from .data import FitData
+from .jacobian import NormFunction, choose_mode, jacobian_bytes
+from .report import Phase
+
+__all__ = ["fit_gauss_newton", "parameter_blocks", "plan_blocks"]
+
+LAMBDA_START = 1e-3
+LAMBDA_MAX = 1e8
+
+
+def parameter_blocks(net: NormNet, spec=None) -> list[list[str]]:
+    """γ, β names grouped by target layer: a construction pair (or with_norms stage) per block when the network can
+    be walked next to the target, else one block per top-level stage."""
+    norm_ids = {id(p) for p in net.norm_parameters()}
+    names = [k for k, p in net.named_parameters() if id(p) in norm_ids]
+    stage_of = {k: int(k.split(".")[1]) for k in names}
+    group = {i: i for i in set(stage_of.values())}
+    if spec is not None:
+        try:
+            from .segments import segments
+
+            index = {id(s): i for i, s in enumerate(net.layers)}
+            for seg in segments(net, spec):
+                ids = [index[id(s)] for s in seg.stages]
+                for i in ids:
+                    group[i] = ids[0]
+        except Exception:   # any layout the walker does not know: one block per stage
+            pass
+    blocks: dict[int, list[str]] = {}
+    for k in names:
+        blocks.setdefault(group[stage_of[k]], []).append(k)
+    return [blocks[i] for i in sorted(blocks)]
+
+
+def plan_blocks(blocks: list[list[str]], sizes: dict[str, int], rows: int, outputs: int, budget: int):
+    """``[(names, rows)]``: all parameters at once if their Jacobian fits ``budget``, else one block at a time
+    (with fewer rows where even a block does not fit)."""
+    every = [k for b in blocks for k in b]
+    total = sum(sizes[k] for k in every)
+    if jacobian_bytes(rows, outputs, total) <= budget:
+        return [(every, rows)], "full"
+    plan = []
+    for b in blocks:
+        p = sum(sizes[k] for k in b)
+        r = rows
+        while r > 1 and jacobian_bytes(r, outputs, p) > budget:
+            r //= 2
+        if jacobian_bytes(r, outputs, p) > budget:
+            raise MemoryBudgetError(
+                f"gauss-newton: even one sample's Jacobian for a block of {p} norm parameters needs "
+                f"{format_bytes(jacobian_bytes(1, outputs, p))}, above the budget {format_bytes(budget)}; raise the "
+                "memory budget or use method='adam'", needed_bytes=jacobian_bytes(1, outputs, p), limit_bytes=budget)
+        plan.append((b, r))
+    return plan, "block-wise"
+
+
+def fit_gauss_newton(net: NormNet, data: FitData, *, spec=None, deadline: float | None = None,
+                     max_iterations: int = 300, rows: int | None = None, memory_budget: int | None = None,
+                     seed: int = 0, progress=None, patience: int = 10) -> Phase:
+    """Improve ``net``'s γ, β in place by Levenberg–Marquardt until converged, ``max_iterations`` accepted steps or
+    ``deadline`` (a ``time.perf_counter()`` value); returns the phase record."""
+    flags = {p: p.requires_grad for p in net.parameters()}
+    for p in flags:      # Jacobians come from torch.func; no autograd graph on the network's own tensors
+        p.requires_grad_(False)
+    try:
+        return _run(net, data, spec, deadline, max_iterations, rows, memory_budget, seed, progress, patience)
+    finally:
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+
+
+def _run(net, data, spec, deadline, max_iterations, rows, memory_budget, seed, progress, patience) -> Phase:
+    start = time.perf_counter()
+    before = data.held_out_error(net)
+    every = NormFunction(net)
+    with torch.no_grad():
+        outputs = net(data.x_train[:1]).reshape(1, -1).shape[1]
+    if rows is None:   # enough equations for the parameters, not more: the normal matrix costs rows·m·P²
+        rows = max(1024, (16 * every.size) // max(1, outputs))
+    rows = min(rows, data.x_train.shape[0])
+    gen = torch.Generator().manual_seed(seed)
+    pick = torch.randperm(data.x_train.shape[0], generator=gen)[:rows].to(data.x_train.device)
+    budget = memory_budget if memory_budget is not None else memory_limit(net.device)[0] // 4
+    sizes = dict(zip(every.names, every.sizes))
+    plan, layout = plan_blocks(parameter_blocks(net, spec), sizes, rows, outputs, budget)
+    fns = [(NormFunction(net, names), r) for names, r in plan]
+    lambdas = [LAMBDA_START] * len(fns)
+    history = [before]
+    held = before
+    accepted = rejected = evaluations = 0
+    largest = 0
+    mode_used = set()
+    last_step = 0.0
+    stalled = 0
+    b = -1
+    best_held, best_theta = held, every.vector().clone()
+    kept = 0
+    while accepted < max_iterations:
+        step_start = time.perf_counter()
+        if deadline is not None and step_start + last_step > deadline:
+            break
+        b = (b + 1) % len(fns)
+        fn, r = fns[b]
+        x, y = data.x_train[pick[:r]], data.y_train[pick[:r]]
+        scale = float(torch.linalg.vector_norm(y.to(torch.float64))) or 1.0
+        theta = fn.vector().to(torch.float64)
+        with torch.no_grad():
+            res = (fn(theta.to(fn.params[0].dtype), x) - y).reshape(-1).to(torch.float64) / scale
+        loss = float(res @ res)
+        mode = choose_mode(fn.size, outputs)
+        mode_used.add(mode)
+        J = fn.jacobian(theta, x, mode=mode).to(torch.float64) / scale
+        largest = max(largest, jacobian_bytes(r, outputs, fn.size))
+        JtJ, g = J.T @ J, J.T @ res
+        del J
+        diag = JtJ.diagonal().clamp_min(1e-12 * float(JtJ.diagonal().max().clamp_min(1e-300)))
+        improved = False
+        while lambdas[b] <= LAMBDA_MAX:
+            evaluations += 1
+            try:
+                L = torch.linalg.cholesky(JtJ + torch.diag(lambdas[b] * diag))
+                delta = torch.cholesky_solve(-g.unsqueeze(1), L)[:, 0]
+            except RuntimeError:   # not positive definite in floating point: damp more
+                lambdas[b] *= 4
+                continue
+            cand = (theta + delta).to(fn.params[0].dtype)
+            with torch.no_grad():
+                new_res = (fn(cand, x) - y).reshape(-1).to(torch.float64) / scale
+                new_loss = float(new_res @ new_res)
+            if torch.isfinite(torch.tensor(new_loss)) and new_loss < loss:
+                fn.assign(cand)
+                new_held = data.held_out_error(net)
+                improved = True
+                lambdas[b] = max(lambdas[b] / 3, 1e-9)
+                if new_held < best_held:
+                    best_held, best_theta = new_held, every.vector().clone()
+                    kept += 1
+                break
+            rejected += 1
+            lambdas[b] *= 4
+        if improved:
+            accepted += 1
+            history.append(best_held)
+            stalled = 0 if new_held <= best_held else stalled + 1
+            if progress is not None:
+                progress(accepted, max_iterations, f"gauss-newton: step {accepted}, held-out rel RMS "
+                                                   f"{best_held:.3e}")
+        else:   # no step lowers the training loss: this block has converged
+            stalled += patience
+            lambdas[b] = LAMBDA_START
+        last_step = time.perf_counter() - step_start
+        if best_held < 1e-13 or stalled >= patience * len(fns):
+            break
+    every.assign(best_theta)
+    held = best_held
+    notes = []
+    if layout != "full":
+        notes.append(f"gauss-newton: Jacobian of all {every.size} norm parameters exceeds the memory budget "
+                     f"{format_bytes(budget)}; stepped block-wise over {len(fns)} blocks")
+    return Phase("gauss-newton", before, held, time.perf_counter() - start, accepted, notes=notes, history=history,
+                 details={"layout": layout, "blocks": len(fns), "rows": rows, "rejected": rejected, "kept": kept,
+                          "evaluations": evaluations, "jacobian_mode": sorted(mode_used),
+                          "largest_jacobian_bytes": largest, "memory_budget_bytes": budget})
