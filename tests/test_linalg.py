@@ -58,7 +58,9 @@ def test_square_solve_reaches_any_target(m, n, seed):
     assert sol.kind == "square" and sol.exact
     err = (B @ torch.diag(sol.gamma) @ A - W).abs().max()
     assert err <= 1e-9 * max(1.0, float(W.abs().max()))
-    assert sol.residual == pytest.approx(float(err), abs=1e-12)
+    # two evaluation orders of B Γ A differ by rounding, which scales with |B| |Γ| |A| (large γ: ill-conditioned M)
+    rounding = 2 * (N + 2) * torch.finfo(torch.float64).eps * float(((B.abs() * sol.gamma.abs()) @ A.abs()).max())
+    assert abs(sol.residual - float(err)) <= rounding + 1e-15
 
 
 def test_least_squares_is_the_best_reachable_weight():
