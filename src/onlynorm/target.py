@@ -241,28 +241,30 @@ def as_target(target: MLPSpec | nn.Module, in_shape: tuple[int, int, int] | None
     ``MLPSpec``; one with convolutions, pooling, Flatten or ``Residual`` blocks becomes a ``ConvNetSpec`` and
     needs ``in_shape=(c, H, W)``.
     """
-    from .cnn import ConvNetSpec, is_cnn_module
+    from .cnn import ConvNetSpec, is_cnn_module, parse_sequential
 
     if isinstance(target, (MLPSpec, ConvNetSpec)):
         return target
     if isinstance(target, nn.Module):
         if is_cnn_module(target):
-            records = ConvNetSpec._parse(target, "")
-            if all(r["type"] in ("linear", "relu") for r in records):   # an MLP with folded BatchNorm1d
-                seq = nn.Sequential(*[_linear(r) if r["type"] == "linear" else nn.ReLU() for r in records])
+            records = parse_sequential(target)
+            if all(r.type in ("linear", "relu") for r in records):   # an MLP with folded BatchNorm1d
+                seq = nn.Sequential(*[_linear(r) if r.type == "linear" else nn.ReLU() for r in records])
                 return MLPSpec.from_module(seq)
             return ConvNetSpec.from_module(target, in_shape)
+        if in_shape is not None and not isinstance(target, (nn.Sequential, nn.Linear)):
+            return ConvNetSpec.from_module(target, in_shape)   # any other model: traced by onlynorm.fx_target
         return MLPSpec.from_module(target)
     raise InvalidTargetError(
         f"expected an MLPSpec, a ConvNetSpec or an nn.Sequential, found {type(target).__name__}")
 
 
-def _linear(record: dict) -> nn.Linear:
-    w = record["weight"]
+def _linear(record) -> nn.Linear:
+    w = record.weight
     lin = nn.Linear(w.shape[1], w.shape[0], dtype=w.dtype)
     with torch.no_grad():
         lin.weight.copy_(w)
-        lin.bias.copy_(record["bias"])
+        lin.bias.copy_(record.bias)
     return lin
 
 
