@@ -175,8 +175,8 @@ class _Reader:
         if node.op == "call_function" and node.target in _ADD_FUNCS:
             self._add(node)
             return
+        layer = self._layer(node)                  # refuses unsupported ops before looking at their inputs
         x = self._get(node.args[0] if node.args else None, node)
-        layer = self._layer(node)
         if layer is None:                      # identity at inference
             self._set(node, x)
         elif layer == "bn":
