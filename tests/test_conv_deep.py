@@ -33,14 +33,15 @@ def _conv_target(c_in, c_out, k, s, p, d, size, seed) -> nn.Sequential:
 @settings(max_examples=8, deadline=None)
 @given(c_in=st.integers(1, 3), c_out=st.integers(1, 3), k=st.integers(1, 3), s=st.integers(1, 2),
        p=st.integers(0, 2), d=st.integers(1, 2), size=st.integers(3, 6), block=st.integers(1, 3),
-       seed=st.integers(0, 100))
-def test_deep_conv_is_exact_and_certified_over_geometries(c_in, c_out, k, s, p, d, size, block, seed):
+       paired=st.integers(0, 1), seed=st.integers(0, 100))
+def test_deep_conv_is_exact_and_certified_over_geometries(c_in, c_out, k, s, p, d, size, block, paired, seed):
     assume(p < k * d and _out(size, k, s, p, d) >= 1)
     g = _conv_target(c_in, c_out, k, s, p, d, size, seed)
     box = Box(-1.0, 1.0)
-    f = onlynorm.reconstruct(g, method="deep", in_shape=(c_in, size, size), domain=box, seed=seed, block=block)
+    f = onlynorm.reconstruct(g, method="deep", in_shape=(c_in, size, size), domain=box, seed=seed, block=block,
+                             paired=paired)
     stage = f.layers[0]
-    assert isinstance(stage, ConvStream)
+    assert isinstance(stage, ConvStream) and stage.paired == bool(paired)
     kb = min(block, c_in)
     assert len(stage.block_slices()) == math.ceil(c_in / kb)
     assert stage.channels == c_out * c_in * k * k            # Σ_t c_out·k_t·kh·kw
@@ -58,18 +59,20 @@ def test_each_block_is_one_square_system_of_size_c_out_k_kh_kw():
     assert f.summary().widths[:2] == [3 * 5 * 9, 3]
 
 
-def test_grouped_evaluation_equals_the_sum_over_blocks():
+@pytest.mark.parametrize("paired", [0, 1])
+def test_grouped_evaluation_equals_the_sum_over_blocks(paired):
     g = _conv_target(5, 2, 3, 2, 1, 1, 6, 1)
-    f = onlynorm.reconstruct(g, method="deep", in_shape=(5, 6, 6), block=2)
+    f = onlynorm.reconstruct(g, method="deep", in_shape=(5, 6, 6), block=2, paired=paired)
     stage = f.layers[0]
     x = torch.rand(3, 5, 6, 6, dtype=torch.float64)
     s = 0
     for t, (units, J) in enumerate(stage.block_slices()):
         weight = stage.branch.weight[units] if t < stage.full else stage.rest.weight
-        u = F.conv2d(x[:, J], weight, None, 2, 1, 1)
-        u = torch.relu(u * stage.branch_norm.weight[units].reshape(1, -1, 1, 1)
-                       + stage.branch_norm.bias[units].reshape(1, -1, 1, 1))
-        s = s + F.conv2d(u, stage.readout.weight[:, units])
+        v = F.conv2d(x[:, J], weight, None, 2, 1, 1) * stage.branch_norm.weight[units].reshape(1, -1, 1, 1) \
+            + stage.branch_norm.bias[units].reshape(1, -1, 1, 1)
+        s = s + F.conv2d(torch.relu(v), stage.readout.weight[:, units])
+        if paired:     # the frozen readout of relu(−v) is −B
+            s = s - F.conv2d(torch.relu(-v), stage.readout.weight[:, units])
     expected = (s * stage.norm.weight.reshape(1, -1, 1, 1) + stage.norm.bias.reshape(1, -1, 1, 1)).detach()
     with torch.no_grad():
         assert float((stage(x) - expected).abs().max()) <= 1e-12
@@ -123,8 +126,8 @@ def _randomised(model, seed):
 
 @settings(max_examples=4, deadline=None)
 @given(c=st.integers(1, 3), c_mid=st.integers(1, 3), stride=st.integers(1, 3), k_short=st.sampled_from([1, 3]),
-       block=st.integers(1, 2), seed=st.integers(0, 50))
-def test_projection_shortcuts_any_stride_are_exact_and_certified(c, c_mid, stride, k_short, block, seed):
+       block=st.integers(1, 2), paired=st.integers(0, 1), seed=st.integers(0, 50))
+def test_projection_shortcuts_any_stride_are_exact_and_certified(c, c_mid, stride, k_short, block, paired, seed):
     torch.manual_seed(seed)
     g = _randomised(_Net(c, c_mid, stride, k_short), seed)
     size = 6
@@ -132,7 +135,8 @@ def test_projection_shortcuts_any_stride_are_exact_and_certified(c, c_mid, strid
     has_projection = stride != 1 or c != c_mid
     assert len(spec.layers[2].shortcut) == (1 if has_projection else 0)
     box = Box(0.0, 1.0)
-    f = onlynorm.reconstruct(g, method="deep", in_shape=(c, size, size), domain=box, block=block, seed=seed)
+    f = onlynorm.reconstruct(g, method="deep", in_shape=(c, size, size), domain=box, block=block, seed=seed,
+                             paired=paired)
     assert len(f.layers[2].shortcut) == (1 if has_projection else 0)
     report = onlynorm.verify(f, g, samples=300, seed=seed, certify=True)
     assert report.max_rel_error <= 1e-9 and report.certified
@@ -157,11 +161,29 @@ def test_saved_and_loaded_deep_cnn_is_identical_and_only_norms_were_solved(tmp_p
 
 def test_broken_branch_beta_is_caught_by_the_certificate():
     g = _conv_target(2, 2, 3, 1, 1, 1, 4, 7)
-    f = onlynorm.reconstruct(g, method="deep", in_shape=(2, 4, 4), domain=Box(-1.0, 1.0))
+    f = onlynorm.reconstruct(g, method="deep", in_shape=(2, 4, 4), domain=Box(-1.0, 1.0), paired=0)
     with torch.no_grad():
         f.layers[0].branch_norm.bias[0] -= 100.0
     report = onlynorm.verify(f, g, samples=300, certify=True)
     assert report.certified is False and any("layer 0 (conv)" in n for n in report.notes)
+
+
+def test_paired_branches_need_no_bounds_and_a_broken_gamma_shows_in_the_certified_bound():
+    g = _conv_target(2, 2, 3, 1, 1, 1, 4, 8)
+    f = onlynorm.reconstruct(g, method="deep", in_shape=(2, 4, 4), domain=Box(-1.0, 1.0))
+    stage = f.layers[0]
+    assert stage.paired and torch.equal(stage.branch_norm.bias.detach(), torch.zeros(stage.channels,
+                                                                                     dtype=torch.float64))
+    # exact far outside the box it was solved for: relu(v) − relu(−v) = v for every v
+    x = 50 * torch.randn(20, 2, 4, 4, dtype=torch.float64)
+    with torch.no_grad():
+        assert float((f(x) - g(x)).abs().max()) <= 1e-9 * float(g(x).abs().max())
+    good = onlynorm.verify(f, g, samples=300, certify=True)
+    assert good.certified and good.certified_bound <= 1e-9
+    with torch.no_grad():
+        stage.branch_norm.weight[0] *= 1.5
+    broken = onlynorm.verify(f, g, samples=300, certify=True)
+    assert broken.certified_bound >= 1e-4 and not broken.passed
 
 
 def test_float32_deep_network_runs_in_float32_with_gamma_solved_in_float64():

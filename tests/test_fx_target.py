@@ -9,8 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import onlynorm
-from onlynorm import Box, InvalidTargetError
+from onlynorm import InvalidTargetError
 from onlynorm.cnn import ConvNetSpec
 from onlynorm.cnn_layers import Conv, Pool, ResidualBlock, walk
 from onlynorm.target import as_target, load_target

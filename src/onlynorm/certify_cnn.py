@@ -23,6 +23,7 @@ The floating-point evaluation error of ``f`` and ``g`` is bounded separately the
 from __future__ import annotations
 
 import torch
+
 from .certify import CertifyResult
 from .cnn import ConvNetSpec, box_tensors
 from .cnn_layers import ResidualBlock
@@ -80,13 +81,14 @@ def _walk(layers, stages: list, st: _State, notes: list[str], prefix: str) -> _S
             raise InvalidNetworkError(f"the network has {len(stages)} stages where the target needs more")
         if layer.has_weights:
             stage = stages[pos]
+            paired = isinstance(stage, ConvStream) and stage.paired
             if isinstance(stage, ConvStream):
                 factors = _stream_factors(stage)
                 pos += 1
             else:
                 factors = _pair_factors(stage, stages[pos + 1])
                 pos += 2
-            st = _affine(layer, *factors, st, notes, where)
+            st = _affine(layer, *factors, st, notes, where, paired=paired)
         elif isinstance(layer, ResidualBlock):
             stage = stages[pos]
             if not isinstance(stage, ResidualStage):
@@ -133,27 +135,17 @@ def _stream_factors(stage):
             _d(stage.norm.weight), _d(stage.norm.bias))
 
 
-def _affine(layer, A4, g1, b1, B, g2, b2, st: _State, notes: list[str], where: str) -> _State:
-    """One target Conv/Linear realised as ``γ₂ ⊙ B relu(γ₁ ⊙ A h + β₁) + β₂`` (conv: ``A`` a kernel)."""
+def _affine(layer, A4, g1, b1, B, g2, b2, st: _State, notes: list[str], where: str, paired: bool = False) -> _State:
+    """One target Conv/Linear realised as ``γ₂ ⊙ B relu(γ₁ ⊙ A h + β₁) + β₂`` (conv: ``A`` a kernel); with
+    ``paired`` as ``γ₂ ⊙ B (relu(v) − relu(−v)) + β₂ = γ₂ ⊙ B v + β₂`` for every ``v`` — no activity condition
+    (``relu(a) − relu(−a) = a`` holds exactly in floating point too)."""
     conv = layer.type == "conv"
     W, b = layer.weight.double(), layer.bias.double()
     A = A4.flatten(1)
     K, N = A.shape[1], A.shape[0]
     GA = g1.unsqueeze(1) * A
-    # activity of the first stage, per unit (linear) or per channel over every position (conv)
-    if conv:
-        GA4 = GA.reshape(A4.shape)
-        zmin = _conv(layer, st.lo, GA4.clamp(min=0)) + _conv(layer, st.hi, GA4.clamp(max=0))
-        slack = _g(K + 3) * (_conv(layer, st.mag, GA4.abs()) + b1.abs().reshape(1, -1, 1, 1))
-        low = (zmin + b1.reshape(1, -1, 1, 1) - slack).amin(dim=(0, 2, 3))
-    else:
-        lo, hi, mag = st.lo[0], st.hi[0], st.mag[0]
-        zmin = GA.clamp(min=0) @ lo + GA.clamp(max=0) @ hi
-        low = zmin + b1 - _g(K + 3) * (GA.abs() @ mag + b1.abs())
-    off = low <= 0
-    if bool(off.any()):
-        notes.append(f"{where}: {int(off.sum())} unit(s)/channel(s) of the first stage may switch off on the box "
-                     f"(min pre-activation {float(low.min()):.3e} ≤ 0)")
+    if not paired:
+        _check_activity(conv, layer, A4, GA, b1, K, st, notes, where)
     # the realised affine map Ŵ = γ₂ ⊙ B Γ₁ A, b̂ = γ₂ ⊙ B β₁ + β₂, with bounds on the rounding made forming them
     W_hat = g2.unsqueeze(1) * (B @ GA)
     W_err = _g(N + 3) * (g2.abs().unsqueeze(1) * (B.abs() @ GA.abs()))
@@ -184,3 +176,20 @@ def _affine(layer, A4, g1, b1, B, g2, b2, st: _State, notes: list[str], where: s
         widen = (_g(K + 2) * (W_hat.abs() @ st.mag[0] + b_hat.abs()))[None]
     err = err * (1 + _g(K + 2))
     return _State(lo - widen, hi + widen, err, rf, rg)
+
+
+def _check_activity(conv: bool, layer, A4, GA, b1, K: int, st: _State, notes: list[str], where: str) -> None:
+    """The first stage must stay active: per unit (linear) or per channel over every position (conv)."""
+    if conv:
+        GA4 = GA.reshape(A4.shape)
+        zmin = _conv(layer, st.lo, GA4.clamp(min=0)) + _conv(layer, st.hi, GA4.clamp(max=0))
+        slack = _g(K + 3) * (_conv(layer, st.mag, GA4.abs()) + b1.abs().reshape(1, -1, 1, 1))
+        low = (zmin + b1.reshape(1, -1, 1, 1) - slack).amin(dim=(0, 2, 3))
+    else:
+        lo, hi, mag = st.lo[0], st.hi[0], st.mag[0]
+        zmin = GA.clamp(min=0) @ lo + GA.clamp(max=0) @ hi
+        low = zmin + b1 - _g(K + 3) * (GA.abs() @ mag + b1.abs())
+    off = low <= 0
+    if bool(off.any()):
+        notes.append(f"{where}: {int(off.sum())} unit(s)/channel(s) of the first stage may switch off on the box "
+                     f"(min pre-activation {float(low.min()):.3e} ≤ 0)")

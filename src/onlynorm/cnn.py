@@ -32,8 +32,7 @@ import torch
 from torch import nn
 
 from . import _io
-from .cnn_layers import (Conv, Flatten, Layer, Linear, Pool, ReLU, ResidualBlock, layer_from_json, pair, run_layers,
-                         walk)
+from .cnn_layers import Conv, Flatten, Layer, Linear, Pool, ReLU, ResidualBlock, layer_from_json, pair, run_layers, walk
 from .domain import Box
 from .errors import FileFormatError, InvalidTargetError
 from .residual import Residual

@@ -21,8 +21,9 @@ projection shortcut is any chain of layers (typically a strided conv with BatchN
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, ClassVar, Iterator
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -56,10 +57,10 @@ class Layer:
         """A nonnegative error map through this parameter-free, 1-Lipschitz (max norm) layer."""
         return self.forward(t)
 
-    def map_tensors(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "Layer":
+    def map_tensors(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Layer:
         return self
 
-    def children(self) -> tuple["Layer", ...]:
+    def children(self) -> tuple[Layer, ...]:
         return ()
 
     def describe(self, prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:

@@ -152,7 +152,7 @@ def verify(net: nn.Module, target: MLPSpec | nn.Module, domain: Box | tuple | No
     tol = default_tolerance(dtype) if tolerance is None else float(tolerance)
     g64 = spec.to(dtype=torch.float64, device=device)
     if batch_size is None and isinstance(net, NormNet) and getattr(spec, "in_shape", None) is not None:
-        from .conv_memory import batch_size_for   # image networks: stream so a batch's activations stay ~512 MB
+        from .conv_memory import batch_size_for  # image networks: stream so a batch's activations stay ~512 MB
 
         batch_size = min(samples, batch_size_for(net, spec.in_shape, 512 << 20))
     if batch_size is None:

@@ -20,7 +20,8 @@ mirrored with its skip connection. Pairs carry no ReLU of their own: the target'
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
