@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import operator
+import time
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from onlynorm import InvalidTargetError
+import onlynorm
+from onlynorm import InvalidTargetError, MemoryBudgetError
 from onlynorm.cnn import ConvNetSpec
 from onlynorm.cnn_layers import Conv, Pool, ResidualBlock, walk
+from onlynorm.memory import set_memory_limit
 from onlynorm.target import as_target, load_target
 
 
@@ -146,6 +149,17 @@ def test_full_size_resnet18_converts_at_imagenet_geometry():
     assert spec.num_parameters == sum(c.weight.numel() + c.out_channels for c in convs) + 512 * 1000 + 1000
     final = [layer for layer in spec.layers if isinstance(layer, Pool)][-1]
     assert final.kernel == (7, 7) and final.mode == "avg"
+    # its reconstruction is refused before anything is allocated, with the memory figure, in well under 5 s
+    set_memory_limit("8G")
+    try:
+        for method in ("width", "deep"):
+            start = time.perf_counter()
+            with pytest.raises(MemoryBudgetError, match=r"needs about [0-9.]+ (GiB|TiB)") as info:
+                onlynorm.random_normnet(spec, method=method, dtype=torch.float32)
+            assert time.perf_counter() - start < 5.0
+            assert info.value.needed_bytes > 8 << 30
+    finally:
+        set_memory_limit(None)
 
 
 def test_cifar_resnet20_with_functional_relu_and_shortcut_sequential_converts():
@@ -169,6 +183,19 @@ def test_converted_model_saves_and_loads_with_shortcuts(tmp_path):
     assert sum(len(b.shortcut) for b in loaded.layers if isinstance(b, ResidualBlock)) == 2
     x = torch.rand(2, 3, 8, 8, dtype=torch.float64)
     assert torch.equal(loaded(x), spec(x))
+
+
+def test_sequential_holding_custom_blocks_is_traced():
+    torch.manual_seed(4)
+    model = _randomise_bn(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), CifarBlock(4, 4),
+                                        CifarBlock(4, 6, 2), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                        nn.Linear(6, 2)).double(), 5)
+    spec = as_target(model, (3, 8, 8))
+    assert [layer.type for layer in spec.layers] == ["conv", "relu", "residual", "residual", "avgpool", "flatten",
+                                                     "linear"]
+    x = torch.rand(3, 3, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        assert float((spec(x) - model(x)).abs().max()) <= 1e-10
 
 
 def test_spec_is_immutable():

@@ -37,7 +37,7 @@ from .domain import Box
 from .errors import FileFormatError, InvalidTargetError
 from .residual import Residual
 
-__all__ = ["ConvNetSpec", "is_cnn_module", "parse_sequential", "fold_batchnorm", "box_tensors"]
+__all__ = ["ConvNetSpec", "is_cnn_module", "is_plain_sequential", "parse_sequential", "fold_batchnorm", "box_tensors"]
 
 _SUPPORTED = "Conv2d, BatchNorm1d/2d (folded), ReLU, MaxPool2d, AvgPool2d, Flatten, Linear, Residual"
 
@@ -48,6 +48,15 @@ def is_cnn_module(module: nn.Module) -> bool:
         return False
     return any(isinstance(m, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d, nn.Flatten, Residual, nn.BatchNorm1d,
                               nn.BatchNorm2d)) for m in module)
+
+
+_PLAIN = (nn.Conv2d, nn.Linear, nn.ReLU, nn.MaxPool2d, nn.AvgPool2d, nn.Flatten, Residual, nn.BatchNorm1d,
+          nn.BatchNorm2d, nn.Identity, nn.Dropout)
+
+
+def is_plain_sequential(module: nn.Module) -> bool:
+    """An ``nn.Sequential`` read layer by layer (:func:`parse_sequential`); anything else is traced by torch.fx."""
+    return isinstance(module, nn.Sequential) and all(isinstance(m, _PLAIN) for m in module)
 
 
 def fold_batchnorm(weight: torch.Tensor, bias: torch.Tensor | None, bn: nn.modules.batchnorm._BatchNorm,
@@ -150,7 +159,7 @@ class ConvNetSpec:
         """From an ``nn.Sequential`` of supported layers, or any ``torch.fx``-traceable model (ResNets…)."""
         if in_shape is None:
             raise InvalidTargetError("a CNN target needs in_shape=(c, H, W): the image size is not in the weights")
-        if not isinstance(module, nn.Sequential):
+        if not is_plain_sequential(module):
             from .fx_target import layers_from_fx
 
             return cls(layers_from_fx(module, tuple(in_shape)), in_shape)

@@ -239,21 +239,22 @@ def as_target(target: MLPSpec | nn.Module, in_shape: tuple[int, int, int] | None
 
     A Sequential of Linear/ReLU layers (eval-mode BatchNorm1d after a Linear is folded in) becomes an
     ``MLPSpec``; one with convolutions, pooling, Flatten or ``Residual`` blocks becomes a ``ConvNetSpec`` and
-    needs ``in_shape=(c, H, W)``.
+    needs ``in_shape=(c, H, W)``. Any other model (custom blocks, ResNets) is traced by ``torch.fx`` when
+    ``in_shape`` is given (:mod:`onlynorm.fx_target`).
     """
-    from .cnn import ConvNetSpec, is_cnn_module, parse_sequential
+    from .cnn import ConvNetSpec, is_cnn_module, is_plain_sequential, parse_sequential
 
     if isinstance(target, (MLPSpec, ConvNetSpec)):
         return target
     if isinstance(target, nn.Module):
+        if in_shape is not None and not isinstance(target, nn.Linear) and not is_plain_sequential(target):
+            return ConvNetSpec.from_module(target, in_shape)   # any other model: traced by onlynorm.fx_target
         if is_cnn_module(target):
             records = parse_sequential(target)
             if all(r.type in ("linear", "relu") for r in records):   # an MLP with folded BatchNorm1d
                 seq = nn.Sequential(*[_linear(r) if r.type == "linear" else nn.ReLU() for r in records])
                 return MLPSpec.from_module(seq)
             return ConvNetSpec.from_module(target, in_shape)
-        if in_shape is not None and not isinstance(target, (nn.Sequential, nn.Linear)):
-            return ConvNetSpec.from_module(target, in_shape)   # any other model: traced by onlynorm.fx_target
         return MLPSpec.from_module(target)
     raise InvalidTargetError(
         f"expected an MLPSpec, a ConvNetSpec or an nn.Sequential, found {type(target).__name__}")
