@@ -91,30 +91,13 @@ def estimate_conv_bytes(spec, dtype: torch.dtype, method: str, block: int = 1, b
     return frozen * item + max(solve, act * item * batch)
 
 
-def activation_bytes_per_image(net, in_shape) -> int:
-    """Bytes one image needs at the widest stage of ``net`` (three times the largest normalization output)."""
-    item = torch.empty((), dtype=net.dtype).element_size()
-    sizes: list[int] = []
-    hooks = [m.register_forward_hook(lambda _m, _i, o: sizes.append(o.numel())) for m in net.norm_modules()]
-    try:
-        with torch.no_grad():
-            net(torch.zeros(1, *in_shape, dtype=net.dtype, device=net.device))
-    finally:
-        for h in hooks:
-            h.remove()
-    return 3 * max(sizes, default=1) * item
+def activation_bytes_per_image(spec, dtype: torch.dtype) -> int:
+    """Bytes one image needs in a conv/conv_deep network of ``spec``: ``3·C·P`` values at the widest layer."""
+    item = torch.empty((), dtype=dtype).element_size()
+    widest = max((3 * c.c_out * c.c_in * c.kernel * c.positions for c in layer_costs(spec)), default=1)
+    return widest * item
 
 
-def batch_size_for(net, in_shape, budget: int = 1 << 30) -> int:
+def batch_size_for(spec, dtype: torch.dtype, budget: int = 1 << 30) -> int:
     """Images per batch so one batch's activations stay within ``budget`` bytes (at least 1)."""
-    return max(1, budget // max(1, activation_bytes_per_image(net, in_shape)))
-
-
-#: user-facing names of the CNN constructions (``method=`` of ``reconstruct``)
-_PUBLIC = {"conv": "width", "conv_deep": "deep"}
-
-
-def conv_estimates(spec, dtype: torch.dtype) -> dict[str, int]:
-    """Estimated peak bytes of each CNN construction, by the ``method=`` name a user passes."""
-    return {"width": estimate_conv_bytes(spec, dtype, "conv"), "deep": estimate_conv_bytes(spec, dtype, "conv_deep")}
-
+    return max(1, budget // max(1, activation_bytes_per_image(spec, dtype)))

@@ -123,10 +123,10 @@ class ConvStream(Stage):
         else:
             v = bn(v)
         B = self.readout.weight.flatten(1)
-        if self.paired:   # readout [B, −B] of [relu(v), relu(−v)]: B (relu(v) − relu(−v)) = B v for every v
-            s = torch.matmul(B, torch.relu(v).flatten(2))
-            neg = v.neg_().relu_() if inference else torch.relu(-v)
-            s = s - torch.matmul(B, neg.flatten(2))
+        if self.paired:   # readout [B, −B] of [relu(v), relu(−v)] = B (relu(v) − relu(−v)), one matmul
+            pos = torch.relu(v)
+            u = pos.sub_(v.neg_().relu_()) if inference else pos - torch.relu(-v)
+            s = torch.matmul(B, u.flatten(2))
         else:
             u = v.relu_() if inference else torch.relu(v)
             s = torch.matmul(B, u.flatten(2))

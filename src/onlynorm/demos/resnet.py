@@ -87,7 +87,7 @@ def resnet18_figure(console, seed: int = 0) -> dict:
     return doc
 
 
-def run(seed: int = 0, json_path: Path | None = None, console=None, *, epochs: int = 2, samples: int = 128,
+def run(seed: int = 0, json_path: Path | None = None, console=None, *, epochs: int = 2, samples: int = 64,
         block: int = 1, with_resnet18: bool = True) -> bool:
     start = time.perf_counter()
     t0 = time.perf_counter()
@@ -100,7 +100,7 @@ def run(seed: int = 0, json_path: Path | None = None, console=None, *, epochs: i
     t0, c0 = time.perf_counter(), time.process_time()
     report = verify(net, target, box, samples=samples, seed=seed, certify=True)
     verify_seconds, verify_cpu = time.perf_counter() - t0, time.process_time() - c0
-    batch = batch_size_for(net, IN_SHAPE, 512 << 20)
+    batch = batch_size_for(ConvNetSpec.from_module(target, IN_SHAPE), net.dtype, 512 << 20)
     with torch.no_grad():
         logits = torch.cat([net(Xte[i:i + batch]) for i in range(0, Xte.shape[0], batch)])
         target_logits = target(Xte)
