@@ -101,3 +101,8 @@ def activation_bytes_per_image(spec, dtype: torch.dtype) -> int:
 def batch_size_for(spec, dtype: torch.dtype, budget: int = 1 << 30) -> int:
     """Images per batch so one batch's activations stay within ``budget`` bytes (at least 1)."""
     return max(1, budget // max(1, activation_bytes_per_image(spec, dtype)))
+
+
+def conv_estimates(spec, dtype: torch.dtype) -> dict[str, int]:
+    """Estimated peak bytes of each CNN construction, keyed by the ``method=`` a user passes."""
+    return {"width": estimate_conv_bytes(spec, dtype, "conv"), "deep": estimate_conv_bytes(spec, dtype, "conv_deep")}
