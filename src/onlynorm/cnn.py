@@ -37,7 +37,7 @@ from .domain import Box
 from .errors import FileFormatError, InvalidTargetError
 from .residual import Residual
 
-__all__ = ["ConvNetSpec", "is_cnn_module", "is_plain_sequential", "parse_sequential", "fold_batchnorm", "box_tensors"]
+__all__ = ["ConvNetSpec", "is_cnn_module", "is_plain_sequential", "needs_tracing", "parse_sequential", "fold_batchnorm", "box_tensors"]
 
 _SUPPORTED = "Conv2d, BatchNorm1d/2d (folded), ReLU, MaxPool2d, AvgPool2d, Flatten, Linear, Residual"
 
@@ -54,9 +54,24 @@ _PLAIN = (nn.Conv2d, nn.Linear, nn.ReLU, nn.MaxPool2d, nn.AvgPool2d, nn.Flatten,
           nn.BatchNorm2d, nn.Identity, nn.Dropout)
 
 
+#: torch layers only the torch.fx reader supports
+_TRACED = (nn.AdaptiveAvgPool2d, nn.Dropout2d, nn.AlphaDropout)
+
+
 def is_plain_sequential(module: nn.Module) -> bool:
     """An ``nn.Sequential`` read layer by layer (:func:`parse_sequential`); anything else is traced by torch.fx."""
     return isinstance(module, nn.Sequential) and all(isinstance(m, _PLAIN) for m in module)
+
+
+def needs_tracing(module: nn.Module) -> bool:
+    """True for models read by ``torch.fx``: anything but an ``nn.Linear`` or an ``nn.Sequential`` of torch's own
+    layers (a Sequential holding a custom block, or adaptive pooling, is traced; one holding an unsupported torch layer
+    keeps the layer-by-layer message)."""
+    if isinstance(module, nn.Linear) or is_plain_sequential(module):
+        return False
+    if not isinstance(module, nn.Sequential):
+        return True
+    return any(not type(m).__module__.startswith("torch.nn") or isinstance(m, _TRACED) for m in module)
 
 
 def fold_batchnorm(weight: torch.Tensor, bias: torch.Tensor | None, bn: nn.modules.batchnorm._BatchNorm,
@@ -159,7 +174,7 @@ class ConvNetSpec:
         """From an ``nn.Sequential`` of supported layers, or any ``torch.fx``-traceable model (ResNets…)."""
         if in_shape is None:
             raise InvalidTargetError("a CNN target needs in_shape=(c, H, W): the image size is not in the weights")
-        if not is_plain_sequential(module):
+        if needs_tracing(module):
             from .fx_target import layers_from_fx
 
             return cls(layers_from_fx(module, tuple(in_shape)), in_shape)

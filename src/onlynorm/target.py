@@ -242,12 +242,12 @@ def as_target(target: MLPSpec | nn.Module, in_shape: tuple[int, int, int] | None
     needs ``in_shape=(c, H, W)``. Any other model (custom blocks, ResNets) is traced by ``torch.fx`` when
     ``in_shape`` is given (:mod:`onlynorm.fx_target`).
     """
-    from .cnn import ConvNetSpec, is_cnn_module, is_plain_sequential, parse_sequential
+    from .cnn import ConvNetSpec, is_cnn_module, needs_tracing, parse_sequential
 
     if isinstance(target, (MLPSpec, ConvNetSpec)):
         return target
     if isinstance(target, nn.Module):
-        if in_shape is not None and not isinstance(target, nn.Linear) and not is_plain_sequential(target):
+        if in_shape is not None and needs_tracing(target):
             return ConvNetSpec.from_module(target, in_shape)   # any other model: traced by onlynorm.fx_target
         if is_cnn_module(target):
             records = parse_sequential(target)
