@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import operator
-import time
 
 import pytest
 import torch
@@ -149,14 +148,12 @@ def test_full_size_resnet18_converts_at_imagenet_geometry():
     assert spec.num_parameters == sum(c.weight.numel() + c.out_channels for c in convs) + 512 * 1000 + 1000
     final = [layer for layer in spec.layers if isinstance(layer, Pool)][-1]
     assert final.kernel == (7, 7) and final.mode == "avg"
-    # its reconstruction is refused before anything is allocated, with the memory figure, in well under 5 s
+    # its reconstruction is refused before anything is allocated, with the memory figure (the demo times it)
     set_memory_limit("8G")
     try:
         for method in ("width", "deep"):
-            start = time.perf_counter()
             with pytest.raises(MemoryBudgetError, match=r"needs about [0-9.]+ (GiB|TiB)") as info:
                 onlynorm.random_normnet(spec, method=method, dtype=torch.float32)
-            assert time.perf_counter() - start < 5.0
             assert info.value.needed_bytes > 8 << 30
     finally:
         set_memory_limit(None)
