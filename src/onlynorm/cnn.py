@@ -115,7 +115,7 @@ def pool_layer(m: nn.Module, where: str) -> Pool:
                 pair(m.stride or m.kernel_size), pair(m.padding), bool(getattr(m, "count_include_pad", True)))
 
 
-def parse_sequential(seq: nn.Sequential, prefix: str = "") -> tuple[Layer, ...]:
+def parse_sequential(seq: nn.Module, prefix: str = "") -> tuple[Layer, ...]:
     """Typed layers of an ``nn.Sequential`` CNN (BatchNorm folded into the Conv2d/Linear before it)."""
     mods = list(seq)
     out: list[Layer] = []
