@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo test test-all lint bench install clean package docs notebook
+.PHONY: demo test test-all lint bench bench-cnn install clean package docs notebook
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,12 @@ test-all: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/run.py
 	$(PY) -m pytest -q -n 2 -m heavy
+	$(MAKE) bench-cnn
+
+# Real architectures (issue 12): conv deep vs conv width on one layer, then the ResNet-20 / ResNet-18 demo.
+bench-cnn: $(STAMP)
+	$(PY) benchmarks/conv_deep.py --json docs/results/bench-conv-deep.json
+	$(VENV)/bin/onlynorm demo --resnet --json docs/results/demo-resnet.json
 
 # sdist + wheel into dist/, then install the wheel into a fresh venv and run it (tests/test_package.py does the same)
 package: $(STAMP)

@@ -61,7 +61,7 @@ def test_batchnorm_folding_matches_the_module():
     _randomise_bn(g[5], gen)
     g.eval()
     spec = ConvNetSpec.from_module(g, in_shape=(2, 5, 5))
-    assert [r["type"] for r in spec.layers] == ["conv", "relu", "flatten", "linear"]
+    assert [r.type for r in spec.layers] == ["conv", "relu", "flatten", "linear"]
     x = torch.randn(20, 2, 5, 5, dtype=torch.float64)
     with torch.no_grad():
         torch.testing.assert_close(spec(x), g(x), rtol=1e-12, atol=1e-12)

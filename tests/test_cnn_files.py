@@ -88,7 +88,7 @@ def test_batchnorm_inside_a_residual_block_is_folded_and_exact():
             bn.bias.uniform_(-0.5, 0.5)
     g.eval()
     spec = ConvNetSpec.from_module(g, in_shape=(1, 5, 5))
-    assert [r["type"] for r in spec.layers[2]["block"]] == ["conv", "relu", "conv"]
+    assert [r.type for r in spec.layers[2].body] == ["conv", "relu", "conv"]
     box = Box(0.0, 1.0)
     f = onlynorm.reconstruct(g, in_shape=(1, 5, 5), domain=box)
     assert _max_rel(f, g, box, (1, 5, 5)) <= 1e-9

@@ -117,9 +117,12 @@ def _method_for(spec, method: str) -> str:
     if not isinstance(method, str):
         raise InvalidOptionError(f"method: expected a string such as 'width', found {method!r}")
     if isinstance(spec, ConvNetSpec):
+        if method in ("deep", "conv_deep"):
+            return "conv_deep"
         if method not in ("width", "conv"):
-            raise InvalidOptionError(f"method {method!r} is not available for CNN targets; use method='width'")
+            raise InvalidOptionError(f"method {method!r} is not available for CNN targets; use method='width' "
+                                     "or method='deep'")
         return "conv"
-    if method == "conv":
-        raise InvalidOptionError("method 'conv' is for CNN targets; this target is an MLP — use 'width'")
+    if method in ("conv", "conv_deep"):
+        raise InvalidOptionError(f"method {method!r} is for CNN targets; this target is an MLP — use 'width'")
     return method

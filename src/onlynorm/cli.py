@@ -245,17 +245,19 @@ def demo(
     builtin: bool = typer.Option(False, "--builtin", help="Quick synthetic demo: a random MLP on [0, 2]^6 (seconds)."),
     tasks: bool = typer.Option(False, "--tasks", help="Three digits tasks in one frozen network via swappable norm sets."),
     cnn: bool = typer.Option(False, "--cnn", help="A small CNN (with BatchNorm) on the 8×8 digits, reconstructed exactly."),
+    resnet: bool = typer.Option(False, "--resnet", help="A CIFAR-geometry ResNet-20 reconstructed exactly by "
+                                "method='deep' (minutes), and what a ResNet-18 at 224×224 would need."),
     json_path: Path | None = typer.Option(None, "--json", help="Also write the results as JSON (atomically)."),
 ) -> None:
     """The main job: on scikit-learn's digits, reconstruct a trained MLP exactly by solving only BatchNorm γ, β
     of a random frozen network, next to gradient-trained norms of the same network."""
     import importlib
 
-    if builtin + tasks + cnn > 1:
-        raise OnlyNormError("choose at most one of --builtin, --tasks, --cnn")
+    if builtin + tasks + cnn + resnet > 1:
+        raise OnlyNormError("choose at most one of --builtin, --tasks, --cnn, --resnet")
     if json_path is not None:
         check_output_path(json_path)
-    name = "builtin" if builtin else "tasks" if tasks else "cnn" if cnn else "digits"
+    name = "builtin" if builtin else "tasks" if tasks else "cnn" if cnn else "resnet" if resnet else "digits"
     module = importlib.import_module(f".demos.{name}", __package__)
     if not module.run(seed=seed, json_path=json_path, console=console):
         raise typer.Exit(1)

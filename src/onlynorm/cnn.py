@@ -14,31 +14,32 @@ A state dict alone does not say the architecture of a CNN, so files store it as 
 >>> model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.BatchNorm2d(2), nn.ReLU(), nn.Flatten(),
 ...                       nn.Linear(2 * 4 * 4, 3)).double().eval()
 >>> spec = ConvNetSpec.from_module(model, in_shape=(1, 4, 4))
->>> [layer["type"] for layer in spec.layers]
+>>> [layer.type for layer in spec.layers]
 ['conv', 'relu', 'flatten', 'linear']
+
+Any other ``nn.Module`` (a torchvision-style ResNet, say) is converted by ``torch.fx`` tracing: see
+:mod:`onlynorm.fx_target`. The layers themselves are the typed records of :mod:`onlynorm.cnn_layers`.
 """
+
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import _io
-from .domain import Box, affine_bounds
+from .cnn_layers import Conv, Flatten, Layer, Linear, Pool, ReLU, ResidualBlock, layer_from_json, pair, run_layers, walk
+from .domain import Box
 from .errors import FileFormatError, InvalidTargetError
 from .residual import Residual
 
-__all__ = ["ConvNetSpec", "is_cnn_module", "conv_interval"]
+__all__ = ["ConvNetSpec", "is_cnn_module", "is_plain_sequential", "needs_tracing", "parse_sequential", "fold_batchnorm", "box_tensors"]
 
 _SUPPORTED = "Conv2d, BatchNorm1d/2d (folded), ReLU, MaxPool2d, AvgPool2d, Flatten, Linear, Residual"
-
-
-def _pair(v) -> list[int]:
-    return [int(v), int(v)] if isinstance(v, int) else [int(x) for x in v]
 
 
 def is_cnn_module(module: nn.Module) -> bool:
@@ -49,8 +50,34 @@ def is_cnn_module(module: nn.Module) -> bool:
                               nn.BatchNorm2d)) for m in module)
 
 
-def _fold(weight: torch.Tensor, bias: torch.Tensor | None, bn: nn.modules.batchnorm._BatchNorm, where: str):
-    if bn.training or bn.running_mean is None:
+_PLAIN = (nn.Conv2d, nn.Linear, nn.ReLU, nn.MaxPool2d, nn.AvgPool2d, nn.Flatten, Residual, nn.BatchNorm1d,
+          nn.BatchNorm2d, nn.Identity, nn.Dropout)
+
+
+#: torch layers only the torch.fx reader supports
+_TRACED = (nn.AdaptiveAvgPool2d, nn.Dropout2d, nn.AlphaDropout)
+
+
+def is_plain_sequential(module: nn.Module) -> bool:
+    """An ``nn.Sequential`` read layer by layer (:func:`parse_sequential`); anything else is traced by torch.fx."""
+    return isinstance(module, nn.Sequential) and all(isinstance(m, _PLAIN) for m in module)
+
+
+def needs_tracing(module: nn.Module) -> bool:
+    """True for models read by ``torch.fx``: anything but an ``nn.Linear`` or an ``nn.Sequential`` of torch's own
+    layers (a Sequential holding a custom block, or adaptive pooling, is traced; one holding an unsupported torch layer
+    keeps the layer-by-layer message)."""
+    if isinstance(module, nn.Linear) or is_plain_sequential(module):
+        return False
+    if not isinstance(module, nn.Sequential):
+        return True
+    return any(not type(m).__module__.startswith("torch.nn") or isinstance(m, _TRACED) for m in module)
+
+
+def fold_batchnorm(weight: torch.Tensor, bias: torch.Tensor | None, bn: nn.modules.batchnorm._BatchNorm,
+                   where: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(W', b')`` of a Conv2d/Linear followed by an eval-mode BatchNorm (formula in the module docstring)."""
+    if bn.training or bn.running_mean is None or bn.running_var is None:
         raise InvalidTargetError(f"{where}: BatchNorm must be in eval mode with running statistics to be folded; "
                                  "call model.eval() first")
     scale = (bn.weight if bn.affine else torch.ones_like(bn.running_var)) / torch.sqrt(bn.running_var + bn.eps)
@@ -60,257 +87,177 @@ def _fold(weight: torch.Tensor, bias: torch.Tensor | None, bn: nn.modules.batchn
     return w.detach(), ((b - bn.running_mean) * scale + shift).detach()
 
 
-class ConvNetSpec:
-    """Layers of a CNN target as plain records (tensors + hyper-parameters), with ``in_shape = (c, H, W)``."""
+def conv_layer(m: nn.Conv2d, bn: nn.modules.batchnorm._BatchNorm | None, where: str) -> Conv:
+    """A typed :class:`Conv` from an ``nn.Conv2d`` (and the BatchNorm2d folded into it, if any)."""
+    if m.groups != 1 or m.padding_mode != "zeros" or isinstance(m.padding, str):
+        raise InvalidTargetError(f"{where}: only groups=1, zero padding given as integers is supported; "
+                                 f"found groups={m.groups}, padding={m.padding!r}, mode={m.padding_mode!r}")
+    w, b = m.weight.detach(), (None if m.bias is None else m.bias.detach())
+    if bn is not None:
+        w, b = fold_batchnorm(w, b, bn, where)
+    return Conv(w, torch.zeros(w.shape[0], dtype=w.dtype) if b is None else b, pair(m.stride), pair(m.padding),
+                pair(m.dilation))
 
-    def __init__(self, layers: list[dict[str, Any]], in_shape: tuple[int, int, int]):
-        self.layers = layers
-        self.in_shape = tuple(int(v) for v in in_shape)
-        if len(self.in_shape) != 3 or min(self.in_shape) < 1:
-            raise InvalidTargetError(f"in_shape: expected (channels, height, width), found {in_shape}")
-        self._validate()
+
+def linear_layer(m: nn.Linear, bn: nn.modules.batchnorm._BatchNorm | None, where: str) -> Linear:
+    w, b = m.weight.detach(), (None if m.bias is None else m.bias.detach())
+    if bn is not None:
+        w, b = fold_batchnorm(w, b, bn, where)
+    return Linear(w, torch.zeros(w.shape[0], dtype=w.dtype) if b is None else b)
+
+
+def pool_layer(m: nn.Module, where: str) -> Pool:
+    if getattr(m, "ceil_mode", False) or (isinstance(m, nn.MaxPool2d) and pair(m.dilation) != (1, 1)):
+        raise InvalidTargetError(f"{where}: ceil_mode/dilated pooling is not supported")
+    if isinstance(m, nn.AvgPool2d) and m.divisor_override is not None:
+        raise InvalidTargetError(f"{where}: divisor_override is not supported")
+    return Pool("max" if isinstance(m, nn.MaxPool2d) else "avg", pair(m.kernel_size),
+                pair(m.stride or m.kernel_size), pair(m.padding), bool(getattr(m, "count_include_pad", True)))
+
+
+def parse_sequential(seq: nn.Module, prefix: str = "") -> tuple[Layer, ...]:
+    """Typed layers of an ``nn.Sequential`` CNN (BatchNorm folded into the Conv2d/Linear before it)."""
+    mods = list(seq)
+    out: list[Layer] = []
+    i = 0
+    while i < len(mods):
+        m, where = mods[i], f"layer {prefix}{i} ({type(mods[i]).__name__})"
+        nxt = mods[i + 1] if i + 1 < len(mods) else None
+        if isinstance(m, nn.Conv2d):
+            bn = nxt if isinstance(nxt, nn.BatchNorm2d) else None
+            out.append(conv_layer(m, bn, where))
+            i += bn is not None
+        elif isinstance(m, nn.Linear):
+            bn = nxt if isinstance(nxt, nn.BatchNorm1d) else None
+            out.append(linear_layer(m, bn, where))
+            i += bn is not None
+        elif isinstance(m, nn.ReLU):
+            out.append(ReLU())
+        elif isinstance(m, (nn.MaxPool2d, nn.AvgPool2d)):
+            out.append(pool_layer(m, where))
+        elif isinstance(m, nn.Flatten):
+            if m.start_dim != 1 or m.end_dim != -1:
+                raise InvalidTargetError(f"{where}: only Flatten(start_dim=1) is supported")
+            out.append(Flatten())
+        elif isinstance(m, Residual):
+            if not isinstance(m.block, nn.Sequential):
+                raise InvalidTargetError(f"{where}: the block of a Residual must be an nn.Sequential")
+            out.append(ResidualBlock(parse_sequential(m.block, f"{prefix}{i}.")))
+        elif not isinstance(m, (nn.Identity, nn.Dropout)):
+            raise InvalidTargetError(f"{where} is not supported in a CNN target; supported: {_SUPPORTED}")
+        i += 1
+    return tuple(out)
+
+
+@dataclass(frozen=True, eq=False)
+class ConvNetSpec:
+    """An immutable CNN target: typed ``layers`` (:mod:`onlynorm.cnn_layers`) and ``in_shape = (c, H, W)``."""
+
+    layers: tuple[Layer, ...]
+    in_shape: tuple[int, int, int]
+    out_features: int = field(init=False, default=0)
+
+    def __post_init__(self) -> None:
+        try:
+            shape = tuple(int(v) for v in self.in_shape)
+        except (TypeError, ValueError):
+            raise InvalidTargetError(f"in_shape: expected (channels, height, width), found {self.in_shape!r}") from None
+        if len(shape) != 3 or min(shape) < 1:
+            raise InvalidTargetError(f"in_shape: expected (channels, height, width), found {self.in_shape}")
+        object.__setattr__(self, "in_shape", shape)
+        object.__setattr__(self, "layers", tuple(self.layers))
+        object.__setattr__(self, "out_features", self._validate())
 
     # ------------------------------------------------------------------ parsing
     @classmethod
     def from_module(cls, module: nn.Module, in_shape: tuple[int, int, int] | None = None) -> ConvNetSpec:
-        if not isinstance(module, nn.Sequential):
-            raise InvalidTargetError(f"expected an nn.Sequential CNN, found {type(module).__name__}")
+        """From an ``nn.Sequential`` of supported layers, or any ``torch.fx``-traceable model (ResNets…)."""
         if in_shape is None:
             raise InvalidTargetError("a CNN target needs in_shape=(c, H, W): the image size is not in the weights")
-        return cls(cls._parse(module, ""), in_shape)
+        if needs_tracing(module):
+            from .fx_target import layers_from_fx
 
-    @classmethod
-    def _parse(cls, seq: nn.Sequential, prefix: str) -> list[dict]:
-        mods = list(seq)
-        out: list[dict] = []
-        i = 0
-        while i < len(mods):
-            m, where = mods[i], f"layer {prefix}{i} ({type(mods[i]).__name__})"
-            nxt = mods[i + 1] if i + 1 < len(mods) else None
-            if isinstance(m, nn.Conv2d):
-                if m.groups != 1 or m.padding_mode != "zeros" or isinstance(m.padding, str):
-                    raise InvalidTargetError(f"{where}: only groups=1, zero padding given as integers is supported; "
-                                             f"found groups={m.groups}, padding={m.padding!r}, mode={m.padding_mode!r}")
-                w, b = m.weight.detach(), (None if m.bias is None else m.bias.detach())
-                if isinstance(nxt, nn.BatchNorm2d):
-                    w, b = _fold(w, b, nxt, where)
-                    i += 1
-                out.append({"type": "conv", "weight": w, "bias": torch.zeros(w.shape[0], dtype=w.dtype) if b is None else b,
-                            "stride": _pair(m.stride), "padding": _pair(m.padding), "dilation": _pair(m.dilation)})
-            elif isinstance(m, nn.Linear):
-                w, b = m.weight.detach(), (None if m.bias is None else m.bias.detach())
-                if isinstance(nxt, nn.BatchNorm1d):
-                    w, b = _fold(w, b, nxt, where)
-                    i += 1
-                out.append({"type": "linear", "weight": w,
-                            "bias": torch.zeros(w.shape[0], dtype=w.dtype) if b is None else b})
-            elif isinstance(m, nn.ReLU):
-                out.append({"type": "relu"})
-            elif isinstance(m, (nn.MaxPool2d, nn.AvgPool2d)):
-                if getattr(m, "ceil_mode", False) or (isinstance(m, nn.MaxPool2d) and _pair(m.dilation) != [1, 1]):
-                    raise InvalidTargetError(f"{where}: ceil_mode/dilated pooling is not supported")
-                rec = {"type": "maxpool" if isinstance(m, nn.MaxPool2d) else "avgpool",
-                       "kernel": _pair(m.kernel_size), "stride": _pair(m.stride or m.kernel_size),
-                       "padding": _pair(m.padding)}
-                if isinstance(m, nn.AvgPool2d):
-                    rec["count_include_pad"] = bool(m.count_include_pad)
-                    if m.divisor_override is not None:
-                        raise InvalidTargetError(f"{where}: divisor_override is not supported")
-                out.append(rec)
-            elif isinstance(m, nn.Flatten):
-                if m.start_dim != 1 or m.end_dim != -1:
-                    raise InvalidTargetError(f"{where}: only Flatten(start_dim=1) is supported")
-                out.append({"type": "flatten"})
-            elif isinstance(m, Residual):
-                if not isinstance(m.block, nn.Sequential):
-                    raise InvalidTargetError(f"{where}: the block of a Residual must be an nn.Sequential")
-                out.append({"type": "residual", "block": cls._parse(m.block, f"{prefix}{i}.")})
-            elif isinstance(m, (nn.Identity, nn.Dropout)):
-                pass
-            else:
-                raise InvalidTargetError(f"{where} is not supported in a CNN target; supported: {_SUPPORTED}")
-            i += 1
-        return out
+            return cls(layers_from_fx(module, tuple(in_shape)), in_shape)
+        return cls(parse_sequential(module), in_shape)
 
-    def _validate(self) -> None:
-        shape = self.in_shape
+    def _validate(self) -> int:
         dtype = None
-        for rec in _walk(self.layers):
+        for layer in walk(self.layers):
             for key in ("weight", "bias"):
-                if key in rec:
-                    t = rec[key]
+                t = getattr(layer, key, None)
+                if t is not None:
                     if not torch.isfinite(t).all():
-                        raise InvalidTargetError(f"{rec['type']} layer: {key} has NaN/Inf values; expected finite")
+                        raise InvalidTargetError(f"{layer.type} layer: {key} has NaN/Inf values; expected finite")
                     dtype = dtype or t.dtype
         try:
             with torch.no_grad():
-                out = self.forward(torch.zeros(1, *shape, dtype=dtype or torch.float64))
+                out = self.forward(torch.zeros(1, *self.in_shape, dtype=dtype or torch.float64))
         except (RuntimeError, ValueError) as exc:
-            raise InvalidTargetError(f"the CNN layers do not chain for input shape {shape}: "
+            raise InvalidTargetError(f"the CNN layers do not chain for input shape {self.in_shape}: "
                                      f"{str(exc).splitlines()[0]}") from None
         if out.ndim != 2:
             raise InvalidTargetError(f"expected the CNN to end with flat outputs (Flatten/Linear), found shape "
                                      f"{tuple(out.shape[1:])}")
-        self.out_features = int(out.shape[1])
+        return int(out.shape[1])
 
     # ------------------------------------------------------------------ facts
     @property
     def in_features(self) -> int:
         return self.in_shape[0] * self.in_shape[1] * self.in_shape[2]
 
+    def weighted(self) -> list[Any]:
+        """The Conv and Linear layers, depth first."""
+        return [layer for layer in walk(self.layers) if layer.has_weights]
+
     @property
     def dims(self) -> list[int]:
         """``[c, H, W, out channels of every parameterised layer...]``: a signature for mismatch checks."""
-        return list(self.in_shape) + [rec["weight"].shape[0] for rec in _walk(self.layers) if "weight" in rec]
+        return list(self.in_shape) + [layer.weight.shape[0] for layer in self.weighted()]
 
     @property
     def num_parameters(self) -> int:
-        return sum(rec["weight"].numel() + rec["bias"].numel() for rec in _walk(self.layers) if "weight" in rec)
+        return sum(layer.weight.numel() + layer.bias.numel() for layer in self.weighted())
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(rec["weight"].dtype for rec in _walk(self.layers) if "weight" in rec)
+        return self.weighted()[0].weight.dtype
 
     def to(self, dtype=None, device=None) -> ConvNetSpec:
-        return ConvNetSpec(_map(self.layers, lambda t: t.to(dtype=dtype, device=device)), self.in_shape)
+        return ConvNetSpec(tuple(layer.map_tensors(lambda t: t.to(dtype=dtype, device=device))
+                                 for layer in self.layers), self.in_shape)
 
     # ------------------------------------------------------------------ evaluation
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim == 2:
             x = x.reshape(x.shape[0], *self.in_shape)
-        return _run(self.layers, x)
+        return run_layers(self.layers, x)
 
     __call__ = forward
 
     # ------------------------------------------------------------------ files
+    def describe(self, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """The JSON document of docs/FILE_FORMATS.md; fills ``tensors`` with the named weights."""
+        return {"kind": "cnn-target", "in_shape": list(self.in_shape),
+                "layers": [layer.describe(f"{i}.", tensors) for i, layer in enumerate(self.layers)]}
+
     def save(self, path: str | os.PathLike) -> None:
         tensors: dict[str, torch.Tensor] = {}
-        layers = _describe(self.layers, "", tensors)
-        _io.write_tensors(path, tensors, metadata={"kind": "cnn-target", "in_shape": list(self.in_shape),
-                                                   "layers": layers})
+        doc = self.describe(tensors)
+        _io.write_tensors(path, tensors, metadata=doc)
 
     @classmethod
     def from_document(cls, doc: dict, tensors: dict[str, torch.Tensor], source: str) -> ConvNetSpec:
         try:
-            layers = _rebuild(doc["layers"], tensors)
+            layers = tuple(layer_from_json(d, tensors) for d in doc["layers"])
             return cls(layers, tuple(doc["in_shape"]))
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise FileFormatError(f"{source}: malformed CNN architecture description ({exc}); expected the "
                                   "metadata written by ConvNetSpec.save") from None
 
     def __repr__(self) -> str:
-        return f"ConvNetSpec(in_shape={self.in_shape}, layers={[l['type'] for l in self.layers]})"
-
-
-def _walk(layers):
-    for rec in layers:
-        yield rec
-        if rec["type"] == "residual":
-            yield from _walk(rec["block"])
-
-
-def _map(layers, fn):
-    out = []
-    for rec in layers:
-        new = dict(rec)
-        for key in ("weight", "bias"):
-            if key in new:
-                new[key] = fn(new[key])
-        if rec["type"] == "residual":
-            new["block"] = _map(rec["block"], fn)
-        out.append(new)
-    return out
-
-
-def _run(layers, x):
-    for rec in layers:
-        kind = rec["type"]
-        if kind == "conv":
-            x = F.conv2d(x, rec["weight"], rec["bias"], rec["stride"], rec["padding"], rec["dilation"])
-        elif kind == "linear":
-            x = F.linear(x, rec["weight"], rec["bias"])
-        elif kind == "relu":
-            x = torch.relu(x)
-        elif kind == "maxpool":
-            x = F.max_pool2d(x, rec["kernel"], rec["stride"], rec["padding"])
-        elif kind == "avgpool":
-            x = F.avg_pool2d(x, rec["kernel"], rec["stride"], rec["padding"],
-                             count_include_pad=rec.get("count_include_pad", True))
-        elif kind == "flatten":
-            x = x.flatten(1)
-        elif kind == "residual":
-            x = torch.relu(x + _run(rec["block"], x))
-    return x
-
-
-def conv_interval(rec: dict, lo: torch.Tensor, hi: torch.Tensor, weight=None, use_bias: bool = True):
-    """Exact per-position range of a conv (zero padding: padded values are exactly 0 in both bounds)."""
-    w = rec["weight"] if weight is None else weight
-    args = (rec["stride"], rec["padding"], rec["dilation"])
-    zmin = F.conv2d(lo, w.clamp(min=0), None, *args) + F.conv2d(hi, w.clamp(max=0), None, *args)
-    zmax = F.conv2d(hi, w.clamp(min=0), None, *args) + F.conv2d(lo, w.clamp(max=0), None, *args)
-    b = rec.get("bias") if use_bias else None
-    if b is not None:
-        zmin, zmax = zmin + b.reshape(1, -1, 1, 1), zmax + b.reshape(1, -1, 1, 1)
-    return zmin, zmax
-
-
-def interval_step(rec: dict, lo: torch.Tensor, hi: torch.Tensor):
-    """Sound bounds of one layer's output given bounds of its input (batched, shape ``(1, ...)``)."""
-    kind = rec["type"]
-    if kind == "conv":
-        return conv_interval(rec, lo, hi)
-    if kind == "linear":
-        zmin, zmax = affine_bounds(rec["weight"], lo[0], hi[0], rec["bias"])
-        return zmin[None], zmax[None]
-    if kind == "relu":
-        return lo.clamp(min=0), hi.clamp(min=0)
-    if kind in ("maxpool", "avgpool"):   # monotone maps
-        f = _run([rec], lo), _run([rec], hi)
-        return f
-    if kind == "flatten":
-        return lo.flatten(1), hi.flatten(1)
-    if kind == "residual":
-        blo, bhi = lo, hi
-        for sub in rec["block"]:
-            blo, bhi = interval_step(sub, blo, bhi)
-        return (lo + blo).clamp(min=0), (hi + bhi).clamp(min=0)
-    raise InvalidTargetError(f"no interval rule for layer type {kind!r}")
+        return f"ConvNetSpec(in_shape={self.in_shape}, layers={[layer.type for layer in self.layers]})"
 
 
 def box_tensors(spec: ConvNetSpec, box: Box, dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """The input box as ``(1, c, H, W)`` lower and upper bound images."""
     return (box.low.to(dtype).reshape(1, *spec.in_shape), box.high.to(dtype).reshape(1, *spec.in_shape))
-
-
-def _describe(layers, prefix: str, tensors: dict) -> list[dict]:
-    out = []
-    for i, rec in enumerate(layers):
-        d = {k: v for k, v in rec.items() if k not in ("weight", "bias", "block")}
-        for key in ("weight", "bias"):
-            if key in rec:
-                name = f"{prefix}{i}.{key}"
-                tensors[name] = rec[key]
-                d[key] = name
-        if rec["type"] == "residual":
-            d["block"] = _describe(rec["block"], f"{prefix}{i}.block.", tensors)
-        out.append(d)
-    return out
-
-
-def _rebuild(layers: list[dict], tensors: dict) -> list[dict]:
-    allowed = {"conv", "linear", "relu", "maxpool", "avgpool", "flatten", "residual"}
-    out = []
-    for d in layers:
-        if d.get("type") not in allowed:
-            raise ValueError(f"unknown layer type {d.get('type')!r} (expected one of {sorted(allowed)})")
-        rec = dict(d)
-        for key in ("weight", "bias"):
-            if key in d:
-                if d[key] not in tensors:
-                    raise ValueError(f"tensor {d[key]!r} is missing")
-                rec[key] = tensors[d[key]]
-        if d["type"] == "residual":
-            rec["block"] = _rebuild(d["block"], tensors)
-        out.append(rec)
-    return out

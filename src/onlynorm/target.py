@@ -240,10 +240,11 @@ def as_target(target: MLPSpec | nn.Module, in_shape: tuple[int, int, int] | None
 
     A Sequential of Linear/ReLU layers (eval-mode BatchNorm1d after a Linear is folded in) becomes an
     ``MLPSpec``; one with convolutions, pooling, Flatten or ``Residual`` blocks becomes a ``ConvNetSpec`` and
-    needs ``in_shape=(c, H, W)``. A scikit-learn MLP becomes the ``MLPSpec`` of its pre-output-activation map
-    (see :mod:`onlynorm.sklearn_target`).
+    needs ``in_shape=(c, H, W)``. Any other model (custom blocks, ResNets) is traced by ``torch.fx`` when
+    ``in_shape`` is given (:mod:`onlynorm.fx_target`). A scikit-learn MLP becomes the ``MLPSpec`` of its
+    pre-output-activation map (see :mod:`onlynorm.sklearn_target`).
     """
-    from .cnn import ConvNetSpec, is_cnn_module
+    from .cnn import ConvNetSpec, is_cnn_module, needs_tracing, parse_sequential
     from .sklearn_target import is_sklearn_mlp, spec_from_sklearn
 
     if isinstance(target, (MLPSpec, ConvNetSpec)):
@@ -251,10 +252,12 @@ def as_target(target: MLPSpec | nn.Module, in_shape: tuple[int, int, int] | None
     if is_sklearn_mlp(target):
         return spec_from_sklearn(target)
     if isinstance(target, nn.Module):
+        if in_shape is not None and needs_tracing(target):
+            return ConvNetSpec.from_module(target, in_shape)   # any other model: traced by onlynorm.fx_target
         if is_cnn_module(target):
-            records = ConvNetSpec._parse(target, "")
-            if all(r["type"] in ("linear", "relu") for r in records):   # an MLP with folded BatchNorm1d
-                seq = nn.Sequential(*[_linear(r) if r["type"] == "linear" else nn.ReLU() for r in records])
+            records = parse_sequential(target)
+            if all(r.type in ("linear", "relu") for r in records):   # an MLP with folded BatchNorm1d
+                seq = nn.Sequential(*[_linear(r) if r.type == "linear" else nn.ReLU() for r in records])
                 return MLPSpec.from_module(seq)
             return ConvNetSpec.from_module(target, in_shape)
         return MLPSpec.from_module(target)
@@ -263,12 +266,12 @@ def as_target(target: MLPSpec | nn.Module, in_shape: tuple[int, int, int] | None
         f"found {type(target).__name__}")
 
 
-def _linear(record: dict) -> nn.Linear:
-    w = record["weight"]
+def _linear(record) -> nn.Linear:
+    w = record.weight
     lin = nn.Linear(w.shape[1], w.shape[0], dtype=w.dtype)
     with torch.no_grad():
         lin.weight.copy_(w)
-        lin.bias.copy_(record["bias"])
+        lin.bias.copy_(record.bias)
     return lin
 
 

@@ -167,6 +167,10 @@ def verify(net: nn.Module, target: MLPSpec | nn.Module, domain: Box | tuple | No
     device = param.device if param is not None else torch.device("cpu")
     tol = default_tolerance(dtype) if tolerance is None else float(tolerance)
     g64 = spec.to(dtype=torch.float64, device=device)
+    if batch_size is None and isinstance(net, NormNet) and getattr(spec, "in_shape", None) is not None:
+        from .conv_memory import batch_size_for  # image networks: stream so a batch's activations stay ~512 MB
+
+        batch_size = min(samples, batch_size_for(spec, dtype, 512 << 20))
     if batch_size is None:
         widest = max([p.shape[0] for p in net.parameters() if p.ndim >= 1] + [spec.in_features])
         batch_size = max(256, min(samples, (32 << 20) // (8 * widest)))   # ~32 MB of activations per chunk

@@ -2,6 +2,7 @@
 
 from . import (
     conv,  # noqa: F401  (registers "conv", chosen automatically for CNN targets)
+    conv_deep,  # noqa: F401  (registers "conv_deep": method="deep" on CNN targets)
     deep,  # noqa: F401  (registers "deep")
     lowrank,  # noqa: F401  (registers "lowrank")
     sparse,  # noqa: F401  (registers "sparse")

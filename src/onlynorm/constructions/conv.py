@@ -1,4 +1,4 @@
-"""Convolutional and residual targets (DESIGN §3.7): BatchNorm-only reconstruction of CNNs.
+"""Convolutional and residual targets: BatchNorm-only reconstruction of CNNs.
 
 A target ``Conv2d`` with kernel ``W ∈ R^{c_out×c_in×k_h×k_w}`` becomes a random conv ``A`` (``c_in → N``, same stride,
 padding, dilation), ``BatchNorm2d(N)``, ReLU, a random 1×1 conv ``B`` (``N → c_out``) and ``BatchNorm2d(c_out)``.
@@ -20,13 +20,15 @@ mirrored with its skip connection. Pairs carry no ReLU of their own: the target'
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..cnn import ConvNetSpec, box_tensors, conv_interval, interval_step
+from ..cnn import ConvNetSpec, box_tensors
+from ..cnn_layers import Conv, Pool, ResidualBlock
 from ..domain import Box, affine_bounds
 from ..errors import InvalidNetworkError
 from ..linalg import solve_khatri_rao
@@ -44,7 +46,7 @@ from .base import (
     safe_margin,
 )
 
-__all__ = ["ConvConstruction", "NormConv2d", "FixedOp", "ResidualStage"]
+__all__ = ["ConvConstruction", "NormConv2d", "FixedOp", "ResidualStage", "build_stages", "walk_stages"]
 
 
 @register_stage
@@ -108,26 +110,33 @@ class FixedOp(Stage):
 
 @register_stage
 class ResidualStage(Stage):
-    """``relu(x + body(x))`` with ``body`` a list of stages (the mirrored skip connection)."""
+    """``relu(body(x) + shortcut(x))`` with ``body``/``shortcut`` lists of stages (an empty shortcut is the
+    identity skip; a projection shortcut is mirrored stage by stage like the body)."""
 
     kind = "residual"
 
-    def __init__(self, body: list, *, dtype=torch.float64, device=None):
+    def __init__(self, body: list, shortcut: list | None = None, *, dtype=torch.float64, device=None):
         super().__init__()
-        stages = [b if isinstance(b, nn.Module) else _stage_from_config(b, dtype, device) for b in body]
-        self.body = nn.ModuleList(stages)
+        make = lambda b: b if isinstance(b, nn.Module) else _stage_from_config(b, dtype, device)  # noqa: E731
+        self.body = nn.ModuleList([make(b) for b in body])
+        self.shortcut = nn.ModuleList([make(b) for b in (shortcut or [])])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x
+        h, s = x, x
         for stage in self.body:
             h = stage(h)
-        return torch.relu(x + h)
+        for stage in self.shortcut:
+            s = stage(s)
+        return torch.relu(s + h)
 
     def config(self) -> dict[str, Any]:
-        return {"body": [{"kind": s.kind, **s.config()} for s in self.body]}
+        cfg: dict[str, Any] = {"body": [{"kind": s.kind, **s.config()} for s in self.body]}
+        if len(self.shortcut):
+            cfg["shortcut"] = [{"kind": s.kind, **s.config()} for s in self.shortcut]
+        return cfg
 
     def depth(self) -> int:
-        return sum(s.depth() for s in self.body)
+        return max(sum(s.depth() for s in self.body), sum(s.depth() for s in self.shortcut))
 
 
 def _stage_from_config(cfg: dict, dtype, device) -> Stage:
@@ -149,41 +158,33 @@ class ConvConstruction(Construction):
     def build(self, target: ConvNetSpec, *, seed: int, dtype: torch.dtype, device, **options: Any) -> NormNet:
         self.check_options(options)
         gen = torch.Generator().manual_seed(int(seed))
-        stages = self._build(target.layers, gen, dtype, device)
+        stages = build_stages(target.layers, lambda layer: self._pair(layer, gen, dtype, device), dtype, device)
         meta = base_meta(self.name, target, seed, options)
         meta["in_shape"] = list(target.in_shape)
         return NormNet(stages, meta=meta)
 
-    def _build(self, layers: list[dict], gen, dtype, device) -> list[Stage]:
-        stages: list[Stage] = []
-        for rec in layers:
-            kind = rec["type"]
-            if kind == "conv":
-                c_out, c_in, kh, kw = rec["weight"].shape
-                N = c_out * c_in * kh * kw
-                first = NormConv2d(c_in, N, (kh, kw), rec["stride"], rec["padding"], rec["dilation"], relu=True,
-                                   dtype=dtype, device=device)
-                second = NormConv2d(N, c_out, relu=False, dtype=dtype, device=device)
-                with torch.no_grad():
-                    a = frozen_init((N, c_in * kh * kw), gen, dtype=dtype, device=device)
-                    first.conv.weight.copy_(a.reshape(N, c_in, kh, kw))
-                    second.conv.weight.copy_(frozen_init((c_out, N), gen, dtype=dtype, device=device)
-                                             .reshape(c_out, N, 1, 1))
-                stages += [first, second]
-            elif kind == "linear":
-                m, n = rec["weight"].shape
-                stages += [random_norm_linear(n, m * n, True, gen, dtype=dtype, device=device),
-                           random_norm_linear(m * n, m, False, gen, dtype=dtype, device=device)]
-            elif kind == "residual":
-                stages.append(ResidualStage(self._build(rec["block"], gen, dtype, device), dtype=dtype, device=device))
-            else:
-                extra = {k: rec[k] for k in ("kernel", "stride", "padding", "count_include_pad") if k in rec}
-                stages.append(FixedOp(kind, **extra))
-        return stages
+    @staticmethod
+    def _pair(layer, gen, dtype, device) -> list[Stage]:
+        if isinstance(layer, Conv):
+            c_out, c_in, kh, kw = layer.weight.shape
+            N = c_out * c_in * kh * kw
+            first = NormConv2d(c_in, N, (kh, kw), layer.stride, layer.padding, layer.dilation, relu=True,
+                               dtype=dtype, device=device)
+            second = NormConv2d(N, c_out, relu=False, dtype=dtype, device=device)
+            with torch.no_grad():
+                a = frozen_init((N, c_in * kh * kw), gen, dtype=dtype, device=device)
+                first.conv.weight.copy_(a.reshape(N, c_in, kh, kw))
+                second.conv.weight.copy_(frozen_init((c_out, N), gen, dtype=dtype, device=device)
+                                         .reshape(c_out, N, 1, 1))
+            return [first, second]
+        m, n = layer.weight.shape
+        return [random_norm_linear(n, m * n, True, gen, dtype=dtype, device=device),
+                random_norm_linear(m * n, m, False, gen, dtype=dtype, device=device)]
 
     def estimate_bytes(self, target, dtype, **options) -> int:
-        sizes = [rec["weight"].numel() for rec in _walk(target.layers) if "weight" in rec]
-        return max(sizes) ** 2 * 8 * 2 if sizes else 0
+        from ..conv_memory import estimate_conv_bytes
+
+        return estimate_conv_bytes(target, dtype, "conv")
 
     def solve(self, net: NormNet, target: ConvNetSpec, domain: Box, *, progress: Progress | None = None) -> NormNet:
         if not isinstance(target, ConvNetSpec):
@@ -191,9 +192,14 @@ class ConvConstruction(Construction):
         spec, out, margin = begin_solve(net, target)
         lo, hi = box_tensors(spec, domain, net.dtype)
         records: list[dict] = []
-        self._solve(spec.layers, list(out.layers), lo.to(net.device), hi.to(net.device), margin, records)
-        if progress is not None:
-            progress(1, 1, f"{len(records)} Khatri–Rao systems")
+        total = len(spec.weighted())
+
+        def solve_pair(layer, group, lo, hi) -> None:
+            self._solve_pair(layer, group, lo, hi, margin, records)
+            if progress is not None:
+                progress(len(records), total, f"{len(records)} Khatri–Rao systems")
+
+        walk_stages(spec.layers, list(out.layers), lo.to(net.device), hi.to(net.device), solve_pair, 2)
         return finish_solve(out, records, [], domain)
 
     def certify(self, net: NormNet, target: ConvNetSpec, domain: Box):
@@ -204,59 +210,79 @@ class ConvConstruction(Construction):
             raise InvalidNetworkError("this network was built for a CNN target; pass the same CNN as target")
         return certify_conv(net, target, domain)
 
-    def _solve(self, layers, stages, lo, hi, margin, records) -> None:
-        pos = 0
-        for rec in layers:
-            kind = rec["type"]
-            if kind in ("conv", "linear"):
-                if pos + 1 >= len(stages):
-                    raise InvalidNetworkError("the frozen network has fewer stages than the target needs")
-                first, second = stages[pos], stages[pos + 1]
-                pos += 2
-                W = rec["weight"]
-                if kind == "conv":
-                    if not (isinstance(first, NormConv2d) and isinstance(second, NormConv2d)):
-                        raise InvalidNetworkError(f"expected a conv pair for a Conv2d layer, found "
-                                                  f"{type(first).__name__}, {type(second).__name__}")
-                    A4 = first.conv.weight
-                    A, B = A4.reshape(A4.shape[0], -1), second.conv.weight.reshape(second.conv.weight.shape[0], -1)
-                    if A.shape[1] != W[0].numel() or B.shape[0] != W.shape[0]:
-                        raise InvalidNetworkError(f"conv pair shapes {tuple(A4.shape)} / {tuple(B.shape)} do not fit "
-                                                  f"the target kernel {tuple(W.shape)}")
-                    sol = solve_khatri_rao(A, B, W.reshape(W.shape[0], -1), layer=len(records))
-                    zmin, zmax = conv_interval(rec, lo, hi, weight=sol.gamma.reshape(-1, 1, 1, 1) * A4,
-                                               use_bias=False)
-                    zmin, zmax = zmin.amin(dim=(0, 2, 3)), zmax.amax(dim=(0, 2, 3))
-                else:
-                    if not (isinstance(first, NormLinear) and isinstance(second, NormLinear)):
-                        raise InvalidNetworkError(f"expected a linear pair for a Linear layer, found "
-                                                  f"{type(first).__name__}, {type(second).__name__}")
-                    A, B = first.linear.weight, second.linear.weight
-                    sol = solve_khatri_rao(A, B, W, layer=len(records))
-                    zmin, zmax = affine_bounds(sol.gamma.unsqueeze(1) * A, lo[0], hi[0])
-                beta1 = -zmin + safe_margin(zmin, zmax, margin)
-                with torch.no_grad():
-                    first.norm.weight.copy_(sol.gamma)
-                    first.norm.bias.copy_(beta1)
-                    second.norm.weight.fill_(1.0)
-                    second.norm.bias.copy_(rec["bias"] - B @ beta1)
-                records.append({"layer": len(records), "type": kind, "kind": sol.kind, "residual": sol.residual,
-                                "relative_residual": sol.relative_residual, "exact": sol.exact})
-            elif kind == "residual":
-                stage = stages[pos]
-                pos += 1
-                if not isinstance(stage, ResidualStage):
-                    raise InvalidNetworkError(f"expected a residual stage, found {type(stage).__name__}")
-                self._solve(rec["block"], list(stage.body), lo, hi, margin, records)
-            else:
-                pos += 1
-            lo, hi = interval_step(rec, lo, hi)
-        if pos != len(stages):
-            raise InvalidNetworkError(f"the frozen network has {len(stages)} stages, the target needs {pos}")
+    @staticmethod
+    def _solve_pair(layer, group, lo, hi, margin, records) -> None:
+        first, second = group
+        W = layer.weight
+        if isinstance(layer, Conv):
+            if not (isinstance(first, NormConv2d) and isinstance(second, NormConv2d)):
+                raise InvalidNetworkError(f"expected a conv pair for a Conv2d layer, found "
+                                          f"{type(first).__name__}, {type(second).__name__}")
+            A4 = first.conv.weight
+            A, B = A4.reshape(A4.shape[0], -1), second.conv.weight.reshape(second.conv.weight.shape[0], -1)
+            if A.shape[1] != W[0].numel() or B.shape[0] != W.shape[0]:
+                raise InvalidNetworkError(f"conv pair shapes {tuple(A4.shape)} / {tuple(B.shape)} do not fit "
+                                          f"the target kernel {tuple(W.shape)}")
+            sol = solve_khatri_rao(A, B, W.reshape(W.shape[0], -1), layer=len(records))
+            zmin, zmax = layer.bounds(lo, hi, weight=sol.gamma.reshape(-1, 1, 1, 1) * A4, use_bias=False)
+            zmin, zmax = zmin.amin(dim=(0, 2, 3)), zmax.amax(dim=(0, 2, 3))
+        else:
+            if not (isinstance(first, NormLinear) and isinstance(second, NormLinear)):
+                raise InvalidNetworkError(f"expected a linear pair for a Linear layer, found "
+                                          f"{type(first).__name__}, {type(second).__name__}")
+            A, B = first.linear.weight, second.linear.weight
+            sol = solve_khatri_rao(A, B, W, layer=len(records))
+            zmin, zmax = affine_bounds(sol.gamma.unsqueeze(1) * A, lo[0], hi[0])
+        beta1 = -zmin + safe_margin(zmin, zmax, margin)
+        with torch.no_grad():
+            first.norm.weight.copy_(sol.gamma)
+            first.norm.bias.copy_(beta1)
+            second.norm.weight.fill_(1.0)
+            second.norm.bias.copy_(layer.bias - B @ beta1)
+        records.append({"layer": len(records), "type": layer.type, "kind": sol.kind, "residual": sol.residual,
+                        "relative_residual": sol.relative_residual, "exact": sol.exact})
 
 
-def _walk(layers):
-    for rec in layers:
-        yield rec
-        if rec["type"] == "residual":
-            yield from _walk(rec["block"])
+def build_stages(layers, make_weighted: Callable[[Any], list[Stage]], dtype, device) -> list[Stage]:
+    """Mirror the target's layers: ``make_weighted(layer)`` for each Conv/Linear, a :class:`ResidualStage` per
+    residual block, a :class:`FixedOp` for every parameter-free layer (ReLU, pooling, Flatten)."""
+    stages: list[Stage] = []
+    for layer in layers:
+        if layer.has_weights:
+            stages += make_weighted(layer)
+        elif isinstance(layer, ResidualBlock):
+            stages.append(ResidualStage(build_stages(layer.body, make_weighted, dtype, device),
+                                        build_stages(layer.shortcut, make_weighted, dtype, device),
+                                        dtype=dtype, device=device))
+        elif isinstance(layer, Pool):
+            stages.append(FixedOp(layer.type, kernel=list(layer.kernel), stride=list(layer.stride),
+                                  padding=list(layer.padding), count_include_pad=layer.count_include_pad))
+        else:
+            stages.append(FixedOp(layer.type))
+    return stages
+
+
+def walk_stages(layers, stages: list, lo: torch.Tensor, hi: torch.Tensor, visit, per_weighted: int):
+    """Walk the target's layers and the network's stages together, carrying the target's interval bounds
+    ``[lo, hi]`` of each layer's input; ``visit(layer, stages_of_layer, lo, hi)`` for each Conv/Linear. Returns the
+    bounds of the output."""
+    pos = 0
+    for layer in layers:
+        if layer.has_weights:
+            if pos + per_weighted > len(stages):
+                raise InvalidNetworkError("the frozen network has fewer stages than the target needs")
+            visit(layer, stages[pos:pos + per_weighted], lo, hi)
+            pos += per_weighted
+        elif isinstance(layer, ResidualBlock):
+            stage = stages[pos] if pos < len(stages) else None
+            if not isinstance(stage, ResidualStage):
+                raise InvalidNetworkError(f"expected a residual stage, found {type(stage).__name__}")
+            walk_stages(layer.body, list(stage.body), lo, hi, visit, per_weighted)
+            walk_stages(layer.shortcut, list(stage.shortcut), lo, hi, visit, per_weighted)
+            pos += 1
+        else:
+            pos += 1
+        lo, hi = layer.bounds(lo, hi)
+    if pos != len(stages):
+        raise InvalidNetworkError(f"the frozen network has {len(stages)} stages, the target needs {pos}")
+    return lo, hi

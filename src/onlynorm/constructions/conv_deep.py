@@ -1,0 +1,335 @@
+"""The deep construction for convolutions: blocks of ``k`` input channels, a residual stream of ``c_out`` channels.
+
+A target conv ``W ∈ R^{c_out×c_in×k_h×k_w}`` (bias ``b``) has its input channels split into blocks ``J_1 … J_T``
+of ``k`` channels (``T = ⌈c_in/k⌉``, the last block smaller when ``k ∤ c_in``). Per block::
+
+    u_t = relu(Γ_t (A_t * x_{J_t}) + β_t)     A_t: k_t → N_t = c_out·k_t·k_h·k_w channels, the layer's geometry
+    s   = Σ_t B_t u_t                         B_t: frozen 1×1 readout N_t → c_out (the residual stream)
+    y   = γ_out ⊙ s + β_out                   γ_out = 1,  β_out = b − Σ_t B_t β_t   (paired=0)
+
+**Branch ReLUs.** With ``paired=0`` (the linear regime) ``β_t`` keeps every branch channel active on the box, from
+interval bounds of the target. Interval bounds grow geometrically with depth (×10 per residual block of a ResNet-20:
+``β`` reaches 1e11 while activations stay O(1), and cancellation in ``β_out`` costs every digit). The default
+``paired=1`` reads each branch unit twice, ``relu(v)`` through ``B_t`` and ``relu(−v)`` through the frozen ``−B_t``:
+``B_t (relu(v) − relu(−v)) = B_t v`` for *every* ``v`` (exactly, in floating point too), so ``β_t = 0``, no bounds
+are needed and the network equals the target on all of ``R^n``, not only on the box.
+
+A 1×1 conv commutes with the spatial sum, so ``B_t Γ_t A_t = W[:, J_t]`` (kernels flattened to ``k_t·k_h·k_w``
+columns) is a square Khatri–Rao system of size ``N_t`` — ``T`` of them per layer, solved batched — instead of one of
+size ``c_out·c_in·k_h·k_w`` (the ``conv`` construction). In the linear regime ``β_t`` keeps every branch channel
+active at every position of the reachable input (interval bounds of the target per position, padding included). All
+branches run as one grouped conv (``groups = T``) and one 1×1 conv. A ``Linear`` layer is the same with a 1×1 kernel on a 1×1 image.
+
+>>> import torch
+>>> from torch import nn
+>>> import onlynorm
+>>> g = nn.Sequential(nn.Conv2d(3, 2, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 4 * 4, 3)).double()
+>>> f = onlynorm.reconstruct(g, method="deep", in_shape=(3, 4, 4), block=2)
+>>> f.summary().widths      # blocks of 2 and 1 channels: 2·2·9 + 2·1·9 branch channels, 2 stream; 3·32, 3
+[54, 2, 96, 3]
+>>> bool(onlynorm.verify(f, g, samples=500).max_rel_error < 1e-9)
+True
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..cnn import ConvNetSpec, box_tensors
+from ..cnn_layers import Conv, Linear
+from ..domain import Box
+from ..errors import InvalidNetworkError
+from ..linalg import compose, solve_khatri_rao_batched
+from ..normnet import NormNet, Stage, frozen_module, make_batchnorm, register_stage
+from ..options import OptionSpec
+from ..records import SolveRecord, relative_residual
+from .base import (
+    MARGIN,
+    Construction,
+    Progress,
+    base_meta,
+    begin_solve,
+    finish_solve,
+    frozen_init,
+    register,
+    safe_margin,
+)
+from .conv import build_stages, walk_stages
+from .deep import BLOCK, block_sizes
+
+__all__ = ["ConvStream", "ConvDeepConstruction"]
+
+
+@register_stage
+class ConvStream(Stage):
+    """One target conv (or, with ``flat``, Linear) of the deep construction: a grouped branch conv, its
+    BatchNorm2d, ReLU, a frozen 1×1 readout into ``out_channels`` and the output BatchNorm2d.
+
+    State-dict keys: ``branch.weight`` (the full blocks, ``groups = ⌊c_in/k⌋``), ``rest.weight`` (the smaller last
+    block, if any), ``branch_norm.*``, ``readout.weight``, ``norm.*``.
+    """
+
+    kind = "conv_stream"
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size=(1, 1), stride=(1, 1), padding=(0, 0),
+                 dilation=(1, 1), block: int = 1, flat: bool = False, paired: bool = False, *,
+                 dtype: torch.dtype = torch.float64, device=None):
+        super().__init__()
+        self.paired = bool(paired)
+        kh, kw = (int(v) for v in kernel_size)
+        self.in_channels, self.out_channels, self.flat = int(in_channels), int(out_channels), bool(flat)
+        self.block = min(int(block), self.in_channels)
+        self.geometry = {"kernel_size": (kh, kw), "stride": tuple(stride), "padding": tuple(padding),
+                         "dilation": tuple(dilation)}
+        self.sizes = block_sizes(self.in_channels, self.block)
+        self.full = self.in_channels // self.block              # blocks of exactly k channels
+        k, rest = self.block, self.in_channels % self.block
+        self.per_block = self.out_channels * k * kh * kw          # N_t of a full block
+        self.branch = frozen_module(nn.Conv2d, self.full * k, self.full * self.per_block, (kh, kw),
+                                    stride=tuple(stride), padding=tuple(padding), dilation=tuple(dilation),
+                                    groups=self.full, dtype=dtype, device=device)
+        self.rest = (frozen_module(nn.Conv2d, rest, self.out_channels * rest * kh * kw, (kh, kw), stride=tuple(stride),
+                                   padding=tuple(padding), dilation=tuple(dilation), dtype=dtype, device=device)
+                     if rest else None)
+        self.channels = self.full * self.per_block + (self.rest.out_channels if self.rest is not None else 0)
+        self.branch_norm = make_batchnorm(self.channels, dims=2, dtype=dtype, device=device)
+        self.readout = frozen_module(nn.Conv2d, self.channels, self.out_channels, (1, 1), dtype=dtype, device=device)
+        self.norm = make_batchnorm(self.out_channels, dims=2, dtype=dtype, device=device)
+
+    def branch_pre(self, x: torch.Tensor) -> torch.Tensor:
+        """``A * x`` for every block at once (before the branch BatchNorm)."""
+        split = self.full * self.block
+        g = self.geometry
+        u = grouped_conv(x[:, :split] if self.rest is not None else x, self.branch.weight, self.full, g["stride"],
+                         g["padding"], g["dilation"])
+        if self.rest is not None:
+            u = torch.cat([u, grouped_conv(x[:, split:], self.rest.weight, 1, g["stride"], g["padding"],
+                                           g["dilation"])], dim=1)
+        return u
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.flat:
+            x = x[:, :, None, None]
+        v = self.branch_pre(x)
+        bn = self.branch_norm
+        inference = not (torch.is_grad_enabled() or bn.training)
+        if inference:   # γ v + β in place (no copies of the widest activation)
+            v = v.mul_(bn.weight.view(1, -1, 1, 1)).add_(bn.bias.view(1, -1, 1, 1))
+        else:
+            v = bn(v)
+        B = self.readout.weight.flatten(1)
+        if self.paired:   # readout [B, −B] of [relu(v), relu(−v)] = B (relu(v) − relu(−v)), one matmul
+            pos = torch.relu(v)
+            u = pos.sub_(v.neg_().relu_()) if inference else pos - torch.relu(-v)
+            s = torch.matmul(B, u.flatten(2))
+        else:
+            u = v.relu_() if inference else torch.relu(v)
+            s = torch.matmul(B, u.flatten(2))
+        s = self.norm(s.view(v.shape[0], -1, *v.shape[2:]))
+        return s.flatten(1) if self.flat else s
+
+    def config(self) -> dict[str, Any]:
+        g = self.geometry
+        return {"in_channels": self.in_channels, "out_channels": self.out_channels,
+                "kernel_size": list(g["kernel_size"]), "stride": list(g["stride"]), "padding": list(g["padding"]),
+                "dilation": list(g["dilation"]), "block": self.block, "flat": self.flat, "paired": self.paired}
+
+    def widths(self) -> list[int]:
+        return [self.channels, self.out_channels]
+
+    def relu_units(self) -> int:
+        """ReLU units per position: each branch channel once, or twice when ``paired`` (relu(v) and relu(−v))."""
+        return self.channels * (2 if self.paired else 1)
+
+    def depth(self) -> int:
+        return 2
+
+    def dense_branch(self) -> torch.Tensor:
+        """The branch kernels as one ``(channels, c_in, k_h, k_w)`` block-diagonal kernel (for certificates)."""
+        kh, kw = self.geometry["kernel_size"]
+        A = self.branch.weight.new_zeros(self.channels, self.in_channels, kh, kw)
+        for t, (units, J) in enumerate(self.block_slices()):
+            w = self.branch.weight if t < self.full else self.rest.weight
+            A[units, J] = w[units] if t < self.full else w
+        return A
+
+    def block_slices(self) -> list[tuple[slice, slice]]:
+        """``(branch channels, input channels)`` of each block."""
+        out, unit, chan = [], 0, 0
+        kh, kw = self.geometry["kernel_size"]
+        for k in self.sizes:
+            n = self.out_channels * k * kh * kw
+            out.append((slice(unit, unit + n), slice(chan, chan + k)))
+            unit, chan = unit + n, chan + k
+        return out
+
+
+def grouped_conv(x: torch.Tensor, weight: torch.Tensor, groups: int, stride, padding, dilation) -> torch.Tensor:
+    """``F.conv2d(x, weight, groups=groups)`` as one unfold and one batched matmul.
+
+    torch's CPU grouped convolution in float64 takes a slow path (seconds for a 64-group 3×3 layer on one 8×8
+    image); ``unfold`` orders its rows by (channel, k_h, k_w), so group ``t`` reads a contiguous row block.
+    """
+    B, _, H, W = x.shape
+    out_channels, k, kh, kw = weight.shape
+    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
+    Ho, Wo = (H + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (W + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    cols = F.unfold(x, (kh, kw), dilation=(dh, dw), padding=(ph, pw), stride=(sh, sw))
+    cols = cols.view(B, groups, k * kh * kw, Ho * Wo)
+    out = torch.matmul(weight.reshape(groups, out_channels // groups, k * kh * kw), cols)
+    return out.view(B, out_channels, Ho, Wo)
+
+
+#: 1 (default): sign-paired branches, exact for every input; 0: linear regime from interval bounds (``β_t``)
+PAIRED = OptionSpec("paired", int, min_val=0, max_val=1,
+                    help="1: each branch unit read as relu(v) − relu(−v) (readout [B, −B]): exact for every input, "
+                         "no bounds, deep nets stay accurate; 0: linear regime, β from interval bounds")
+
+
+def _one_blas_thread():
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - scikit-learn brings threadpoolctl
+        return contextlib.nullcontext()
+    return threadpool_limits(1, user_api="blas")
+
+
+def _as_conv(layer) -> Conv:
+    return layer.as_conv() if isinstance(layer, Linear) else layer
+
+
+@register
+class ConvDeepConstruction(Construction):
+    name = "conv_deep"
+    cost = ("CNN targets with method='deep': per Conv2d/Linear ⌈c_in/k⌉ branches of c_out·k·kh·kw channels into a "
+            "residual stream; ⌈c_in/k⌉ systems of size c_out·k·kh·kw per layer; exact")
+    options = (BLOCK, PAIRED, MARGIN)
+    target_kinds = ("cnn",)
+
+    def build(self, target: ConvNetSpec, *, seed: int, dtype: torch.dtype, device, **options: Any) -> NormNet:
+        options = self.check_options(options)
+        k = int(options.get("block") or 1)
+        paired = bool(1 if options.get("paired") is None else options["paired"])
+        gen = torch.Generator().manual_seed(int(seed))
+
+        def stream(layer) -> list[Stage]:
+            conv = _as_conv(layer)
+            c_out, c_in, kh, kw = conv.weight.shape
+            stage = ConvStream(c_in, c_out, (kh, kw), conv.stride, conv.padding, conv.dilation, block=k,
+                               flat=isinstance(layer, Linear), paired=paired, dtype=dtype, device=device)
+            with torch.no_grad():
+                for t, (units, _J) in enumerate(stage.block_slices()):
+                    w = stage.branch.weight[units] if t < stage.full else stage.rest.weight
+                    w.copy_(frozen_init((w.shape[0], w[0].numel()), gen, dtype=dtype, device=device).reshape(w.shape))
+                    r = stage.readout.weight[:, units, 0, 0]
+                    stage.readout.weight[:, units, 0, 0] = frozen_init(tuple(r.shape), gen, dtype=dtype,
+                                                                       device=device)
+            return [stage]
+
+        stages = build_stages(target.layers, stream, dtype, device)
+        meta = base_meta(self.name, target, seed, {**options, "block": k, "paired": int(paired)})
+        meta["in_shape"] = list(target.in_shape)
+        return NormNet(stages, meta=meta)
+
+    def estimate_bytes(self, target, dtype, **options) -> int:
+        from ..conv_memory import estimate_conv_bytes
+
+        return estimate_conv_bytes(target, dtype, "conv_deep", block=int(options.get("block") or 1))
+
+    def solve(self, net: NormNet, target: ConvNetSpec, domain: Box, *, progress: Progress | None = None) -> NormNet:
+        if not isinstance(target, ConvNetSpec):
+            raise InvalidNetworkError("this network was built for a CNN target; pass the same CNN as target")
+        _spec, out, margin = begin_solve(net, target)
+        spec = target.to(dtype=torch.float64, device="cpu")       # γ, β are solved in float64, rounded once
+        lo, hi = box_tensors(spec, domain, torch.float64)
+        records: list[SolveRecord] = []
+        total = len(spec.weighted())
+
+        def visit(layer, group, lo, hi) -> None:
+            stage = group[0]
+            if not isinstance(stage, ConvStream):
+                raise InvalidNetworkError(f"expected a conv_stream stage for a {layer.type} layer, found "
+                                          f"{type(stage).__name__}")
+            records.append(_solve_stream(_as_conv(layer), stage, lo, hi, margin, len(records),
+                                         flat=isinstance(layer, Linear)))
+            if progress is not None:
+                d = records[-1].details
+                progress(len(records), total, f"layer {len(records) - 1}: {d['blocks']} systems of size {d['size']}")
+
+        walk_stages(spec.layers, list(out.layers), lo, hi, visit, 1)
+        return finish_solve(out, records, [], domain)
+
+    def certify(self, net: NormNet, target: ConvNetSpec, domain: Box):
+        """Per-channel activity of every branch over every position of the box, then a distance bound."""
+        from ..certify_cnn import certify_conv
+
+        if not isinstance(target, ConvNetSpec):
+            raise InvalidNetworkError("this network was built for a CNN target; pass the same CNN as target")
+        return certify_conv(net, target, domain)
+
+
+def _solve_stream(conv: Conv, stage: ConvStream, lo, hi, margin: float, index: int, flat: bool) -> SolveRecord:
+    W = conv.weight.double()
+    c_out, c_in, kh, kw = W.shape
+    if (stage.out_channels, stage.in_channels, *stage.geometry["kernel_size"]) != (c_out, c_in, kh, kw):
+        raise InvalidNetworkError(f"layer {index}: conv_stream {stage.in_channels} → {stage.out_channels} "
+                                  f"{stage.geometry['kernel_size']} does not fit the target kernel {tuple(W.shape)}")
+    if flat:
+        lo, hi = lo.reshape(1, -1, 1, 1), hi.reshape(1, -1, 1, 1)
+    B = stage.readout.weight.detach().double().flatten(1)             # (c_out, channels)
+    gamma = torch.empty(stage.channels, dtype=torch.float64)
+    realised, wanted = [], []
+    slices = stage.block_slices()
+    groups = [list(range(stage.full))] + ([[stage.full]] if stage.rest is not None else [])
+    for idx in groups:
+        kernel = (stage.branch if idx[0] < stage.full else stage.rest).weight.detach().double()
+        units = [slices[t][0] for t in idx]
+        A = torch.stack([kernel[u].flatten(1) if idx[0] < stage.full else kernel.flatten(1) for u in units])
+        Bt = torch.stack([B[:, u] for u in units])
+        Wt = torch.stack([W[:, slices[t][1]].flatten(1) for t in idx])
+        with _one_blas_thread():   # many small LUs: threads only contend (4-7× slower on a loaded 2-core box)
+            g, _res, _ = solve_khatri_rao_batched(A, Bt, Wt, layer=index)
+        for u, gt in zip(units, g):
+            gamma[u] = gt
+        realised.append(compose(Bt, g, A).reshape(-1))
+        wanted.append(Wt.reshape(-1))
+    # β: every branch channel active at every position of the reachable input
+    if stage.paired:      # relu(v) − relu(−v) = v for every v: no activity to ensure, β_t = 0
+        beta = torch.zeros_like(gamma)
+    else:
+        beta = _linear_regime_beta(stage, gamma, lo, hi, margin)
+    with torch.no_grad():
+        stage.branch_norm.weight.copy_(gamma)
+        stage.branch_norm.bias.copy_(beta)
+        stage.norm.weight.fill_(1.0)
+        stage.norm.bias.copy_(conv.bias.double() - B @ beta)
+    residual, rel = relative_residual(torch.cat(realised), torch.cat(wanted))
+    return SolveRecord(layer=index, kind="batched", residual=residual, relative_residual=rel, exact=True,
+                       precision="float64", details={"type": "linear" if flat else "conv", "blocks": len(slices),
+                                                     "block": stage.block, "size": stage.per_block})
+
+
+def _linear_regime_beta(stage: ConvStream, gamma: torch.Tensor, lo, hi, margin: float) -> torch.Tensor:
+    """``β_t = −min z + slack``: every branch channel active at every position of the reachable input."""
+    geo = (stage.geometry["stride"], stage.geometry["padding"], stage.geometry["dilation"])
+    split = stage.full * stage.block
+    mins, maxs = [], []
+    parts = [(stage.branch.weight, stage.full, slice(0, split), slice(0, stage.full * stage.per_block))]
+    if stage.rest is not None:
+        parts.append((stage.rest.weight, 1, slice(split, None), slice(stage.full * stage.per_block, None)))
+    for kernel, groups, chans, units in parts:
+        w = gamma[units].reshape(-1, 1, 1, 1) * kernel.detach().double()
+        pos, neg = w.clamp(min=0), w.clamp(max=0)
+        x_lo, x_hi = lo[:, chans], hi[:, chans]
+        zmin = grouped_conv(x_lo, pos, groups, *geo) + grouped_conv(x_hi, neg, groups, *geo)
+        zmax = grouped_conv(x_hi, pos, groups, *geo) + grouped_conv(x_lo, neg, groups, *geo)
+        mins.append(zmin.amin(dim=(0, 2, 3)))
+        maxs.append(zmax.amax(dim=(0, 2, 3)))
+    zmin, zmax = torch.cat(mins), torch.cat(maxs)
+    beta = -zmin + safe_margin(zmin, zmax, margin)
+    return beta
