@@ -148,7 +148,7 @@ def train_norm_only(model: nn.Module, data=None, *, target: Callable | None = No
     opt = optimizer(params, lr=lr)
     history = TrainHistory(tuned_parameters=sum(p.numel() for p in params), statistics=statistics)
     if hasattr(model, "batch_statistics"):
-        model.batch_statistics = statistics == "batch"   # a NormNet flag (plain attribute)
+        setattr(model, "batch_statistics", statistics == "batch")  # noqa: B010 — a NormNet's plain flag, not a submodule
     model.train()
     if statistics == "fixed":
         for m in norm_modules(model):
@@ -175,7 +175,7 @@ def train_norm_only(model: nn.Module, data=None, *, target: Callable | None = No
         for p, flag in previous.items():
             p.requires_grad_(flag)
         if hasattr(model, "batch_statistics"):
-            model.batch_statistics = False
+            setattr(model, "batch_statistics", False)  # noqa: B010
         model.eval()
     return history
 

@@ -33,7 +33,9 @@ def make_cnn() -> nn.Sequential:
 
 def train_cnn(X, y, seed: int, epochs: int) -> nn.Sequential:
     torch.manual_seed(seed)
-    return fit_classifier(make_cnn(), X, y, seed, epochs)
+    model = make_cnn()
+    fit_classifier(model, X, y, seed, epochs)
+    return model
 
 
 def run(seed: int = 0, json_path: Path | None = None, console=None, *, epochs: int = 40) -> bool:

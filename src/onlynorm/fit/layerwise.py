@@ -31,7 +31,7 @@ import time
 
 import torch
 
-from ..cnn import conv_interval
+from ..cnn_layers import Conv
 from ..constructions.base import safe_margin
 from ..domain import affine_bounds
 from ..linalg import khatri_rao_system, vec
@@ -131,11 +131,15 @@ def _first_range(first, gamma: torch.Tensor, A: torch.Tensor, bounds) -> tuple[t
     lo, hi = (b.to(torch.float64) for b in bounds)
     if isinstance(first, NormLinear):
         return affine_bounds(gamma[:, None] * A, lo[0], hi[0])
-    c = first.conv
-    rec = {"stride": list(c.stride), "padding": list(c.padding), "dilation": list(c.dilation)}
-    weight = gamma.reshape(-1, 1, 1, 1) * c.weight.to(torch.float64)
-    zmin, zmax = conv_interval(rec, lo, hi, weight=weight, use_bias=False)
+    weight = gamma.reshape(-1, 1, 1, 1) * first.conv.weight.to(torch.float64)
+    zmin, zmax = _geometry(first.conv, weight).bounds(lo, hi, use_bias=False)
     return zmin.amin(dim=(0, 2, 3)), zmax.amax(dim=(0, 2, 3))
+
+
+def _geometry(conv: torch.nn.Conv2d, weight: torch.Tensor) -> Conv:
+    """A typed conv layer with ``conv``'s stride, padding and dilation and the given kernel (its interval bounds)."""
+    return Conv(weight, weight.new_zeros(weight.shape[0]), tuple(conv.stride), tuple(conv.padding),  # type: ignore[arg-type]
+                tuple(conv.dilation))  # type: ignore[arg-type]
 
 
 def _stage_bounds(stage, bounds):
@@ -146,9 +150,7 @@ def _stage_bounds(stage, bounds):
         zmin, zmax = affine_bounds(gamma[:, None] * stage.linear.weight, lo[0], hi[0], beta)
         zmin, zmax = zmin[None], zmax[None]
     else:
-        c = stage.conv
-        rec = {"stride": list(c.stride), "padding": list(c.padding), "dilation": list(c.dilation)}
-        zmin, zmax = conv_interval(rec, lo, hi, weight=gamma.reshape(-1, 1, 1, 1) * c.weight, use_bias=False)
+        zmin, zmax = _geometry(stage.conv, gamma.reshape(-1, 1, 1, 1) * stage.conv.weight).bounds(lo, hi, use_bias=False)
         zmin, zmax = zmin + beta.reshape(1, -1, 1, 1), zmax + beta.reshape(1, -1, 1, 1)
     return (zmin.clamp(min=0), zmax.clamp(min=0)) if stage.relu else (zmin, zmax)
 

@@ -20,7 +20,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..cnn import ConvNetSpec, _run
+from ..cnn import ConvNetSpec
+from ..cnn_layers import Conv, Layer, Linear, ReLU
 from ..constructions.conv import FixedOp, NormConv2d
 from ..errors import InvalidNetworkError
 from ..normnet import NormLinear, NormNet
@@ -33,25 +34,25 @@ __all__ = ["Segment", "segments", "target_records"]
 @dataclass
 class Segment:
     kind: str                       # "pair", "unit" or "op"
-    record: dict[str, Any]          # the target layer ({"type": "linear"|"conv"|"relu"|..., "weight", "bias"})
+    record: Layer                   # the target layer (onlynorm.cnn_layers: Linear, Conv, ReLU, Pool, Flatten...)
     stages: list = field(default_factory=list)
     relu_after: bool = False        # the target applies a ReLU after this layer inside the segment
 
     def target_out(self, ht: torch.Tensor) -> torch.Tensor:
         """The target layer's output (pre-activation for pairs/units)."""
-        return _run([self.record], ht)
+        return self.record.forward(ht)
 
 
-def target_records(spec) -> list[dict[str, Any]]:
-    """The target as a flat list of layer records (an MLP becomes linear/relu records)."""
+def target_records(spec) -> list[Layer]:
+    """The target as a flat list of typed layers (an MLP becomes Linear/ReLU layers)."""
     if isinstance(spec, ConvNetSpec):
         return list(spec.layers)
     if isinstance(spec, MLPSpec):
-        out: list[dict[str, Any]] = []
+        out: list[Layer] = []
         for i, (w, b) in enumerate(zip(spec.weights, spec.biases)):
-            out.append({"type": "linear", "weight": w, "bias": b})
+            out.append(Linear(w, b))
             if i < spec.depth - 1:
-                out.append({"type": "relu"})
+                out.append(ReLU())
         return out
     raise InvalidNetworkError(f"expected an MLP or CNN target, found {type(spec).__name__}")
 
@@ -73,16 +74,17 @@ def segments(net: NormNet, spec) -> list[Segment]:
         return stages[pos - 1]
 
     for rec in records:
-        kind = rec["type"]
+        kind = rec.type
         if skip_relu and kind != "relu":
             raise InvalidNetworkError("a pair of the frozen network ends in a ReLU where the target has none")
         if kind in ("linear", "conv"):
+            assert isinstance(rec, (Linear, Conv))
             first = take()
             if isinstance(first, _Pretrained):
-                if first.layer.weight.shape[0] != rec["weight"].shape[0]:
+                if first.layer.weight.shape[0] != rec.weight.shape[0]:
                     raise InvalidNetworkError(
                         f"pretrained layer {first.layer} has {first.layer.weight.shape[0]} outputs, the target layer "
-                        f"{rec['weight'].shape[0]}; the layer-wise start needs the same architecture")
+                        f"{rec.weight.shape[0]}; the layer-wise start needs the same architecture")
                 out.append(Segment("unit", rec, [first]))
                 continue
             second = take()
@@ -90,9 +92,9 @@ def segments(net: NormNet, spec) -> list[Segment]:
             if not (isinstance(first, pair_types) and isinstance(second, pair_types)):
                 raise InvalidNetworkError(f"expected a pair of {pair_types[0].__name__} stages for a target {kind} "
                                           f"layer, found {type(first).__name__}, {type(second).__name__}")
-            if _out_features(second) != rec["weight"].shape[0] or _in_features(first) != rec["weight"][0].numel():
+            if _out_features(second) != rec.weight.shape[0] or _in_features(first) != rec.weight[0].numel():
                 raise InvalidNetworkError(f"a pair of shapes {_in_features(first)} → {_out_features(second)} cannot "
-                                          f"stand for a target layer of weight {tuple(rec['weight'].shape)}")
+                                          f"stand for a target layer of weight {tuple(rec.weight.shape)}")
             skip_relu = bool(second.relu)
             out.append(Segment("pair", rec, [first, second], relu_after=skip_relu))
         elif kind == "relu" and skip_relu:
