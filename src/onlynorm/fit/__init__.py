@@ -39,7 +39,7 @@ from ..normnet import NormNet
 from ..target import as_target
 from .data import FitData, prepare_data, relative_rms
 from .report import FitReport, Phase
-from .with_norms import PretrainedConv2d, PretrainedLinear, with_norms
+from .pretrained import PretrainedConv2d, PretrainedLinear, with_norms
 
 __all__ = ["fit_norms", "with_norms", "FitReport", "Phase", "FitData", "METHODS", "relative_rms",
            "PretrainedLinear", "PretrainedConv2d"]

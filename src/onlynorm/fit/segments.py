@@ -26,7 +26,7 @@ from ..constructions.conv import FixedOp, NormConv2d
 from ..errors import InvalidNetworkError
 from ..normnet import NormLinear, NormNet
 from ..target import MLPSpec
-from .with_norms import _Pretrained
+from .pretrained import _Pretrained
 
 __all__ = ["Segment", "segments", "target_records"]
 
