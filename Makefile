@@ -23,6 +23,7 @@ demo: $(STAMP)
 # Lint and types first: a finding fails the run like a failing test.
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks scripts
+	$(VENV)/bin/ruff format --check src tests benchmarks scripts
 	$(VENV)/bin/mypy
 
 test: lint

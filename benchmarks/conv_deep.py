@@ -46,8 +46,9 @@ def child(c: int, method: str) -> None:
 
 
 def measure(c: int, method: str) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--child", str(c), method], capture_output=True, text=True,
-                         check=True)
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", str(c), method], capture_output=True, text=True, check=True
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -61,8 +62,10 @@ def main() -> None:
         child(int(args.child[0]), args.child[1])
         return
     limit, source = memory_limit()
-    print(f"\nConv deep vs conv width, one c→c 3×3 layer on c×{SIZE}×{SIZE} (torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; limit {format_bytes(limit)} from {source}):\n")
+    print(
+        f"\nConv deep vs conv width, one c→c 3×3 layer on c×{SIZE}×{SIZE} (torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads; limit {format_bytes(limit)} from {source}):\n"
+    )
     print("| c | deep s | deep peak | deep rel err | width s | width peak | width rel err | width/deep time |")
     print("|---|---|---|---|---|---|---|---|")
     rows = []
@@ -77,10 +80,18 @@ def main() -> None:
         if "refused" in w:
             wcells = [f"refused (needs {format_bytes(est['width'])})", "—", "—", "—"]
         else:
-            wcells = [f"{w['seconds']:.2f}", format_bytes(w["peak_bytes"]), f"{w['max_rel_error']:.1e}",
-                      f"{w['seconds'] / d['seconds']:.1f}×"]
-        print(f"| {c} | {d['seconds']:.2f} | {format_bytes(d['peak_bytes'])} | {d['max_rel_error']:.1e} | "
-              + " | ".join(wcells) + " |", flush=True)
+            wcells = [
+                f"{w['seconds']:.2f}",
+                format_bytes(w["peak_bytes"]),
+                f"{w['max_rel_error']:.1e}",
+                f"{w['seconds'] / d['seconds']:.1f}×",
+            ]
+        print(
+            f"| {c} | {d['seconds']:.2f} | {format_bytes(d['peak_bytes'])} | {d['max_rel_error']:.1e} | "
+            + " | ".join(wcells)
+            + " |",
+            flush=True,
+        )
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(rows, fh, indent=2)

@@ -46,7 +46,7 @@ def layer(d: int, seed: int = 0) -> nn.Linear:
     g = torch.Generator().manual_seed(seed)
     lin = nn.Linear(d, d, dtype=torch.float64)
     with torch.no_grad():
-        lin.weight.copy_(torch.randn(d, d, generator=g, dtype=torch.float64) / d ** 0.5)
+        lin.weight.copy_(torch.randn(d, d, generator=g, dtype=torch.float64) / d**0.5)
         lin.bias.copy_(torch.randn(d, generator=g, dtype=torch.float64))
     return lin
 
@@ -70,7 +70,7 @@ def width_case(d: int, repeat: int, naive: bool) -> dict:
     a32 = np.asfortranarray(M32.numpy())
     holder = {}
 
-    def scipy_lu():   # in-place sgetrf on a fresh copy; only the factorisation is timed
+    def scipy_lu():  # in-place sgetrf on a fresh copy; only the factorisation is timed
         work = a32.copy(order="F")  # noqa: F821 (freed by the del below, after the rounds)
         start = time.perf_counter()
         scipy.linalg.lu_factor(work, overwrite_a=True, check_finite=False)
@@ -89,11 +89,20 @@ def width_case(d: int, repeat: int, naive: bool) -> dict:
     del M64, M32, a32
     net = holder["net"]
     report = onlynorm.verify(net, target, samples=20_000, seed=0)
-    row = {"d": d, "N": N, "ours_s": t_ours, "f64_solve_s": t_f64, "f32_lu_torch_s": t_f32_torch,
-           "f32_lu_scipy_s": t_f32_scipy, "ours/f64": t_ours / t_f64, "ours/f32_torch": t_ours / t_f32_torch,
-           "ours/f32_scipy": t_ours / t_f32_scipy, "max_rel_error": report.max_rel_error,
-           "precision": net.meta["solve"]["layers"][0].get("precision"),
-           "steps": net.meta["solve"]["layers"][0].get("steps")}
+    row = {
+        "d": d,
+        "N": N,
+        "ours_s": t_ours,
+        "f64_solve_s": t_f64,
+        "f32_lu_torch_s": t_f32_torch,
+        "f32_lu_scipy_s": t_f32_scipy,
+        "ours/f64": t_ours / t_f64,
+        "ours/f32_torch": t_ours / t_f32_torch,
+        "ours/f32_scipy": t_ours / t_f32_scipy,
+        "max_rel_error": report.max_rel_error,
+        "precision": net.meta["solve"]["layers"][0].get("precision"),
+        "steps": net.meta["solve"]["layers"][0].get("steps"),
+    }
     if naive:
         A = net.layers[0].linear.weight.numpy()
         B = net.layers[1].linear.weight.numpy()
@@ -115,7 +124,7 @@ def high_water_mark() -> int:
 def peak_memory_child(d: int) -> None:
     """Run in a subprocess: print the peak RSS growth of one width reconstruction, in bytes."""
     target = layer(d)
-    onlynorm.reconstruct(nn.Linear(2, 2).double())          # warm imports and LAPACK workspaces
+    onlynorm.reconstruct(nn.Linear(2, 2).double())  # warm imports and LAPACK workspaces
     base = high_water_mark()
     net = onlynorm.reconstruct(target, method="width", seed=0)
     peak = high_water_mark()
@@ -123,12 +132,16 @@ def peak_memory_child(d: int) -> None:
 
 
 def peak_memory(d: int) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--memory-child", str(d)], capture_output=True, text=True,
-                         check=True)
+    out = subprocess.run(
+        [sys.executable, __file__, "--memory-child", str(d)], capture_output=True, text=True, check=True
+    )
     data = json.loads(out.stdout.strip().splitlines()[-1])
     system = 8 * (d * d) ** 2
-    return {"peak_extra_MiB": data["peak_extra_bytes"] / 2**20, "system_MiB": system / 2**20,
-            "peak/system": data["peak_extra_bytes"] / system}
+    return {
+        "peak_extra_MiB": data["peak_extra_bytes"] / 2**20,
+        "system_MiB": system / 2**20,
+        "peak/system": data["peak_extra_bytes"] / system,
+    }
 
 
 def deep_case(d: int) -> dict:
@@ -137,8 +150,13 @@ def deep_case(d: int) -> dict:
     net = onlynorm.reconstruct(target, method="deep", block=1, seed=0)
     seconds = time.perf_counter() - start
     report = onlynorm.verify(net, target, samples=5_000, seed=0)
-    return {"d": d, "deep_s": seconds, "max_rel_error": report.max_rel_error, "depth": net.summary().depth,
-            "max_width": net.summary().max_width}
+    return {
+        "d": d,
+        "deep_s": seconds,
+        "max_rel_error": report.max_rel_error,
+        "depth": net.summary().depth,
+        "max_width": net.summary().max_width,
+    }
 
 
 def fmt_table(rows: list[dict], columns: list[str]) -> str:
@@ -146,6 +164,7 @@ def fmt_table(rows: list[dict], columns: list[str]) -> str:
         if isinstance(v, float):
             return f"{v:.2e}" if (abs(v) < 1e-2 and v != 0) else f"{v:.3g}"
         return str(v)
+
     header = "| " + " | ".join(columns) + " |"
     sep = "|" + "|".join("---" for _ in columns) + "|"
     lines = [header, sep] + ["| " + " | ".join(cell(r.get(c, "")) for c in columns) + " |" for r in rows]
@@ -159,19 +178,30 @@ def fit_cases(repeats: int, d: int = 6, depth: int = 2) -> list[dict]:
 
     rows = []
     for ratio in (1 / 8, 1 / 4, 1 / 2, 1.0, 2.0):
-        trials = [trial(d=d, depth=depth, ratio=ratio, adam_steps=3000, seed=trial_seed(11, i, k))
-                  for i in [int(ratio * 16)] for k in range(repeats)]
+        trials = [
+            trial(d=d, depth=depth, ratio=ratio, adam_steps=3000, seed=trial_seed(11, i, k))
+            for i in [int(ratio * 16)]
+            for k in range(repeats)
+        ]
         med = lambda f, trials=trials: float(np.median([f(t) for t in trials]))  # noqa: E731
-        row = {"ratio": ratio, "N": trials[0]["hidden"][0], "auto_rms": med(lambda t: t["auto"]["rms"]),
-               "adam_rms": med(lambda t: t["adam-3000"]["rms"]), "auto_s": med(lambda t: t["auto"]["seconds"]),
-               "adam_s": med(lambda t: t["adam-3000"]["seconds"]),
-               "auto/adam error": med(lambda t: t["auto"]["rms"] / t["adam-3000"]["rms"]),
-               "auto/adam time": med(lambda t: t["auto"]["seconds"] / t["adam-3000"]["seconds"]),
-               "max_auto_rms": max(t["auto"]["rms"] for t in trials),
-               "auto/closed time": med(lambda t: t["auto"]["seconds"] / t["closed form"]["seconds"])}
+        row = {
+            "ratio": ratio,
+            "N": trials[0]["hidden"][0],
+            "auto_rms": med(lambda t: t["auto"]["rms"]),
+            "adam_rms": med(lambda t: t["adam-3000"]["rms"]),
+            "auto_s": med(lambda t: t["auto"]["seconds"]),
+            "adam_s": med(lambda t: t["adam-3000"]["seconds"]),
+            "auto/adam error": med(lambda t: t["auto"]["rms"] / t["adam-3000"]["rms"]),
+            "auto/adam time": med(lambda t: t["auto"]["seconds"] / t["adam-3000"]["seconds"]),
+            "max_auto_rms": max(t["auto"]["rms"] for t in trials),
+            "auto/closed time": med(lambda t: t["auto"]["seconds"] / t["closed form"]["seconds"]),
+        }
         rows.append(row)
-        print(f"fit ratio {ratio:g}: auto {row['auto_rms']:.3g} vs adam {row['adam_rms']:.3g} "
-              f"(error ×{row['auto/adam error']:.2f}, time ×{row['auto/adam time']:.2f})", flush=True)
+        print(
+            f"fit ratio {ratio:g}: auto {row['auto_rms']:.3g} vs adam {row['adam_rms']:.3g} "
+            f"(error ×{row['auto/adam error']:.2f}, time ×{row['auto/adam time']:.2f})",
+            flush=True,
+        )
     return rows
 
 
@@ -193,21 +223,42 @@ def main() -> None:
         return
     sizes = [16, 32] if args.quick else [int(s) for s in args.sizes.split(",")]
     deep_sizes = [32, 64] if args.quick else [int(s) for s in args.deep_sizes.split(",")]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, numpy {np.__version__}, scipy {scipy.__version__}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, numpy {np.__version__}, scipy {scipy.__version__}"
+    )
     rows = []
     for d in sizes:
         repeat = 3 if d <= 48 else 2
         row = width_case(d, repeat, naive=d <= 64)
         row.update(peak_memory(d))
         rows.append(row)
-        print(f"d={d:4d}  ours/f64 solve {row['ours/f64']:.2f}  ours/f32 LU (torch {row['ours/f32_torch']:.2f}, "
-              f"scipy {row['ours/f32_scipy']:.2f})  ours/naive {row.get('ours/naive', float('nan')):.3f}  "
-              f"rel err {row['max_rel_error']:.1e}  peak/8N² {row['peak/system']:.2f}", flush=True)
+        print(
+            f"d={d:4d}  ours/f64 solve {row['ours/f64']:.2f}  ours/f32 LU (torch {row['ours/f32_torch']:.2f}, "
+            f"scipy {row['ours/f32_scipy']:.2f})  ours/naive {row.get('ours/naive', float('nan')):.3f}  "
+            f"rel err {row['max_rel_error']:.1e}  peak/8N² {row['peak/system']:.2f}",
+            flush=True,
+        )
     print("\nWidth construction, one d×d layer (ratios measured in the same run):\n")
-    print(fmt_table(rows, ["d", "N", "ours/f64", "ours/f32_torch", "ours/f32_scipy", "ours/naive", "max_rel_error",
-                           "precision", "steps", "peak/system", "system_MiB"]))
+    print(
+        fmt_table(
+            rows,
+            [
+                "d",
+                "N",
+                "ours/f64",
+                "ours/f32_torch",
+                "ours/f32_scipy",
+                "ours/naive",
+                "max_rel_error",
+                "precision",
+                "steps",
+                "peak/system",
+                "system_MiB",
+            ],
+        )
+    )
     required = [r for r in rows if r["d"] in (16, 32, 64)]
-    if required:   # the required table: one d×d layer vs a bare float64 torch.linalg.solve of N×N, N = d²
+    if required:  # the required table: one d×d layer vs a bare float64 torch.linalg.solve of N×N, N = d²
         print("\nReconstruct one d×d layer / bare float64 torch.linalg.solve on N×N (N = d²), same run:\n")
         print(fmt_table(required, ["d", "N", "ours/f64", "max_rel_error"]))
     print("\nAbsolute seconds (noise on a shared machine; for orientation only):\n")
@@ -216,7 +267,9 @@ def main() -> None:
     if "deep" in onlynorm.available_methods():
         for d in deep_sizes:
             deep_rows.append(deep_case(d))
-            print(f"deep d={d}: {deep_rows[-1]['deep_s']:.2f} s, rel err {deep_rows[-1]['max_rel_error']:.1e}", flush=True)
+            print(
+                f"deep d={d}: {deep_rows[-1]['deep_s']:.2f} s, rel err {deep_rows[-1]['max_rel_error']:.1e}", flush=True
+            )
         print("\nDeep construction (k = 1), one d×d layer:\n")
         print(fmt_table(deep_rows, ["d", "deep_s", "max_rel_error", "depth", "max_width"]))
     fit_rows = fit_cases(2 if args.quick else args.fit_repeats)
@@ -229,10 +282,15 @@ def main() -> None:
 def report_fit(fit_rows: list[dict], json_path: str | None) -> None:
     below = [r for r in fit_rows if r["ratio"] < 1]
     above = [r for r in fit_rows if r["ratio"] >= 1]
-    print("\nfit_norms(method='auto') vs 3,000 Adam steps on the same γ, β — target 6 → 6 → 6, medians "
-          "(goal: error ≤ 0.7×, time ≤ 0.5×):\n")
-    print(fmt_table(below, ["ratio", "N", "auto_rms", "adam_rms", "auto/adam error", "auto_s", "adam_s",
-                            "auto/adam time"]))
+    print(
+        "\nfit_norms(method='auto') vs 3,000 Adam steps on the same γ, β — target 6 → 6 → 6, medians "
+        "(goal: error ≤ 0.7×, time ≤ 0.5×):\n"
+    )
+    print(
+        fmt_table(
+            below, ["ratio", "N", "auto_rms", "adam_rms", "auto/adam error", "auto_s", "adam_s", "auto/adam time"]
+        )
+    )
     print("\nAt and above the theorem's width (goal: exact ≤ 1e-9 in the closed form's time):\n")
     print(fmt_table(above, ["ratio", "N", "max_auto_rms", "auto_s", "auto/closed time"]))
     if json_path:

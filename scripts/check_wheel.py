@@ -25,7 +25,9 @@ EXTRAS = ("onnx", "cluster", "docs", "dev")
 def run(cmd: list[str], cwd: Path, **kwargs) -> str:
     proc = subprocess.run([str(c) for c in cmd], cwd=cwd, capture_output=True, text=True, timeout=300, **kwargs)
     if proc.returncode != 0:
-        raise SystemExit(f"check_wheel: {' '.join(map(str, cmd))} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+        raise SystemExit(
+            f"check_wheel: {' '.join(map(str, cmd))} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
+        )
     return proc.stdout
 
 
@@ -54,31 +56,56 @@ def check(dist: Path, work: Path) -> dict[str, str]:
         raise SystemExit(f"check_wheel: wheel lacks py.typed or extras {missing}")
     work.mkdir(parents=True, exist_ok=True)
     env_dir = work / "venv"
-    venv.EnvBuilder(with_pip=False, clear=True).create(env_dir)   # pip runs from here, against the new env
+    venv.EnvBuilder(with_pip=False, clear=True).create(env_dir)  # pip runs from here, against the new env
     py = env_dir / "bin" / "python"
     site = Path(run([py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], work).strip())
     (site / "_dependencies.pth").write_text(str(dependencies_without_onlynorm(work)) + "\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV"))}
-    run([sys.executable, "-m", "pip", "--python", py, "install", "-q", "--no-index", "--disable-pip-version-check",
-         wheel], work, env=env)
+    run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            py,
+            "install",
+            "-q",
+            "--no-index",
+            "--disable-pip-version-check",
+            wheel,
+        ],
+        work,
+        env=env,
+    )
     version = run([env_dir / "bin" / "onlynorm", "--version"], work, env=env).strip()
     location = run([py, "-c", "import onlynorm; print(onlynorm.__file__)"], work, env=env).strip()
     if not location.startswith(str(site)):
         raise SystemExit(f"check_wheel: onlynorm was imported from {location}, not from the wheel in {site}")
     if not (Path(location).parent / "py.typed").exists():
         raise SystemExit("check_wheel: the installed package has no py.typed")
-    run([py, "-c", "import torch, onlynorm; onlynorm.MLPSpec.from_module(torch.nn.Sequential(torch.nn.Linear(3, 4), "
-         "torch.nn.ReLU(), torch.nn.Linear(4, 2)).double()).save('target.safetensors')"], work, env=env)
+    run(
+        [
+            py,
+            "-c",
+            "import torch, onlynorm; onlynorm.MLPSpec.from_module(torch.nn.Sequential(torch.nn.Linear(3, 4), "
+            "torch.nn.ReLU(), torch.nn.Linear(4, 2)).double()).save('target.safetensors')",
+        ],
+        work,
+        env=env,
+    )
     run([env_dir / "bin" / "onlynorm", "reconstruct", "target.safetensors", "--out", "net.safetensors"], work, env=env)
-    verify = run([env_dir / "bin" / "onlynorm", "verify", "net.safetensors", "target.safetensors", "--samples",
-                  "2000"], work, env=env)
-    return {"wheel": wheel.name, "sdist": sdists[0].name, "version": version, "location": location,
-            "verify": verify}
+    verify = run(
+        [env_dir / "bin" / "onlynorm", "verify", "net.safetensors", "target.safetensors", "--samples", "2000"],
+        work,
+        env=env,
+    )
+    return {"wheel": wheel.name, "sdist": sdists[0].name, "version": version, "location": location, "verify": verify}
 
 
 if __name__ == "__main__":
     if len(sys.argv) != 3:
         raise SystemExit(__doc__)
     facts = check(Path(sys.argv[1]).resolve(), Path(sys.argv[2]).resolve())
-    print(f"{facts['version']}: {facts['wheel']} and {facts['sdist']} install and run (imported from "
-          f"{facts['location']})")
+    print(
+        f"{facts['version']}: {facts['wheel']} and {facts['sdist']} install and run (imported from {facts['location']})"
+    )

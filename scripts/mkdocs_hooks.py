@@ -31,7 +31,7 @@ def _relink(text: str, source: str) -> str:
         if resolved in PAGES:
             new = PAGES[resolved]
         elif resolved.startswith("docs/"):
-            new = resolved[len("docs/"):]
+            new = resolved[len("docs/") :]
         else:
             return match.group(0)
         return f"{match.group(1)}{new}{'#' + anchor if anchor else ''}{match.group(3)}"

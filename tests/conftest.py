@@ -12,11 +12,14 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
-settings.register_profile("default", deadline=None, max_examples=25,
-                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+settings.register_profile(
+    "default",
+    deadline=None,
+    max_examples=25,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 settings.register_profile("ci", parent=settings.get_profile("default"), derandomize=True)
 settings.load_profile("ci" if os.environ.get("CI") else "default")
-
 
 
 def random_mlp(dims: list[int], seed: int = 0, dtype: torch.dtype = torch.float64) -> torch.nn.Sequential:
@@ -26,7 +29,7 @@ def random_mlp(dims: list[int], seed: int = 0, dtype: torch.dtype = torch.float6
     for i, (n, m) in enumerate(zip(dims, dims[1:])):
         lin = torch.nn.Linear(n, m, dtype=dtype)
         with torch.no_grad():
-            lin.weight.copy_(torch.randn(m, n, generator=gen, dtype=dtype) / n ** 0.5)
+            lin.weight.copy_(torch.randn(m, n, generator=gen, dtype=dtype) / n**0.5)
             lin.bias.copy_(torch.randn(m, generator=gen, dtype=dtype) * 0.5)
         layers.append(lin)
         if i < len(dims) - 2:

@@ -14,8 +14,13 @@ from onlynorm.domain import interval_bounds
 from .conftest import random_mlp
 
 
-@given(depth=st.integers(1, 3), width=st.integers(1, 8), seed=st.integers(0, 1000),
-       low=st.floats(-3, 2), span=st.floats(0.1, 5))
+@given(
+    depth=st.integers(1, 3),
+    width=st.integers(1, 8),
+    seed=st.integers(0, 1000),
+    low=st.floats(-3, 2),
+    span=st.floats(0.1, 5),
+)
 def test_exact_reconstructions_certify_with_a_tiny_bound(depth, width, seed, low, span):
     dims = [width] * (depth + 1)
     g = random_mlp(dims, seed=seed)
@@ -36,8 +41,8 @@ def test_one_unit_switched_off_somewhere_in_the_box_is_not_certified():
     first = f.layers[0]
     A, gamma = first.linear.weight, first.norm.weight
     z = gamma.unsqueeze(1) * A
-    zmin = (z.clamp(min=0) @ box.low + z.clamp(max=0) @ box.high)
-    with torch.no_grad():   # unit 0 now dips just below zero at one vertex of the box
+    zmin = z.clamp(min=0) @ box.low + z.clamp(max=0) @ box.high
+    with torch.no_grad():  # unit 0 now dips just below zero at one vertex of the box
         first.norm.bias[0] = -zmin[0] - 1e-6
     report = onlynorm.verify(f, g, domain=box, samples=2000, certify=True)
     assert report.certified is False and report.certified_bound == float("inf")
@@ -54,9 +59,9 @@ def test_certificate_is_only_for_the_box_it_was_built_for():
 
 def test_approximate_reconstruction_certifies_its_true_distance():
     g = random_mlp([3, 4, 2], seed=7)
-    f = onlynorm.reconstruct(g, hidden=[6, 4])          # least squares: not exact
+    f = onlynorm.reconstruct(g, hidden=[6, 4])  # least squares: not exact
     report = onlynorm.verify(f, g, samples=20_000, certify=True)
-    assert report.certified is True                     # units stay active; the bound measures the LS error
+    assert report.certified is True  # units stay active; the bound measures the LS error
     assert report.max_abs_error <= report.certified_bound + report.rounding_bound
     assert report.certified_bound > 1e-6 and not report.passed
 
@@ -69,7 +74,15 @@ def test_cli_verify_certify(tmp_path, capsys):
         main(["reconstruct", str(tmp_path / "t.safetensors"), "--out", str(tmp_path / "n.safetensors")])
     assert info.value.code == 0
     with pytest.raises(SystemExit) as info:
-        main(["verify", str(tmp_path / "n.safetensors"), str(tmp_path / "t.safetensors"), "--certify",
-              "--samples", "1000"])
+        main(
+            [
+                "verify",
+                str(tmp_path / "n.safetensors"),
+                str(tmp_path / "t.safetensors"),
+                "--certify",
+                "--samples",
+                "1000",
+            ]
+        )
     out = capsys.readouterr().out
     assert info.value.code == 0 and "certified on the whole box" in out

@@ -31,7 +31,9 @@ def target_file(tmp_path):
 
 def test_reconstruct_then_verify_round_trip(target_file, tmp_path, capsys):
     out = tmp_path / "net.safetensors"
-    code, stdout, _ = run(["reconstruct", target_file, "--out", out, "--seed", "4", "--low", "0", "--high", "5"], capsys)
+    code, stdout, _ = run(
+        ["reconstruct", target_file, "--out", out, "--seed", "4", "--low", "0", "--high", "5"], capsys
+    )
     assert code == 0 and out.exists()
     assert "width" in stdout and "exact" in stdout
     net = NormNet.load(out)
@@ -60,6 +62,7 @@ def _bad_inputs(tmp_path, target_file):
     (tmp_path / "trunc.safetensors").write_bytes(data[: len(data) - 7])
     (tmp_path / "garbage.safetensors").write_bytes(os.urandom(200))
     from safetensors.torch import save_file
+
     save_file({"encoder.attn.weight": torch.zeros(2, 2)}, str(tmp_path / "notmlp.safetensors"))
     save_file({"0.weight": torch.zeros(3, 2), "2.weight": torch.zeros(1, 4)}, str(tmp_path / "chain.safetensors"))
     save_file({"0.weight": torch.full((3, 2), float("nan"))}, str(tmp_path / "nan.safetensors"))
@@ -81,16 +84,19 @@ def test_bad_target_files_exit_2_with_one_line_and_no_output(target_file, tmp_pa
         assert message in stderr and stderr.startswith("error: ") and stderr.count("\n") == 1, stderr
         assert "Traceback" not in stderr + stdout
         assert not out.exists()
-        assert not any(p.name.startswith(f".out-{name}") for p in tmp_path.iterdir())   # no temp leftovers
+        assert not any(p.name.startswith(f".out-{name}") for p in tmp_path.iterdir())  # no temp leftovers
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--low", "1", "--high", "1"], "expected low < high"),
-    (["--low", "3", "--high", "-3"], "expected low < high"),
-    (["--method", "nope"], "method: expected one of ["),
-    (["--hidden", "a,b"], "--hidden: expected an integer"),
-    (["--dtype", "int8"], "--dtype: expected float64 or float32"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--low", "1", "--high", "1"], "expected low < high"),
+        (["--low", "3", "--high", "-3"], "expected low < high"),
+        (["--method", "nope"], "method: expected one of ["),
+        (["--hidden", "a,b"], "--hidden: expected an integer"),
+        (["--dtype", "int8"], "--dtype: expected float64 or float32"),
+    ],
+)
 def test_bad_options_exit_2(target_file, tmp_path, capsys, args, message):
     out = tmp_path / "net.safetensors"
     code, _, stderr = run(["reconstruct", target_file, "--out", out, *args], capsys)
@@ -126,8 +132,12 @@ def test_usage_error_exit_code(capsys):
 def test_installed_entry_point_has_no_traceback(tmp_path):
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}")
-    proc = subprocess.run([sys.executable, "-m", "onlynorm.cli", "reconstruct", str(bad), "--out",
-                           str(tmp_path / "o.safetensors")], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "onlynorm.cli", "reconstruct", str(bad), "--out", str(tmp_path / "o.safetensors")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and proc.stderr.startswith("error: ")
     assert not (tmp_path / "o.safetensors").exists()

@@ -32,9 +32,17 @@ def _rel_error(f, g, box, in_shape, n=2000, seed=0):
     return float((fx - gx).abs().max()) / max(float(gx.abs().max()), 1e-6)
 
 
-@given(k=st.integers(1, 3), stride=st.integers(1, 2), padding=st.integers(0, 2), dilation=st.integers(1, 2),
-       c_in=st.integers(1, 2), c_out=st.integers(1, 3), bias=st.booleans(), seed=st.integers(0, 1000),
-       low=st.floats(-2, 1))
+@given(
+    k=st.integers(1, 3),
+    stride=st.integers(1, 2),
+    padding=st.integers(0, 2),
+    dilation=st.integers(1, 2),
+    c_in=st.integers(1, 2),
+    c_out=st.integers(1, 3),
+    bias=st.booleans(),
+    seed=st.integers(0, 1000),
+    low=st.floats(-2, 1),
+)
 def test_conv_geometries_are_exact(k, stride, padding, dilation, c_in, c_out, bias, seed, low):
     torch.manual_seed(seed)
     size = 7
@@ -55,8 +63,14 @@ def test_conv_geometries_are_exact(k, stride, padding, dilation, c_in, c_out, bi
 def test_batchnorm_folding_matches_the_module():
     gen = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
-    g = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(),
-                      nn.Linear(3 * 5 * 5, 4), nn.BatchNorm1d(4)).double()
+    g = nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1),
+        nn.BatchNorm2d(3),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(3 * 5 * 5, 4),
+        nn.BatchNorm1d(4),
+    ).double()
     _randomise_bn(g[1], gen)
     _randomise_bn(g[5], gen)
     g.eval()
@@ -80,9 +94,19 @@ def test_mlp_with_batchnorm1d_is_folded_into_an_mlp_target():
 
 def test_residual_blocks_with_pooling_are_exact():
     torch.manual_seed(2)
-    g = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                      Residual(nn.Sequential(nn.Conv2d(3, 3, 3, padding=1), nn.ReLU(), nn.Conv2d(3, 3, 1))),
-                      nn.AvgPool2d(2), nn.Flatten(), nn.Linear(3 * 2 * 2, 5)).double().eval()
+    g = (
+        nn.Sequential(
+            nn.Conv2d(1, 3, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            Residual(nn.Sequential(nn.Conv2d(3, 3, 3, padding=1), nn.ReLU(), nn.Conv2d(3, 3, 1))),
+            nn.AvgPool2d(2),
+            nn.Flatten(),
+            nn.Linear(3 * 2 * 2, 5),
+        )
+        .double()
+        .eval()
+    )
     box = Box(0.0, 1.0)
     f = onlynorm.reconstruct(g, in_shape=(1, 8, 8), domain=box)
     assert _rel_error(f, g, box, (1, 8, 8)) <= 1e-9
@@ -104,8 +128,10 @@ def test_cnn_target_files_and_cli_round_trip(tmp_path, capsys):
     x = torch.rand(4, 1, 5, 5, dtype=torch.float64)
     assert torch.equal(loaded(x), spec(x))
     out = tmp_path / "net.safetensors"
-    for argv in (["reconstruct", str(tmp_path / "cnn.safetensors"), "--out", str(out), "--low", "0", "--high", "1"],
-                 ["verify", str(out), str(tmp_path / "cnn.safetensors"), "--samples", "2000"]):
+    for argv in (
+        ["reconstruct", str(tmp_path / "cnn.safetensors"), "--out", str(out), "--low", "0", "--high", "1"],
+        ["verify", str(out), str(tmp_path / "cnn.safetensors"), "--samples", "2000"],
+    ):
         with pytest.raises(SystemExit) as info:
             main(argv)
         assert info.value.code == 0, capsys.readouterr().err
@@ -114,13 +140,19 @@ def test_cnn_target_files_and_cli_round_trip(tmp_path, capsys):
         assert float((net(x) - g(x)).abs().max()) < 1e-10
 
 
-@pytest.mark.parametrize("module, message", [
-    (nn.Sequential(nn.Conv2d(2, 2, 3, groups=2), nn.Flatten()), "only groups=1"),
-    (nn.Sequential(nn.Conv2d(1, 2, 3), nn.Sigmoid(), nn.Flatten()), r"Sigmoid\) is not supported in a CNN target; supported: Conv2d"),
-    (nn.Sequential(nn.Conv2d(1, 2, 3, padding="same"), nn.Flatten()), "zero padding given as integers"),
-    (nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(7, 2)), "do not chain"),
-    (nn.Sequential(nn.Conv2d(1, 2, 3)), "end with flat outputs"),
-])
+@pytest.mark.parametrize(
+    "module, message",
+    [
+        (nn.Sequential(nn.Conv2d(2, 2, 3, groups=2), nn.Flatten()), "only groups=1"),
+        (
+            nn.Sequential(nn.Conv2d(1, 2, 3), nn.Sigmoid(), nn.Flatten()),
+            r"Sigmoid\) is not supported in a CNN target; supported: Conv2d",
+        ),
+        (nn.Sequential(nn.Conv2d(1, 2, 3, padding="same"), nn.Flatten()), "zero padding given as integers"),
+        (nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(7, 2)), "do not chain"),
+        (nn.Sequential(nn.Conv2d(1, 2, 3)), "end with flat outputs"),
+    ],
+)
 def test_unsupported_cnns_are_refused(module, message):
     with pytest.raises(InvalidTargetError, match=message):
         onlynorm.random_normnet(module.double(), in_shape=(1, 6, 6))
@@ -139,7 +171,11 @@ def test_norm_sets_swap_tasks_and_refuse_mismatches(tmp_path):
     frozen.save(tmp_path / "frozen.safetensors")
     net = NormNet.load(tmp_path / "frozen.safetensors")
     x = Box(-1.0, 1.0, dim=4).sample(500)
-    for path, g in ((tmp_path / "a.safetensors", g1), (tmp_path / "b.safetensors", g2), (tmp_path / "a.safetensors", g1)):
+    for path, g in (
+        (tmp_path / "a.safetensors", g1),
+        (tmp_path / "b.safetensors", g2),
+        (tmp_path / "a.safetensors", g1),
+    ):
         net.load_norms(path)
         with torch.no_grad():
             assert float((net(x) - g(x)).abs().max()) < 1e-10
@@ -154,16 +190,26 @@ def test_norm_sets_swap_tasks_and_refuse_mismatches(tmp_path):
 
 def test_cnn_certificate_and_a_switched_off_channel():
     torch.manual_seed(4)
-    g = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                      Residual(nn.Sequential(nn.Conv2d(2, 2, 3, padding=1), nn.ReLU(), nn.Conv2d(2, 2, 1))),
-                      nn.AvgPool2d(2), nn.Flatten(), nn.Linear(2 * 2 * 2, 3)).double().eval()
+    g = (
+        nn.Sequential(
+            nn.Conv2d(1, 2, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            Residual(nn.Sequential(nn.Conv2d(2, 2, 3, padding=1), nn.ReLU(), nn.Conv2d(2, 2, 1))),
+            nn.AvgPool2d(2),
+            nn.Flatten(),
+            nn.Linear(2 * 2 * 2, 3),
+        )
+        .double()
+        .eval()
+    )
     box = Box(-0.5, 1.0)
     f = onlynorm.reconstruct(g, in_shape=(1, 8, 8), domain=box)
     report = onlynorm.verify(f, g, samples=3000, certify=True)
     assert report.certified and report.certified_bound < 1e-9
     assert report.max_abs_error <= report.certified_bound + report.rounding_bound
     first = f.layers[0]
-    with torch.no_grad():      # β₁ of channel 0 was −min + a margin ≪ 1 + |β|: it now dips below zero on the box
+    with torch.no_grad():  # β₁ of channel 0 was −min + a margin ≪ 1 + |β|: it now dips below zero on the box
         first.norm.bias[0] -= 1.0 + first.norm.bias[0].abs()
     broken = onlynorm.verify(f, g, samples=500, certify=True)
     assert broken.certified is False and any("layer 0 (conv)" in n for n in broken.notes)

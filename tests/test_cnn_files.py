@@ -25,8 +25,11 @@ def _max_rel(f, g, box, in_shape, n=1500, seed=0):
 
 def _small_cnn(seed: int) -> nn.Sequential:
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2), nn.Flatten(),
-                         nn.Linear(2 * 3 * 3, 3)).double().eval()
+    return (
+        nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2), nn.Flatten(), nn.Linear(2 * 3 * 3, 3))
+        .double()
+        .eval()
+    )
 
 
 def test_architecture_description_is_plain_json_and_round_trips(tmp_path):
@@ -42,11 +45,14 @@ def test_architecture_description_is_plain_json_and_round_trips(tmp_path):
     assert torch.equal(loaded(x), spec(x))
 
 
-@pytest.mark.parametrize("edit, message", [
-    (lambda d: d["layers"][0].update(type="lambda"), "unknown layer type 'lambda'"),
-    (lambda d: d["layers"][0].update(weight="nowhere"), "tensor 'nowhere' is missing"),
-    (lambda d: d.pop("in_shape"), "malformed CNN architecture description"),
-])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda d: d["layers"][0].update(type="lambda"), "unknown layer type 'lambda'"),
+        (lambda d: d["layers"][0].update(weight="nowhere"), "tensor 'nowhere' is missing"),
+        (lambda d: d.pop("in_shape"), "malformed CNN architecture description"),
+    ],
+)
 def test_malformed_architecture_descriptions_are_refused(tmp_path, edit, message):
     path = tmp_path / "t.safetensors"
     ConvNetSpec.from_module(_small_cnn(1), in_shape=(1, 6, 6)).save(path)
@@ -58,17 +64,26 @@ def test_malformed_architecture_descriptions_are_refused(tmp_path, edit, message
 
 
 @settings(max_examples=12, deadline=None)
-@given(kind=st.sampled_from(["max", "avg"]), k=st.integers(1, 3), stride=st.integers(1, 3), pad=st.integers(0, 1),
-       seed=st.integers(0, 100), low=st.floats(-1, 0.5))
+@given(
+    kind=st.sampled_from(["max", "avg"]),
+    k=st.integers(1, 3),
+    stride=st.integers(1, 3),
+    pad=st.integers(0, 1),
+    seed=st.integers(0, 100),
+    low=st.floats(-1, 0.5),
+)
 def test_pooling_geometries_are_exact(kind, k, stride, pad, seed, low):
-    if pad > k // 2:           # torch refuses padding larger than half the kernel
+    if pad > k // 2:  # torch refuses padding larger than half the kernel
         return
     torch.manual_seed(seed)
     pool = nn.MaxPool2d(k, stride, pad) if kind == "max" else nn.AvgPool2d(k, stride, pad)
     size = 6
     out = (size + 2 * pad - k) // stride + 1
-    g = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), pool, nn.Flatten(),
-                      nn.Linear(2 * out * out, 2)).double().eval()
+    g = (
+        nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), pool, nn.Flatten(), nn.Linear(2 * out * out, 2))
+        .double()
+        .eval()
+    )
     box = Box(low, low + 1.0)
     f = onlynorm.reconstruct(g, in_shape=(1, size, size), domain=box, seed=seed)
     assert _max_rel(f, g, box, (1, size, size), seed=seed) <= 1e-9
@@ -76,10 +91,12 @@ def test_pooling_geometries_are_exact(kind, k, stride, pad, seed, low):
 
 def test_batchnorm_inside_a_residual_block_is_folded_and_exact():
     torch.manual_seed(5)
-    block = nn.Sequential(nn.Conv2d(2, 2, 3, padding=1), nn.BatchNorm2d(2), nn.ReLU(), nn.Conv2d(2, 2, 3, padding=1),
-                          nn.BatchNorm2d(2))
-    g = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), Residual(block), nn.Flatten(),
-                      nn.Linear(2 * 5 * 5, 3)).double()
+    block = nn.Sequential(
+        nn.Conv2d(2, 2, 3, padding=1), nn.BatchNorm2d(2), nn.ReLU(), nn.Conv2d(2, 2, 3, padding=1), nn.BatchNorm2d(2)
+    )
+    g = nn.Sequential(
+        nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), Residual(block), nn.Flatten(), nn.Linear(2 * 5 * 5, 3)
+    ).double()
     with torch.no_grad():
         for bn in (block[1], block[4]):
             bn.running_mean.uniform_(-0.5, 0.5)

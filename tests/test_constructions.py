@@ -61,7 +61,7 @@ def test_deep_architecture_numbers():
     assert s.widths[:4] == [15, 15, 5, 5]
     assert s.max_width == 5 * 3 and s.depth == (3 + 1) + (2 + 1)
     branch_gammas = sum(b.norm.weight.numel() for st in f.layers for b in st.branches)
-    assert branch_gammas == 7 * 5 + 5 * 3            # one γ per target weight, as the theory says
+    assert branch_gammas == 7 * 5 + 5 * 3  # one γ per target weight, as the theory says
 
 
 def test_deep_independent_forward_and_round_trip(tmp_path):
@@ -110,8 +110,7 @@ def test_bad_block_option():
 
 
 # ------------------------------------------------------------------------------------------------------- lowrank
-@given(m=st.integers(2, 7), n=st.integers(2, 7), r=st.integers(1, 3), seed=st.integers(0, 5000),
-       low=st.floats(-3, 2))
+@given(m=st.integers(2, 7), n=st.integers(2, 7), r=st.integers(1, 3), seed=st.integers(0, 5000), low=st.floats(-3, 2))
 def test_lowrank_exact_for_rank_r_targets(m, n, r, seed, low):
     gen = torch.Generator().manual_seed(seed)
     r = min(r, m, n)
@@ -120,7 +119,7 @@ def test_lowrank_exact_for_rank_r_targets(m, n, r, seed, low):
     spec = MLPSpec((W, W2), (torch.randn(m, generator=gen, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)))
     box = Box(low, low + 1.5)
     frozen = onlynorm.random_normnet(spec, method="lowrank", seed=seed)
-    assert frozen.meta["ranks"][0] == r                   # numerical rank detected
+    assert frozen.meta["ranks"][0] == r  # numerical rank detected
     f = onlynorm.solve_norms(frozen, spec, box)
     assert _rel_error(f, spec, box, seed=seed) <= 1e-9
     assert f.summary().exact and _only_norms_changed(frozen, f)
@@ -145,7 +144,7 @@ def test_lowrank_below_the_rank_is_the_best_rank_r_and_says_so():
     expected = float(torch.linalg.norm(s[2:]) / torch.linalg.norm(s))
     record = f.meta["solve"]["layers"][0]
     assert record["truncation_error"] == pytest.approx(expected, rel=1e-9)
-    assert record["relative_residual"] == pytest.approx(expected, rel=1e-6)   # realised W is the best rank 2
+    assert record["relative_residual"] == pytest.approx(expected, rel=1e-6)  # realised W is the best rank 2
     assert f.summary().exact is False and "approximate" in str(f.summary())
     report = onlynorm.verify(f, g, samples=2000)
     assert not report.passed and report.exact is False and any("rank 2" in n for n in report.notes)
@@ -196,7 +195,7 @@ def test_sparse_outcome_agrees_with_structural_rank():
             outcomes.append(True)
         except SingularSystemError:
             outcomes.append(False)
-    assert True in outcomes and False in outcomes      # density 0.6 at d=5 sits in the transition
+    assert True in outcomes and False in outcomes  # density 0.6 at d=5 sits in the transition
 
 
 def test_sparse_needs_a_valid_density():
@@ -216,7 +215,7 @@ def test_underparameterized_error_falls_as_hidden_width_grows():
         f = onlynorm.reconstruct(g, hidden=hidden, seed=1)
         errors.append(max(r["relative_residual"] for r in f.meta["solve"]["layers"]))
     assert errors == sorted(errors, reverse=True) and errors[0] > 0.1
-    assert errors[-1] < 1e-12                          # exact at N = m·n
+    assert errors[-1] < 1e-12  # exact at N = m·n
 
 
 def test_overparameterized_uses_minimum_norm_and_is_exact():
@@ -232,7 +231,7 @@ def test_capacity_report_matches_the_solvers_verdict():
     under = onlynorm.capacity(onlynorm.random_normnet(g, hidden=5), g)
     assert not under.expressible and under.systems[0].rank == 5
     verdicts = set()
-    for seed in range(40):   # sparse patterns near the threshold: some seeds can express g, some cannot
+    for seed in range(40):  # sparse patterns near the threshold: some seeds can express g, some cannot
         frozen = onlynorm.random_normnet(g, method="sparse", density=0.7, seed=seed)
         report = onlynorm.capacity(frozen, g)
         assert report.systems[0].structural_rank is not None
@@ -241,7 +240,7 @@ def test_capacity_report_matches_the_solvers_verdict():
             solved = onlynorm.solve_norms(frozen, g)
         except SingularSystemError:
             solved = None
-        assert report.expressible == (solved is not None)     # capacity predicts the solver's verdict
+        assert report.expressible == (solved is not None)  # capacity predicts the solver's verdict
         verdicts.add(report.expressible)
         if verdicts == {True, False}:
             break
@@ -253,15 +252,28 @@ def test_cli_methods(tmp_path, capsys):
 
     target = tmp_path / "t.safetensors"
     MLPSpec.from_module(random_mlp([4, 5, 2], seed=12)).save(target)
-    for args in (["--method", "deep", "--block", "2"], ["--method", "lowrank", "--rank", "2"],
-                 ["--method", "width", "--hidden", "10,6"]):
+    for args in (
+        ["--method", "deep", "--block", "2"],
+        ["--method", "lowrank", "--rank", "2"],
+        ["--method", "width", "--hidden", "10,6"],
+    ):
         out = tmp_path / f"{args[1]}.safetensors"
         with pytest.raises(SystemExit) as info:
             main(["reconstruct", str(target), "--out", str(out), *args])
         assert info.value.code == 0 and out.exists()
     with pytest.raises(SystemExit) as info:
-        main(["reconstruct", str(target), "--out", str(tmp_path / "s.safetensors"), "--method", "sparse",
-              "--density", "0.05"])
+        main(
+            [
+                "reconstruct",
+                str(target),
+                "--out",
+                str(tmp_path / "s.safetensors"),
+                "--method",
+                "sparse",
+                "--density",
+                "0.05",
+            ]
+        )
     assert info.value.code == 2 and "try density=" in capsys.readouterr().err
     with pytest.raises(SystemExit) as info:
         main(["capacity", str(tmp_path / "deep.safetensors"), str(target)])

@@ -36,8 +36,8 @@ def test_plan_describes_the_built_network(method):
     net = onlynorm.random_normnet(g, method=method, seed=0, **MLP_METHODS[method])
     assert plan.num_stages == len(net.layers)
     assert [step.layer for step in plan.steps] == [0, 1]
-    plan.check(net)                                   # the built network follows its plan
-    assert construction.plan_of(net, spec) == plan    # and a network gets its plan back from its metadata
+    plan.check(net)  # the built network follows its plan
+    assert construction.plan_of(net, spec) == plan  # and a network gets its plan back from its metadata
     widths = [w for s in net.layers for w in s.widths()]
     if method != "deep":
         assert widths == [w for step in plan.steps for w in step.widths]
@@ -47,22 +47,46 @@ def test_plan_check_names_the_mismatch():
     g = random_mlp([3, 4, 2], seed=1)
     other = random_mlp([3, 5, 2], seed=1)
     net = onlynorm.random_normnet(g, method="lowrank", seed=0)
-    net.meta = net.meta.replace(target_dims=None)     # as a hand-made network would: only the plan can tell
+    net.meta = net.meta.replace(target_dims=None)  # as a hand-made network would: only the plan can tell
     with pytest.raises(InvalidNetworkError, match=r"layer 0: expected stage 2 to map 3 → 15, found 3 → 12"):
         onlynorm.solve_norms(net, other)
 
 
 # ---------------------------------------------------------------------------------------------- records
 @settings(max_examples=30, deadline=None)
-@given(layer=st.integers(0, 50), residual=st.floats(0, 1e3), rel=st.floats(0, 10), exact=st.booleans(),
-       rcond=st.one_of(st.none(), st.floats(1e-300, 1)), steps=st.one_of(st.none(), st.integers(0, 30)),
-       low=st.floats(-1e6, 1e6), span=st.floats(1e-3, 1e6), seed=st.integers(0, 2**64 - 1))
+@given(
+    layer=st.integers(0, 50),
+    residual=st.floats(0, 1e3),
+    rel=st.floats(0, 10),
+    exact=st.booleans(),
+    rcond=st.one_of(st.none(), st.floats(1e-300, 1)),
+    steps=st.one_of(st.none(), st.integers(0, 30)),
+    low=st.floats(-1e6, 1e6),
+    span=st.floats(1e-3, 1e6),
+    seed=st.integers(0, 2**64 - 1),
+)
 def test_metadata_round_trips_through_json(layer, residual, rel, exact, rcond, steps, low, span, seed):
-    record = SolveRecord(layer=layer, kind="square", residual=residual, relative_residual=rel, exact=exact,
-                         rcond=rcond, precision="mixed", steps=steps, details={"rank": 3})
+    record = SolveRecord(
+        layer=layer,
+        kind="square",
+        residual=residual,
+        relative_residual=rel,
+        exact=exact,
+        rcond=rcond,
+        precision="mixed",
+        steps=steps,
+        details={"rank": 3},
+    )
     info = SolveInfo(records=(record,), domain=Box(low, low + span, dim=2), notes=("a note",))
-    meta = NetMeta(method="width", seed=seed, options={"hidden": [4]}, target_dims=[2, 3], target_parameters=9,
-                   solve=info, extra={"ranks": [1]})
+    meta = NetMeta(
+        method="width",
+        seed=seed,
+        options={"hidden": [4]},
+        target_dims=[2, 3],
+        target_parameters=9,
+        solve=info,
+        extra={"ranks": [1]},
+    )
     again = NetMeta.from_dict(json.loads(json.dumps(meta.to_dict())))
     assert again == meta and again.solve is not None
     assert again.solve.records[0] == record and again.solve.exact is exact
@@ -86,8 +110,9 @@ def _realised_weight(f: NormNet, method: str) -> torch.Tensor:
     """Ŵ from raw tensors: compose every stage's γ-scaled frozen weight (independent of the solver)."""
     if method == "deep":
         stage = f.layers[0]
-        blocks = [r.weight @ (b.norm.weight.unsqueeze(1) * b.linear.weight) for b, r in zip(stage.branches,
-                                                                                             stage.readouts)]
+        blocks = [
+            r.weight @ (b.norm.weight.unsqueeze(1) * b.linear.weight) for b, r in zip(stage.branches, stage.readouts)
+        ]
         return stage.norm.weight.unsqueeze(1) * torch.cat(blocks, dim=1)
     P = None
     for s in f.layers:
@@ -102,13 +127,19 @@ def test_typed_metadata_refuses_tampered_fields(tmp_path):
     f = onlynorm.reconstruct(random_mlp([2, 2]), seed=0)
     tensors = f.state_dict()
     for field_path, value, message in (
-            (("meta", "solve", "domain"), "everywhere", "solve.domain"),
-            (("meta", "solve", "notes"), {"a": 1}, "solve.notes"),
-            (("meta", "solve"), [1, 2], "'solve' must be an object"),
-            (("meta", "seed"), -3, "'seed' must be a non-negative integer"),
-            (("meta", "target_dims"), "2,2", "target_dims")):
-        doc = {"format": "onlynorm.normnet", "version": 1, "dtype": "float64", "architecture": f.architecture(),
-               "meta": f.meta.to_dict()}
+        (("meta", "solve", "domain"), "everywhere", "solve.domain"),
+        (("meta", "solve", "notes"), {"a": 1}, "solve.notes"),
+        (("meta", "solve"), [1, 2], "'solve' must be an object"),
+        (("meta", "seed"), -3, "'seed' must be a non-negative integer"),
+        (("meta", "target_dims"), "2,2", "target_dims"),
+    ):
+        doc = {
+            "format": "onlynorm.normnet",
+            "version": 1,
+            "dtype": "float64",
+            "architecture": f.architecture(),
+            "meta": f.meta.to_dict(),
+        }
         node = doc
         for key in field_path[:-1]:
             node = node[key]
@@ -152,18 +183,21 @@ def test_check_scalar_message_format():
     assert check_scalar(4.0, "block", int, min_val=1) == 4
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"hidden": 2.5}, "hidden: expected an integer ≥ 1, found 2.5"),
-    ({"hidden": [4, 0]}, r"hidden\[1\]: expected an integer ≥ 1, found 0"),
-    ({"hidden": [4]}, "hidden: expected one value per target layer \\(2\\), found 1"),
-    ({"margin": float("nan")}, "margin: expected a finite number"),
-    ({"seed": None}, "seed: expected an integer ≥ 0"),
-    ({"seed": 2**64}, "seed: expected an integer ≥ 0 and ≤ 1.84467e\\+19"),
-    ({"dtype": torch.int64}, "dtype: expected torch.float64 or torch.float32"),
-    ({"in_shape": (1, 2)}, "in_shape: expected \\(channels, height, width\\)"),
-    ({"method": 3}, "method: expected a string"),
-    ({"frobnicate": 1}, "method 'width' got unknown option\\(s\\) \\['frobnicate'\\]"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"hidden": 2.5}, "hidden: expected an integer ≥ 1, found 2.5"),
+        ({"hidden": [4, 0]}, r"hidden\[1\]: expected an integer ≥ 1, found 0"),
+        ({"hidden": [4]}, "hidden: expected one value per target layer \\(2\\), found 1"),
+        ({"margin": float("nan")}, "margin: expected a finite number"),
+        ({"seed": None}, "seed: expected an integer ≥ 0"),
+        ({"seed": 2**64}, "seed: expected an integer ≥ 0 and ≤ 1.84467e\\+19"),
+        ({"dtype": torch.int64}, "dtype: expected torch.float64 or torch.float32"),
+        ({"in_shape": (1, 2)}, "in_shape: expected \\(channels, height, width\\)"),
+        ({"method": 3}, "method: expected a string"),
+        ({"frobnicate": 1}, "method 'width' got unknown option\\(s\\) \\['frobnicate'\\]"),
+    ],
+)
 def test_api_arguments_are_validated_with_one_message_format(kwargs, message):
     with pytest.raises(InvalidOptionError, match=message):
         onlynorm.reconstruct(random_mlp([2, 3, 2]), **kwargs)
@@ -181,8 +215,11 @@ def test_cli_flags_come_from_the_option_declarations():
     from onlynorm.cli import reconstruct
 
     declared = {spec.name for m in available_methods() for spec in get_construction(m).option_specs()}
-    flags = {name for name, p in inspect.signature(reconstruct).parameters.items()
-             if p.kind == inspect.Parameter.KEYWORD_ONLY}
+    flags = {
+        name
+        for name, p in inspect.signature(reconstruct).parameters.items()
+        if p.kind == inspect.Parameter.KEYWORD_ONLY
+    }
     assert flags == declared and {"hidden", "rank", "block", "density", "margin"} <= declared
     assert OptionSpec("rank", int, min_val=1, per_layer=True).parse_text("2,3") == [2, 3]
 
@@ -193,8 +230,18 @@ def test_cli_takes_per_layer_ranks(tmp_path, capsys):
     g = random_mlp([4, 4, 3], seed=3)
     onlynorm.MLPSpec.from_module(g).save(tmp_path / "t.safetensors")
     with pytest.raises(SystemExit) as info:
-        main(["reconstruct", str(tmp_path / "t.safetensors"), "--method", "lowrank", "--rank", "2,3",
-              "--out", str(tmp_path / "n.safetensors")])
+        main(
+            [
+                "reconstruct",
+                str(tmp_path / "t.safetensors"),
+                "--method",
+                "lowrank",
+                "--rank",
+                "2,3",
+                "--out",
+                str(tmp_path / "n.safetensors"),
+            ]
+        )
     assert info.value.code == 0, capsys.readouterr().err
     assert NormNet.load(tmp_path / "n.safetensors").meta.options["rank"] == [2, 3]
 
@@ -209,8 +256,14 @@ def test_image_shaped_box_supplies_in_shape():
 
 
 def test_errors_named_in_the_readme_are_exported():
-    for name in ("SparsePatternError", "InvalidOptionError", "NotCertifiableError", "MemoryBudgetError",
-                 "SingularSystemError", "FileFormatError"):
+    for name in (
+        "SparsePatternError",
+        "InvalidOptionError",
+        "NotCertifiableError",
+        "MemoryBudgetError",
+        "SingularSystemError",
+        "FileFormatError",
+    ):
         assert issubclass(getattr(onlynorm, name), OnlyNormError)
 
 
@@ -250,8 +303,18 @@ def test_cli_verify_low_alone_keeps_the_stored_high(tmp_path, capsys):
     onlynorm.MLPSpec.from_module(g).save(tmp_path / "t.safetensors")
     onlynorm.reconstruct(g, domain=Box(0.0, 4.0), seed=0).save(tmp_path / "n.safetensors")
     with pytest.raises(SystemExit) as info:
-        main(["verify", str(tmp_path / "n.safetensors"), str(tmp_path / "t.safetensors"), "--low", "1",
-              "--samples", "200", "--certify"])
+        main(
+            [
+                "verify",
+                str(tmp_path / "n.safetensors"),
+                str(tmp_path / "t.safetensors"),
+                "--low",
+                "1",
+                "--samples",
+                "200",
+                "--certify",
+            ]
+        )
     assert info.value.code == 0, capsys.readouterr().err
     from onlynorm.cli import _domain
 
@@ -273,7 +336,7 @@ def test_memory_refusal_for_cnn_targets_suggests_only_what_works():
 
     message = str(info.value)
     suggested = re.findall(r"method='(\w+)' \(~", message)
-    assert all("cnn" in get_construction(m).target_kinds for m in suggested)   # never lowrank/sparse for a CNN
+    assert all("cnn" in get_construction(m).target_kinds for m in suggested)  # never lowrank/sparse for a CNN
     assert "lowrank" not in message and "raise the limit" in message
 
 

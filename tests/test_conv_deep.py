@@ -31,20 +31,30 @@ def _conv_target(c_in, c_out, k, s, p, d, size, seed) -> nn.Sequential:
 
 
 @settings(max_examples=8, deadline=None)
-@given(c_in=st.integers(1, 3), c_out=st.integers(1, 3), k=st.integers(1, 3), s=st.integers(1, 2),
-       p=st.integers(0, 2), d=st.integers(1, 2), size=st.integers(3, 6), block=st.integers(1, 3),
-       paired=st.integers(0, 1), seed=st.integers(0, 100))
+@given(
+    c_in=st.integers(1, 3),
+    c_out=st.integers(1, 3),
+    k=st.integers(1, 3),
+    s=st.integers(1, 2),
+    p=st.integers(0, 2),
+    d=st.integers(1, 2),
+    size=st.integers(3, 6),
+    block=st.integers(1, 3),
+    paired=st.integers(0, 1),
+    seed=st.integers(0, 100),
+)
 def test_deep_conv_is_exact_and_certified_over_geometries(c_in, c_out, k, s, p, d, size, block, paired, seed):
     assume(p < k * d and _out(size, k, s, p, d) >= 1)
     g = _conv_target(c_in, c_out, k, s, p, d, size, seed)
     box = Box(-1.0, 1.0)
-    f = onlynorm.reconstruct(g, method="deep", in_shape=(c_in, size, size), domain=box, seed=seed, block=block,
-                             paired=paired)
+    f = onlynorm.reconstruct(
+        g, method="deep", in_shape=(c_in, size, size), domain=box, seed=seed, block=block, paired=paired
+    )
     stage = f.layers[0]
     assert isinstance(stage, ConvStream) and stage.paired == bool(paired)
     kb = min(block, c_in)
     assert len(stage.block_slices()) == math.ceil(c_in / kb)
-    assert stage.channels == c_out * c_in * k * k            # Σ_t c_out·k_t·kh·kw
+    assert stage.channels == c_out * c_in * k * k  # Σ_t c_out·k_t·kh·kw
     report = onlynorm.verify(f, g, samples=400, seed=seed, certify=True)
     assert report.max_rel_error <= 1e-9
     assert report.certified and report.certified_bound <= 1e-8 * max(report.max_target_abs, 1.0)
@@ -68,10 +78,11 @@ def test_grouped_evaluation_equals_the_sum_over_blocks(paired):
     s = 0
     for t, (units, J) in enumerate(stage.block_slices()):
         weight = stage.branch.weight[units] if t < stage.full else stage.rest.weight
-        v = F.conv2d(x[:, J], weight, None, 2, 1, 1) * stage.branch_norm.weight[units].reshape(1, -1, 1, 1) \
-            + stage.branch_norm.bias[units].reshape(1, -1, 1, 1)
+        v = F.conv2d(x[:, J], weight, None, 2, 1, 1) * stage.branch_norm.weight[units].reshape(
+            1, -1, 1, 1
+        ) + stage.branch_norm.bias[units].reshape(1, -1, 1, 1)
         s = s + F.conv2d(torch.relu(v), stage.readout.weight[:, units])
-        if paired:     # the frozen readout of relu(−v) is −B
+        if paired:  # the frozen readout of relu(−v) is −B
             s = s - F.conv2d(torch.relu(-v), stage.readout.weight[:, units])
     expected = (s * stage.norm.weight.reshape(1, -1, 1, 1) + stage.norm.bias.reshape(1, -1, 1, 1)).detach()
     with torch.no_grad():
@@ -89,8 +100,9 @@ class _Block(nn.Module):
         self.bn2 = nn.BatchNorm2d(c_out)
         self.shortcut = nn.Sequential()
         if stride != 1 or c_in != c_out:
-            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, k_short, stride, k_short // 2, bias=False),
-                                          nn.BatchNorm2d(c_out))
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(c_in, c_out, k_short, stride, k_short // 2, bias=False), nn.BatchNorm2d(c_out)
+            )
 
     def forward(self, x):
         out = F.relu(self.bn1(self.conv1(x)))
@@ -125,8 +137,15 @@ def _randomised(model, seed):
 
 
 @settings(max_examples=4, deadline=None)
-@given(c=st.integers(1, 3), c_mid=st.integers(1, 3), stride=st.integers(1, 3), k_short=st.sampled_from([1, 3]),
-       block=st.integers(1, 2), paired=st.integers(0, 1), seed=st.integers(0, 50))
+@given(
+    c=st.integers(1, 3),
+    c_mid=st.integers(1, 3),
+    stride=st.integers(1, 3),
+    k_short=st.sampled_from([1, 3]),
+    block=st.integers(1, 2),
+    paired=st.integers(0, 1),
+    seed=st.integers(0, 50),
+)
 def test_projection_shortcuts_any_stride_are_exact_and_certified(c, c_mid, stride, k_short, block, paired, seed):
     torch.manual_seed(seed)
     g = _randomised(_Net(c, c_mid, stride, k_short), seed)
@@ -135,8 +154,9 @@ def test_projection_shortcuts_any_stride_are_exact_and_certified(c, c_mid, strid
     has_projection = stride != 1 or c != c_mid
     assert len(spec.layers[2].shortcut) == (1 if has_projection else 0)
     box = Box(0.0, 1.0)
-    f = onlynorm.reconstruct(g, method="deep", in_shape=(c, size, size), domain=box, block=block, seed=seed,
-                             paired=paired)
+    f = onlynorm.reconstruct(
+        g, method="deep", in_shape=(c, size, size), domain=box, block=block, seed=seed, paired=paired
+    )
     assert len(f.layers[2].shortcut) == (1 if has_projection else 0)
     report = onlynorm.verify(f, g, samples=300, seed=seed, certify=True)
     assert report.max_rel_error <= 1e-9 and report.certified
@@ -172,8 +192,9 @@ def test_paired_branches_need_no_bounds_and_a_broken_gamma_shows_in_the_certifie
     g = _conv_target(2, 2, 3, 1, 1, 1, 4, 8)
     f = onlynorm.reconstruct(g, method="deep", in_shape=(2, 4, 4), domain=Box(-1.0, 1.0))
     stage = f.layers[0]
-    assert stage.paired and torch.equal(stage.branch_norm.bias.detach(), torch.zeros(stage.channels,
-                                                                                     dtype=torch.float64))
+    assert stage.paired and torch.equal(
+        stage.branch_norm.bias.detach(), torch.zeros(stage.channels, dtype=torch.float64)
+    )
     # exact far outside the box it was solved for: relu(v) − relu(−v) = v for every v
     x = 50 * torch.randn(20, 2, 4, 4, dtype=torch.float64)
     with torch.no_grad():
@@ -219,9 +240,14 @@ def test_memory_guard_names_deep_for_a_cnn_width_cannot_afford():
 
 def test_residual_sequential_targets_also_take_deep():
     torch.manual_seed(5)
-    g = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(),
-                      Residual(nn.Sequential(nn.Conv2d(2, 2, 3, padding=1), nn.ReLU(), nn.Conv2d(2, 2, 1))),
-                      nn.MaxPool2d(2), nn.Flatten(), nn.Linear(2 * 2 * 2, 3)).double()
+    g = nn.Sequential(
+        nn.Conv2d(1, 2, 3, padding=1),
+        nn.ReLU(),
+        Residual(nn.Sequential(nn.Conv2d(2, 2, 3, padding=1), nn.ReLU(), nn.Conv2d(2, 2, 1))),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(2 * 2 * 2, 3),
+    ).double()
     f = onlynorm.reconstruct(g, method="deep", in_shape=(1, 4, 4), domain=Box(0.0, 1.0))
     report = onlynorm.verify(f, g, samples=300, certify=True)
     assert report.max_rel_error <= 1e-9 and report.certified

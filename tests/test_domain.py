@@ -20,15 +20,18 @@ def test_scalar_box_expands_to_target_dimension():
     assert resolve_domain((0, 1), 2).dim == 2
 
 
-@pytest.mark.parametrize("low, high, message", [
-    (1.0, 1.0, "expected low < high"),
-    (2.0, 1.0, "expected low < high"),
-    ([0.0, 1.0], [1.0, 1.0], r"coordinate 1"),
-    (float("nan"), 1.0, "finite"),
-    (0.0, float("inf"), "finite"),
-    ([0.0, 0.0], [1.0, 1.0, 1.0], "disagree on the dimension"),
-    ([], [], "non-empty"),
-])
+@pytest.mark.parametrize(
+    "low, high, message",
+    [
+        (1.0, 1.0, "expected low < high"),
+        (2.0, 1.0, "expected low < high"),
+        ([0.0, 1.0], [1.0, 1.0], r"coordinate 1"),
+        (float("nan"), 1.0, "finite"),
+        (0.0, float("inf"), "finite"),
+        ([0.0, 0.0], [1.0, 1.0, 1.0], "disagree on the dimension"),
+        ([], [], "non-empty"),
+    ],
+)
 def test_bad_boxes_are_refused(low, high, message):
     with pytest.raises(InvalidDomainError, match=message):
         Box(low, high)

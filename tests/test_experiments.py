@@ -21,11 +21,12 @@ def _cli(args):
 HEAVY_EXPERIMENTS = {"gd-vs-exact", "under-parameterized", "fine-tune-capacity"}
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.heavy) if n in HEAVY_EXPERIMENTS else n
-                                  for n in sorted(EXPERIMENTS)])
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=pytest.mark.heavy) if n in HEAVY_EXPERIMENTS else n for n in sorted(EXPERIMENTS)]
+)
 def test_quick_experiment_writes_artefacts(name, tmp_path, monkeypatch):
     monkeypatch.setenv("ONLYNORM_JOBS", "1")
-    if name == "sparse-threshold":   # keep the test small: the two smallest sizes
+    if name == "sparse-threshold":  # keep the test small: the two smallest sizes
         monkeypatch.setattr(sparse_threshold, "QUICK_DIMS", [4, 6])
     out = tmp_path / name
     assert _cli(["experiment", name, "--quick", "--out", str(out), "--seed", "3"]) == 0
@@ -43,9 +44,9 @@ def test_sparse_threshold_is_deterministic_and_numerically_confirmed(monkeypatch
     b = sparse_threshold.run(quick=True, seed=5).data
     assert a == b
     for r in a["per_d"]:
-        assert r["numeric_agreement"] == 1.0           # structural rank predicted every numerical outcome
+        assert r["numeric_agreement"] == 1.0  # structural rank predicted every numerical outcome
         fractions = [c["fraction"] for c in r["curve"]]
-        assert fractions[0] < 0.5 < fractions[-1]      # the grid brackets the transition
+        assert fractions[0] < 0.5 < fractions[-1]  # the grid brackets the transition
         assert r["p_star_lo"] <= r["p_star"] <= r["p_star_hi"]
 
 
@@ -86,12 +87,15 @@ def _without_times(value):
     return value
 
 
-@pytest.mark.parametrize("module, kwargs", [
-    ("scaling", {"method": "width", "d": 4}),
-    ("scaling", {"method": "deep", "d": 4}),
-    ("depth_tradeoff", {"d": 6, "k": 2}),
-    ("gd_vs_exact", {"ratio": 0.5, "d": 3, "depth": 2, "steps": 40}),
-])
+@pytest.mark.parametrize(
+    "module, kwargs",
+    [
+        ("scaling", {"method": "width", "d": 4}),
+        ("scaling", {"method": "deep", "d": 4}),
+        ("depth_tradeoff", {"d": 6, "k": 2}),
+        ("gd_vs_exact", {"ratio": 0.5, "d": 3, "depth": 2, "steps": 40}),
+    ],
+)
 def test_trials_are_deterministic_for_a_seed(module, kwargs):
     import importlib
 
@@ -99,7 +103,7 @@ def test_trials_are_deterministic_for_a_seed(module, kwargs):
     a, b = (_without_times(mod.trial(**kwargs, seed=11)) for _ in range(2))
     other = _without_times(mod.trial(**kwargs, seed=12))
     assert a == b
-    assert a != other                                   # the seed actually reaches the random draws
+    assert a != other  # the seed actually reaches the random draws
 
 
 def test_structural_rank_predicts_the_sparse_construction_itself():
@@ -111,13 +115,13 @@ def test_structural_rank_predicts_the_sparse_construction_itself():
     from onlynorm.errors import OnlyNormError
     from onlynorm.linalg import kr_pattern, structural_rank
 
-    d, p = 4, 0.6                                        # p*(4) ≈ 0.6: both outcomes occur
+    d, p = 4, 0.6  # p*(4) ≈ 0.6: both outcomes occur
     target = torch.nn.Linear(d, d).double()
     outcomes = []
     for seed in range(16):
         frozen = onlynorm.random_normnet(target, method="sparse", seed=seed, density=p)
-        A = (frozen.layers[0].linear.weight != 0).numpy()   # d² × d
-        B = (frozen.layers[1].linear.weight != 0).numpy()   # d × d²
+        A = (frozen.layers[0].linear.weight != 0).numpy()  # d² × d
+        B = (frozen.layers[1].linear.weight != 0).numpy()  # d × d²
         predicted = structural_rank(kr_pattern(A, B)) == d * d
         try:
             onlynorm.solve_norms(frozen, target)

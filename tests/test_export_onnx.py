@@ -23,16 +23,26 @@ from .conftest import random_mlp
 
 def _cnn():
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                         onlynorm.Residual(nn.Sequential(nn.Conv2d(2, 2, 3, padding=1))),
-                         nn.AvgPool2d(2, padding=1, count_include_pad=False), nn.Flatten(),
-                         nn.Linear(2 * 3 * 3, 3)).double()
+    return nn.Sequential(
+        nn.Conv2d(1, 2, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        onlynorm.Residual(nn.Sequential(nn.Conv2d(2, 2, 3, padding=1))),
+        nn.AvgPool2d(2, padding=1, count_include_pad=False),
+        nn.Flatten(),
+        nn.Linear(2 * 3 * 3, 3),
+    ).double()
 
 
 def _conv_stride():
     torch.manual_seed(1)
-    return nn.Sequential(nn.Conv2d(1, 2, (3, 2), stride=(2, 1), padding=(1, 0), dilation=(1, 2)), nn.ReLU(),
-                         nn.AvgPool2d(2, stride=1), nn.Flatten(), nn.Linear(2 * 2 * 3, 2)).double()
+    return nn.Sequential(
+        nn.Conv2d(1, 2, (3, 2), stride=(2, 1), padding=(1, 0), dilation=(1, 2)),
+        nn.ReLU(),
+        nn.AvgPool2d(2, stride=1),
+        nn.Flatten(),
+        nn.Linear(2 * 2 * 3, 2),
+    ).double()
 
 
 BUILDERS = {
@@ -42,8 +52,6 @@ BUILDERS = {
     "cnn-residual": lambda dtype: onlynorm.reconstruct(_cnn(), in_shape=(1, 8, 8), dtype=dtype),
     "cnn-stride-dilation": lambda dtype: onlynorm.reconstruct(_conv_stride(), in_shape=(1, 6, 6), dtype=dtype),
 }
-
-
 
 
 @functools.cache
@@ -117,7 +125,7 @@ def test_training_flag_does_not_leak_into_the_file(tmp_path):
     net.batch_statistics = True
     net.train()
     net.to_onnx(tmp_path / "n.onnx")
-    assert net.training and net.norm_modules()[0].eps > 0        # the caller's mode is restored
+    assert net.training and net.norm_modules()[0].eps > 0  # the caller's mode is restored
     net.eval()
     x = _inputs(net, torch.float64)
     with torch.no_grad():
@@ -151,7 +159,7 @@ def test_cli_export_bad_inputs_are_one_line_and_leave_no_file(tmp_path, capsys):
 
 
 def test_missing_onnx_package_names_the_extra(tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "onnx", None)          # what `import onnx` sees when it is not installed
+    monkeypatch.setitem(sys.modules, "onnx", None)  # what `import onnx` sees when it is not installed
     with pytest.raises(MissingDependencyError, match=r"onlynorm\[onnx\]"):
         build("width", torch.float64).to_onnx(tmp_path / "n.onnx")
     assert not (tmp_path / "n.onnx").exists()

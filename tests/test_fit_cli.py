@@ -31,8 +31,9 @@ def files(tmp_path):
 def test_fit_on_a_box_writes_the_network_and_the_report(files, tmp_path, capsys):
     g, frozen, target = files
     out = tmp_path / "fitted.safetensors"
-    code, stdout, _ = run(["fit", frozen, target, "--out", out, "--low", "0", "--high", "2", "--method", "layerwise"],
-                          capsys)
+    code, stdout, _ = run(
+        ["fit", frozen, target, "--out", out, "--low", "0", "--high", "2", "--method", "layerwise"], capsys
+    )
     assert code == 0 and out.exists()
     assert "layerwise" in stdout and "held-out" in stdout
     net = NormNet.load(out)
@@ -51,12 +52,15 @@ def test_fit_on_a_data_file(files, tmp_path, capsys):
     assert code == 0 and out.exists() and "gauss-newton" in stdout
 
 
-@pytest.mark.parametrize("content, extra, match", [
-    ({"x": torch.full((64, 3), float("nan"))}, [], "finite"),
-    ({"x": torch.rand(64, 4)}, [], "shape"),
-    ({"x": torch.rand(64, 3), "y": torch.rand(64, 2)}, [], "exactly one tensor"),
-    ({"x": torch.rand(64, 3)}, ["--low", "0"], "either --data or --low"),
-])
+@pytest.mark.parametrize(
+    "content, extra, match",
+    [
+        ({"x": torch.full((64, 3), float("nan"))}, [], "finite"),
+        ({"x": torch.rand(64, 4)}, [], "shape"),
+        ({"x": torch.rand(64, 3), "y": torch.rand(64, 2)}, [], "exactly one tensor"),
+        ({"x": torch.rand(64, 3)}, ["--low", "0"], "either --data or --low"),
+    ],
+)
 def test_bad_data_exits_2_without_output_or_traceback(files, tmp_path, capsys, content, extra, match):
     _, frozen, target = files
     data = tmp_path / "x.safetensors"

@@ -70,16 +70,17 @@ def test_gauss_newton_never_increases_the_held_out_error(start):
     assert phase.error_after == pytest.approx(relative_rms(net(_held(g, 256)), g(_held(g, 256))))
 
 
-def _held(g, samples):   # the held-out points fit_norms draws from a box (seed 0)
+def _held(g, samples):  # the held-out points fit_norms draws from a box (seed 0)
     return Box(-1.0, 1.0, dim=g[0].in_features).sample(max(8, samples // 2), seed=7919)
 
 
 def test_gauss_newton_goes_block_wise_within_a_small_memory_budget():
     g = random_mlp([3, 4, 2], seed=1)
     frozen = onlynorm.random_normnet(g, hidden=[4, 4], seed=0)
-    budget = 60_000     # bytes: below the all-parameter Jacobian of 512 rows, above one layer's
-    net, report = fit_norms(frozen, g, Box(-1.0, 1.0), method="gauss-newton", memory_budget=budget, samples=512,
-                            steps=6)
+    budget = 60_000  # bytes: below the all-parameter Jacobian of 512 rows, above one layer's
+    net, report = fit_norms(
+        frozen, g, Box(-1.0, 1.0), method="gauss-newton", memory_budget=budget, samples=512, steps=6
+    )
     phase = report.phase("gauss-newton")
     assert phase.details["layout"] == "block-wise" and phase.details["blocks"] == 2
     assert 0 < phase.details["largest_jacobian_bytes"] <= budget
@@ -104,13 +105,16 @@ def test_exact_refuses_a_network_without_capacity():
         fit_norms(onlynorm.random_normnet(g, hidden=[3, 3]), g, Box(-1.0, 1.0), method="exact")
 
 
-@pytest.mark.parametrize("data, match", [
-    (torch.zeros(20, 4, dtype=torch.float64), "shape"),
-    (torch.zeros(3, 3, dtype=torch.float64), "at least"),
-    (torch.full((20, 3), float("nan"), dtype=torch.float64), "finite"),
-    (torch.zeros(20, 3, dtype=torch.int64), "floating-point"),
-    ([[0.0, 0.0, 0.0]] * 20, "Box to sample"),
-])
+@pytest.mark.parametrize(
+    "data, match",
+    [
+        (torch.zeros(20, 4, dtype=torch.float64), "shape"),
+        (torch.zeros(3, 3, dtype=torch.float64), "at least"),
+        (torch.full((20, 3), float("nan"), dtype=torch.float64), "finite"),
+        (torch.zeros(20, 3, dtype=torch.int64), "floating-point"),
+        ([[0.0, 0.0, 0.0]] * 20, "Box to sample"),
+    ],
+)
 def test_bad_data_is_refused_with_a_clear_message(data, match):
     g = random_mlp([3, 4, 2], seed=0)
     with pytest.raises(OnlyNormError, match=match) as info:
@@ -147,7 +151,7 @@ def test_function_space_gamma_solves_the_normal_equations():
     T = torch.randn(200, 2, generator=gen, dtype=torch.float64)
     Hc, Tc = H - H.mean(0), T - T.mean(0)
     S = Hc.T @ Hc
-    G = (B.T @ B) * (A @ S @ A.T)                       # G_jl = (b_jᵀ b_l)(a_jᵀ S a_l)
+    G = (B.T @ B) * (A @ S @ A.T)  # G_jl = (b_jᵀ b_l)(a_jᵀ S a_l)
     r = torch.stack([B[:, j] @ (Tc.T @ (Hc @ A[j])) for j in range(5)])
     assert torch.allclose(function_space_gamma(A, B, H, T), torch.linalg.solve(G, r), atol=1e-10)
 

@@ -35,20 +35,39 @@ def _perturbed(model: nn.Module, scale: float, seed: int) -> nn.Module:
 
 
 def test_with_norms_computes_the_model_exactly_and_keeps_its_batchnorm():
-    model = nn.Sequential(nn.Linear(4, 6), _with_stats(nn.BatchNorm1d(6, eps=1e-3).double(), 1), nn.ReLU(),
-                          nn.Dropout(0.2), nn.Linear(6, 3)).double().eval()
+    model = (
+        nn.Sequential(
+            nn.Linear(4, 6),
+            _with_stats(nn.BatchNorm1d(6, eps=1e-3).double(), 1),
+            nn.ReLU(),
+            nn.Dropout(0.2),
+            nn.Linear(6, 3),
+        )
+        .double()
+        .eval()
+    )
     net = with_norms(model)
     x = torch.randn(50, 4, dtype=torch.float64)
     assert torch.allclose(net(x), model(x), atol=1e-12)
-    assert len(net.norm_modules()) == 2                     # the model's BatchNorm reused, one new after Linear 2
+    assert len(net.norm_modules()) == 2  # the model's BatchNorm reused, one new after Linear 2
     assert torch.equal(net.norm_parameters()[0], model[1].weight)
     assert all(m.eps == 0.0 for m in net.norm_modules())
     assert net.meta["target_dims"] == [4, 6, 3]
 
 
 def test_with_norms_cnn_and_file_round_trip(tmp_path):
-    model = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), _with_stats(nn.BatchNorm2d(3).double(), 2), nn.ReLU(),
-                          nn.MaxPool2d(2), nn.Flatten(), nn.Linear(3 * 2 * 2, 2)).double().eval()
+    model = (
+        nn.Sequential(
+            nn.Conv2d(1, 3, 3, padding=1),
+            _with_stats(nn.BatchNorm2d(3).double(), 2),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(3 * 2 * 2, 2),
+        )
+        .double()
+        .eval()
+    )
     net = with_norms(model, in_shape=(1, 4, 4))
     x = torch.randn(20, 1, 4, 4, dtype=torch.float64)
     assert torch.allclose(net(x), model(x), atol=1e-12)
@@ -57,11 +76,14 @@ def test_with_norms_cnn_and_file_round_trip(tmp_path):
     assert torch.equal(again(x), net(x))
 
 
-@pytest.mark.parametrize("bad, match", [
-    (nn.Sequential(nn.Linear(2, 2), nn.Tanh()), "Tanh"),
-    (nn.Sequential(nn.Conv2d(1, 1, 3)), "in_shape"),
-    (nn.ReLU(), "Sequential"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (nn.Sequential(nn.Linear(2, 2), nn.Tanh()), "Tanh"),
+        (nn.Sequential(nn.Conv2d(1, 1, 3)), "in_shape"),
+        (nn.ReLU(), "Sequential"),
+    ],
+)
 def test_with_norms_refuses_what_it_cannot_represent(bad, match):
     with pytest.raises(InvalidNetworkError, match=match):
         with_norms(bad)
@@ -82,8 +104,9 @@ def test_fit_pretrained_mlp_to_a_fine_tuned_target():
 
 
 def test_fit_pretrained_cnn_in_float32():
-    base = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2), nn.Flatten(),
-                         nn.Linear(4 * 3 * 3, 3)).eval()
+    base = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2), nn.Flatten(), nn.Linear(4 * 3 * 3, 3)
+    ).eval()
     target = _perturbed(base, 0.3, seed=4)
     frozen = with_norms(base, in_shape=(1, 6, 6))
     net, report = fit_norms(frozen, target, Box(0.0, 1.0), samples=256, steps=10)

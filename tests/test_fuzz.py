@@ -44,7 +44,7 @@ def test_truncated_or_corrupted_files_are_refused_cleanly(valid_files, tmp_path_
         blob = blob[: data.draw(st.integers(0, len(blob) - 1))]
     elif mode == "flip":
         pos = data.draw(st.integers(0, len(blob) - 1))
-        blob = blob[:pos] + bytes([blob[pos] ^ data.draw(st.integers(1, 255))]) + blob[pos + 1:]
+        blob = blob[:pos] + bytes([blob[pos] ^ data.draw(st.integers(1, 255))]) + blob[pos + 1 :]
     else:
         blob = data.draw(st.binary(max_size=300))
     d = tmp_path_factory.mktemp("fuzz")
@@ -71,8 +71,10 @@ def test_truncated_or_corrupted_files_are_refused_cleanly(valid_files, tmp_path_
 
 
 @settings(max_examples=30)
-@given(keys=st.lists(st.text(min_size=0, max_size=12), min_size=1, max_size=4),
-       shapes=st.lists(st.lists(st.integers(0, 4), min_size=0, max_size=3), min_size=1, max_size=4))
+@given(
+    keys=st.lists(st.text(min_size=0, max_size=12), min_size=1, max_size=4),
+    shapes=st.lists(st.lists(st.integers(0, 4), min_size=0, max_size=3), min_size=1, max_size=4),
+)
 def test_arbitrary_state_dicts_either_parse_or_raise_target_errors(keys, shapes):
     import torch
 

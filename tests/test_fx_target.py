@@ -128,10 +128,11 @@ def test_torchvision_style_resnet18_converts_and_matches():
     model = _randomise_bn(TorchvisionResNet18(num_classes=7, width=8).double(), 1)
     spec = as_target(model, (3, 64, 64))
     assert isinstance(spec, ConvNetSpec)
-    assert [layer.type for layer in spec.layers] == (["conv", "relu", "maxpool"] + ["residual"] * 8
-                                                     + ["avgpool", "flatten", "linear"])
+    assert [layer.type for layer in spec.layers] == (
+        ["conv", "relu", "maxpool"] + ["residual"] * 8 + ["avgpool", "flatten", "linear"]
+    )
     blocks = [layer for layer in spec.layers if isinstance(layer, ResidualBlock)]
-    assert [len(b.shortcut) for b in blocks] == [0, 0, 1, 0, 1, 0, 1, 0]       # downsample → projection
+    assert [len(b.shortcut) for b in blocks] == [0, 0, 1, 0, 1, 0, 1, 0]  # downsample → projection
     assert blocks[2].shortcut[0].stride == (2, 2) and blocks[2].shortcut[0].weight.shape[2:] == (1, 1)
     assert sum(isinstance(layer, Conv) for layer in walk(spec.layers)) == 1 + 16 + 3
     x = torch.rand(3, 3, 64, 64, dtype=torch.float64)
@@ -184,12 +185,28 @@ def test_converted_model_saves_and_loads_with_shortcuts(tmp_path):
 
 def test_sequential_holding_custom_blocks_is_traced():
     torch.manual_seed(4)
-    model = _randomise_bn(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), CifarBlock(4, 4),
-                                        CifarBlock(4, 6, 2), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                                        nn.Linear(6, 2)).double(), 5)
+    model = _randomise_bn(
+        nn.Sequential(
+            nn.Conv2d(3, 4, 3, padding=1),
+            nn.ReLU(),
+            CifarBlock(4, 4),
+            CifarBlock(4, 6, 2),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(6, 2),
+        ).double(),
+        5,
+    )
     spec = as_target(model, (3, 8, 8))
-    assert [layer.type for layer in spec.layers] == ["conv", "relu", "residual", "residual", "avgpool", "flatten",
-                                                     "linear"]
+    assert [layer.type for layer in spec.layers] == [
+        "conv",
+        "relu",
+        "residual",
+        "residual",
+        "avgpool",
+        "flatten",
+        "linear",
+    ]
     x = torch.rand(3, 3, 8, 8, dtype=torch.float64)
     with torch.no_grad():
         assert float((spec(x) - model(x)).abs().max()) <= 1e-10
@@ -250,13 +267,16 @@ class Scaled(nn.Module):
         return operator.mul(self.conv(x), 2.0).flatten(1)
 
 
-@pytest.mark.parametrize("model, fragments", [
-    (Sigmoidal(), ["node 'act'", "call_module Sigmoid", "is not supported", "supported: Conv2d"]),
-    (AddWithoutRelu(), ["node 'add'", "not followed by a ReLU"]),
-    (Concat(), ["node 'cat'", "call_function cat", "is not supported"]),
-    (Grouped(), ["node 'conv'", "call_module Conv2d", "groups=2"]),
-    (Scaled(), ["node 'mul'", "call_function mul"]),
-])
+@pytest.mark.parametrize(
+    "model, fragments",
+    [
+        (Sigmoidal(), ["node 'act'", "call_module Sigmoid", "is not supported", "supported: Conv2d"]),
+        (AddWithoutRelu(), ["node 'add'", "not followed by a ReLU"]),
+        (Concat(), ["node 'cat'", "call_function cat", "is not supported"]),
+        (Grouped(), ["node 'conv'", "call_module Conv2d", "groups=2"]),
+        (Scaled(), ["node 'mul'", "call_function mul"]),
+    ],
+)
 def test_unsupported_parts_are_refused_in_one_line(model, fragments):
     with pytest.raises(InvalidTargetError) as info:
         as_target(model.double().eval(), (2 if not isinstance(model, Sigmoidal) else 1, 5, 5))

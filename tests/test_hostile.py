@@ -50,13 +50,16 @@ def _cnn_doc(layers, in_shape=(1, 4, 4)) -> dict:
     return {"kind": "cnn-target", "in_shape": list(in_shape), "layers": layers}
 
 
-CONV = {"type": "conv", "weight": "0.weight", "bias": "0.bias", "stride": [1, 1], "padding": [0, 0],
-        "dilation": [1, 1]}
+CONV = {"type": "conv", "weight": "0.weight", "bias": "0.bias", "stride": [1, 1], "padding": [0, 0], "dilation": [1, 1]}
 
 
 def _cnn_tensors() -> dict:
-    return {"0.weight": torch.randn(2, 1, 3, 3, dtype=torch.float64), "0.bias": torch.zeros(2, dtype=torch.float64),
-            "3.weight": torch.randn(2, 8, dtype=torch.float64), "3.bias": torch.zeros(2, dtype=torch.float64)}
+    return {
+        "0.weight": torch.randn(2, 1, 3, 3, dtype=torch.float64),
+        "0.bias": torch.zeros(2, dtype=torch.float64),
+        "3.weight": torch.randn(2, 8, dtype=torch.float64),
+        "3.bias": torch.zeros(2, dtype=torch.float64),
+    }
 
 
 def _nested_residual(depth: int) -> str:
@@ -100,24 +103,44 @@ def target_corpus(d: Path) -> dict[str, tuple[Path, str]]:
         "deeply nested JSON": (d / "deep_json.safetensors", "nested too deeply"),
         "metadata not JSON": (d / "not_json.safetensors", "not JSON"),
     }
-    for name, layers in {"layers is a string": "conv", "layers is a number": 5, "layers is a dict": {"a": 1},
-                         "block is a string": [CONV, {"type": "residual", "block": "relu"}],
-                         "stride is a string": [dict(CONV, stride="2")],
-                         "stride is null": [dict(CONV, stride=None)],
-                         "stride is a float": [dict(CONV, stride=[1.5, 1.5])],
-                         "dilation is a string": [dict(CONV, dilation="x")],
-                         "unknown layer type": [{"type": "teleport"}],
-                         "weight key missing": [dict(CONV, weight="9.weight")],
-                         "500 nested residual blocks": _nested_residual(500)}.items():
+    for name, layers in {
+        "layers is a string": "conv",
+        "layers is a number": 5,
+        "layers is a dict": {"a": 1},
+        "block is a string": [CONV, {"type": "residual", "block": "relu"}],
+        "stride is a string": [dict(CONV, stride="2")],
+        "stride is null": [dict(CONV, stride=None)],
+        "stride is a float": [dict(CONV, stride=[1.5, 1.5])],
+        "dilation is a string": [dict(CONV, dilation="x")],
+        "unknown layer type": [{"type": "teleport"}],
+        "weight key missing": [dict(CONV, weight="9.weight")],
+        "500 nested residual blocks": _nested_residual(500),
+    }.items():
         path = d / (name.replace(" ", "_") + ".safetensors")
         doc = layers if isinstance(layers, str) and layers.startswith("{") else _cnn_doc(layers)
         cases[name] = (_safetensors_with_meta(path, t, doc), "")
-    for name, in_shape in {"absurd in_shape": (3, 10**6, 10**6), "zero in_shape": (0, 4, 4),
-                           "negative in_shape": (1, -4, 4)}.items():
+    for name, in_shape in {
+        "absurd in_shape": (3, 10**6, 10**6),
+        "zero in_shape": (0, 4, 4),
+        "negative in_shape": (1, -4, 4),
+    }.items():
         path = d / (name.replace(" ", "_") + ".safetensors")
-        cases[name] = (_safetensors_with_meta(path, t, _cnn_doc([CONV, {"type": "relu"}, {"type": "flatten"},
-                                                                {"type": "linear", "weight": "3.weight",
-                                                                 "bias": "3.bias"}], in_shape)), "")
+        cases[name] = (
+            _safetensors_with_meta(
+                path,
+                t,
+                _cnn_doc(
+                    [
+                        CONV,
+                        {"type": "relu"},
+                        {"type": "flatten"},
+                        {"type": "linear", "weight": "3.weight", "bias": "3.bias"},
+                    ],
+                    in_shape,
+                ),
+            ),
+            "",
+        )
     return cases
 
 
@@ -139,8 +162,13 @@ def test_malformed_target_files_get_one_line_and_exit_2(tmp_path, capsys):
 def network_corpus(d: Path) -> dict[str, tuple[Path, str]]:
     g = random_mlp([3, 4, 2], seed=0)
     net = onlynorm.reconstruct(g, method="deep", seed=0)
-    doc = {"format": "onlynorm.normnet", "version": 1, "dtype": "float64", "architecture": net.architecture(),
-           "meta": net.meta.to_dict()}
+    doc = {
+        "format": "onlynorm.normnet",
+        "version": 1,
+        "dtype": "float64",
+        "architecture": net.architecture(),
+        "meta": net.meta.to_dict(),
+    }
     tensors = net.state_dict()
     cases = {}
 
@@ -151,12 +179,15 @@ def network_corpus(d: Path) -> dict[str, tuple[Path, str]]:
         _io.write_tensors(path, tensors, metadata=d_)
         cases[name] = (path, word)
 
-    variant("stored block 0", lambda d_: d_["architecture"][0].__setitem__("block", 0), "'block' must be an integer from 1")
+    variant(
+        "stored block 0", lambda d_: d_["architecture"][0].__setitem__("block", 0), "'block' must be an integer from 1"
+    )
     variant("stored block a string", lambda d_: d_["architecture"][0].__setitem__("block", "two"), "architecture")
     variant("absurd in_features", lambda d_: d_["architecture"][0].__setitem__("in_features", 10**12), "")
     variant("domain a string", lambda d_: d_["meta"]["solve"].__setitem__("domain", "box"), "solve.domain")
-    variant("domain empty", lambda d_: d_["meta"]["solve"].__setitem__("domain", {"low": [1], "high": [0]}),
-            "solve.domain")
+    variant(
+        "domain empty", lambda d_: d_["meta"]["solve"].__setitem__("domain", {"low": [1], "high": [0]}), "solve.domain"
+    )
     variant("notes a number", lambda d_: d_["meta"]["solve"].__setitem__("notes", 3), "solve.notes")
     variant("solve a list", lambda d_: d_["meta"].__setitem__("solve", [1]), "'solve' must be an object")
     variant("layers not a list", lambda d_: d_["meta"]["solve"].__setitem__("layers", "x"), "solve.layers")
@@ -190,36 +221,39 @@ def files(tmp_path):
     return tmp_path
 
 
-@pytest.mark.parametrize("args, word", [
-    (["reconstruct", "{g}", "--out", "{d}/o.safetensors", "--seed", str(2**70)], "seed"),
-    (["reconstruct", "{g}", "--out", "{d}/o.safetensors", "--seed", "-1"], "seed"),
-    (["reconstruct", "{g}", "--out", "{d}/o.safetensors", "--hidden", "2.5"], "--hidden"),
-    (["reconstruct", "{g}", "--out", "{d}/o.safetensors", "--margin", "nan"], "margin"),
-    (["reconstruct", "{g}", "--out", "{d}/o.safetensors", "--low", "nan"], "finite"),
-    (["reconstruct", "{g}", "--out", "{d}/o.safetensors", "--low", "2", "--high", "1"], "low < high"),
-    (["reconstruct", "{g}", "--out", "{d}/o.safetensors", "--low", "-1e308", "--high", "1e308"], "overflow"),
-    (["reconstruct", "{g}", "--out", "{d}/o.safetensors", "--dtype", "int8"], "--dtype"),
-    (["reconstruct", "{g}", "--out", "{d}/o.safetensors", "--bogus"], "no such option"),
-    (["reconstruct", "{g}"], "missing option"),
-    (["reconstruct"], "missing argument"),
-    (["frobnicate"], "no such command"),
-    (["verify", "{n}", "{g}", "--tolerance", "-1"], "tolerance"),
-    (["verify", "{n}", "{g}", "--tolerance", "nan"], "tolerance"),
-    (["verify", "{n}", "{g}", "--samples", "0"], "samples"),
-    (["verify", "{n}", "{g}", "--samples", str(10**13)], "samples"),
-    (["verify", "{n}", "{g}", "--samples", "many"], "samples"),
-    (["experiment", "scaling", "--seed", "-1", "--out", "{d}/runs"], "seed"),
-    (["experiment", "nonsense", "--out", "{d}/runs"], "experiment"),
-    # output paths
-    (["reconstruct", "{g}", "--out", "{d}"], "is a directory"),
-    (["reconstruct", "{g}", "--out", ""], "empty"),
-    (["reconstruct", "{g}", "--out", "{d}/missing/o.safetensors"], "does not exist"),
-    (["reconstruct", "{g}", "--out", "{g}"], "input file"),
-    (["reconstruct", "{g}", "--out", "{d}/fifo"], "not a regular file"),
-    (["reconstruct", "{g}", "--out", "/dev/null"], "not a regular file"),
-    (["experiment", "scaling", "--quick", "--out", "{g}"], "not a directory"),
-    (["demo", "--builtin", "--json", "{d}"], "is a directory"),
-])
+@pytest.mark.parametrize(
+    "args, word",
+    [
+        (["reconstruct", "{g}", "--out", "{d}/o.safetensors", "--seed", str(2**70)], "seed"),
+        (["reconstruct", "{g}", "--out", "{d}/o.safetensors", "--seed", "-1"], "seed"),
+        (["reconstruct", "{g}", "--out", "{d}/o.safetensors", "--hidden", "2.5"], "--hidden"),
+        (["reconstruct", "{g}", "--out", "{d}/o.safetensors", "--margin", "nan"], "margin"),
+        (["reconstruct", "{g}", "--out", "{d}/o.safetensors", "--low", "nan"], "finite"),
+        (["reconstruct", "{g}", "--out", "{d}/o.safetensors", "--low", "2", "--high", "1"], "low < high"),
+        (["reconstruct", "{g}", "--out", "{d}/o.safetensors", "--low", "-1e308", "--high", "1e308"], "overflow"),
+        (["reconstruct", "{g}", "--out", "{d}/o.safetensors", "--dtype", "int8"], "--dtype"),
+        (["reconstruct", "{g}", "--out", "{d}/o.safetensors", "--bogus"], "no such option"),
+        (["reconstruct", "{g}"], "missing option"),
+        (["reconstruct"], "missing argument"),
+        (["frobnicate"], "no such command"),
+        (["verify", "{n}", "{g}", "--tolerance", "-1"], "tolerance"),
+        (["verify", "{n}", "{g}", "--tolerance", "nan"], "tolerance"),
+        (["verify", "{n}", "{g}", "--samples", "0"], "samples"),
+        (["verify", "{n}", "{g}", "--samples", str(10**13)], "samples"),
+        (["verify", "{n}", "{g}", "--samples", "many"], "samples"),
+        (["experiment", "scaling", "--seed", "-1", "--out", "{d}/runs"], "seed"),
+        (["experiment", "nonsense", "--out", "{d}/runs"], "experiment"),
+        # output paths
+        (["reconstruct", "{g}", "--out", "{d}"], "is a directory"),
+        (["reconstruct", "{g}", "--out", ""], "empty"),
+        (["reconstruct", "{g}", "--out", "{d}/missing/o.safetensors"], "does not exist"),
+        (["reconstruct", "{g}", "--out", "{g}"], "input file"),
+        (["reconstruct", "{g}", "--out", "{d}/fifo"], "not a regular file"),
+        (["reconstruct", "{g}", "--out", "/dev/null"], "not a regular file"),
+        (["experiment", "scaling", "--quick", "--out", "{g}"], "not a directory"),
+        (["demo", "--builtin", "--json", "{d}"], "is a directory"),
+    ],
+)
 def test_odd_values_and_paths_get_one_line_and_exit_2(files, capsys, args, word):
     os.mkfifo(files / "fifo")
     before = sorted(p.name for p in files.iterdir())
@@ -227,7 +261,7 @@ def test_odd_values_and_paths_get_one_line_and_exit_2(files, capsys, args, word)
     argv = [a.format(g=files / "g.safetensors", n=files / "n.safetensors", d=files) for a in args]
     code, err = _run(argv, capsys)
     _assert_refused(code, err, contains=word)
-    assert sorted(p.name for p in files.iterdir()) == before               # nothing written, nothing left over
+    assert sorted(p.name for p in files.iterdir()) == before  # nothing written, nothing left over
     assert (files / "g.safetensors").read_bytes() == g_bytes and (files / "fifo").is_fifo()
 
 
@@ -236,12 +270,12 @@ def test_load_norms_is_all_or_nothing(tmp_path):
     net = onlynorm.reconstruct(g, seed=0)
     net.save_norms(tmp_path / "norms.safetensors")
     tensors, doc = _io.read_tensors(tmp_path / "norms.safetensors")
-    for name, edit in (("bad meta", lambda t, d: d.__setitem__("meta", {"solve": "everything"})),
-                       ("meta a list", lambda t, d: d.__setitem__("meta", [1])),
-                       ("bool gamma", lambda t, d: t.__setitem__("layers.1.norm.weight",
-                                                                 t["layers.1.norm.weight"] > 0)),
-                       ("int beta", lambda t, d: t.__setitem__("layers.1.norm.bias",
-                                                               t["layers.1.norm.bias"].to(torch.int32)))):
+    for name, edit in (
+        ("bad meta", lambda t, d: d.__setitem__("meta", {"solve": "everything"})),
+        ("meta a list", lambda t, d: d.__setitem__("meta", [1])),
+        ("bool gamma", lambda t, d: t.__setitem__("layers.1.norm.weight", t["layers.1.norm.weight"] > 0)),
+        ("int beta", lambda t, d: t.__setitem__("layers.1.norm.bias", t["layers.1.norm.bias"].to(torch.int32))),
+    ):
         t2, d2 = dict(tensors), json.loads(json.dumps(doc))
         edit(t2, d2)
         _io.write_tensors(tmp_path / "bad.safetensors", t2, metadata=d2)
@@ -257,20 +291,24 @@ def test_load_norms_is_all_or_nothing(tmp_path):
         assert target.meta.to_dict() == meta, name
 
 
-@pytest.mark.parametrize("kwargs, word", [
-    ({"hidden": 2.5}, "hidden"),
-    ({"seed": None}, "seed"),
-    ({"dtype": torch.int32}, "dtype"),
-    ({"margin": float("nan")}, "margin"),
-    ({"domain": (-1e308, 1e308)}, "overflow"),
-])
+@pytest.mark.parametrize(
+    "kwargs, word",
+    [
+        ({"hidden": 2.5}, "hidden"),
+        ({"seed": None}, "seed"),
+        ({"dtype": torch.int32}, "dtype"),
+        ({"margin": float("nan")}, "margin"),
+        ({"domain": (-1e308, 1e308)}, "overflow"),
+    ],
+)
 def test_api_errors_are_onlynorm_errors(kwargs, word):
     with pytest.raises(onlynorm.OnlyNormError, match=word):
         onlynorm.reconstruct(random_mlp([3, 4, 2], seed=0), **kwargs)
 
 
-@pytest.mark.parametrize("kwargs, word", [({"steps": 0}, "steps"), ({"batch_size": 0}, "batch_size"),
-                                          ({"lr": float("nan")}, "lr")])
+@pytest.mark.parametrize(
+    "kwargs, word", [({"steps": 0}, "steps"), ({"batch_size": 0}, "batch_size"), ({"lr": float("nan")}, "lr")]
+)
 def test_train_norm_only_arguments_are_validated(kwargs, word):
     model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.BatchNorm1d(3), torch.nn.Linear(3, 1))
     data = (torch.randn(16, 2), torch.randn(16, 1))
@@ -298,9 +336,21 @@ def _wait_until_working(pid: int, timeout: float = 120.0) -> None:
 def test_interrupted_runs_leave_nothing_behind(tmp_path, sig, code):
     """A run interrupted mid-work exits quietly with 128+signal, no traceback, no output, no temporary file."""
     out = tmp_path / "runs"
-    proc = subprocess.Popen([sys.executable, "-c", "from onlynorm.cli import main; main()", "experiment",
-                             "scaling", "--quick", "--out", str(out)], stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "ONLYNORM_JOBS": "1"})
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "from onlynorm.cli import main; main()",
+            "experiment",
+            "scaling",
+            "--quick",
+            "--out",
+            str(out),
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "ONLYNORM_JOBS": "1"},
+    )
     _wait_until_working(proc.pid)
     assert proc.poll() is None, "the run finished before it could be interrupted"
     proc.send_signal(sig)

@@ -36,7 +36,7 @@ def test_khatri_rao_matches_columnwise_kron(p, q, k, seed):
 @given(m=sizes, n=sizes, N=st.integers(1, 12), seed=st.integers(0, 10_000))
 def test_system_times_gamma_is_vec_of_B_Gamma_A(m, n, N, seed):
     A, B, gamma = _rand(N, n, seed=seed), _rand(m, N, seed=seed + 1), _rand(N, seed=seed + 2)
-    explicit = B @ torch.diag(gamma) @ A                      # the definition, by matrix products
+    explicit = B @ torch.diag(gamma) @ A  # the definition, by matrix products
     torch.testing.assert_close(compose(B, gamma, A), explicit, rtol=1e-13, atol=1e-13)
     torch.testing.assert_close(khatri_rao_system(A, B) @ gamma, vec(explicit), rtol=1e-12, atol=1e-12)
     # vec stacks columns: entry (i, p) sits at p·m + i
@@ -70,7 +70,7 @@ def test_least_squares_is_the_best_reachable_weight():
     assert sol.kind == "least-squares" and not sol.exact
     reference = np.linalg.lstsq(khatri_rao_system(A, B).numpy(), vec(W).numpy(), rcond=None)[0]
     np.testing.assert_allclose(sol.gamma.numpy(), reference, rtol=1e-8, atol=1e-10)
-    assert sol.relative_residual > 1e-3   # 9 unknowns cannot fit 20 equations
+    assert sol.relative_residual > 1e-3  # 9 unknowns cannot fit 20 equations
 
 
 def test_min_norm_solution_above_m_times_n():
@@ -81,14 +81,14 @@ def test_min_norm_solution_above_m_times_n():
     M = khatri_rao_system(A, B)
     torch.testing.assert_close(M @ sol.gamma, vec(W), rtol=1e-10, atol=1e-10)
     # minimum norm: γ lies in the row space of M (orthogonal to its null space)
-    null = torch.linalg.svd(M, full_matrices=True).Vh[m * n:]
+    null = torch.linalg.svd(M, full_matrices=True).Vh[m * n :]
     assert float((null @ sol.gamma).abs().max()) < 1e-10
 
 
 def test_singular_square_system_is_refused():
     m, n = 2, 2
     A, B = _rand(4, n, seed=9), _rand(m, 4, seed=10)
-    A[3] = A[2]        # two identical rows of A and columns of B make two columns of M equal
+    A[3] = A[2]  # two identical rows of A and columns of B make two columns of M equal
     B[:, 3] = B[:, 2]
     with pytest.raises(SingularSystemError, match="singular") as info:
         solve_khatri_rao(A, B, _rand(m, n, seed=11), layer=3)
@@ -100,8 +100,8 @@ def test_structural_rank_bounds_the_rank_of_every_matrix_with_the_pattern():
     gen = torch.Generator().manual_seed(0)
     for trial in range(20):
         m, n = 3, 3
-        A_mask = (torch.rand(m * n, n, generator=gen) < 0.5)
-        B_mask = (torch.rand(m, m * n, generator=gen) < 0.5)
+        A_mask = torch.rand(m * n, n, generator=gen) < 0.5
+        B_mask = torch.rand(m, m * n, generator=gen) < 0.5
         pattern = kr_pattern(A_mask, B_mask)
         dense_pattern = khatri_rao_system(A_mask.double(), B_mask.double()) != 0
         assert np.array_equal(pattern.toarray() != 0, dense_pattern.numpy())

@@ -16,16 +16,18 @@ from onlynorm.errors import OnlyNormError
 def test_400_wide_layer_is_refused_without_allocating():
     g = nn.Linear(400, 400).double()
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    with pytest.raises(MemoryBudgetError, match=r"method 'width' needs about 19\d\.\d GiB.*use method='deep' \(~") as info:
+    with pytest.raises(
+        MemoryBudgetError, match=r"method 'width' needs about 19\d\.\d GiB.*use method='deep' \(~"
+    ) as info:
         onlynorm.reconstruct(g)
     grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
-    assert grown_kib < 200 * 1024          # nowhere near the 192 GiB system
-    assert info.value.needed_bytes == 160000 ** 2 * 8 + 2 * 400 * 160000 * 8
+    assert grown_kib < 200 * 1024  # nowhere near the 192 GiB system
+    assert info.value.needed_bytes == 160000**2 * 8 + 2 * 400 * 160000 * 8
     assert info.value.limit_bytes < info.value.needed_bytes
 
 
 def test_user_limit_from_api_and_environment(monkeypatch):
-    g = nn.Linear(40, 40).double()      # one 1600 × 1600 float64 system: 19.5 MiB
+    g = nn.Linear(40, 40).double()  # one 1600 × 1600 float64 system: 19.5 MiB
     memory.set_memory_limit("10M")
     try:
         with pytest.raises(MemoryBudgetError, match=r"limit is 10.0 MiB \(onlynorm.memory.set_memory_limit\)"):
@@ -39,8 +41,10 @@ def test_user_limit_from_api_and_environment(monkeypatch):
         onlynorm.random_normnet(g)
 
 
-@pytest.mark.parametrize("text, expected", [("512M", 512 << 20), ("1.5G", int(1.5 * (1 << 30))), ("1000", 1000),
-                                            ("2GiB", 2 << 30), ("3kb", 3 << 10)])
+@pytest.mark.parametrize(
+    "text, expected",
+    [("512M", 512 << 20), ("1.5G", int(1.5 * (1 << 30))), ("1000", 1000), ("2GiB", 2 << 30), ("3kb", 3 << 10)],
+)
 def test_parse_bytes(text, expected):
     assert memory.parse_bytes(text) == expected
 

@@ -22,7 +22,7 @@ def cases(draw):
     dims = [draw(st.integers(1, 5)) for _ in range(depth + 1)]
     lows = [draw(st.floats(-4, 3)) for _ in range(dims[0])]
     spans = [draw(st.floats(0.05, 4)) for _ in range(dims[0])]
-    box = Box(lows, [lo + s for lo, s in zip(lows, spans)])   # a different interval per coordinate
+    box = Box(lows, [lo + s for lo, s in zip(lows, spans)])  # a different interval per coordinate
     return dims, box, draw(st.integers(0, 2**16)), draw(st.sampled_from(sorted(METHODS)))
 
 

@@ -27,7 +27,7 @@ def test_batchnorm_in_inference_form_is_exactly_affine():
         stage.norm.bias.copy_(torch.linspace(0.5, 1, 6, dtype=torch.float64))
     x = torch.randn(100, 4, dtype=torch.float64)
     expected = (x @ stage.linear.weight.T) * stage.norm.weight + stage.norm.bias
-    assert torch.allclose(stage(x), expected, rtol=0, atol=1e-15)   # eps = 0: γ is not perturbed
+    assert torch.allclose(stage(x), expected, rtol=0, atol=1e-15)  # eps = 0: γ is not perturbed
     assert stage.norm.eps == 0.0
 
 
@@ -49,12 +49,12 @@ def test_train_mode_keeps_fixed_statistics_so_the_function_is_unchanged(solved):
     assert f.training and not any(bn.training for bn in f.norm_modules())
     out = f(x)
     assert torch.equal(out.detach(), before)
-    out.sum().backward()                              # gradients reach γ and β only
+    out.sum().backward()  # gradients reach γ and β only
     assert all(p.grad is not None for p in f.norm_parameters())
     assert all(p.grad is None for p in f.frozen_parameters())
     stats = [b.clone() for b in f.buffers()]
     f(x)
-    assert all(torch.equal(a, b) for a, b in zip(stats, f.buffers()))   # running stats untouched
+    assert all(torch.equal(a, b) for a, b in zip(stats, f.buffers()))  # running stats untouched
 
 
 def test_batch_statistics_opt_in_changes_the_function(solved):
@@ -119,7 +119,7 @@ def test_summary_ratios(solved):
     s = f.summary()
     d = s.as_dict()
     assert d["frozen_to_target"] == pytest.approx(s.frozen_parameters / s.target_parameters)
-    assert s.frozen_nonzeros == s.frozen_parameters          # dense random weights
+    assert s.frozen_nonzeros == s.frozen_parameters  # dense random weights
     assert "exact" in str(s) and s.exact is True
 
 

@@ -19,11 +19,16 @@ def test_tutorial_executes(tmp_path):
     code = [c for c in committed.cells if c.cell_type == "code"]
     assert code and all(c.outputs for c in code), "run `make notebook` so the site shows the outputs"
     fresh = nbformat.read(NOTEBOOK, as_version=4)
-    NotebookClient(fresh, timeout=600, kernel_name="python3",
-                   resources={"metadata": {"path": str(tmp_path)}}).execute()   # raises on the first failing cell
+    NotebookClient(
+        fresh, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    ).execute()  # raises on the first failing cell
     text = _stream_text(fresh)
     assert "scikit-learn predict agreement      100.00%" in text
     assert "certified on the whole box       yes" in text
     assert text.count("passed=True") == 2
-    assert any(o.output_type == "display_data" and "image/png" in o.data
-               for c in fresh.cells if c.cell_type == "code" for o in c.outputs)       # the γ histograms
+    assert any(
+        o.output_type == "display_data" and "image/png" in o.data
+        for c in fresh.cells
+        if c.cell_type == "code"
+        for o in c.outputs
+    )  # the γ histograms

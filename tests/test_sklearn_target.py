@@ -32,7 +32,7 @@ def digits_model():
 def test_digits_classifier_reconstructed_exactly(digits_model):
     model, X = digits_model
     assert model.score(X, model.predict(X)) == 1.0 and len(model.classes_) == 10
-    box = Box(0.0, 16.0)                                  # the digits' pixel range
+    box = Box(0.0, 16.0)  # the digits' pixel range
     f = onlynorm.reconstruct(model, domain=box, seed=0)
     assert f.target_dims == [64, 12, 10]
     report = onlynorm.verify(f, model, samples=3000)
@@ -56,8 +56,9 @@ def test_spec_is_the_transposed_coefficients(digits_model):
 
 def test_verify_catches_another_classifier(digits_model):
     model, X = digits_model
-    other = _fit(MLPClassifier(hidden_layer_sizes=(12,), max_iter=60, random_state=1), X,
-                 load_digits(return_X_y=True)[1])
+    other = _fit(
+        MLPClassifier(hidden_layer_sizes=(12,), max_iter=60, random_state=1), X, load_digits(return_X_y=True)[1]
+    )
     f = onlynorm.reconstruct(other, domain=Box(0.0, 16.0))
     report = onlynorm.verify(f, model, samples=2000)
     assert not report.passed

@@ -29,8 +29,10 @@ SIZES = (1e-12, 1e-6, 1e-3)
 def _networks():
     g = random_mlp([3, 5, 2], seed=7)
     box = Box(-1.0, 2.0)
-    out = {m: (onlynorm.reconstruct(g, method=m, domain=box, seed=1, **o), g, box)
-           for m, o in (("width", {}), ("deep", {"block": 2}), ("lowrank", {}), ("sparse", {"density": 0.95}))}
+    out = {
+        m: (onlynorm.reconstruct(g, method=m, domain=box, seed=1, **o), g, box)
+        for m, o in (("width", {}), ("deep", {"block": 2}), ("lowrank", {}), ("sparse", {"density": 0.95}))
+    }
     cnn = nn.Sequential(nn.Conv2d(1, 2, 2), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 2 * 2, 2)).double().eval()
     out["conv"] = (onlynorm.reconstruct(cnn, in_shape=(1, 3, 3), domain=Box(0.0, 1.0), seed=1), cnn, Box(0.0, 1.0))
     out["width-float32"] = (onlynorm.reconstruct(g, domain=box, seed=1, dtype=torch.float32), g, box)
@@ -73,7 +75,7 @@ def _check(net: NormNet, g, box: Box, counts: dict) -> bool:
     else:
         counts["refused"] += 1
         assert report.proven is False and not report.ok
-    if report.ok:   # verify --certify exits 0 only within the tolerance
+    if report.ok:  # verify --certify exits 0 only within the tolerance
         assert report.max_rel_error <= report.tolerance
     return bool(report.certified)
 
@@ -95,10 +97,10 @@ def test_single_edits_are_refused_or_bounded(method, tmp_path):
         certified = _check(tampered, g, box, counts)
         if kind.startswith("running") and not torch.equal(tampered.state_dict()[name], t):
             statistics_edits += 1
-            assert not certified, f"{kind} edited by {size} was certified"   # never the constructions' form
+            assert not certified, f"{kind} edited by {size} was certified"  # never the constructions' form
     # (a float32 running variance of 1 + 1e-12 rounds back to 1: that edit does not exist, and is certified)
     assert statistics_edits >= 2 * len(SIZES) - 1 and counts["refused"] >= statistics_edits
-    assert counts["bounded"] > 0                    # and γ/β/weight edits are bounded, not all refused
+    assert counts["bounded"] > 0  # and γ/β/weight edits are bounded, not all refused
 
 
 @pytest.mark.parametrize("method", ["width", "deep", "lowrank", "sparse", "width-float32"])
@@ -108,18 +110,20 @@ def test_compensating_pairs_are_refused_or_bounded(method, tmp_path):
     first = net.layers[0].branches[0] if method == "deep" else net.layers[0]
     prefix = "layers.0.branches.0." if method == "deep" else "layers.0."
     centre = ((box.low + box.high) / 2).expand(first.linear.in_features).to(net.dtype)
-    z = first.linear(centre).detach()                    # the unit's input at the box centre
+    z = first.linear(centre).detach()  # the unit's input at the box centre
     gamma = first.norm.weight.detach()
     for size in SIZES:
         k = 0
         # γ_k (1 + δ) with β_k − δ γ_k z_k: the same output at the centre, different elsewhere
-        edits = {prefix + "norm.weight": (k, size * float(gamma[k])),
-                 prefix + "norm.bias": (k, -size * float(gamma[k] * z[k]))}
+        edits = {
+            prefix + "norm.weight": (k, size * float(gamma[k])),
+            prefix + "norm.bias": (k, -size * float(gamma[k] * z[k])),
+        }
         _check(_tampered(tmp_path, net, edits), g, box, counts)
         # running mean + δ with β + δ γ: the very same function, but not the form the certificate covers
         edits = {prefix + "norm.running_mean": (k, size), prefix + "norm.bias": (k, size * float(gamma[k]))}
         _check(_tampered(tmp_path, net, edits), g, box, counts)
-    assert counts["refused"] >= len(SIZES) and counts["bounded"] >= 1   # a 1e-3 γ edit may also be refused
+    assert counts["refused"] >= len(SIZES) and counts["bounded"] >= 1  # a 1e-3 γ edit may also be refused
 
 
 def test_eps_and_training_mode_are_not_certified():
@@ -154,7 +158,7 @@ def test_float32_rounding_bound_covers_the_observed_error():
     report = onlynorm.verify(net, g, domain=box, samples=SAMPLES, certify=True)
     assert report.certified and report.max_abs_error > 0
     assert report.max_abs_error <= report.certified_bound + report.rounding_bound
-    assert report.rounding_bound > 1e-9    # float32 arithmetic, not float64's 1e-13 (0.1 reported 7e-13)
+    assert report.rounding_bound > 1e-9  # float32 arithmetic, not float64's 1e-13 (0.1 reported 7e-13)
 
 
 def test_cli_verify_certify_exits_1_when_the_bound_exceeds_the_tolerance(tmp_path, capsys):
@@ -167,17 +171,30 @@ def test_cli_verify_certify_exits_1_when_the_bound_exceeds_the_tolerance(tmp_pat
     centre = ((box.low + box.high) / 2).expand(first.linear.in_features).to(net.dtype)
     z = first.linear(centre).detach()
     gamma = float(first.norm.weight.detach()[0])
-    tampered = _tampered(tmp_path, net, {"layers.0.norm.weight": (0, 1e-3 * gamma),
-                                         "layers.0.norm.bias": (0, -1e-3 * gamma * float(z[0]))})
+    tampered = _tampered(
+        tmp_path,
+        net,
+        {"layers.0.norm.weight": (0, 1e-3 * gamma), "layers.0.norm.bias": (0, -1e-3 * gamma * float(z[0]))},
+    )
     sampled = onlynorm.verify(tampered, g, samples=1, certify=True)
-    tolerance = 2 * sampled.max_rel_error          # the sampled check passes at this tolerance...
+    tolerance = 2 * sampled.max_rel_error  # the sampled check passes at this tolerance...
     report = onlynorm.verify(tampered, g, samples=1, certify=True, tolerance=tolerance)
     assert report.passed and report.certified
-    assert not report.proven                       # ...but the proven bound does not meet it
+    assert not report.proven  # ...but the proven bound does not meet it
     tampered.save(tmp_path / "t.safetensors")
     onlynorm.MLPSpec.from_module(g).save(tmp_path / "g.safetensors")
     with pytest.raises(SystemExit) as info:
-        main(["verify", str(tmp_path / "t.safetensors"), str(tmp_path / "g.safetensors"), "--samples", "1",
-              "--certify", "--tolerance", repr(tolerance)])
+        main(
+            [
+                "verify",
+                str(tmp_path / "t.safetensors"),
+                str(tmp_path / "g.safetensors"),
+                "--samples",
+                "1",
+                "--certify",
+                "--tolerance",
+                repr(tolerance),
+            ]
+        )
     err = capsys.readouterr().err
     assert info.value.code == 1 and "the certified bound" in err and "exceeds the tolerance" in err

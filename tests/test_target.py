@@ -30,13 +30,16 @@ def test_linear_without_bias_gets_zero_bias_and_dropout_is_ignored():
     assert torch.equal(spec(x), model(x))
 
 
-@pytest.mark.parametrize("module, message", [
-    (nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 1)), "two Linear layers in a row"),
-    (nn.Sequential(nn.Linear(2, 3), nn.ReLU()), "trailing ReLU"),
-    (nn.Sequential(nn.ReLU(), nn.Linear(2, 3)), "expected a Linear layer here"),
-    (nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 1)), r"Tanh\) is not supported"),
-    (nn.Conv1d(2, 3, 1), "expected an nn.Sequential"),
-])
+@pytest.mark.parametrize(
+    "module, message",
+    [
+        (nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 1)), "two Linear layers in a row"),
+        (nn.Sequential(nn.Linear(2, 3), nn.ReLU()), "trailing ReLU"),
+        (nn.Sequential(nn.ReLU(), nn.Linear(2, 3)), "expected a Linear layer here"),
+        (nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 1)), r"Tanh\) is not supported"),
+        (nn.Conv1d(2, 3, 1), "expected an nn.Sequential"),
+    ],
+)
 def test_non_mlp_modules_are_refused(module, message):
     with pytest.raises(InvalidTargetError, match=message):
         as_target(module)
@@ -78,14 +81,17 @@ def test_state_dict_with_common_prefix_is_accepted():
     assert MLPSpec.from_state_dict(sd).dims == [3, 4, 2]
 
 
-@pytest.mark.parametrize("state, message", [
-    ({}, "found no tensors"),
-    ({"0.weight": torch.zeros(2, 2), "encoder.attn": torch.zeros(2)}, "key 'encoder.attn' is not an MLP parameter"),
-    ({"0.bias": torch.zeros(2)}, "has a bias but no weight"),
-    ({"a.0.weight": torch.zeros(2, 2), "b.2.weight": torch.zeros(1, 2)}, "several key prefixes"),
-    ({"0.weight": torch.zeros(2, 2, 3)}, "expected a 2-D weight"),
-    ({"0.weight": torch.zeros(2, 2, dtype=torch.int64)}, "floating-point"),
-])
+@pytest.mark.parametrize(
+    "state, message",
+    [
+        ({}, "found no tensors"),
+        ({"0.weight": torch.zeros(2, 2), "encoder.attn": torch.zeros(2)}, "key 'encoder.attn' is not an MLP parameter"),
+        ({"0.bias": torch.zeros(2)}, "has a bias but no weight"),
+        ({"a.0.weight": torch.zeros(2, 2), "b.2.weight": torch.zeros(1, 2)}, "several key prefixes"),
+        ({"0.weight": torch.zeros(2, 2, 3)}, "expected a 2-D weight"),
+        ({"0.weight": torch.zeros(2, 2, dtype=torch.int64)}, "floating-point"),
+    ],
+)
 def test_state_dicts_that_are_not_mlps(state, message):
     with pytest.raises(InvalidTargetError, match=message):
         MLPSpec.from_state_dict(state)

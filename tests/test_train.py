@@ -14,22 +14,32 @@ from .conftest import random_mlp
 
 
 def test_selection_by_type_not_by_name():
-    class Sneaky(nn.Module):          # a parameter *named* like a norm, in a non-norm module
+    class Sneaky(nn.Module):  # a parameter *named* like a norm, in a non-norm module
         def __init__(self):
             super().__init__()
             self.bn_weight = nn.Parameter(torch.ones(3))
             self.norm = nn.Linear(3, 3)  # named "norm" but a Linear
 
-    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.LayerNorm(4), nn.GroupNorm(2, 4),
-                          nn.InstanceNorm1d(4, affine=True), nn.InstanceNorm1d(4), nn.LayerNorm(4, elementwise_affine=False),
-                          nn.BatchNorm2d(2), nn.BatchNorm3d(2), Sneaky())
+    model = nn.Sequential(
+        nn.Linear(3, 4),
+        nn.BatchNorm1d(4),
+        nn.LayerNorm(4),
+        nn.GroupNorm(2, 4),
+        nn.InstanceNorm1d(4, affine=True),
+        nn.InstanceNorm1d(4),
+        nn.LayerNorm(4, elementwise_affine=False),
+        nn.BatchNorm2d(2),
+        nn.BatchNorm3d(2),
+        Sneaky(),
+    )
     if hasattr(nn, "RMSNorm"):
         model.append(nn.RMSNorm(4))
     params = norm_parameters(model)
     expected = []
     for m in model:
-        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm, nn.InstanceNorm1d)) \
-                and getattr(m, "affine", True):
+        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm, nn.InstanceNorm1d)) and getattr(
+            m, "affine", True
+        ):
             expected += [m.weight, m.bias]
         elif isinstance(m, nn.LayerNorm) and m.elementwise_affine:
             expected += [m.weight, m.bias]
@@ -52,7 +62,7 @@ def test_only_norm_parameters_change_and_loss_falls():
     for k, v in net.state_dict().items():
         if k in norm_keys:
             continue
-        assert torch.equal(v, before[k]), k            # frozen weights and running statistics untouched
+        assert torch.equal(v, before[k]), k  # frozen weights and running statistics untouched
     assert not net.training and all(not p.requires_grad for p in net.frozen_parameters())
 
 
@@ -75,15 +85,18 @@ def test_any_torch_model_and_a_dataloader():
     lin_before = model[0].weight.clone()
     history = train_norm_only(model, loader, steps=30, progress=False)
     assert len(history.losses) == 30 and torch.equal(model[0].weight, lin_before)
-    assert model[0].weight.requires_grad            # requires_grad flags restored afterwards
+    assert model[0].weight.requires_grad  # requires_grad flags restored afterwards
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({}, "expected exactly one of data="),
-    ({"target": lambda x: x, "box": Box(0.0, 1.0)}, "needs a sized box"),
-    ({"data": (torch.zeros(3, 2), torch.zeros(4, 1))}, "same positive number of rows"),
-    ({"data": (torch.zeros(3, 2), torch.zeros(3, 1)), "statistics": "running"}, "expected 'fixed' or 'batch'"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({}, "expected exactly one of data="),
+        ({"target": lambda x: x, "box": Box(0.0, 1.0)}, "needs a sized box"),
+        ({"data": (torch.zeros(3, 2), torch.zeros(4, 1))}, "same positive number of rows"),
+        ({"data": (torch.zeros(3, 2), torch.zeros(3, 1)), "statistics": "running"}, "expected 'fixed' or 'batch'"),
+    ],
+)
 def test_bad_arguments(kwargs, message):
     net = onlynorm.random_normnet(random_mlp([2, 3, 1]))
     with pytest.raises(OnlyNormError, match=message):

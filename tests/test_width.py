@@ -49,8 +49,7 @@ def test_exact_on_random_rectangular_targets_and_boxes(case):
     assert f.summary().exact is True
 
 
-@pytest.mark.parametrize("dims", [pytest.param([32, 32, 32, 32, 32, 32, 32], marks=pytest.mark.heavy),
-                                  [32, 16, 32, 8]])
+@pytest.mark.parametrize("dims", [pytest.param([32, 32, 32, 32, 32, 32, 32], marks=pytest.mark.heavy), [32, 16, 32, 8]])
 def test_width_32_depth_6_on_1e5_samples_of_an_asymmetric_box(dims):
     g = random_mlp(dims, seed=7)
     box = Box(0.0, 5.0)
@@ -69,20 +68,23 @@ def test_only_gamma_and_beta_change_bit_for_bit():
     assert before.keys() == after.keys()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     norm_keys = {k for k, p in solved.named_parameters() if id(p) in norm_ids}
-    assert changed and changed <= norm_keys               # γ and β of BatchNorm only
-    for k in before.keys() - norm_keys:                   # frozen weights and every buffer: bit-for-bit
+    assert changed and changed <= norm_keys  # γ and β of BatchNorm only
+    for k in before.keys() - norm_keys:  # frozen weights and every buffer: bit-for-bit
         assert torch.equal(before[k], after[k]), k
     assert all(not p.requires_grad for p in solved.frozen_parameters())
     # the frozen input network was not modified in place
     assert all(torch.equal(p, torch.ones_like(p)) for p in frozen.norm_parameters()[0::2])
 
 
-@pytest.mark.parametrize("init", [
-    lambda w, g: w.copy_(torch.distributions.Laplace(0.0, 1.0).sample(w.shape).to(w)),
-    lambda w, g: w.uniform_(-1, 1, generator=g),
-    lambda w, g: w.copy_(torch.distributions.StudentT(3.0).sample(w.shape).to(w)),
-    lambda w, g: w.copy_(torch.rand(w.shape, generator=g, dtype=w.dtype) + 0.5),   # all positive
-])
+@pytest.mark.parametrize(
+    "init",
+    [
+        lambda w, g: w.copy_(torch.distributions.Laplace(0.0, 1.0).sample(w.shape).to(w)),
+        lambda w, g: w.uniform_(-1, 1, generator=g),
+        lambda w, g: w.copy_(torch.distributions.StudentT(3.0).sample(w.shape).to(w)),
+        lambda w, g: w.copy_(torch.rand(w.shape, generator=g, dtype=w.dtype) + 0.5),  # all positive
+    ],
+)
 def test_user_reinitialised_frozen_weights(init):
     torch.manual_seed(0)
     g = random_mlp([4, 6, 3], seed=4)
@@ -100,7 +102,7 @@ def test_user_reinitialised_frozen_weights(init):
 
 def test_hand_built_pretrained_network_without_meta_is_treated_as_width():
     g = random_mlp([3, 5, 2], seed=8)
-    pretrained = random_mlp([3, 15, 5, 10, 2], seed=9)            # "pretrained" weights to reuse as frozen A, B
+    pretrained = random_mlp([3, 15, 5, 10, 2], seed=9)  # "pretrained" weights to reuse as frozen A, B
     linears = [m for m in pretrained if isinstance(m, torch.nn.Linear)]
     stages = [NormLinear(3, 15), NormLinear(15, 5), NormLinear(5, 10), NormLinear(10, 2, relu=False)]
     with torch.no_grad():
@@ -109,7 +111,7 @@ def test_hand_built_pretrained_network_without_meta_is_treated_as_width():
     net = onlynorm.NormNet(stages)
     solved = onlynorm.solve_norms(net, g)
     assert solved.method == "width" and solved.summary().target_parameters == 3 * 5 + 5 + 5 * 2 + 2
-    assert net.meta.method is None and net.meta.solve is None   # the caller's network is untouched
+    assert net.meta.method is None and net.meta.solve is None  # the caller's network is untouched
     assert onlynorm.verify(solved, g, samples=5000).passed
 
 
@@ -138,7 +140,9 @@ def test_architecture_numbers():
     assert s.tunable_parameters == 2 * (24 + 6 + 18 + 3)
     assert s.target_parameters == MLPSpec.from_module(g).num_parameters
     # Theorem 1 tunes exactly one γ per target weight in the first layer of each pair
-    assert sum(st.norm.weight.numel() for st in f.layers[0::2]) == sum(w.numel() for w in MLPSpec.from_module(g).weights)
+    assert sum(st.norm.weight.numel() for st in f.layers[0::2]) == sum(
+        w.numel() for w in MLPSpec.from_module(g).weights
+    )
 
 
 def test_float32_reconstruction_is_accurate_to_single_precision():

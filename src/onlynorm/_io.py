@@ -43,11 +43,15 @@ def check_output_path(path: str | os.PathLike, *, inputs: tuple[str | os.PathLik
         raise FileFormatError("output path: expected a file name, found an empty string")
     final = Path(path)
     if final.is_dir():
-        raise FileFormatError(f"output path {str(final)!r} is a directory; expected a file name such as "
-                              f"{str(final / 'net.safetensors')!r}")
+        raise FileFormatError(
+            f"output path {str(final)!r} is a directory; expected a file name such as "
+            f"{str(final / 'net.safetensors')!r}"
+        )
     if final.exists() and not final.is_file():
-        raise FileFormatError(f"output path {str(final)!r} exists and is not a regular file (a FIFO, device or "
-                              "socket); onlynorm only replaces regular files — choose another name")
+        raise FileFormatError(
+            f"output path {str(final)!r} exists and is not a regular file (a FIFO, device or "
+            "socket); onlynorm only replaces regular files — choose another name"
+        )
     parent = final.parent
     if not parent.is_dir():
         raise FileFormatError(f"cannot write {str(final)!r}: directory {str(parent)!r} does not exist; create it first")
@@ -55,8 +59,10 @@ def check_output_path(path: str | os.PathLike, *, inputs: tuple[str | os.PathLik
         raise FileFormatError(f"cannot write {str(final)!r}: directory {str(parent)!r} is not writable")
     for source in inputs:
         if final.exists() and Path(source).exists() and os.path.samefile(final, source):
-            raise FileFormatError(f"output path {str(final)!r} is the input file {str(source)!r}; refusing to "
-                                  "overwrite an input — write to another file")
+            raise FileFormatError(
+                f"output path {str(final)!r} is the input file {str(source)!r}; refusing to "
+                "overwrite an input — write to another file"
+            )
     return final
 
 
@@ -71,8 +77,9 @@ def check_output_dir(path: str | os.PathLike) -> Path:
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise FileFormatError(f"cannot create output directory {str(out)!r}: {str(existing)!r} is not a writable "
-                              "directory")
+        raise FileFormatError(
+            f"cannot create output directory {str(out)!r}: {str(existing)!r} is not a writable directory"
+        )
     return out
 
 
@@ -91,13 +98,13 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent or ".")
     os.close(fd)
     tmp = Path(tmp_name)
-    os.chmod(tmp, 0o666 & ~_umask())   # mkstemp makes 0600; an output file gets the usual permissions
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; an output file gets the usual permissions
     try:
         yield tmp
-        if final.exists() and not final.is_file():   # became special while we worked: never replace it
+        if final.exists() and not final.is_file():  # became special while we worked: never replace it
             raise FileFormatError(f"output path {str(final)!r} is no longer a regular file; not replaced")
         os.replace(tmp, final)
-    finally:   # also on KeyboardInterrupt and on SIGTERM (the CLI turns it into SystemExit): no partial file
+    finally:  # also on KeyboardInterrupt and on SIGTERM (the CLI turns it into SystemExit): no partial file
         if tmp.exists():
             tmp.unlink()
 
@@ -127,8 +134,10 @@ def read_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
     tensors, meta = (_read_torch_state_dict(p), None) if suffix in {".pt", ".pth", ".bin"} else _read_safetensors(p)
     for name, t in tensors.items():
         if t.layout != torch.strided or t.device.type != "cpu" or t.is_quantized:
-            raise FileFormatError(f"{str(p)!r}: tensor {name!r} is {t.layout} on device {t.device.type}; expected "
-                                  "dense CPU tensors (save with tensor.to_dense().cpu())")
+            raise FileFormatError(
+                f"{str(p)!r}: tensor {name!r} is {t.layout} on device {t.device.type}; expected "
+                "dense CPU tensors (save with tensor.to_dense().cpu())"
+            )
         if t.is_complex():
             raise FileFormatError(f"{str(p)!r}: tensor {name!r} has complex dtype {t.dtype}; expected real values")
     return tensors, meta
@@ -147,14 +156,16 @@ def _read_safetensors(p: Path) -> tuple[dict[str, torch.Tensor], dict | None]:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise FileFormatError(
             f"{str(p)!r} is not a readable safetensors file ({first}); expected a file written by "
-            "safetensors.torch.save_file or onlynorm") from None
+            "safetensors.torch.save_file or onlynorm"
+        ) from None
     meta = None
     if METADATA_KEY in raw_meta:
         try:
             meta = json.loads(raw_meta[METADATA_KEY])
         except (json.JSONDecodeError, RecursionError):
-            raise FileFormatError(f"{str(p)!r} has corrupt onlynorm metadata (not JSON, or nested too deeply); "
-                                  "re-create the file") from None
+            raise FileFormatError(
+                f"{str(p)!r} has corrupt onlynorm metadata (not JSON, or nested too deeply); re-create the file"
+            ) from None
         if not isinstance(meta, dict):
             raise FileFormatError(f"{str(p)!r} has onlynorm metadata of type {type(meta).__name__}, expected an object")
     return tensors, meta
@@ -167,8 +178,10 @@ def _read_torch_state_dict(p: Path) -> dict[str, torch.Tensor]:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise FileFormatError(
             f"{str(p)!r} is not a loadable weights-only torch file ({first[:200]}); expected a state_dict saved "
-            "with torch.save(model.state_dict(), path)") from None
+            "with torch.save(model.state_dict(), path)"
+        ) from None
     if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
         raise FileFormatError(
-            f"{str(p)!r} holds a {type(obj).__name__}, expected a state_dict (a dict of name -> tensor)")
+            f"{str(p)!r} holds a {type(obj).__name__}, expected a state_dict (a dict of name -> tensor)"
+        )
     return dict(obj)

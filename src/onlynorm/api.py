@@ -25,9 +25,16 @@ __all__ = ["random_normnet", "solve_norms", "reconstruct"]
 InShape = tuple[int, int, int]
 
 
-def random_normnet(target: MLPSpec | nn.Module, method: str = "width", seed: int = 0, *,
-                   dtype: torch.dtype = torch.float64, device: torch.device | str | None = None,
-                   in_shape: InShape | None = None, **options: Any) -> NormNet:
+def random_normnet(
+    target: MLPSpec | nn.Module,
+    method: str = "width",
+    seed: int = 0,
+    *,
+    dtype: torch.dtype = torch.float64,
+    device: torch.device | str | None = None,
+    in_shape: InShape | None = None,
+    **options: Any,
+) -> NormNet:
     """A frozen random network able to express ``target`` by ``method``, with its norms at identity
     (``γ = 1, β = 0``). Re-initialise its frozen weights if you like; then call :func:`solve_norms`.
 
@@ -50,8 +57,9 @@ def random_normnet(target: MLPSpec | nn.Module, method: str = "width", seed: int
     return construction.build(spec, seed=seed, dtype=dtype, device=device, **options)
 
 
-def solve_norms(frozen: NormNet, target: MLPSpec | nn.Module, domain: Box | tuple | None = None, *,
-                progress: Progress | None = None) -> NormNet:
+def solve_norms(
+    frozen: NormNet, target: MLPSpec | nn.Module, domain: Box | tuple | None = None, *, progress: Progress | None = None
+) -> NormNet:
     """Solve only the ``γ, β`` of ``frozen`` so that it computes ``target`` on ``domain`` (default ``[-1, 1]^n``).
 
     Returns a new network; every frozen parameter and buffer is bit-for-bit the one of ``frozen``. The method is
@@ -59,27 +67,43 @@ def solve_norms(frozen: NormNet, target: MLPSpec | nn.Module, domain: Box | tupl
     """
     if not isinstance(frozen, NormNet):
         raise InvalidNetworkError(
-            f"expected a NormNet (from onlynorm.random_normnet or NormNet.load), found {type(frozen).__name__}")
+            f"expected a NormNet (from onlynorm.random_normnet or NormNet.load), found {type(frozen).__name__}"
+        )
     spec = as_target(target, frozen.in_shape)
     dims = frozen.target_dims
     if dims is not None and list(dims) != spec.dims:
         raise InvalidNetworkError(
             f"the frozen network was built for a target of dims {dims}, found a target of dims {spec.dims}; "
-            "build a new one with onlynorm.random_normnet(target)")
+            "build a new one with onlynorm.random_normnet(target)"
+        )
     if frozen.meta.method is None:
         if not all(isinstance(s, NormLinear) for s in frozen.layers):
-            raise InvalidNetworkError("the frozen network records no method and is not a width network of NormLinear "
-                                      "stages; set net.meta.method to the construction it follows")
-        frozen = frozen.clone()   # record what it is on a copy: the caller's network is not modified
-        frozen.meta = frozen.meta.replace(method="width", target_dims=frozen.meta.target_dims or spec.dims,
-                                          target_parameters=frozen.meta.target_parameters or spec.num_parameters)
+            raise InvalidNetworkError(
+                "the frozen network records no method and is not a width network of NormLinear "
+                "stages; set net.meta.method to the construction it follows"
+            )
+        frozen = frozen.clone()  # record what it is on a copy: the caller's network is not modified
+        frozen.meta = frozen.meta.replace(
+            method="width",
+            target_dims=frozen.meta.target_dims or spec.dims,
+            target_parameters=frozen.meta.target_parameters or spec.num_parameters,
+        )
     box = resolve_domain(domain, spec.in_features)
     return get_construction(frozen.meta.method or "width").solve(frozen, spec, box, progress=progress)
 
 
-def reconstruct(target: MLPSpec | nn.Module, method: str = "width", domain: Box | tuple | None = None,
-                seed: int = 0, *, dtype: torch.dtype = torch.float64, device: torch.device | str | None = None,
-                progress: Progress | None = None, in_shape: InShape | None = None, **options: Any) -> NormNet:
+def reconstruct(
+    target: MLPSpec | nn.Module,
+    method: str = "width",
+    domain: Box | tuple | None = None,
+    seed: int = 0,
+    *,
+    dtype: torch.dtype = torch.float64,
+    device: torch.device | str | None = None,
+    progress: Progress | None = None,
+    in_shape: InShape | None = None,
+    **options: Any,
+) -> NormNet:
     """Build a frozen random network for ``target`` and solve its norms: ``f ≡ g`` on ``domain``.
 
     For a CNN target, ``in_shape=(c, H, W)`` — or a ``Box`` with image-shaped bounds, which supplies it.
@@ -93,9 +117,9 @@ def reconstruct(target: MLPSpec | nn.Module, method: str = "width", domain: Box 
     True
     """
     if in_shape is None and isinstance(domain, Box) and domain.shape is not None:
-        in_shape = domain.shape   # type: ignore[assignment]
+        in_shape = domain.shape  # type: ignore[assignment]
     spec = as_target(target, _in_shape(in_shape))
-    box = resolve_domain(domain, spec.in_features)   # validate before any work
+    box = resolve_domain(domain, spec.in_features)  # validate before any work
     net = random_normnet(spec, method=method, seed=seed, dtype=dtype, device=device, **options)
     return solve_norms(net, spec, box, progress=progress)
 
@@ -103,10 +127,14 @@ def reconstruct(target: MLPSpec | nn.Module, method: str = "width", domain: Box 
 def _in_shape(in_shape: Any) -> InShape | None:
     if in_shape is None:
         return None
-    if not (isinstance(in_shape, (tuple, list)) and len(in_shape) == 3
-            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in in_shape)):
-        raise InvalidOptionError(f"in_shape: expected (channels, height, width) of positive integers, found "
-                                 f"{in_shape!r}")
+    if not (
+        isinstance(in_shape, (tuple, list))
+        and len(in_shape) == 3
+        and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in in_shape)
+    ):
+        raise InvalidOptionError(
+            f"in_shape: expected (channels, height, width) of positive integers, found {in_shape!r}"
+        )
     return (int(in_shape[0]), int(in_shape[1]), int(in_shape[2]))
 
 
@@ -120,8 +148,9 @@ def _method_for(spec, method: str) -> str:
         if method in ("deep", "conv_deep"):
             return "conv_deep"
         if method not in ("width", "conv"):
-            raise InvalidOptionError(f"method {method!r} is not available for CNN targets; use method='width' "
-                                     "or method='deep'")
+            raise InvalidOptionError(
+                f"method {method!r} is not available for CNN targets; use method='width' or method='deep'"
+            )
         return "conv"
     if method in ("conv", "conv_deep"):
         raise InvalidOptionError(f"method {method!r} is for CNN targets; this target is an MLP — use 'width'")

@@ -35,13 +35,13 @@ __all__ = ["capacity", "CapacityReport", "SystemCapacity"]
 @dataclass
 class SystemCapacity:
     label: str
-    equations: int                 # m·n
-    unknowns: int                  # N
+    equations: int  # m·n
+    unknowns: int  # N
     rank: int
-    condition: float               # |R₁₁| / |R_kk| from pivoted QR (≈ cond(M) up to a modest factor)
-    structural_rank: int | None    # for sparse frozen weights
-    expressible: bool              # vec W ∈ range(M)
-    residual: float                # relative least-squares residual of the target (0 when full row rank)
+    condition: float  # |R₁₁| / |R_kk| from pivoted QR (≈ cond(M) up to a modest factor)
+    structural_rank: int | None  # for sparse frozen weights
+    expressible: bool  # vec W ∈ range(M)
+    residual: float  # relative least-squares residual of the target (0 when full row rank)
 
 
 @dataclass
@@ -58,8 +58,12 @@ class CapacityReport:
         for s in self.systems:
             srank = "" if s.structural_rank is None else f", structural rank {s.structural_rank}"
             verdict = "expressible" if s.expressible else f"NOT expressible (residual {s.residual:.1e})"
-            out.append((s.label, f"rank {s.rank}/{s.equations} ({s.unknowns} unknowns{srank}), "
-                                 f"cond ≈ {s.condition:.1e}: {verdict}"))
+            out.append(
+                (
+                    s.label,
+                    f"rank {s.rank}/{s.equations} ({s.unknowns} unknowns{srank}), cond ≈ {s.condition:.1e}: {verdict}",
+                )
+            )
         return out
 
     def __str__(self) -> str:
@@ -95,13 +99,12 @@ def capacity(frozen: NormNet, target: MLPSpec | nn.Module) -> CapacityReport:
         condition = top / float(diag[rank - 1]) if rank > 0 else float("inf")
         if rank == equations:
             expressible, residual = True, 0.0
-        else:   # only now a second factorisation: is vec W in the range of M?
+        else:  # only now a second factorisation: is vec W in the range of M?
             rhs = vec(W64).numpy()
             gamma = np.linalg.lstsq(M, rhs, rcond=None)[0]
             scale = float(np.linalg.norm(rhs)) or 1.0
             residual = float(np.linalg.norm(M @ gamma - rhs)) / scale
             # the verification tolerance; a rank-deficient M has condition ∞, which must not widen the test
             expressible = residual <= EXPRESSIBLE_RTOL
-        report.systems.append(SystemCapacity(label, equations, unknowns, rank, condition, srank, expressible,
-                                             residual))
+        report.systems.append(SystemCapacity(label, equations, unknowns, rank, condition, srank, expressible, residual))
     return report

@@ -60,14 +60,14 @@ def certify_conv(net, spec: ConvNetSpec, box: Box) -> CertifyResult:
     lo, hi = box_tensors(spec, box, torch.float64)
     zero = torch.zeros_like(lo)
     notes: list[str] = []
-    state = _walk(spec.layers, list(net.layers),
-                  _State(lo, hi, zero, zero.clone(), zero.clone()), notes, prefix="")
+    state = _walk(spec.layers, list(net.layers), _State(lo, hi, zero, zero.clone(), zero.clone()), notes, prefix="")
     certified = not notes
     if not certified:
         notes.append("not certified: equivalence is only supported by samples")
     bound = float(state.err.max()) if certified else float("inf")
-    return CertifyResult(certified=certified, bound=bound, rounding_bound=float((state.rf + state.rg).max()),
-                         notes=notes)
+    return CertifyResult(
+        certified=certified, bound=bound, rounding_bound=float((state.rf + state.rg).max()), notes=notes
+    )
 
 
 def _walk(layers, stages: list, st: _State, notes: list[str], prefix: str) -> _State:
@@ -99,14 +99,18 @@ def _walk(layers, stages: list, st: _State, notes: list[str], prefix: str) -> _S
             lo, hi = (skip.lo + body.lo).clamp(min=0), (skip.hi + body.hi).clamp(min=0)
             widen = 4 * _U * torch.maximum(lo.abs(), hi.abs())
             mags = 2 * _U * (skip.mag + body.mag)
-            st = _State(lo - widen, hi + widen, skip.err + body.err, skip.rf + body.rf + mags,
-                        skip.rg + body.rg + mags)
+            st = _State(lo - widen, hi + widen, skip.err + body.err, skip.rf + body.rf + mags, skip.rg + body.rg + mags)
         else:
             pos += 1
             lo, hi = layer.bounds(st.lo, st.hi)
             widen = 4 * _U * torch.maximum(lo.abs(), hi.abs()) if layer.type == "avgpool" else 0.0
-            st = _State(lo - widen, hi + widen, layer.error_map(st.err), layer.error_map(st.rf) + widen,
-                        layer.error_map(st.rg) + widen)
+            st = _State(
+                lo - widen,
+                hi + widen,
+                layer.error_map(st.err),
+                layer.error_map(st.rf) + widen,
+                layer.error_map(st.rg) + widen,
+            )
     if pos != len(stages):
         raise InvalidNetworkError(f"the network has {len(stages)} stages where the target needs {pos}")
     return st
@@ -131,8 +135,14 @@ def _stream_factors(stage):
     A = _d(stage.dense_branch())
     if stage.flat:
         A = A.flatten(1)
-    return (A, _d(stage.branch_norm.weight), _d(stage.branch_norm.bias), _d(stage.readout.weight).flatten(1),
-            _d(stage.norm.weight), _d(stage.norm.bias))
+    return (
+        A,
+        _d(stage.branch_norm.weight),
+        _d(stage.branch_norm.bias),
+        _d(stage.readout.weight).flatten(1),
+        _d(stage.norm.weight),
+        _d(stage.norm.bias),
+    )
 
 
 def _affine(layer, A4, g1, b1, B, g2, b2, st: _State, notes: list[str], where: str, paired: bool = False) -> _State:
@@ -159,8 +169,9 @@ def _affine(layer, A4, g1, b1, B, g2, b2, st: _State, notes: list[str], where: s
         err = _conv(layer, st.mag, dW4) + _conv(layer, st.err, W4) + db.reshape(1, -1, 1, 1)
         u_mag = _conv(layer, st.mag, GA.abs().reshape(A4.shape)) + b1.abs().reshape(1, -1, 1, 1)
         ru = _conv(layer, st.rf, GA.abs().reshape(A4.shape)) + _g(K + 2) * u_mag
-        rf = (torch.einsum("oj,bjhw->bohw", g2.abs().unsqueeze(1) * B.abs(), ru + u_mag * _g(N + 2))
-              + 2 * _U * b2.abs().reshape(1, -1, 1, 1))
+        rf = torch.einsum(
+            "oj,bjhw->bohw", g2.abs().unsqueeze(1) * B.abs(), ru + u_mag * _g(N + 2)
+        ) + 2 * _U * b2.abs().reshape(1, -1, 1, 1)
         rg = _conv(layer, st.rg, W4) + _g(K + 2) * (_conv(layer, st.mag, W4) + b.abs().reshape(1, -1, 1, 1))
         lo, hi = layer.bounds(st.lo, st.hi, weight=W_hat.reshape(W.shape), use_bias=False)
         lo, hi = lo + b_hat.reshape(1, -1, 1, 1), hi + b_hat.reshape(1, -1, 1, 1)
@@ -191,5 +202,7 @@ def _check_activity(conv: bool, layer, A4, GA, b1, K: int, st: _State, notes: li
         low = zmin + b1 - _g(K + 3) * (GA.abs() @ mag + b1.abs())
     off = low <= 0
     if bool(off.any()):
-        notes.append(f"{where}: {int(off.sum())} unit(s)/channel(s) of the first stage may switch off on the box "
-                     f"(min pre-activation {float(low.min()):.3e} ≤ 0)")
+        notes.append(
+            f"{where}: {int(off.sum())} unit(s)/channel(s) of the first stage may switch off on the box "
+            f"(min pre-activation {float(low.min()):.3e} ≤ 0)"
+        )

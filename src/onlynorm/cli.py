@@ -21,9 +21,13 @@ from ._io import check_output_dir, check_output_path
 from .demos.report import print_rows
 from .errors import InvalidOptionError, OnlyNormError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Reconstruct ReLU networks exactly by tuning only the BatchNorm γ, β of a frozen random "
-                       "network; verify and certify the result.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Reconstruct ReLU networks exactly by tuning only the BatchNorm γ, β of a frozen random "
+    "network; verify and certify the result.",
+)
 console = Console()
 err_console = Console(stderr=True)
 
@@ -34,7 +38,7 @@ def _version(value: bool) -> None:
 
         try:
             number = version("onlynorm")
-        except PackageNotFoundError:   # running from a source tree that was never installed
+        except PackageNotFoundError:  # running from a source tree that was never installed
             from . import __version__ as number
         print(f"onlynorm {number}")
         raise typer.Exit()
@@ -42,8 +46,9 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _options(
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
-                                 help="Print the installed version and exit."),
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the installed version and exit."
+    ),
 ) -> None:
     """Reconstruct ReLU networks exactly by tuning only the BatchNorm γ, β of a frozen random network; verify and
     certify the result."""
@@ -67,10 +72,14 @@ class _LayerProgress:
     def __init__(self, description: str):
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-
-        self._progress = Progress(TextColumn("[progress.description]{task.description}"), BarColumn(),
-                                  TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
-                                  console=err_console, transient=True)
+        self._progress = Progress(
+            TextColumn("[progress.description]{task.description}"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total}"),
+            TimeElapsedColumn(),
+            console=err_console,
+            transient=True,
+        )
         self._description = description
         self._task = TaskID(0)
 
@@ -89,15 +98,20 @@ class _LayerProgress:
 def _reconstruct_help() -> str:
     from .constructions import available_methods, get_construction
 
-    lines = ["Build a frozen random network and solve its BatchNorm γ, β so it computes TARGET on the box.",
-             "Methods (--method):"]
+    lines = [
+        "Build a frozen random network and solve its BatchNorm γ, β so it computes TARGET on the box.",
+        "Methods (--method):",
+    ]
     lines += [f"* {name}: {get_construction(name).cost}" for name in available_methods()]
     return "\n\n".join(lines)
 
 
 def reconstruct(
-    target: Path = typer.Argument(..., help="Target: safetensors (or .pt) state_dict of nn.Sequential(Linear, ReLU, "
-                                            "...), or a CNN saved by ConvNetSpec.save."),
+    target: Path = typer.Argument(
+        ...,
+        help="Target: safetensors (or .pt) state_dict of nn.Sequential(Linear, ReLU, "
+        "...), or a CNN saved by ConvNetSpec.save.",
+    ),
     out: Path = typer.Option(..., "--out", "-o", help="Where to write the reconstructed network (.safetensors)."),
     method: str = typer.Option("width", help="Construction (see above)."),
     seed: int = typer.Option(0, help="Seed of the frozen random weights (0 ≤ seed < 2⁶⁴)."),
@@ -119,8 +133,7 @@ def reconstruct(
     given = {name: _option_specs()[name].parse_text(text) for name, text in options.items() if text is not None}
     box = _domain(low, high)
     with _LayerProgress(f"solving ({method})") as progress:
-        net = api.reconstruct(spec, method=method, domain=box, seed=seed, dtype=torch_dtype,
-                              progress=progress, **given)
+        net = api.reconstruct(spec, method=method, domain=box, seed=seed, dtype=torch_dtype, progress=progress, **given)
     net.save(out)
     print_rows(console, f"reconstructed {target.name} → {out}", net.summary().rows())
 
@@ -144,8 +157,7 @@ def _with_option_flags(fn):
     for name, spec in _option_specs().items():
         users = [m for m in available_methods() if any(s.name == name for s in get_construction(m).option_specs())]
         default = typer.Option(None, f"--{name}", help=f"{'/'.join(users)}: {spec.cli_help()}")
-        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
-                                        annotation=str | None))
+        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=str | None))
     fn.__signature__ = inspect.Signature(params)
     return fn
 
@@ -155,10 +167,14 @@ reconstruct = app.command(help=_reconstruct_help())(_with_option_flags(reconstru
 
 @app.command()
 def fit(
-    frozen: Path = typer.Argument(..., help="Frozen network: a NormNet file (onlynorm reconstruct/NormNet.save, or with_norms(model).save)."),
+    frozen: Path = typer.Argument(
+        ..., help="Frozen network: a NormNet file (onlynorm reconstruct/NormNet.save, or with_norms(model).save)."
+    ),
     target: Path = typer.Argument(..., help="Target MLP/CNN file."),
     out: Path = typer.Option(..., "--out", "-o", help="Where to write the fitted network (.safetensors)."),
-    data: Path | None = typer.Option(None, help="Inputs to fit on: a safetensors file holding one tensor (n, features)."),
+    data: Path | None = typer.Option(
+        None, help="Inputs to fit on: a safetensors file holding one tensor (n, features)."
+    ),
     low: float | None = typer.Option(None, help="Lower bound of the box to sample (default -1; not with --data)."),
     high: float | None = typer.Option(None, help="Upper bound of the box to sample (default 1; not with --data)."),
     method: str = typer.Option("auto", help="auto, exact, layerwise, gauss-newton or adam."),
@@ -171,8 +187,15 @@ def fit(
     from .fit.cli import load_fit_data, run_fit
 
     check_output_path(out, inputs=tuple(p for p in (frozen, target, data) if p is not None))
-    net, report = run_fit(frozen, target, load_fit_data(data, low, high), method=method, budget=budget, seed=seed,
-                          progress_factory=_LayerProgress)
+    net, report = run_fit(
+        frozen,
+        target,
+        load_fit_data(data, low, high),
+        method=method,
+        budget=budget,
+        seed=seed,
+        progress_factory=_LayerProgress,
+    )
     net.save(out)
     header, rows = report.table()
     print_table(console, f"fitted {frozen.name} to {target.name} → {out}", header, rows)
@@ -188,8 +211,11 @@ def verify(
     low: float | None = typer.Option(None, help="Lower bound of the box (default: the one it was solved on)."),
     high: float | None = typer.Option(None, help="Upper bound of the box (default: the one it was solved on)."),
     tolerance: float | None = typer.Option(None, help="Relative tolerance (default 1e-9 in float64)."),
-    certify: bool = typer.Option(False, "--certify", help="Also prove equivalence on the whole box; exit 0 only if "
-                                                          "the proven bound meets the tolerance too."),
+    certify: bool = typer.Option(
+        False,
+        "--certify",
+        help="Also prove equivalence on the whole box; exit 0 only if the proven bound meets the tolerance too.",
+    ),
 ) -> None:
     """Compare NET with TARGET; exit 0 when within tolerance (and, with --certify, proven within it), 1 when not."""
     from .normnet import NormNet
@@ -199,8 +225,15 @@ def verify(
     network = NormNet.load(net)
     spec = load_target(target)
     stored = network.meta.solve.domain if network.meta.solve is not None else None
-    report = run_verify(network, spec, domain=_domain(low, high, stored), samples=samples, seed=seed,
-                        tolerance=tolerance, certify=certify)
+    report = run_verify(
+        network,
+        spec,
+        domain=_domain(low, high, stored),
+        samples=samples,
+        seed=seed,
+        tolerance=tolerance,
+        certify=certify,
+    )
     print_rows(console, f"verify {net.name} against {target.name}", report.rows())
     if not report.ok:
         err_console.print(f"not verified: {report.failure()}", highlight=False, soft_wrap=True)
@@ -226,27 +259,43 @@ def capacity(
 @app.command()
 def export(
     net: Path = typer.Argument(..., help="Network written by `onlynorm reconstruct` (.safetensors)."),
-    onnx: Path = typer.Option(..., "--onnx",
-                              help="Where to write the ONNX file (needs the onnx extra: pip install onlynorm\\[onnx])."),
+    onnx: Path = typer.Option(
+        ..., "--onnx", help="Where to write the ONNX file (needs the onnx extra: pip install onlynorm\\[onnx])."
+    ),
 ) -> None:
     """Export NET as ONNX: MatMul/Conv, BatchNormalization (epsilon 0), Relu, pooling; float64 or float32."""
     from .export_onnx import export_onnx
     from .normnet import NormNet
 
     info = export_onnx(NormNet.load(net), onnx)
-    print_rows(console, f"exported {net.name} → {onnx}",
-               [("opset", str(info["opset"])), ("nodes", str(info["nodes"])), ("dtype", info["dtype"]),
-                ("input shape", " × ".join(map(str, info["inputs"])))])
+    print_rows(
+        console,
+        f"exported {net.name} → {onnx}",
+        [
+            ("opset", str(info["opset"])),
+            ("nodes", str(info["nodes"])),
+            ("dtype", info["dtype"]),
+            ("input shape", " × ".join(map(str, info["inputs"]))),
+        ],
+    )
 
 
 @app.command()
 def demo(
     seed: int = typer.Option(0, help="Seed of the target training and of the frozen network."),
     builtin: bool = typer.Option(False, "--builtin", help="Quick synthetic demo: a random MLP on [0, 2]^6 (seconds)."),
-    tasks: bool = typer.Option(False, "--tasks", help="Three digits tasks in one frozen network via swappable norm sets."),
-    cnn: bool = typer.Option(False, "--cnn", help="A small CNN (with BatchNorm) on the 8×8 digits, reconstructed exactly."),
-    resnet: bool = typer.Option(False, "--resnet", help="A CIFAR-geometry ResNet-20 reconstructed exactly by "
-                                "method='deep' (minutes), and what a ResNet-18 at 224×224 would need."),
+    tasks: bool = typer.Option(
+        False, "--tasks", help="Three digits tasks in one frozen network via swappable norm sets."
+    ),
+    cnn: bool = typer.Option(
+        False, "--cnn", help="A small CNN (with BatchNorm) on the 8×8 digits, reconstructed exactly."
+    ),
+    resnet: bool = typer.Option(
+        False,
+        "--resnet",
+        help="A CIFAR-geometry ResNet-20 reconstructed exactly by "
+        "method='deep' (minutes), and what a ResNet-18 at 224×224 would need.",
+    ),
     json_path: Path | None = typer.Option(None, "--json", help="Also write the results as JSON (atomically)."),
 ) -> None:
     """The main job: on scikit-learn's digits, reconstruct a trained MLP exactly by solving only BatchNorm γ, β
@@ -265,14 +314,18 @@ def demo(
 
 @app.command()
 def experiment(
-    name: str = typer.Argument(..., help="sparse-threshold, scaling, gd-vs-exact, depth-tradeoff, under-parameterized or fine-tune-capacity."),
+    name: str = typer.Argument(
+        ..., help="sparse-threshold, scaling, gd-vs-exact, depth-tradeoff, under-parameterized or fine-tune-capacity."
+    ),
     quick: bool = typer.Option(False, "--quick", help="Small sizes: about a minute."),
     out: Path | None = typer.Option(None, "--out", help="Output directory (default runs/NAME)."),
     seed: int = typer.Option(0, help="Seed of every random choice."),
     backend: str = typer.Option("local", help="local (this machine's cores) or dask (a Dask cluster)."),
     scheduler: str | None = typer.Option(
-        None, help="dask: scheduler address like tcp://HOST:8786 (default: $ONLYNORM_SCHEDULER, else a "
-                   "LocalCluster of one-thread worker processes)."),
+        None,
+        help="dask: scheduler address like tcp://HOST:8786 (default: $ONLYNORM_SCHEDULER, else a "
+        "LocalCluster of one-thread worker processes).",
+    ),
 ) -> None:
     """Run one experiment of the theory; writes results.json, PNG figures and summary.md into OUT."""
     from .experiments import run_experiment
@@ -305,28 +358,32 @@ def main(argv: list[str] | None = None) -> None:
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         code = get_command(app).main(args=argv, prog_name="onlynorm", standalone_mode=False)
-        if code == 130:   # typer turns Ctrl-C inside a command into Exit(130), which is returned here
+        if code == 130:  # typer turns Ctrl-C inside a command into Exit(130), which is returned here
             raise KeyboardInterrupt
         sys.exit(code if isinstance(code, int) else 0)
     except OnlyNormError as exc:
         _fail(f"error: {exc}", 2)
-    except ClickException as exc:   # usage errors: one line, not a box
+    except ClickException as exc:  # usage errors: one line, not a box
         _fail(f"error: {exc.format_message()} (see onlynorm --help)", 2)
     except (KeyboardInterrupt, Abort):
         _fail("interrupted; nothing was written", 130)
     except _Terminated:
         _fail("terminated; nothing was written", 143)
     except MemoryError as exc:
-        _fail(f"error: out of memory ({exc or 'allocation failed'}); try --method deep or lowrank, or fewer "
-              "--samples", 2)
+        _fail(
+            f"error: out of memory ({exc or 'allocation failed'}); try --method deep or lowrank, or fewer --samples", 2
+        )
     except RecursionError:
         _fail("error: the input is nested too deeply to process; expected a flatter architecture description", 2)
     except Exception as exc:  # an onlynorm bug, not the user's input: one line, unless debugging
         if os.environ.get("ONLYNORM_DEBUG"):
             raise
         first = str(exc).splitlines()[0] if str(exc) else ""
-        _fail(f"internal error: {type(exc).__name__}: {first} (set ONLYNORM_DEBUG=1 for a traceback and please "
-              "report it)", 3)
+        _fail(
+            f"internal error: {type(exc).__name__}: {first} (set ONLYNORM_DEBUG=1 for a traceback and please "
+            "report it)",
+            3,
+        )
     finally:
         signal.signal(signal.SIGTERM, previous)
 
@@ -335,9 +392,9 @@ def _fail(message: str, code: int) -> None:
     from rich.file_proxy import FileProxy
 
     stream = sys.stderr
-    while isinstance(stream, FileProxy):   # an interrupted rich progress bar can leave stderr redirected into it
+    while isinstance(stream, FileProxy):  # an interrupted rich progress bar can leave stderr redirected into it
         stream = stream.rich_proxied_file
-    print(" ".join(message.split()), file=stream, flush=True)   # one line, whatever the message held
+    print(" ".join(message.split()), file=stream, flush=True)  # one line, whatever the message held
     sys.exit(code)
 
 

@@ -21,7 +21,6 @@ Any other ``nn.Module`` (a torchvision-style ResNet, say) is converted by ``torc
 :mod:`onlynorm.fx_target`. The layers themselves are the typed records of :mod:`onlynorm.cnn_layers`.
 """
 
-
 from __future__ import annotations
 
 import os
@@ -37,7 +36,15 @@ from .domain import Box
 from .errors import FileFormatError, InvalidTargetError
 from .residual import Residual
 
-__all__ = ["ConvNetSpec", "is_cnn_module", "is_plain_sequential", "needs_tracing", "parse_sequential", "fold_batchnorm", "box_tensors"]
+__all__ = [
+    "ConvNetSpec",
+    "is_cnn_module",
+    "is_plain_sequential",
+    "needs_tracing",
+    "parse_sequential",
+    "fold_batchnorm",
+    "box_tensors",
+]
 
 _SUPPORTED = "Conv2d, BatchNorm1d/2d (folded), ReLU, MaxPool2d, AvgPool2d, Flatten, Linear, Residual"
 
@@ -46,12 +53,25 @@ def is_cnn_module(module: nn.Module) -> bool:
     """True when a Sequential contains anything beyond Linear/ReLU/Dropout/Identity that we support."""
     if not isinstance(module, nn.Sequential):
         return False
-    return any(isinstance(m, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d, nn.Flatten, Residual, nn.BatchNorm1d,
-                              nn.BatchNorm2d)) for m in module)
+    return any(
+        isinstance(m, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d, nn.Flatten, Residual, nn.BatchNorm1d, nn.BatchNorm2d))
+        for m in module
+    )
 
 
-_PLAIN = (nn.Conv2d, nn.Linear, nn.ReLU, nn.MaxPool2d, nn.AvgPool2d, nn.Flatten, Residual, nn.BatchNorm1d,
-          nn.BatchNorm2d, nn.Identity, nn.Dropout)
+_PLAIN = (
+    nn.Conv2d,
+    nn.Linear,
+    nn.ReLU,
+    nn.MaxPool2d,
+    nn.AvgPool2d,
+    nn.Flatten,
+    Residual,
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.Identity,
+    nn.Dropout,
+)
 
 
 #: torch layers only the torch.fx reader supports
@@ -74,12 +94,14 @@ def needs_tracing(module: nn.Module) -> bool:
     return any(not type(m).__module__.startswith("torch.nn") or isinstance(m, _TRACED) for m in module)
 
 
-def fold_batchnorm(weight: torch.Tensor, bias: torch.Tensor | None, bn: nn.modules.batchnorm._BatchNorm,
-                   where: str) -> tuple[torch.Tensor, torch.Tensor]:
+def fold_batchnorm(
+    weight: torch.Tensor, bias: torch.Tensor | None, bn: nn.modules.batchnorm._BatchNorm, where: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(W', b')`` of a Conv2d/Linear followed by an eval-mode BatchNorm (formula in the module docstring)."""
     if bn.training or bn.running_mean is None or bn.running_var is None:
-        raise InvalidTargetError(f"{where}: BatchNorm must be in eval mode with running statistics to be folded; "
-                                 "call model.eval() first")
+        raise InvalidTargetError(
+            f"{where}: BatchNorm must be in eval mode with running statistics to be folded; call model.eval() first"
+        )
     scale = (bn.weight if bn.affine else torch.ones_like(bn.running_var)) / torch.sqrt(bn.running_var + bn.eps)
     shift = bn.bias if bn.affine else torch.zeros_like(bn.running_mean)
     b = torch.zeros_like(bn.running_mean) if bias is None else bias
@@ -90,13 +112,16 @@ def fold_batchnorm(weight: torch.Tensor, bias: torch.Tensor | None, bn: nn.modul
 def conv_layer(m: nn.Conv2d, bn: nn.modules.batchnorm._BatchNorm | None, where: str) -> Conv:
     """A typed :class:`Conv` from an ``nn.Conv2d`` (and the BatchNorm2d folded into it, if any)."""
     if m.groups != 1 or m.padding_mode != "zeros" or isinstance(m.padding, str):
-        raise InvalidTargetError(f"{where}: only groups=1, zero padding given as integers is supported; "
-                                 f"found groups={m.groups}, padding={m.padding!r}, mode={m.padding_mode!r}")
+        raise InvalidTargetError(
+            f"{where}: only groups=1, zero padding given as integers is supported; "
+            f"found groups={m.groups}, padding={m.padding!r}, mode={m.padding_mode!r}"
+        )
     w, b = m.weight.detach(), (None if m.bias is None else m.bias.detach())
     if bn is not None:
         w, b = fold_batchnorm(w, b, bn, where)
-    return Conv(w, torch.zeros(w.shape[0], dtype=w.dtype) if b is None else b, pair(m.stride), pair(m.padding),
-                pair(m.dilation))
+    return Conv(
+        w, torch.zeros(w.shape[0], dtype=w.dtype) if b is None else b, pair(m.stride), pair(m.padding), pair(m.dilation)
+    )
 
 
 def linear_layer(m: nn.Linear, bn: nn.modules.batchnorm._BatchNorm | None, where: str) -> Linear:
@@ -111,8 +136,13 @@ def pool_layer(m: nn.Module, where: str) -> Pool:
         raise InvalidTargetError(f"{where}: ceil_mode/dilated pooling is not supported")
     if isinstance(m, nn.AvgPool2d) and m.divisor_override is not None:
         raise InvalidTargetError(f"{where}: divisor_override is not supported")
-    return Pool("max" if isinstance(m, nn.MaxPool2d) else "avg", pair(m.kernel_size),
-                pair(m.stride or m.kernel_size), pair(m.padding), bool(getattr(m, "count_include_pad", True)))
+    return Pool(
+        "max" if isinstance(m, nn.MaxPool2d) else "avg",
+        pair(m.kernel_size),
+        pair(m.stride or m.kernel_size),
+        pair(m.padding),
+        bool(getattr(m, "count_include_pad", True)),
+    )
 
 
 def parse_sequential(seq: nn.Module, prefix: str = "") -> tuple[Layer, ...]:
@@ -193,11 +223,13 @@ class ConvNetSpec:
             with torch.no_grad():
                 out = self.forward(torch.zeros(1, *self.in_shape, dtype=dtype or torch.float64))
         except (RuntimeError, ValueError) as exc:
-            raise InvalidTargetError(f"the CNN layers do not chain for input shape {self.in_shape}: "
-                                     f"{str(exc).splitlines()[0]}") from None
+            raise InvalidTargetError(
+                f"the CNN layers do not chain for input shape {self.in_shape}: {str(exc).splitlines()[0]}"
+            ) from None
         if out.ndim != 2:
-            raise InvalidTargetError(f"expected the CNN to end with flat outputs (Flatten/Linear), found shape "
-                                     f"{tuple(out.shape[1:])}")
+            raise InvalidTargetError(
+                f"expected the CNN to end with flat outputs (Flatten/Linear), found shape {tuple(out.shape[1:])}"
+            )
         return int(out.shape[1])
 
     # ------------------------------------------------------------------ facts
@@ -223,8 +255,9 @@ class ConvNetSpec:
         return self.weighted()[0].weight.dtype
 
     def to(self, dtype=None, device=None) -> ConvNetSpec:
-        return ConvNetSpec(tuple(layer.map_tensors(lambda t: t.to(dtype=dtype, device=device))
-                                 for layer in self.layers), self.in_shape)
+        return ConvNetSpec(
+            tuple(layer.map_tensors(lambda t: t.to(dtype=dtype, device=device)) for layer in self.layers), self.in_shape
+        )
 
     # ------------------------------------------------------------------ evaluation
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -237,8 +270,11 @@ class ConvNetSpec:
     # ------------------------------------------------------------------ files
     def describe(self, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
         """The JSON document of docs/FILE_FORMATS.md; fills ``tensors`` with the named weights."""
-        return {"kind": "cnn-target", "in_shape": list(self.in_shape),
-                "layers": [layer.describe(f"{i}.", tensors) for i, layer in enumerate(self.layers)]}
+        return {
+            "kind": "cnn-target",
+            "in_shape": list(self.in_shape),
+            "layers": [layer.describe(f"{i}.", tensors) for i, layer in enumerate(self.layers)],
+        }
 
     def save(self, path: str | os.PathLike) -> None:
         tensors: dict[str, torch.Tensor] = {}
@@ -251,8 +287,10 @@ class ConvNetSpec:
             layers = tuple(layer_from_json(d, tensors) for d in doc["layers"])
             return cls(layers, tuple(doc["in_shape"]))
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise FileFormatError(f"{source}: malformed CNN architecture description ({exc}); expected the "
-                                  "metadata written by ConvNetSpec.save") from None
+            raise FileFormatError(
+                f"{source}: malformed CNN architecture description ({exc}); expected the "
+                "metadata written by ConvNetSpec.save"
+            ) from None
 
     def __repr__(self) -> str:
         return f"ConvNetSpec(in_shape={self.in_shape}, layers={[layer.type for layer in self.layers]})"

@@ -28,8 +28,20 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-__all__ = ["Layer", "Conv", "Linear", "ReLU", "Pool", "Flatten", "ResidualBlock", "walk", "layer_from_json",
-           "run_layers", "bounds_layers", "pair"]
+__all__ = [
+    "Layer",
+    "Conv",
+    "Linear",
+    "ReLU",
+    "Pool",
+    "Flatten",
+    "ResidualBlock",
+    "walk",
+    "layer_from_json",
+    "run_layers",
+    "bounds_layers",
+    "pair",
+]
 
 Pair = tuple[int, int]
 
@@ -51,7 +63,7 @@ class Layer:
         raise NotImplementedError
 
     def bounds(self, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.forward(lo), self.forward(hi)     # monotone (non-decreasing) layers
+        return self.forward(lo), self.forward(hi)  # monotone (non-decreasing) layers
 
     def error_map(self, t: torch.Tensor) -> torch.Tensor:
         """A nonnegative error map through this parameter-free, 1-Lipschitz (max norm) layer."""
@@ -111,8 +123,14 @@ class Conv(Layer):
 
     def describe(self, prefix, tensors):
         tensors[f"{prefix}weight"], tensors[f"{prefix}bias"] = self.weight, self.bias
-        return {"type": self.type, "weight": f"{prefix}weight", "bias": f"{prefix}bias", "stride": list(self.stride),
-                "padding": list(self.padding), "dilation": list(self.dilation)}
+        return {
+            "type": self.type,
+            "weight": f"{prefix}weight",
+            "bias": f"{prefix}bias",
+            "stride": list(self.stride),
+            "padding": list(self.padding),
+            "dilation": list(self.dilation),
+        }
 
 
 @dataclass(frozen=True, eq=False)
@@ -177,8 +195,7 @@ class Pool(Layer):
         return F.avg_pool2d(x, self.kernel, self.stride, self.padding, count_include_pad=self.count_include_pad)
 
     def describe(self, prefix, tensors):
-        d = {"type": self.type, "kernel": list(self.kernel), "stride": list(self.stride),
-             "padding": list(self.padding)}
+        d = {"type": self.type, "kernel": list(self.kernel), "stride": list(self.stride), "padding": list(self.padding)}
         if self.mode == "avg":
             d["count_include_pad"] = self.count_include_pad
         return d
@@ -212,12 +229,17 @@ class ResidualBlock(Layer):
         return self.body + self.shortcut
 
     def map_tensors(self, fn):
-        return replace(self, body=tuple(l.map_tensors(fn) for l in self.body),
-                       shortcut=tuple(l.map_tensors(fn) for l in self.shortcut))
+        return replace(
+            self,
+            body=tuple(l.map_tensors(fn) for l in self.body),
+            shortcut=tuple(l.map_tensors(fn) for l in self.shortcut),
+        )
 
     def describe(self, prefix, tensors):
-        d: dict[str, Any] = {"type": self.type,
-                             "block": [l.describe(f"{prefix}block.{i}.", tensors) for i, l in enumerate(self.body)]}
+        d: dict[str, Any] = {
+            "type": self.type,
+            "block": [l.describe(f"{prefix}block.{i}.", tensors) for i, l in enumerate(self.body)],
+        }
         if self.shortcut:
             d["shortcut"] = [l.describe(f"{prefix}shortcut.{i}.", tensors) for i, l in enumerate(self.shortcut)]
         return d
@@ -265,7 +287,10 @@ def layer_from_json(d: dict, tensors: dict[str, torch.Tensor]) -> Layer:
     if kind == "flatten":
         return Flatten()
     if kind == "residual":
-        return ResidualBlock(tuple(layer_from_json(b, tensors) for b in d["block"]),
-                             tuple(layer_from_json(b, tensors) for b in d.get("shortcut", [])))
-    return Pool(kind[:3], pair(d["kernel"]), pair(d["stride"]), pair(d["padding"]),
-                bool(d.get("count_include_pad", True)))
+        return ResidualBlock(
+            tuple(layer_from_json(b, tensors) for b in d["block"]),
+            tuple(layer_from_json(b, tensors) for b in d.get("shortcut", [])),
+        )
+    return Pool(
+        kind[:3], pair(d["kernel"]), pair(d["stride"]), pair(d["padding"]), bool(d.get("count_include_pad", True))
+    )

@@ -31,8 +31,14 @@ import torch
 
 from .cnn_layers import Conv, Linear, ResidualBlock
 
-__all__ = ["LayerCost", "layer_costs", "estimate_conv_bytes", "activation_bytes_per_image", "batch_size_for",
-           "conv_estimates"]
+__all__ = [
+    "LayerCost",
+    "layer_costs",
+    "estimate_conv_bytes",
+    "activation_bytes_per_image",
+    "batch_size_for",
+    "conv_estimates",
+]
 
 _CHUNK = 256 << 20
 
@@ -43,8 +49,8 @@ class LayerCost:
 
     c_out: int
     c_in: int
-    kernel: int          # k_h·k_w
-    positions: int       # output H'·W' (1 for Linear)
+    kernel: int  # k_h·k_w
+    positions: int  # output H'·W' (1 for Linear)
 
 
 def layer_costs(spec) -> list[LayerCost]:

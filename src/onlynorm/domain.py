@@ -39,17 +39,25 @@ class Box:
     ((1, 2, 2), 3)
     """
 
-    def __init__(self, low: float | Sequence[float] | torch.Tensor = -1.0,
-                 high: float | Sequence[float] | torch.Tensor = 1.0, dim: int | None = None):
+    def __init__(
+        self,
+        low: float | Sequence[float] | torch.Tensor = -1.0,
+        high: float | Sequence[float] | torch.Tensor = 1.0,
+        dim: int | None = None,
+    ):
         try:
             lo = torch.as_tensor(low, dtype=torch.float64).detach().cpu().clone()
             hi = torch.as_tensor(high, dtype=torch.float64).detach().cpu().clone()
         except (TypeError, ValueError, RuntimeError) as exc:
-            raise InvalidDomainError(f"expected numbers for the box bounds, found low={low!r}, high={high!r} ({exc})") from None
+            raise InvalidDomainError(
+                f"expected numbers for the box bounds, found low={low!r}, high={high!r} ({exc})"
+            ) from None
         shapes = {tuple(t.shape) for t in (lo, hi) if t.ndim > 1}
         if len(shapes) > 1 or any(len(s) != 3 for s in shapes):
-            raise InvalidDomainError(f"expected scalar, 1-D or image-shaped (c, H, W) bounds, found shapes "
-                                     f"{tuple(lo.shape)} and {tuple(hi.shape)}")
+            raise InvalidDomainError(
+                f"expected scalar, 1-D or image-shaped (c, H, W) bounds, found shapes "
+                f"{tuple(lo.shape)} and {tuple(hi.shape)}"
+            )
         self.shape: tuple[int, ...] | None = shapes.pop() if shapes else None
         if self.shape is not None:
             lo, hi = lo.expand(self.shape).reshape(-1), hi.expand(self.shape).reshape(-1)
@@ -68,13 +76,16 @@ class Box:
         if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
             raise InvalidDomainError("expected finite box bounds, found NaN or Inf; use a bounded domain")
         if not torch.isfinite(hi - lo).all() or float(torch.maximum(lo.abs(), hi.abs()).max()) > _MAX_BOUND:
-            raise InvalidDomainError(f"box bounds overflow: expected |low|, |high| ≤ {_MAX_BOUND:g} so that interval "
-                                     "bounds and β stay finite in float64; rescale the inputs")
+            raise InvalidDomainError(
+                f"box bounds overflow: expected |low|, |high| ≤ {_MAX_BOUND:g} so that interval "
+                "bounds and β stay finite in float64; rescale the inputs"
+            )
         if not (lo < hi).all():
             bad = int(torch.nonzero(~(lo < hi).reshape(-1))[0]) if lo.ndim else 0
             raise InvalidDomainError(
                 f"expected low < high in every coordinate, found low={float(lo.reshape(-1)[bad])!r} >= "
-                f"high={float(hi.reshape(-1)[bad])!r} (coordinate {bad}); swap or widen the bounds")
+                f"high={float(hi.reshape(-1)[bad])!r} (coordinate {bad}); swap or widen the bounds"
+            )
         self.low, self.high = lo, hi
 
     @property
@@ -88,14 +99,18 @@ class Box:
             return Box(self.low, self.high, dim=dim)
         if self.dim != dim:
             if self.shape is not None:
-                raise InvalidDomainError(f"expected a box of {dim} coordinates (the target's input size), found an "
-                                         f"image box of shape {self.shape}")
+                raise InvalidDomainError(
+                    f"expected a box of {dim} coordinates (the target's input size), found an "
+                    f"image box of shape {self.shape}"
+                )
             raise InvalidDomainError(
-                f"expected a box of dimension {dim} (the target's input width), found dimension {self.dim}")
+                f"expected a box of dimension {dim} (the target's input width), found dimension {self.dim}"
+            )
         return self
 
-    def sample(self, n: int, seed: int = 0, *, dtype: torch.dtype = torch.float64,
-               device: torch.device | str | None = None) -> torch.Tensor:
+    def sample(
+        self, n: int, seed: int = 0, *, dtype: torch.dtype = torch.float64, device: torch.device | str | None = None
+    ) -> torch.Tensor:
         """``n`` points of the box: a quarter uniform inside, a quarter on faces, a quarter vertices, a quarter
         near vertices (where IBP bounds are attained and units would first switch off).
 
@@ -114,11 +129,11 @@ class Box:
         face_cols = torch.randint(0, d, (q,), generator=gen)
         u[face_rows, face_cols] = torch.randint(0, 2, (q,), generator=gen, dtype=torch.float64)
         # vertices
-        u[2 * q:3 * q] = torch.randint(0, 2, (q, d), generator=gen, dtype=torch.float64)
+        u[2 * q : 3 * q] = torch.randint(0, 2, (q, d), generator=gen, dtype=torch.float64)
         # near vertices: vertex pulled inwards by a small random amount
         vert = torch.randint(0, 2, (n - 3 * q, d), generator=gen, dtype=torch.float64)
         jitter = 1e-3 * torch.rand(n - 3 * q, d, generator=gen, dtype=torch.float64)
-        u[3 * q:] = (vert - jitter * (2 * vert - 1))
+        u[3 * q :] = vert - jitter * (2 * vert - 1)
         x = self.low + u * (self.high - self.low)
         return x.to(dtype=dtype, device=device)
 
@@ -137,8 +152,12 @@ class Box:
         box = cls(d["low"], d["high"])
         shape = d.get("shape")
         if shape is not None:
-            if not (isinstance(shape, list) and len(shape) == 3 and all(isinstance(v, int) and v > 0 for v in shape)
-                    and box.dim == shape[0] * shape[1] * shape[2]):
+            if not (
+                isinstance(shape, list)
+                and len(shape) == 3
+                and all(isinstance(v, int) and v > 0 for v in shape)
+                and box.dim == shape[0] * shape[1] * shape[2]
+            ):
                 raise InvalidDomainError(f"expected 'shape' to be (c, H, W) matching the bounds, found {shape!r}")
             box.shape = tuple(shape)
         return box
@@ -150,6 +169,7 @@ class Box:
             if bool((t == t[0]).all()):
                 return f"{float(t[0]):g}"
             return str([round(v, 6) for v in t.tolist()])
+
         return f"Box(low={fmt(self.low)}, high={fmt(self.high)}, dim={self.dim})"
 
 
@@ -164,8 +184,9 @@ def resolve_domain(domain: Box | tuple | None, dim: int) -> Box:
     raise InvalidDomainError(f"expected a Box, a (low, high) pair or None, found {type(domain).__name__}")
 
 
-def affine_bounds(weight: torch.Tensor, low: torch.Tensor, high: torch.Tensor,
-                  bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def affine_bounds(
+    weight: torch.Tensor, low: torch.Tensor, high: torch.Tensor, bias: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact range of ``z = W h + b`` over ``h ∈ [low, high]`` (componentwise min and max)."""
     w_pos, w_neg = weight.clamp(min=0), weight.clamp(max=0)
     zmin = w_pos @ low + w_neg @ high

@@ -63,8 +63,7 @@ class SingularSystemError(OnlyNormError, ArithmeticError):
     ``deficit`` (``size - rank``); constructions may add a ``suggestion`` in the message.
     """
 
-    def __init__(self, message: str, *, layer: int | None = None, rank: int | None = None,
-                 size: int | None = None):
+    def __init__(self, message: str, *, layer: int | None = None, rank: int | None = None, size: int | None = None):
         super().__init__(message)
         self.layer = layer
         self.rank = rank

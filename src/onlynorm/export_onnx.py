@@ -44,6 +44,7 @@ def _exports(kind: str):
     def register(fn):
         _EXPORTERS[kind] = fn
         return fn
+
     return register
 
 
@@ -93,8 +94,13 @@ class _Graph:
 
 
 def _batchnorm(g: _Graph, bn, x: str) -> str:
-    inputs = [x, g.const("gamma", bn.weight), g.const("beta", bn.bias), g.const("running_mean", bn.running_mean),
-              g.const("running_var", bn.running_var)]
+    inputs = [
+        x,
+        g.const("gamma", bn.weight),
+        g.const("beta", bn.bias),
+        g.const("running_mean", bn.running_mean),
+        g.const("running_var", bn.running_var),
+    ]
     return g.node("BatchNormalization", inputs, "norm", epsilon=float(bn.eps))
 
 
@@ -125,19 +131,41 @@ def _windows(g: _Graph, x: str, shape: torch.Size, kernel, stride, padding, dila
         for j in range(kw):
             starts = [i * dh, j * dw]
             ends = [starts[0] + sh * (ho - 1) + 1, starts[1] + sw * (wo - 1) + 1]
-            yield (i, j), g.node("Slice", [x, g.ints("starts", starts), g.ints("ends", ends), g.ints("axes", list(axes)),
-                                          g.ints("steps", [sh, sw])], "window")
+            yield (
+                (i, j),
+                g.node(
+                    "Slice",
+                    [
+                        x,
+                        g.ints("starts", starts),
+                        g.ints("ends", ends),
+                        g.ints("axes", list(axes)),
+                        g.ints("steps", [sh, sw]),
+                    ],
+                    "window",
+                ),
+            )
 
 
 def _conv(g: _Graph, conv, x: str, shape: torch.Size) -> str:
     if not g.lower:
-        return g.node("Conv", [x, g.const("kernel", conv.weight)], "conv", kernel_shape=list(conv.kernel_size),
-                      strides=list(conv.stride), dilations=list(conv.dilation), pads=list(conv.padding) * 2)
+        return g.node(
+            "Conv",
+            [x, g.const("kernel", conv.weight)],
+            "conv",
+            kernel_shape=list(conv.kernel_size),
+            strides=list(conv.stride),
+            dilations=list(conv.dilation),
+            pads=list(conv.padding) * 2,
+        )
     # Σ over kernel offsets of (strided slice of the padded input, channels last) @ W[:, :, i, j]ᵀ
     channels_last = g.node("Transpose", [_pad(g, x, list(conv.padding))], "nhwc", perm=[0, 2, 3, 1])
-    terms = [_matmul(g, conv.weight[:, :, i, j], window)
-             for (i, j), window in _windows(g, channels_last, shape, conv.kernel_size, conv.stride, conv.padding,
-                                            conv.dilation, axes=(1, 2))]
+    terms = [
+        _matmul(g, conv.weight[:, :, i, j], window)
+        for (i, j), window in _windows(
+            g, channels_last, shape, conv.kernel_size, conv.stride, conv.padding, conv.dilation, axes=(1, 2)
+        )
+    ]
     return g.node("Transpose", [_sum(g, terms, "conv_sum")], "conv", perm=[0, 3, 1, 2])
 
 
@@ -164,9 +192,20 @@ def _fixed_op(g: _Graph, stage, x: str, example: torch.Tensor) -> str:
         return g.node("MaxPool", [x], "maxpool", **pool)
     if not g.lower:
         return g.node("AveragePool", [x], "avgpool", count_include_pad=int(stage.count_include_pad), **pool)
-    windows = [w for _, w in _windows(g, _pad(g, x, list(stage.padding)), example.shape, stage.kernel,
-                                      stage.stride, stage.padding, (1, 1), axes=(2, 3))]
-    total = _sum(g, windows, "pool_sum")           # lowered: window sums divided by each window's count
+    windows = [
+        w
+        for _, w in _windows(
+            g,
+            _pad(g, x, list(stage.padding)),
+            example.shape,
+            stage.kernel,
+            stage.stride,
+            stage.padding,
+            (1, 1),
+            axes=(2, 3),
+        )
+    ]
+    total = _sum(g, windows, "pool_sum")  # lowered: window sums divided by each window's count
     ones = torch.ones(1, 1, *example.shape[-2:], dtype=example.dtype)
     # elements of the input under each window (padding excluded); with count_include_pad, the kernel's area
     counts = torch.nn.functional.avg_pool2d(ones, stage.kernel, stage.stride, stage.padding, divisor_override=1)
@@ -187,8 +226,9 @@ def _residual(g: _Graph, stage, x: str, example: torch.Tensor) -> str:
 def _residual_stream(g: _Graph, stage, x: str, example: torch.Tensor) -> str:
     terms = []
     for branch, readout, part in zip(stage.branches, stage.readouts, stage.block_slices()):
-        block = g.node("Slice", [x, g.ints("start", [part.start]), g.ints("end", [part.stop]), g.ints("axis", [-1])],
-                       "block")
+        block = g.node(
+            "Slice", [x, g.ints("start", [part.start]), g.ints("end", [part.stop]), g.ints("axis", [-1])], "block"
+        )
         terms.append(_matmul(g, readout.weight, _norm_linear(g, branch, block, example[..., part])))
     z = _batchnorm(g, stage.norm, _sum(g, terms, "stream"))
     return g.node("Relu", [z]) if stage.relu else z
@@ -198,8 +238,10 @@ def _stage(g: _Graph, stage, x: str, example: torch.Tensor) -> tuple[str, torch.
     """Export one stage reading ``x``; ``example`` is a value of ``x`` (for static shapes)."""
     exporter = _EXPORTERS.get(stage.kind)
     if exporter is None:
-        raise InvalidNetworkError(f"stage kind {stage.kind!r} has no ONNX export; expected one of "
-                                  f"{sorted(_EXPORTERS)} — export a network built by onlynorm's constructions")
+        raise InvalidNetworkError(
+            f"stage kind {stage.kind!r} has no ONNX export; expected one of "
+            f"{sorted(_EXPORTERS)} — export a network built by onlynorm's constructions"
+        )
     return exporter(g, stage, x, example), stage(example)
 
 
@@ -212,18 +254,21 @@ def build_model(net, *, lower_conv: bool | None = None):
         raise InvalidNetworkError(f"expected a NormNet to export, found {type(net).__name__}")
     elem = {torch.float64: onnx.TensorProto.DOUBLE, torch.float32: onnx.TensorProto.FLOAT}.get(net.dtype)
     if elem is None:
-        raise InvalidNetworkError(f"ONNX export supports float64 and float32 networks, found {net.dtype}; "
-                                  "convert with net.to(torch.float64)")
+        raise InvalidNetworkError(
+            f"ONNX export supports float64 and float32 networks, found {net.dtype}; convert with net.to(torch.float64)"
+        )
     if net.in_shape is not None:
         in_dims: list = ["batch", *net.in_shape]
     elif net.in_features is not None:
         in_dims = ["batch", net.in_features]
     else:
-        raise InvalidNetworkError("the network records no input size (meta 'target_dims' or 'in_shape'); build it "
-                                  "with onlynorm.random_normnet/reconstruct or set net.meta['target_dims']")
+        raise InvalidNetworkError(
+            "the network records no input size (meta 'target_dims' or 'in_shape'); build it "
+            "with onlynorm.random_normnet/reconstruct or set net.meta['target_dims']"
+        )
     lower = net.dtype == torch.float64 if lower_conv is None else bool(lower_conv)
     was_training = net.training
-    net.eval()                                # inference form: fixed statistics, eps = 0
+    net.eval()  # inference form: fixed statistics, eps = 0
     try:
         g = _Graph(net.dtype, lower)
         h, value = "input", torch.zeros(1, *in_dims[1:], dtype=net.dtype, device=net.device)
@@ -235,19 +280,26 @@ def build_model(net, *, lower_conv: bool | None = None):
     g.nodes.append(onnx.helper.make_node("Identity", [h], ["output"], name="output"))
     out_dims = ["batch", *value.shape[1:]]
     graph = onnx.helper.make_graph(
-        g.nodes, "onlynorm_normnet",
+        g.nodes,
+        "onlynorm_normnet",
         [onnx.helper.make_tensor_value_info("input", elem, in_dims)],
         [onnx.helper.make_tensor_value_info("output", elem, out_dims)],
-        initializer=g.initializers)
+        initializer=g.initializers,
+    )
     from . import __version__
 
-    model = onnx.helper.make_model(graph, producer_name="onlynorm", producer_version=__version__,
-                                   opset_imports=[onnx.helper.make_opsetid("", OPSET)])
+    model = onnx.helper.make_model(
+        graph,
+        producer_name="onlynorm",
+        producer_version=__version__,
+        opset_imports=[onnx.helper.make_opsetid("", OPSET)],
+    )
     model.ir_version = IR_VERSION
-    model.doc_string = (f"onlynorm NormNet (method {net.method}): a frozen random network whose only tuned "
-                        "parameters are the BatchNormalization scale/B inputs")
-    onnx.helper.set_model_props(model, {"onlynorm.method": net.method,
-                                        "onlynorm.target_dims": str(net.target_dims)})
+    model.doc_string = (
+        f"onlynorm NormNet (method {net.method}): a frozen random network whose only tuned "
+        "parameters are the BatchNormalization scale/B inputs"
+    )
+    onnx.helper.set_model_props(model, {"onlynorm.method": net.method, "onlynorm.target_dims": str(net.target_dims)})
     return model
 
 
@@ -282,6 +334,10 @@ def export_onnx(net, path: str | os.PathLike, *, lower_conv: bool | None = None)
     onnx.checker.check_model(model, full_check=True)
     with _io.atomic_path(path) as tmp:
         onnx.save(model, str(tmp))
-    return {"path": str(path), "opset": OPSET, "nodes": len(model.graph.node),
-            "dtype": str(net.dtype).removeprefix("torch."),
-            "inputs": [d.dim_param or d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]}
+    return {
+        "path": str(path),
+        "opset": OPSET,
+        "nodes": len(model.graph.node),
+        "dtype": str(net.dtype).removeprefix("torch."),
+        "inputs": [d.dim_param or d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim],
+    }

@@ -46,9 +46,11 @@ from .errors import InvalidTargetError
 
 __all__ = ["layers_from_fx", "SUPPORTED"]
 
-SUPPORTED = ("Conv2d (groups=1) with BatchNorm2d, Linear with BatchNorm1d, ReLU/F.relu/torch.relu, residual add "
-             "(+, +=, torch.add) followed by ReLU, MaxPool2d/AvgPool2d/AdaptiveAvgPool2d, Flatten/torch.flatten, "
-             "Identity, Dropout")
+SUPPORTED = (
+    "Conv2d (groups=1) with BatchNorm2d, Linear with BatchNorm1d, ReLU/F.relu/torch.relu, residual add "
+    "(+, +=, torch.add) followed by ReLU, MaxPool2d/AvgPool2d/AdaptiveAvgPool2d, Flatten/torch.flatten, "
+    "Identity, Dropout"
+)
 
 _RELU_FUNCS = {F.relu, torch.relu, torch.relu_, getattr(F, "relu_", F.relu)}
 _ADD_FUNCS = {operator.add, operator.iadd, torch.add}
@@ -90,14 +92,18 @@ def _shape(node) -> tuple[int, ...] | None:
 def layers_from_fx(model: nn.Module, in_shape: tuple[int, int, int]) -> tuple[Layer, ...]:
     """Typed layers of ``model`` (traced by ``torch.fx``) for inputs of shape ``in_shape = (c, H, W)``."""
     if model.training:
-        raise InvalidTargetError(f"{type(model).__name__} is in training mode; call model.eval() first so BatchNorm "
-                                 "uses its running statistics (they are folded into the convolutions)")
+        raise InvalidTargetError(
+            f"{type(model).__name__} is in training mode; call model.eval() first so BatchNorm "
+            "uses its running statistics (they are folded into the convolutions)"
+        )
     try:
         gm = fx.symbolic_trace(model)
     except Exception as exc:  # noqa: BLE001 — tracing failures come in many exception types
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InvalidTargetError(f"{type(model).__name__} cannot be traced by torch.fx ({first}); write data-"
-                                 "dependent control flow out of forward, or pass an nn.Sequential") from None
+        raise InvalidTargetError(
+            f"{type(model).__name__} cannot be traced by torch.fx ({first}); write data-"
+            "dependent control flow out of forward, or pass an nn.Sequential"
+        ) from None
     param = next(iter(model.parameters()), None)
     dtype = param.dtype if param is not None else torch.float64
     try:
@@ -105,8 +111,9 @@ def layers_from_fx(model: nn.Module, in_shape: tuple[int, int, int]) -> tuple[La
             _Shapes(gm).run(torch.zeros(1, *in_shape, dtype=dtype))
     except Exception as exc:  # noqa: BLE001
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InvalidTargetError(f"{type(model).__name__} does not run on inputs of shape {tuple(in_shape)}: "
-                                 f"{first}") from None
+        raise InvalidTargetError(
+            f"{type(model).__name__} does not run on inputs of shape {tuple(in_shape)}: {first}"
+        ) from None
     return _Reader(gm).read()
 
 
@@ -166,7 +173,7 @@ class _Reader:
         if node.op == "get_attr":
             raise _refuse(node, f"get_attr {node.target}", "reads a parameter outside a supported module")
         if node.op == "call_method" and node.target == "size":
-            return                              # only feeds a view(x.size(0), -1), checked there
+            return  # only feeds a view(x.size(0), -1), checked there
         if node.op == "call_function" and node.target is operator.getitem:
             return
         if self._is_relu(node):
@@ -175,9 +182,9 @@ class _Reader:
         if node.op == "call_function" and node.target in _ADD_FUNCS:
             self._add(node)
             return
-        layer = self._layer(node)                  # refuses unsupported ops before looking at their inputs
+        layer = self._layer(node)  # refuses unsupported ops before looking at their inputs
         x = self._get(node.args[0] if node.args else None, node)
-        if layer is None:                      # identity at inference
+        if layer is None:  # identity at inference
             self._set(node, x)
         elif layer == "bn":
             self._fold(node, x)
@@ -198,8 +205,12 @@ class _Reader:
             raise _refuse(node, _name(node.target), "has extra arguments; expected a plain sum of two tensors")
         a, b = (self._get(arg, node) for arg in node.args)
         if a.anchor != b.anchor:
-            raise _refuse(node, _name(node.target), "adds tensors that do not branch from the same tensor; "
-                                                    "expected a residual add relu(body(x) + shortcut(x))")
+            raise _refuse(
+                node,
+                _name(node.target),
+                "adds tensors that do not branch from the same tensor; "
+                "expected a residual add relu(body(x) + shortcut(x))",
+            )
         if len(node.users) != 1 or not self._is_relu(next(iter(node.users))):
             raise _refuse(node, _name(node.target), "is not followed by a ReLU; expected relu(body(x) + shortcut(x))")
         body, shortcut = (a.layers, b.layers) if len(a.layers) >= len(b.layers) else (b.layers, a.layers)
@@ -210,8 +221,11 @@ class _Reader:
         last = x.layers[-1] if x.layers else None
         pairs = ((nn.BatchNorm2d, Conv), (nn.BatchNorm1d, Linear))
         if not any(isinstance(bn, b) and isinstance(last, layer) for b, layer in pairs):
-            raise _refuse(node, f"call_module {type(bn).__name__}",
-                          "does not directly follow a Conv2d/Linear read only by it, so it cannot be folded")
+            raise _refuse(
+                node,
+                f"call_module {type(bn).__name__}",
+                "does not directly follow a Conv2d/Linear read only by it, so it cannot be folded",
+            )
         w, b = fold_batchnorm(last.weight, last.bias, bn, f"node {node.name!r} ({type(bn).__name__})")
         self._set(node, _Value(x.anchor, x.layers[:-1] + (replace(last, weight=w, bias=b),)))
 
@@ -265,8 +279,9 @@ class _Reader:
                 src, out = _shape(node.args[0]), _shape(node)
                 if src is not None and out is not None and len(src) == 4 and out == (src[0], src[1] * src[2] * src[3]):
                     return Flatten()
-                raise _refuse(node, what, f"reshapes {src} to {out}; only flattening (N, C, H, W) → (N, C·H·W) "
-                                          "is supported")
+                raise _refuse(
+                    node, what, f"reshapes {src} to {out}; only flattening (N, C, H, W) → (N, C·H·W) is supported"
+                )
             if node.target in ("contiguous", "clone", "detach"):
                 return None
             raise _refuse(node, what)
@@ -286,7 +301,10 @@ class _Reader:
         H, W = src[2], src[3]
         oh, ow = oh or H, ow or W
         if H % oh or W % ow:
-            raise _refuse(node, "adaptive_avg_pool2d", f"pools {H}×{W} to {oh}×{ow}; expected an output size that "
-                                                       "divides the input size (uniform windows)")
+            raise _refuse(
+                node,
+                "adaptive_avg_pool2d",
+                f"pools {H}×{W} to {oh}×{ow}; expected an output size that divides the input size (uniform windows)",
+            )
         kernel = (H // oh, W // ow)
         return Pool("avg", kernel, kernel)

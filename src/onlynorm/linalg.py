@@ -49,7 +49,7 @@ def khatri_rao(X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
     """
     if X.shape[-1] != Y.shape[-1]:
         raise ValueError(f"khatri_rao: expected equal column counts, found {tuple(X.shape)} and {tuple(Y.shape)}")
-    out = X.unsqueeze(-2) * Y.unsqueeze(-3)   # (..., p, q, K): one allocation, no intermediate copy
+    out = X.unsqueeze(-2) * Y.unsqueeze(-3)  # (..., p, q, K): one allocation, no intermediate copy
     return out.reshape(*X.shape[:-2], X.shape[-2] * Y.shape[-2], X.shape[-1])
 
 
@@ -129,7 +129,7 @@ class _LowPrecisionLU:
             import scipy.linalg
 
             with warnings.catch_warnings():
-                warnings.simplefilter("ignore")   # exactly singular → zero pivot, judged by the caller
+                warnings.simplefilter("ignore")  # exactly singular → zero pivot, judged by the caller
                 self._lu, self._piv = scipy.linalg.lu_factor(Mt.numpy().T, overwrite_a=True, check_finite=False)
             self.rcond = _pivot_rcond(torch.from_numpy(self._lu))
         else:
@@ -184,7 +184,7 @@ def _refine(A, B, rhs, lu: _LowPrecisionLU, max_steps: int) -> tuple[torch.Tenso
 def _float64_lu_solve(A, B, rhs, where: str, layer, rcond_tol) -> tuple[torch.Tensor, float]:
     N = A.shape[0]
     Mt = khatri_rao_system_transposed(A, B, torch.float64)
-    if Mt.device.type == "cpu":   # factor in place: peak memory is the float64 matrix itself
+    if Mt.device.type == "cpu":  # factor in place: peak memory is the float64 matrix itself
         import warnings
 
         import scipy.linalg
@@ -193,7 +193,7 @@ def _float64_lu_solve(A, B, rhs, where: str, layer, rcond_tol) -> tuple[torch.Te
             warnings.simplefilter("ignore")
             lu, piv = scipy.linalg.lu_factor(Mt.numpy().T, overwrite_a=True, check_finite=False)
         LU = torch.from_numpy(lu)
-        pivots = torch.from_numpy(piv.astype(np.int32) + 1)   # LAPACK's 1-based pivots, as torch expects
+        pivots = torch.from_numpy(piv.astype(np.int32) + 1)  # LAPACK's 1-based pivots, as torch expects
         info = 0
     else:
         LU, pivots, info = torch.linalg.lu_factor_ex(Mt.mT)
@@ -203,7 +203,9 @@ def _float64_lu_solve(A, B, rhs, where: str, layer, rcond_tol) -> tuple[torch.Te
         raise SingularSystemError(
             f"{where}Khatri–Rao system of size {N} is singular (pivot ratio {rcond:.1e} < {tol:.1e}); "
             "the frozen network cannot express this layer exactly — use fresh random weights or a denser network",
-            layer=layer, size=N)
+            layer=layer,
+            size=N,
+        )
     return torch.linalg.lu_solve(LU, pivots, rhs.unsqueeze(-1)).squeeze(-1), rcond
 
 
@@ -217,8 +219,16 @@ def consistent_solution(A: torch.Tensor, B: torch.Tensor, W: torch.Tensor, rhs: 
     return gamma if err <= 1e3 * torch.finfo(W.dtype).eps * max(scale, 1e-300) else None
 
 
-def solve_khatri_rao(A: torch.Tensor, B: torch.Tensor, W: torch.Tensor, *, layer: int | None = None,
-                     rcond_tol: float | None = None, precision: str = "auto", max_refinement: int = 30) -> KRSolution:
+def solve_khatri_rao(
+    A: torch.Tensor,
+    B: torch.Tensor,
+    W: torch.Tensor,
+    *,
+    layer: int | None = None,
+    rcond_tol: float | None = None,
+    precision: str = "auto",
+    max_refinement: int = 30,
+) -> KRSolution:
     """Solve ``B diag(γ) A = W`` for ``γ``: LU when square, least squares when ``N < m·n``, minimum norm when
     ``N > m·n``.
 
@@ -237,14 +247,23 @@ def solve_khatri_rao(A: torch.Tensor, B: torch.Tensor, W: torch.Tensor, *, layer
     m, n = W.shape
     N = A.shape[0]
     if A.shape[1] != n or B.shape != (m, N):
-        raise ValueError(f"solve_khatri_rao: expected A (N, {n}) and B ({m}, N), found {tuple(A.shape)} and {tuple(B.shape)}")
+        raise ValueError(
+            f"solve_khatri_rao: expected A (N, {n}) and B ({m}, N), found {tuple(A.shape)} and {tuple(B.shape)}"
+        )
     if precision not in {"auto", "float64"}:
         raise ValueError(f"solve_khatri_rao: precision must be 'auto' or 'float64', found {precision!r}")
     if W.dtype != torch.float64:
         # lower-precision networks still get γ solved in float64 (then rounded once): the solve costs the same
         # and γ is as accurate as the network's dtype can hold
-        sol = solve_khatri_rao(A.double(), B.double(), W.double(), layer=layer, rcond_tol=rcond_tol,
-                               precision=precision, max_refinement=max_refinement)
+        sol = solve_khatri_rao(
+            A.double(),
+            B.double(),
+            W.double(),
+            layer=layer,
+            rcond_tol=rcond_tol,
+            precision=precision,
+            max_refinement=max_refinement,
+        )
         rounded = sol.gamma.to(W.dtype)
         err = compose(B.double(), rounded.double(), A.double()) - W.double()
         scale = float(torch.linalg.norm(W.double()))
@@ -289,10 +308,22 @@ def solve_khatri_rao(A: torch.Tensor, B: torch.Tensor, W: torch.Tensor, *, layer
         # the user) can miss W just like a tall one
         exact = relative <= 1e3 * torch.finfo(W.dtype).eps
     if not np.isfinite(residual):
-        raise SingularSystemError(f"{where}Khatri–Rao solve of size {N} produced non-finite γ; the system is singular "
-                                  "or overflowed — check the frozen weights", layer=layer, size=N)
-    return KRSolution(gamma=gamma, residual=residual, relative_residual=relative, exact=exact, kind=kind,
-                      rcond=rcond, precision=used, steps=steps)
+        raise SingularSystemError(
+            f"{where}Khatri–Rao solve of size {N} produced non-finite γ; the system is singular "
+            "or overflowed — check the frozen weights",
+            layer=layer,
+            size=N,
+        )
+    return KRSolution(
+        gamma=gamma,
+        residual=residual,
+        relative_residual=relative,
+        exact=exact,
+        kind=kind,
+        rcond=rcond,
+        precision=used,
+        steps=steps,
+    )
 
 
 def kr_pattern(A_mask: torch.Tensor | np.ndarray, B_mask: torch.Tensor | np.ndarray):
@@ -366,8 +397,9 @@ def _lu_solve_each(M: torch.Tensor, rhs: torch.Tensor) -> tuple[torch.Tensor, to
     return gammas, rconds
 
 
-def solve_khatri_rao_batched(A: torch.Tensor, B: torch.Tensor, W: torch.Tensor, *, layer: int | None = None,
-                             max_bytes: int = 256 << 20) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def solve_khatri_rao_batched(
+    A: torch.Tensor, B: torch.Tensor, W: torch.Tensor, *, layer: int | None = None, max_bytes: int = 256 << 20
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Solve the ``T`` square systems ``B_t diag(γ_t) A_t = W_t`` at once (batched float64 LU).
 
     ``A`` is ``(T, N, k)``, ``B`` is ``(T, m, N)``, ``W`` is ``(T, m, k)`` with ``N = m·k``. Batches are chunked so at
@@ -384,13 +416,15 @@ def solve_khatri_rao_batched(A: torch.Tensor, B: torch.Tensor, W: torch.Tensor, 
     T, N, k = A.shape
     m = B.shape[1]
     if B.shape != (T, m, N) or W.shape != (T, m, k) or N != m * k:
-        raise ValueError(f"solve_khatri_rao_batched: expected A (T, m·k, k), B (T, m, m·k), W (T, m, k), found "
-                         f"{tuple(A.shape)}, {tuple(B.shape)}, {tuple(W.shape)}")
+        raise ValueError(
+            f"solve_khatri_rao_batched: expected A (T, m·k, k), B (T, m, m·k), W (T, m, k), found "
+            f"{tuple(A.shape)}, {tuple(B.shape)}, {tuple(W.shape)}"
+        )
     chunk = max(1, max_bytes // max(1, N * N * A.element_size()))
     gammas, residuals, rconds = [], [], []
     where = "" if layer is None else f"layer {layer}, "
     for start in range(0, T, chunk):
-        a, b, w = A[start:start + chunk], B[start:start + chunk], W[start:start + chunk]
+        a, b, w = A[start : start + chunk], B[start : start + chunk], W[start : start + chunk]
         M = khatri_rao_system(a, b)
         rhs = vec(w)
         if M.device.type == "cpu":
@@ -406,7 +440,10 @@ def solve_khatri_rao_batched(A: torch.Tensor, B: torch.Tensor, W: torch.Tensor, 
             t = start + int(torch.nonzero(bad)[0])
             raise SingularSystemError(
                 f"{where}block {t}: Khatri–Rao system of size {N} is singular (pivot ratio "
-                f"{float(rcond[t - start]):.1e}); use fresh random weights", layer=layer, size=N)
+                f"{float(rcond[t - start]):.1e}); use fresh random weights",
+                layer=layer,
+                size=N,
+            )
         gammas.append(gamma)
         residuals.append((compose(b, gamma, a) - w).abs().amax(dim=(-2, -1)))
         rconds.append(rcond)

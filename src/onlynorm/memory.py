@@ -87,12 +87,17 @@ def check_memory(construction, spec, *, dtype: torch.dtype, device=None, options
     limit, source = memory_limit(device)
     if need > limit:
         fits = cheaper_constructions(construction, spec, dtype, limit)
-        advice = (f"use {' or '.join(f'method={n!r} (~{format_bytes(b)})' for n, b in fits)}" if fits else
-                  "no construction fits this target in the budget: use a smaller target")
+        advice = (
+            f"use {' or '.join(f'method={n!r} (~{format_bytes(b)})' for n, b in fits)}"
+            if fits
+            else "no construction fits this target in the budget: use a smaller target"
+        )
         raise MemoryBudgetError(
             f"method {construction.name!r} needs about {format_bytes(need)} for target dims {spec.dims}, but the "
             f"limit is {format_bytes(limit)} ({source}); {advice}, or raise the limit (ONLYNORM_MEMORY_LIMIT)",
-            needed_bytes=need, limit_bytes=limit)
+            needed_bytes=need,
+            limit_bytes=limit,
+        )
 
 
 def cheaper_constructions(construction, spec, dtype: torch.dtype, limit: int) -> list[tuple[str, int]]:

@@ -34,8 +34,16 @@ from . import _io
 from .errors import FileFormatError, InvalidNetworkError
 from .records import NetMeta
 
-__all__ = ["NormNet", "NormLinear", "Stage", "register_stage", "make_batchnorm", "frozen_module", "is_norm_module",
-           "NetSummary"]
+__all__ = [
+    "NormNet",
+    "NormLinear",
+    "Stage",
+    "register_stage",
+    "make_batchnorm",
+    "frozen_module",
+    "is_norm_module",
+    "NetSummary",
+]
 
 FORMAT = "onlynorm.normnet"
 NORMSET_FORMAT = "onlynorm.normset"
@@ -67,8 +75,9 @@ def is_norm_module(module: nn.Module) -> bool:
     return isinstance(module, _BatchNorm)
 
 
-def make_batchnorm(num_features: int, *, dims: int = 1, dtype: torch.dtype = torch.float64,
-                   device: torch.device | str | None = None) -> _BatchNorm:
+def make_batchnorm(
+    num_features: int, *, dims: int = 1, dtype: torch.dtype = torch.float64, device: torch.device | str | None = None
+) -> _BatchNorm:
     """A BatchNorm at identity in inference form: ``γ = 1, β = 0``, running mean 0, running var 1, ``eps = 0``.
 
     ``eps = 0`` matters: with the default ``eps = 1e-5`` BatchNorm would scale by ``1/sqrt(1 + 1e-5)`` and perturb
@@ -86,8 +95,9 @@ def frozen_module(cls: type[nn.Module], *args, dtype: torch.dtype, device=None, 
     ``skip_init``: torch's default init would draw from the global RNG; constructions fill the weights from their
     own seeded generator, so building a network never perturbs the user's random stream.
     """
-    module = torch.nn.utils.skip_init(cls, *args, bias=False, dtype=dtype,
-                                      device=device if device is not None else "cpu", **kwargs)
+    module = torch.nn.utils.skip_init(
+        cls, *args, bias=False, dtype=dtype, device=device if device is not None else "cpu", **kwargs
+    )
     with torch.no_grad():
         module.weight.zero_()
     module.weight.requires_grad_(False)
@@ -107,9 +117,11 @@ def _check_sizes(config: Any, kind: str, held: int, key: str = "") -> None:
     elif isinstance(config, int) and not isinstance(config, bool):
         low = 0 if key in _MAY_BE_ZERO else 1
         if not low <= config <= held:
-            raise FileFormatError(f"stage {kind!r}: config field {key!r} must be an integer from {low} to the file's "
-                                  f"{held:,} weight elements, found {config!r}; the architecture description is "
-                                  "corrupt — re-create the file")
+            raise FileFormatError(
+                f"stage {kind!r}: config field {key!r} must be an integer from {low} to the file's "
+                f"{held:,} weight elements, found {config!r}; the architecture description is "
+                "corrupt — re-create the file"
+            )
 
 
 #: config fields for which 0 is a valid value
@@ -158,8 +170,15 @@ class NormLinear(Stage):
     linear: nn.Linear
     norm: _BatchNorm
 
-    def __init__(self, in_features: int, out_features: int, relu: bool = True, *,
-                 dtype: torch.dtype = torch.float64, device: torch.device | str | None = None):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        relu: bool = True,
+        *,
+        dtype: torch.dtype = torch.float64,
+        device: torch.device | str | None = None,
+    ):
         super().__init__()
         self.linear = frozen_module(nn.Linear, in_features, out_features, dtype=dtype, device=device)  # type: ignore[assignment]
         self.norm = make_batchnorm(out_features, dtype=dtype, device=device)
@@ -186,17 +205,17 @@ class NetSummary:
 
     method: str
     target_dims: list[int]
-    depth: int                     # normalization layers along the longest path
-    widths: list[int]              # width of every normalization layer
+    depth: int  # normalization layers along the longest path
+    widths: list[int]  # width of every normalization layer
     frozen_parameters: int
     frozen_nonzeros: int
-    tunable_parameters: int        # all γ and β
+    tunable_parameters: int  # all γ and β
     target_parameters: int
     solved: bool
     exact: bool | None
     max_relative_residual: float | None
     notes: list[str] = field(default_factory=list)
-    in_shape: list[int] | None = None   # image targets: (c, H, W)
+    in_shape: list[int] | None = None  # image targets: (c, H, W)
 
     @property
     def max_width(self) -> int:
@@ -207,19 +226,25 @@ class NetSummary:
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d.update(max_width=self.max_width,
-                 frozen_to_target=self.ratio("frozen_parameters"),
-                 nonzeros_to_target=self.ratio("frozen_nonzeros"),
-                 tunable_to_target=self.ratio("tunable_parameters"))
+        d.update(
+            max_width=self.max_width,
+            frozen_to_target=self.ratio("frozen_parameters"),
+            nonzeros_to_target=self.ratio("frozen_nonzeros"),
+            tunable_to_target=self.ratio("tunable_parameters"),
+        )
         return d
 
     def rows(self) -> list[tuple[str, str]]:
         exact = "n/a (not solved)" if not self.solved else ("yes" if self.exact else "no (approximate)")
         rows = [
             ("method", self.method),
-            ("target dims", " → ".join(map(str, self.target_dims))) if self.in_shape is None else
-            ("target", f"input {'×'.join(map(str, self.in_shape))}, output channels/features "
-                       f"{', '.join(map(str, self.target_dims[len(self.in_shape):]))}"),
+            ("target dims", " → ".join(map(str, self.target_dims)))
+            if self.in_shape is None
+            else (
+                "target",
+                f"input {'×'.join(map(str, self.in_shape))}, output channels/features "
+                f"{', '.join(map(str, self.target_dims[len(self.in_shape) :]))}",
+            ),
             ("normalization layers (depth)", str(self.depth)),
             ("max width", str(self.max_width)),
             ("frozen parameters", f"{self.frozen_parameters:,} ({self.ratio('frozen_parameters'):.1f}× target)"),
@@ -257,12 +282,14 @@ class NormNet(nn.Module):
         expected = self.in_features
         if expected is not None and x.shape[-1] != expected:
             raise InvalidNetworkError(
-                f"expected inputs with {expected} features (last dimension), found shape {tuple(x.shape)}")
+                f"expected inputs with {expected} features (last dimension), found shape {tuple(x.shape)}"
+            )
         dtype = self.dtype
         if x.dtype != dtype:
             raise InvalidNetworkError(
                 f"expected {dtype_name(dtype)} inputs (the network's dtype), found {dtype_name(x.dtype)}; convert with "
-                f"x.to({str(dtype)}) or build the network with dtype={str(x.dtype)}")
+                f"x.to({str(dtype)}) or build the network with dtype={str(x.dtype)}"
+            )
         for stage in self.layers:
             x = stage(x)
         return x
@@ -358,8 +385,13 @@ class NormNet(nn.Module):
 
     def save(self, path: str | os.PathLike) -> None:
         """Write weights (safetensors) and the JSON architecture + metadata, atomically."""
-        doc = {"format": FORMAT, "version": FORMAT_VERSION, "dtype": dtype_name(self.dtype),
-               "architecture": self.architecture(), "meta": self.meta.to_dict()}
+        doc = {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "dtype": dtype_name(self.dtype),
+            "architecture": self.architecture(),
+            "meta": self.meta.to_dict(),
+        }
         _io.write_tensors(path, self.state_dict(), metadata=doc)
 
     @classmethod
@@ -369,22 +401,28 @@ class NormNet(nn.Module):
         if not doc or doc.get("format") != FORMAT:
             raise FileFormatError(
                 f"{str(path)!r} is not an onlynorm network file (no '{FORMAT}' metadata); expected a file written "
-                "by NormNet.save or `onlynorm reconstruct --out`")
+                "by NormNet.save or `onlynorm reconstruct --out`"
+            )
         return cls.from_document(doc, tensors, source=str(path), device=device)
 
     @classmethod
-    def from_document(cls, doc: dict, tensors: dict[str, torch.Tensor], *, source: str = "network",
-                      device=None) -> NormNet:
+    def from_document(
+        cls, doc: dict, tensors: dict[str, torch.Tensor], *, source: str = "network", device=None
+    ) -> NormNet:
         if doc.get("version") != FORMAT_VERSION:
             raise FileFormatError(f"{source}: expected format version {FORMAT_VERSION}, found {doc.get('version')!r}")
         dtype = _DTYPES.get(str(doc.get("dtype")))
         if dtype is None:
-            raise FileFormatError(f"{source}: unsupported dtype {doc.get('dtype')!r}; expected one of {sorted(_DTYPES)}")
-        meta = NetMeta.from_dict(doc.get("meta"), source)     # typed: a tampered field is named
+            raise FileFormatError(
+                f"{source}: unsupported dtype {doc.get('dtype')!r}; expected one of {sorted(_DTYPES)}"
+            )
+        meta = NetMeta.from_dict(doc.get("meta"), source)  # typed: a tampered field is named
         architecture = doc.get("architecture")
         if not isinstance(architecture, list) or not all(isinstance(c, dict) for c in architecture):
-            raise FileFormatError(f"{source}: expected 'architecture' to be a list of stage objects, found "
-                                  f"{type(architecture).__name__}; re-create the file")
+            raise FileFormatError(
+                f"{source}: expected 'architecture' to be a list of stage objects, found "
+                f"{type(architecture).__name__}; re-create the file"
+            )
         held = max(sum(t.numel() for t in tensors.values()), 1)
         try:
             # Stages are built on the meta device first: a description claiming absurd sizes costs nothing until
@@ -402,17 +440,24 @@ class NormNet(nn.Module):
             raise
         except (KeyError, TypeError, ValueError, RuntimeError, ArithmeticError, RecursionError) as exc:
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise FileFormatError(f"{source}: malformed architecture description ({first}); re-create the "
-                                  "file") from None
+            raise FileFormatError(
+                f"{source}: malformed architecture description ({first}); re-create the file"
+            ) from None
         expected = {k: tuple(v.shape) for k, v in net.state_dict().items()}
         found = {k: tuple(v.shape) for k, v in tensors.items()}
         if expected != found:
             missing, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
             wrong = sorted(k for k in set(expected) & set(found) if expected[k] != found[k])
-            detail = (f"missing {missing[:3]}" if missing else f"unexpected {extra[:3]}" if extra else
-                      f"{wrong[0]} has shape {found[wrong[0]]}, expected {expected[wrong[0]]}")
-            raise FileFormatError(f"{source}: weights do not match the described architecture ({detail}); "
-                                  "re-create the file")
+            detail = (
+                f"missing {missing[:3]}"
+                if missing
+                else f"unexpected {extra[:3]}"
+                if extra
+                else f"{wrong[0]} has shape {found[wrong[0]]}, expected {expected[wrong[0]]}"
+            )
+            raise FileFormatError(
+                f"{source}: weights do not match the described architecture ({detail}); re-create the file"
+            )
         for k, v in tensors.items():
             if not v.is_floating_point() and not k.endswith("num_batches_tracked"):
                 raise FileFormatError(f"{source}: tensor {k!r} has dtype {v.dtype}, expected a floating dtype")
@@ -449,47 +494,60 @@ class NormNet(nn.Module):
         A norm set is the whole task-specific part of a reconstruction: swap it into the same frozen network with
         :meth:`load_norms` to switch tasks.
         """
-        doc = {"format": NORMSET_FORMAT, "version": FORMAT_VERSION, "fingerprint": self.fingerprint(),
-               "dtype": dtype_name(self.dtype),
-               "meta": {k: v for k, v in self.meta.to_dict().items() if k in _NORMSET_META}}
+        doc = {
+            "format": NORMSET_FORMAT,
+            "version": FORMAT_VERSION,
+            "fingerprint": self.fingerprint(),
+            "dtype": dtype_name(self.dtype),
+            "meta": {k: v for k, v in self.meta.to_dict().items() if k in _NORMSET_META},
+        }
         _io.write_tensors(path, self.norm_state(), metadata=doc)
 
     def load_norms(self, path: str | os.PathLike) -> NormNet:
         """Load a norm set saved by :meth:`save_norms` into this network in place (only γ, β change)."""
         tensors, doc = _io.read_tensors(path)
         if not doc or doc.get("format") != NORMSET_FORMAT:
-            raise FileFormatError(f"{str(path)!r} is not an onlynorm norm set; expected a file written by "
-                                  "NormNet.save_norms")
+            raise FileFormatError(
+                f"{str(path)!r} is not an onlynorm norm set; expected a file written by NormNet.save_norms"
+            )
         mine = self.norm_state()
         missing, extra = sorted(set(mine) - set(tensors)), sorted(set(tensors) - set(mine))
         if missing or extra:
             raise InvalidNetworkError(
                 f"norm set {str(path)!r} does not fit this network: expected γ/β tensors {sorted(mine)[:4]}..., "
-                f"missing {missing[:3]}, unexpected {extra[:3]}; it was saved from a different architecture")
+                f"missing {missing[:3]}, unexpected {extra[:3]}; it was saved from a different architecture"
+            )
         for name, p in mine.items():
             if tuple(tensors[name].shape) != tuple(p.shape):
                 raise InvalidNetworkError(
                     f"norm set {str(path)!r} does not fit this network: {name} has shape "
-                    f"{tuple(tensors[name].shape)}, expected {tuple(p.shape)}")
+                    f"{tuple(tensors[name].shape)}, expected {tuple(p.shape)}"
+                )
         fingerprint = self.fingerprint()
         if doc.get("fingerprint") != fingerprint:
             raise InvalidNetworkError(
                 f"norm set {str(path)!r} was solved for a different frozen network (fingerprint "
                 f"{str(doc.get('fingerprint'))[:12]}…, this one is {fingerprint[:12]}…); γ, β only make sense "
-                "with the frozen weights they were solved for — load the matching network or re-solve")
+                "with the frozen weights they were solved for — load the matching network or re-solve"
+            )
         # check everything before changing anything: a bad file leaves the network as it was
         for name in mine:
             if not tensors[name].is_floating_point():
-                raise FileFormatError(f"norm set {str(path)!r}: {name} has dtype {tensors[name].dtype}, expected "
-                                      f"{dtype_name(self.dtype)}; the file is corrupt — re-save it")
+                raise FileFormatError(
+                    f"norm set {str(path)!r}: {name} has dtype {tensors[name].dtype}, expected "
+                    f"{dtype_name(self.dtype)}; the file is corrupt — re-save it"
+                )
             if not torch.isfinite(tensors[name]).all():
                 raise FileFormatError(f"norm set {str(path)!r}: {name} holds NaN/Inf values")
         stored = doc.get("meta") or {}
         if not isinstance(stored, dict):
-            raise FileFormatError(f"norm set {str(path)!r}: metadata 'meta' must be an object, found "
-                                  f"{type(stored).__name__}")
-        merged = NetMeta.from_dict({**self.meta.to_dict(), **{k: v for k, v in stored.items() if k in _NORMSET_META}},
-                                   f"norm set {str(path)!r}")
+            raise FileFormatError(
+                f"norm set {str(path)!r}: metadata 'meta' must be an object, found {type(stored).__name__}"
+            )
+        merged = NetMeta.from_dict(
+            {**self.meta.to_dict(), **{k: v for k, v in stored.items() if k in _NORMSET_META}},
+            f"norm set {str(path)!r}",
+        )
         with torch.no_grad():
             for name, p in mine.items():
                 p.copy_(tensors[name].to(dtype=p.dtype, device=p.device))
@@ -506,4 +564,3 @@ class NormNet(nn.Module):
     def clone(self) -> NormNet:
         """A deep copy (the frozen weights are copied too, so the two networks are independent)."""
         return copy.deepcopy(self)
-

@@ -40,8 +40,16 @@ def _range_words(min_val: float | None, max_val: float | None, include_min: bool
     return " and ".join(parts)
 
 
-def check_scalar(value: Any, name: str, kind: type, *, min_val: float | None = None, max_val: float | None = None,
-                 include_min: bool = True, include_max: bool = True) -> Any:
+def check_scalar(
+    value: Any,
+    name: str,
+    kind: type,
+    *,
+    min_val: float | None = None,
+    max_val: float | None = None,
+    include_min: bool = True,
+    include_max: bool = True,
+) -> Any:
     """Return ``value`` converted to ``kind`` (``int`` or ``float``) if it is one and lies in range, else raise
     :class:`InvalidOptionError` ``"NAME: expected <type> <range>, found <value>"``.
 
@@ -85,14 +93,22 @@ class OptionSpec:
         """Validate ``value``: a scalar, or (``per_layer``) a scalar or one value per target layer."""
         if self.per_layer and isinstance(value, (list, tuple)):
             if depth is not None and len(value) != depth:
-                raise InvalidOptionError(f"{self.name}: expected one value per target layer ({depth}), found "
-                                         f"{len(value)}: {list(value)}")
+                raise InvalidOptionError(
+                    f"{self.name}: expected one value per target layer ({depth}), found {len(value)}: {list(value)}"
+                )
             return [self._scalar(v, f"{self.name}[{i}]") for i, v in enumerate(value)]
         return self._scalar(value, self.name)
 
     def _scalar(self, value: Any, name: str) -> Any:
-        return check_scalar(value, name, self.kind, min_val=self.min_val, max_val=self.max_val,
-                            include_min=self.include_min, include_max=self.include_max)
+        return check_scalar(
+            value,
+            name,
+            self.kind,
+            min_val=self.min_val,
+            max_val=self.max_val,
+            include_min=self.include_min,
+            include_max=self.include_max,
+        )
 
     def parse_text(self, text: str) -> Any:
         """Parse a command-line value: ``"64"``, or for per-layer options ``"64,128"``."""
@@ -114,14 +130,16 @@ class OptionSpec:
         return f"{self.help} ({_TYPE_WORDS[self.kind].split()[-1]}{' ' + rng if rng else ''}{per})"
 
 
-def check_options(method: str, specs: Sequence[OptionSpec], options: Mapping[str, Any],
-                  depth: int | None = None) -> dict[str, Any]:
+def check_options(
+    method: str, specs: Sequence[OptionSpec], options: Mapping[str, Any], depth: int | None = None
+) -> dict[str, Any]:
     """Validate ``options`` against a construction's declarations; unknown names are refused."""
     known = {s.name: s for s in specs}
     unknown = sorted(set(options) - set(known))
     if unknown:
-        raise InvalidOptionError(f"method {method!r} got unknown option(s) {unknown}; it accepts: "
-                                 f"{', '.join(known) or 'none'}")
+        raise InvalidOptionError(
+            f"method {method!r} got unknown option(s) {unknown}; it accepts: {', '.join(known) or 'none'}"
+        )
     return {k: (None if v is None else known[k].check(v, depth)) for k, v in options.items()}
 
 

@@ -49,8 +49,10 @@ def relative_residual(realised: torch.Tensor, target: torch.Tensor) -> tuple[flo
 def _bad(source: str, what: str, expected: str, found: Any) -> FileFormatError:
     shown = repr(found)
     shown = shown if len(shown) <= 60 else shown[:57] + "..."
-    return FileFormatError(f"{source}: metadata field {what!r} must be {expected}, found {shown} "
-                           f"({type(found).__name__}); the file is corrupt or was edited — re-create it")
+    return FileFormatError(
+        f"{source}: metadata field {what!r} must be {expected}, found {shown} "
+        f"({type(found).__name__}); the file is corrupt or was edited — re-create it"
+    )
 
 
 def _number(x: Any) -> bool:
@@ -78,9 +80,16 @@ class SolveRecord:
     details: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        out = {"layer": self.layer, "kind": self.kind, "residual": self.residual,
-               "relative_residual": self.relative_residual, "exact": self.exact, "rcond": self.rcond,
-               "precision": self.precision, "steps": self.steps}
+        out = {
+            "layer": self.layer,
+            "kind": self.kind,
+            "residual": self.residual,
+            "relative_residual": self.relative_residual,
+            "exact": self.exact,
+            "rcond": self.rcond,
+            "precision": self.precision,
+            "steps": self.steps,
+        }
         out.update(self.details)
         return out
 
@@ -89,24 +98,31 @@ class SolveRecord:
         if not isinstance(d, dict):
             raise _bad(source, "solve.layers[]", "an object", d)
         known = {"layer", "kind", "residual", "relative_residual", "exact", "rcond", "precision", "steps"}
-        for key, ok, expected in (("layer", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
-                                   "a non-negative integer"),
-                                  ("residual", _number, "a number"), ("relative_residual", _number, "a number"),
-                                  ("exact", lambda v: isinstance(v, bool), "true or false")):
+        for key, ok, expected in (
+            ("layer", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "a non-negative integer"),
+            ("residual", _number, "a number"),
+            ("relative_residual", _number, "a number"),
+            ("exact", lambda v: isinstance(v, bool), "true or false"),
+        ):
             if not ok(d.get(key)):
                 raise _bad(source, f"solve.layers[].{key}", expected, d.get(key))
         rcond = d.get("rcond")
         if rcond is not None and not _number(rcond):
             raise _bad(source, "solve.layers[].rcond", "a number or null", rcond)
         precision = d.get("precision")
-        if isinstance(precision, list):   # 0.1's lowrank wrote one precision per factor
+        if isinstance(precision, list):  # 0.1's lowrank wrote one precision per factor
             precision = "+".join(map(str, precision))
-        return cls(layer=d["layer"], kind=str(d.get("kind", "")), residual=float(d["residual"]),
-                   relative_residual=float(d["relative_residual"]), exact=d["exact"],
-                   rcond=None if rcond is None else float(rcond),
-                   precision=None if precision is None else str(precision),
-                   steps=d.get("steps") if isinstance(d.get("steps"), int) else None,
-                   details={k: v for k, v in d.items() if k not in known})
+        return cls(
+            layer=d["layer"],
+            kind=str(d.get("kind", "")),
+            residual=float(d["residual"]),
+            relative_residual=float(d["relative_residual"]),
+            exact=d["exact"],
+            rcond=None if rcond is None else float(rcond),
+            precision=None if precision is None else str(precision),
+            steps=d.get("steps") if isinstance(d.get("steps"), int) else None,
+            details={k: v for k, v in d.items() if k not in known},
+        )
 
 
 @dataclass(frozen=True)
@@ -126,8 +142,12 @@ class SolveInfo:
         return max((r.relative_residual for r in self.records), default=None)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"exact": self.exact, "layers": [r.to_dict() for r in self.records], "notes": list(self.notes),
-                "domain": self.domain.to_dict()}
+        return {
+            "exact": self.exact,
+            "layers": [r.to_dict() for r in self.records],
+            "notes": list(self.notes),
+            "domain": self.domain.to_dict(),
+        }
 
     @classmethod
     def from_dict(cls, d: Any, source: str = "network") -> SolveInfo:
@@ -138,8 +158,11 @@ class SolveInfo:
             raise _bad(source, "solve.layers", "a list", layers)
         if not isinstance(notes, list) or not all(isinstance(n, str) for n in notes):
             raise _bad(source, "solve.notes", "a list of strings", notes)
-        if not isinstance(domain, dict) or not isinstance(domain.get("low"), (list, int, float)) \
-                or not isinstance(domain.get("high"), (list, int, float)):
+        if (
+            not isinstance(domain, dict)
+            or not isinstance(domain.get("low"), (list, int, float))
+            or not isinstance(domain.get("high"), (list, int, float))
+        ):
             raise _bad(source, "solve.domain", 'an object {"low": [...], "high": [...]}', domain)
         try:
             box = Box.from_dict(domain)
@@ -213,9 +236,16 @@ class NetMeta(Mapping):
             info: SolveInfo | None = solve
         else:
             info = None if solve is None else SolveInfo.from_dict(solve, source)
-        return cls(method=method, seed=seed, options=dict(options), target_dims=d.get("target_dims"),
-                   target_parameters=params, in_shape=d.get("in_shape"), solve=info,
-                   extra={k: v for k, v in d.items() if k not in _META_FIELDS})
+        return cls(
+            method=method,
+            seed=seed,
+            options=dict(options),
+            target_dims=d.get("target_dims"),
+            target_parameters=params,
+            in_shape=d.get("in_shape"),
+            solve=info,
+            extra={k: v for k, v in d.items() if k not in _META_FIELDS},
+        )
 
     def replace(self, **changes: Any) -> NetMeta:
         """A copy with some fields changed (the solve writes its :class:`SolveInfo` on the solved copy)."""

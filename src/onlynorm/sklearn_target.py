@@ -41,8 +41,10 @@ def is_sklearn_mlp(obj: Any) -> bool:
     >>> is_sklearn_mlp(object())
     False
     """
-    return any(base.__module__.startswith("sklearn.neural_network") and base.__name__ in _MLP_CLASSES
-               for base in type(obj).__mro__)
+    return any(
+        base.__module__.startswith("sklearn.neural_network") and base.__name__ in _MLP_CLASSES
+        for base in type(obj).__mro__
+    )
 
 
 def is_classifier(model: Any) -> bool:
@@ -75,11 +77,14 @@ def spec_from_sklearn(model: Any) -> MLPSpec:
     if activation != "relu":
         raise UnsupportedActivationError(
             f"{name}: expected activation='relu', found activation={activation!r}; onlynorm reconstructs ReLU "
-            "networks only — refit the model with activation='relu'")
+            "networks only — refit the model with activation='relu'"
+        )
     coefs, intercepts = getattr(model, "coefs_", None), getattr(model, "intercepts_", None)
     if coefs is None or intercepts is None:
-        raise InvalidTargetError(f"{name}: expected a fitted model (with coefs_ and intercepts_), found an unfitted "
-                                 "one; call model.fit(X, y) first")
+        raise InvalidTargetError(
+            f"{name}: expected a fitted model (with coefs_ and intercepts_), found an unfitted "
+            "one; call model.fit(X, y) first"
+        )
     weights = tuple(torch.as_tensor(np.asarray(c, dtype=np.float64).T.copy()) for c in coefs)
     biases = tuple(torch.as_tensor(np.asarray(b, dtype=np.float64).copy()) for b in intercepts)
     return MLPSpec(weights, biases)
@@ -95,8 +100,10 @@ def predict_proba(model: Any, logits: np.ndarray) -> np.ndarray:
         e = np.exp(z - z.max(axis=1, keepdims=True))
         return e / e.sum(axis=1, keepdims=True)
     if model.out_activation_ != "logistic":
-        raise InvalidTargetError(f"{type(model).__name__} has no predict_proba (output activation "
-                                 f"{model.out_activation_!r}); expected a classifier")
+        raise InvalidTargetError(
+            f"{type(model).__name__} has no predict_proba (output activation "
+            f"{model.out_activation_!r}); expected a classifier"
+        )
     p = 1.0 / (1.0 + np.exp(-z))
     return np.hstack([1.0 - p, p]) if p.shape[1] == 1 and len(model.classes_) == 2 else p
 
@@ -109,9 +116,9 @@ def predict(model: Any, logits: np.ndarray) -> np.ndarray:
     proba = predict_proba(model, z)
     if model.out_activation_ == "softmax":
         return model.classes_[proba.argmax(axis=1)]
-    if z.shape[1] == 1 and len(model.classes_) == 2:       # binary: LabelBinarizer's 0.5 threshold
+    if z.shape[1] == 1 and len(model.classes_) == 2:  # binary: LabelBinarizer's 0.5 threshold
         return model.classes_[(proba[:, 1] > 0.5).astype(int)]
-    return (proba > 0.5).astype(int)                       # multi-label indicator matrix
+    return (proba > 0.5).astype(int)  # multi-label indicator matrix
 
 
 def compare_predictions(model: Any, x: np.ndarray, outputs: np.ndarray) -> dict[str, float | None]:
@@ -126,8 +133,11 @@ def compare_predictions(model: Any, x: np.ndarray, outputs: np.ndarray) -> dict[
     if not is_classifier(model):
         mine = predict(model, outputs)
         theirs = np.asarray(model.predict(x), dtype=np.float64).reshape(mine.shape)
-        return {"prediction_agreement": None, "max_proba_error": None,
-                "max_predict_error": float(np.abs(mine - theirs).max())}
+        return {
+            "prediction_agreement": None,
+            "max_proba_error": None,
+            "max_predict_error": float(np.abs(mine - theirs).max()),
+        }
     same = predict(model, outputs) == model.predict(x)
     agreement = float((same.all(axis=1) if same.ndim == 2 else same).mean())
     proba_error = float(np.abs(predict_proba(model, outputs) - model.predict_proba(x)).max())

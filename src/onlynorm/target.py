@@ -43,14 +43,15 @@ class MLPSpec:
         weights = tuple(torch.as_tensor(w).detach() for w in self.weights)
         if len(weights) == 0:
             raise InvalidTargetError("expected a target with at least one Linear layer, found none")
-        for i, w in enumerate(weights):   # shapes first: a 0-d "weight" has no rows to size a bias by
+        for i, w in enumerate(weights):  # shapes first: a 0-d "weight" has no rows to size a bias by
             if w.ndim != 2:
                 raise InvalidTargetError(f"layer {i}: expected a 2-D weight (out, in), found shape {tuple(w.shape)}")
-        biases = tuple(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device) if b is None
-                       else torch.as_tensor(b).detach() for w, b in zip(weights, _pad(self.biases, len(weights))))
+        biases = tuple(
+            torch.zeros(w.shape[0], dtype=w.dtype, device=w.device) if b is None else torch.as_tensor(b).detach()
+            for w, b in zip(weights, _pad(self.biases, len(weights)))
+        )
         if len(self.biases) not in (0, len(weights)):
-            raise InvalidTargetError(
-                f"expected one bias per weight ({len(weights)}), found {len(self.biases)} biases")
+            raise InvalidTargetError(f"expected one bias per weight ({len(weights)}), found {len(self.biases)} biases")
         for i, (w, b) in enumerate(zip(weights, biases)):
             if w.ndim != 2:
                 raise InvalidTargetError(f"layer {i}: expected a 2-D weight (out, in), found shape {tuple(w.shape)}")
@@ -61,17 +62,20 @@ class MLPSpec:
             if b.shape != (w.shape[0],):
                 raise InvalidTargetError(
                     f"layer {i}: expected bias of shape ({w.shape[0]},) to match weight {tuple(w.shape)}, "
-                    f"found {tuple(b.shape)}")
+                    f"found {tuple(b.shape)}"
+                )
             if i > 0 and w.shape[1] != weights[i - 1].shape[0]:
                 raise InvalidTargetError(
                     f"layer {i}: shapes do not chain: layer {i - 1} outputs {weights[i - 1].shape[0]} features "
-                    f"but layer {i} expects {w.shape[1]} inputs (weight shape {tuple(w.shape)})")
+                    f"but layer {i} expects {w.shape[1]} inputs (weight shape {tuple(w.shape)})"
+                )
             for name, t in (("weight", w), ("bias", b)):
                 if not torch.isfinite(t).all():
                     bad = int((~torch.isfinite(t)).sum())
                     raise InvalidTargetError(
                         f"layer {i}: {name} has {bad} non-finite value(s) (NaN or Inf); expected finite numbers — "
-                        "check the training run that produced this target")
+                        "check the training run that produced this target"
+                    )
         object.__setattr__(self, "weights", weights)
         object.__setattr__(self, "biases", biases)
 
@@ -108,8 +112,10 @@ class MLPSpec:
         return self.weights[0].device
 
     def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> MLPSpec:
-        return MLPSpec(tuple(w.to(device=device, dtype=dtype) for w in self.weights),
-                       tuple(b.to(device=device, dtype=dtype) for b in self.biases))
+        return MLPSpec(
+            tuple(w.to(device=device, dtype=dtype) for w in self.weights),
+            tuple(b.to(device=device, dtype=dtype) for b in self.biases),
+        )
 
     # ------------------------------------------------------------------ evaluation
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -134,7 +140,8 @@ class MLPSpec:
             module = nn.Sequential(module)
         if not isinstance(module, nn.Sequential):
             raise InvalidTargetError(
-                f"expected an nn.Sequential of Linear/ReLU layers (or an MLPSpec), found {type(module).__name__}")
+                f"expected an nn.Sequential of Linear/ReLU layers (or an MLPSpec), found {type(module).__name__}"
+            )
         layers = [m for m in module if not isinstance(m, _INFERENCE_IDENTITY)]
         weights, biases, expect_linear = [], [], True
         for pos, layer in enumerate(layers):
@@ -143,7 +150,8 @@ class MLPSpec:
                 if not expect_linear:
                     raise InvalidTargetError(
                         f"layer {pos} ({kind}): expected ReLU between Linear layers, found two Linear layers in a "
-                        "row; merge them into one Linear or insert nn.ReLU()")
+                        "row; merge them into one Linear or insert nn.ReLU()"
+                    )
                 weights.append(layer.weight)
                 biases.append(layer.bias)
                 expect_linear = False
@@ -151,16 +159,19 @@ class MLPSpec:
                 if expect_linear:
                     raise InvalidTargetError(
                         f"layer {pos} (ReLU): expected a Linear layer here (a ReLU must follow a Linear), found "
-                        "ReLU first or two ReLUs in a row")
+                        "ReLU first or two ReLUs in a row"
+                    )
                 expect_linear = True
             else:
                 raise InvalidTargetError(
                     f"layer {pos} ({kind}) is not supported in an MLP target; expected only nn.Linear and nn.ReLU "
-                    "(nn.Identity/nn.Dropout are ignored)")
+                    "(nn.Identity/nn.Dropout are ignored)"
+                )
         if expect_linear:
             raise InvalidTargetError(
                 "expected the target to end with a Linear layer, found a trailing ReLU (or no layers); "
-                "drop the final ReLU (onlynorm targets have a linear output)")
+                "drop the final ReLU (onlynorm targets have a linear output)"
+            )
         return cls(tuple(weights), tuple(biases))
 
     def to_module(self) -> nn.Sequential:
@@ -200,11 +211,14 @@ class MLPSpec:
             if match is None:
                 raise InvalidTargetError(
                     f"{source}: key {key!r} is not an MLP parameter; expected keys like '0.weight', '0.bias', "
-                    "'2.weight' (the state_dict of an nn.Sequential of Linear and ReLU layers)")
+                    "'2.weight' (the state_dict of an nn.Sequential of Linear and ReLU layers)"
+                )
             prefixes.add(match["prefix"])
             layers.setdefault(int(match["index"]), {})[match["kind"]] = tensor
         if len(prefixes) > 1:
-            raise InvalidTargetError(f"{source}: expected one Sequential, found several key prefixes {sorted(prefixes)}")
+            raise InvalidTargetError(
+                f"{source}: expected one Sequential, found several key prefixes {sorted(prefixes)}"
+            )
         weights: list[torch.Tensor] = []
         biases: list[torch.Tensor | None] = []
         for index in sorted(layers):
@@ -253,17 +267,18 @@ def as_target(target: MLPSpec | nn.Module, in_shape: tuple[int, int, int] | None
         return spec_from_sklearn(target)
     if isinstance(target, nn.Module):
         if in_shape is not None and needs_tracing(target):
-            return ConvNetSpec.from_module(target, in_shape)   # any other model: traced by onlynorm.fx_target
+            return ConvNetSpec.from_module(target, in_shape)  # any other model: traced by onlynorm.fx_target
         if is_cnn_module(target):
             records = parse_sequential(target)
-            if all(r.type in ("linear", "relu") for r in records):   # an MLP with folded BatchNorm1d
+            if all(r.type in ("linear", "relu") for r in records):  # an MLP with folded BatchNorm1d
                 seq = nn.Sequential(*[_linear(r) if r.type == "linear" else nn.ReLU() for r in records])
                 return MLPSpec.from_module(seq)
             return ConvNetSpec.from_module(target, in_shape)
         return MLPSpec.from_module(target)
     raise InvalidTargetError(
         f"expected an MLPSpec, a ConvNetSpec, an nn.Sequential or a fitted scikit-learn MLPClassifier/MLPRegressor, "
-        f"found {type(target).__name__}")
+        f"found {type(target).__name__}"
+    )
 
 
 def _linear(record) -> nn.Linear:

@@ -30,7 +30,8 @@ __all__ = ["norm_parameters", "norm_modules", "train_norm_only", "TrainHistory",
 
 #: normalization layer types whose affine parameters count as "norm parameters"
 NORM_TYPES: tuple[type[nn.Module], ...] = (_BatchNorm, nn.LayerNorm, nn.GroupNorm, _InstanceNorm) + (
-    (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
+    (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()
+)
 
 
 def norm_modules(module: nn.Module) -> list[nn.Module]:
@@ -59,7 +60,7 @@ class TrainHistory:
     """Loss per step (mean over the batch), wall time and the number of tuned parameters."""
 
     losses: list[float] = field(default_factory=list)
-    seconds: list[float] = field(default_factory=list)       # wall time at the end of each step
+    seconds: list[float] = field(default_factory=list)  # wall time at the end of each step
     tuned_parameters: int = 0
     statistics: str = "fixed"
 
@@ -73,12 +74,14 @@ def _batches(data, batch_size: int, generator: torch.Generator) -> Iterable[tupl
     if isinstance(data, tuple) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
         X, Y = data
         if X.shape[0] != Y.shape[0] or X.shape[0] == 0:
-            raise OnlyNormError(f"data: expected X and Y with the same positive number of rows, found "
-                                f"{tuple(X.shape)} and {tuple(Y.shape)}")
+            raise OnlyNormError(
+                f"data: expected X and Y with the same positive number of rows, found "
+                f"{tuple(X.shape)} and {tuple(Y.shape)}"
+            )
         while True:
             order = torch.randperm(X.shape[0], generator=generator)
             for start in range(0, X.shape[0], batch_size):
-                idx = order[start:start + batch_size]
+                idx = order[start : start + batch_size]
                 yield X[idx], Y[idx]
     elif isinstance(data, torch.utils.data.DataLoader):
         while True:
@@ -91,8 +94,9 @@ def _batches(data, batch_size: int, generator: torch.Generator) -> Iterable[tupl
         raise OnlyNormError(f"data: expected (X, Y) tensors, a Dataset or a DataLoader, found {type(data).__name__}")
 
 
-def _sampled(target: Callable[[torch.Tensor], torch.Tensor], box: Box, batch_size: int, seed: int,
-             dtype: torch.dtype, device) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+def _sampled(
+    target: Callable[[torch.Tensor], torch.Tensor], box: Box, batch_size: int, seed: int, dtype: torch.dtype, device
+) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
     gen = torch.Generator().manual_seed(seed)
     while True:
         u = torch.rand(batch_size, int(box.dim or 0), generator=gen, dtype=torch.float64)
@@ -102,12 +106,22 @@ def _sampled(target: Callable[[torch.Tensor], torch.Tensor], box: Box, batch_siz
         yield x, y
 
 
-def train_norm_only(model: nn.Module, data=None, *, target: Callable | None = None, box: Box | None = None,
-                    steps: int = 1000, batch_size: int = 256, lr: float = 1e-2,
-                    optimizer: Callable[..., torch.optim.Optimizer] = torch.optim.Adam,
-                    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-                    statistics: str = "fixed", seed: int = 0, progress: bool = True,
-                    time_budget: float | None = None) -> TrainHistory:
+def train_norm_only(
+    model: nn.Module,
+    data=None,
+    *,
+    target: Callable | None = None,
+    box: Box | None = None,
+    steps: int = 1000,
+    batch_size: int = 256,
+    lr: float = 1e-2,
+    optimizer: Callable[..., torch.optim.Optimizer] = torch.optim.Adam,
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    statistics: str = "fixed",
+    seed: int = 0,
+    progress: bool = True,
+    time_budget: float | None = None,
+) -> TrainHistory:
     """Train only the normalization parameters of ``model``; everything else is frozen (``requires_grad=False``).
 
     Either ``data`` — ``(X, Y)`` tensors, a ``Dataset`` or a ``DataLoader`` — or ``target`` (a function) with
@@ -130,8 +144,10 @@ def train_norm_only(model: nn.Module, data=None, *, target: Callable | None = No
         raise OnlyNormError("expected exactly one of data=(X, Y)/Dataset/DataLoader or target=function (with box=)")
     params = norm_parameters(model)
     if not params:
-        raise OnlyNormError(f"{type(model).__name__} has no normalization layers with affine parameters to train; "
-                            "expected BatchNorm/LayerNorm/GroupNorm/InstanceNorm(affine)/RMSNorm layers")
+        raise OnlyNormError(
+            f"{type(model).__name__} has no normalization layers with affine parameters to train; "
+            "expected BatchNorm/LayerNorm/GroupNorm/InstanceNorm(affine)/RMSNorm layers"
+        )
     first = next(iter(model.parameters()))
     dtype, device = first.dtype, first.device
     if target is not None:
@@ -185,9 +201,15 @@ class _RichBar:
         from rich.console import Console
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-        self._p = Progress(TextColumn("norm-only training"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                           TextColumn("loss {task.fields[loss]:.3e}"), TimeElapsedColumn(),
-                           console=Console(stderr=True), transient=True)
+        self._p = Progress(
+            TextColumn("norm-only training"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total}"),
+            TextColumn("loss {task.fields[loss]:.3e}"),
+            TimeElapsedColumn(),
+            console=Console(stderr=True),
+            transient=True,
+        )
         self._p.start()
         self._task = self._p.add_task("train", total=total, loss=float("nan"))
 

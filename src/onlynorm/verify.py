@@ -44,13 +44,13 @@ class VerifyReport:
     samples: int
     tolerance: float
     passed: bool
-    exact: bool | None = None                  # what the construction claims (False for least-squares)
-    certified: bool | None = None              # set by certify=True
-    certified_bound: float | None = None       # absolute bound on sup_D |f − g| in exact arithmetic
+    exact: bool | None = None  # what the construction claims (False for least-squares)
+    certified: bool | None = None  # set by certify=True
+    certified_bound: float | None = None  # absolute bound on sup_D |f − g| in exact arithmetic
     prediction_agreement: float | None = None  # scikit-learn classifier targets: fraction of equal predict()
-    max_proba_error: float | None = None       # scikit-learn classifier targets: max |Δ predict_proba|
-    max_predict_error: float | None = None     # scikit-learn regressor targets: max |Δ predict|
-    rounding_bound: float | None = None        # separate bound on floating-point evaluation error
+    max_proba_error: float | None = None  # scikit-learn classifier targets: max |Δ predict_proba|
+    max_predict_error: float | None = None  # scikit-learn regressor targets: max |Δ predict|
+    rounding_bound: float | None = None  # separate bound on floating-point evaluation error
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -76,20 +76,24 @@ class VerifyReport:
         if self.certified is False:
             return "the certificate does not hold on the whole box (see the notes)"
         if self.proven is False:
-            return (f"the certified bound {self.certified_bound:.3e} + rounding bound {self.rounding_bound:.3e} "
-                    f"exceeds the tolerance {self.tolerance:.1e} × max|g| {self.max_target_abs:.3e}")
+            return (
+                f"the certified bound {self.certified_bound:.3e} + rounding bound {self.rounding_bound:.3e} "
+                f"exceeds the tolerance {self.tolerance:.1e} × max|g| {self.max_target_abs:.3e}"
+            )
         return None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self) | {"proven": self.proven, "ok": self.ok}
 
     def rows(self) -> list[tuple[str, str]]:
-        rows = [("samples", f"{self.samples:,}"),
-                ("max |f − g|", f"{self.max_abs_error:.3e}"),
-                ("max |g|", f"{self.max_target_abs:.3e}"),
-                ("relative error", f"{self.max_rel_error:.3e}"),
-                ("tolerance", f"{self.tolerance:.1e}"),
-                ("within tolerance", "yes" if self.passed else "NO")]
+        rows = [
+            ("samples", f"{self.samples:,}"),
+            ("max |f − g|", f"{self.max_abs_error:.3e}"),
+            ("max |g|", f"{self.max_target_abs:.3e}"),
+            ("relative error", f"{self.max_rel_error:.3e}"),
+            ("tolerance", f"{self.tolerance:.1e}"),
+            ("within tolerance", "yes" if self.passed else "NO"),
+        ]
         if self.prediction_agreement is not None:
             rows.append(("scikit-learn predict agreement", f"{self.prediction_agreement:.2%}"))
         if self.max_proba_error is not None:
@@ -113,9 +117,17 @@ class VerifyReport:
         return "\n".join(f"{k:<{w}}  {v}" for k, v in self.rows())
 
 
-def verify(net: nn.Module, target: MLPSpec | nn.Module, domain: Box | tuple | None = None,
-           samples: int = 100_000, seed: int = 0, *, tolerance: float | None = None, certify: bool = False,
-           batch_size: int | None = None) -> VerifyReport:
+def verify(
+    net: nn.Module,
+    target: MLPSpec | nn.Module,
+    domain: Box | tuple | None = None,
+    samples: int = 100_000,
+    seed: int = 0,
+    *,
+    tolerance: float | None = None,
+    certify: bool = False,
+    batch_size: int | None = None,
+) -> VerifyReport:
     """Compare ``net`` with ``target`` on ``samples`` points of ``domain`` (default: the domain the network was
     solved for, else ``[-1, 1]^n``).
 
@@ -136,7 +148,8 @@ def verify(net: nn.Module, target: MLPSpec | nn.Module, domain: Box | tuple | No
     if certify and not isinstance(net, NormNet):
         raise InvalidNetworkError(
             f"certify=True needs a NormNet built by onlynorm (its construction knows what to prove), found "
-            f"{type(net).__name__}; verify it without certify, or rebuild it with onlynorm.reconstruct")
+            f"{type(net).__name__}; verify it without certify, or rebuild it with onlynorm.reconstruct"
+        )
     sklearn_model = target if is_sklearn_mlp(target) else None
     spec = as_target(target, net.in_shape if isinstance(net, NormNet) else None)
     samples = check_scalar(samples, "samples", int, min_val=1)
@@ -146,19 +159,22 @@ def verify(net: nn.Module, target: MLPSpec | nn.Module, domain: Box | tuple | No
     if batch_size is not None:
         batch_size = check_scalar(batch_size, "batch_size", int, min_val=1)
     limit, source = memory_limit()
-    if samples * spec.in_features * 8 > limit // 2:   # the sample points are held at once; batches stream
+    if samples * spec.in_features * 8 > limit // 2:  # the sample points are held at once; batches stream
         raise InvalidNetworkError(
             f"samples: {samples:,} points of {spec.in_features} coordinates need "
             f"{format_bytes(samples * spec.in_features * 8)}, over half the memory limit {format_bytes(limit)} "
-            f"({source}); use fewer samples (certify=True proves the whole box without sampling it)")
+            f"({source}); use fewer samples (certify=True proves the whole box without sampling it)"
+        )
     net_in = getattr(net, "in_features", None)
     if net_in is not None and net_in != spec.in_features:
         raise InvalidNetworkError(
             f"input dimension mismatch: the network takes {net_in} features but the target takes "
-            f"{spec.in_features}; verify a network against the target it was built for")
+            f"{spec.in_features}; verify a network against the target it was built for"
+        )
     if isinstance(net, NormNet) and net.target_dims is not None and net.target_dims != spec.dims:
         raise InvalidNetworkError(
-            f"the network was built for a target of dims {net.target_dims}, found a target of dims {spec.dims}")
+            f"the network was built for a target of dims {net.target_dims}, found a target of dims {spec.dims}"
+        )
     if domain is None and isinstance(net, NormNet) and net.meta.solve is not None:
         domain = net.meta.solve.domain
     box = resolve_domain(domain, spec.in_features)
@@ -173,24 +189,25 @@ def verify(net: nn.Module, target: MLPSpec | nn.Module, domain: Box | tuple | No
         batch_size = min(samples, batch_size_for(spec, dtype, 512 << 20))
     if batch_size is None:
         widest = max([p.shape[0] for p in net.parameters() if p.ndim >= 1] + [spec.in_features])
-        batch_size = max(256, min(samples, (32 << 20) // (8 * widest)))   # ~32 MB of activations per chunk
+        batch_size = max(256, min(samples, (32 << 20) // (8 * widest)))  # ~32 MB of activations per chunk
     x_all = box.sample(samples, seed=seed)
     was_training = net.training
     net.eval()
     max_err = torch.zeros((), dtype=torch.float64)
     max_g = torch.zeros((), dtype=torch.float64)
-    outputs = []                                     # kept only for a scikit-learn target's predict comparison
+    outputs = []  # kept only for a scikit-learn target's predict comparison
     try:
         with torch.no_grad():
             for start in range(0, samples, batch_size):
-                x = x_all[start:start + batch_size].to(device)
-                if getattr(spec, "in_shape", None) is not None:    # CNN: flat box samples → images
+                x = x_all[start : start + batch_size].to(device)
+                if getattr(spec, "in_shape", None) is not None:  # CNN: flat box samples → images
                     x = x.reshape(x.shape[0], *spec.in_shape)
                 fx = net(x.to(dtype)).to(torch.float64)
                 gx = g64(x)
                 if fx.shape != gx.shape:
                     raise InvalidNetworkError(
-                        f"output shape mismatch: network gives {tuple(fx.shape[1:])}, target {tuple(gx.shape[1:])}")
+                        f"output shape mismatch: network gives {tuple(fx.shape[1:])}, target {tuple(gx.shape[1:])}"
+                    )
                 max_err = torch.maximum(max_err, (fx - gx).abs().max().cpu())
                 max_g = torch.maximum(max_g, gx.abs().max().cpu())
                 if sklearn_model is not None:
@@ -203,8 +220,15 @@ def verify(net: nn.Module, target: MLPSpec | nn.Module, domain: Box | tuple | No
     else:
         rel = max_abs / max_target if max_target > 0 else max_abs
     solve = net.meta.solve if isinstance(net, NormNet) else None
-    report = VerifyReport(max_abs_error=max_abs, max_rel_error=rel, max_target_abs=max_target, samples=samples,
-                          tolerance=tol, passed=bool(rel <= tol), exact=None if solve is None else solve.exact)
+    report = VerifyReport(
+        max_abs_error=max_abs,
+        max_rel_error=rel,
+        max_target_abs=max_target,
+        samples=samples,
+        tolerance=tol,
+        passed=bool(rel <= tol),
+        exact=None if solve is None else solve.exact,
+    )
     if solve is not None:
         report.notes += list(solve.notes)
     if sklearn_model is not None:
@@ -212,15 +236,16 @@ def verify(net: nn.Module, target: MLPSpec | nn.Module, domain: Box | tuple | No
     if certify:
         assert isinstance(net, NormNet)
         if net.meta.method is None:
-            raise InvalidNetworkError("certify=True: the network records no construction method (a hand-built "
-                                      "network); solve it with onlynorm.solve_norms first")
+            raise InvalidNetworkError(
+                "certify=True: the network records no construction method (a hand-built "
+                "network); solve it with onlynorm.solve_norms first"
+            )
         net.eval()
         try:
             # one gate for every construction: the certificate covers the network as it evaluates, so statistics
             # that are not the fixed inference form (or non-finite parameters) are refused, never half-certified
             problems = certifiability_problems(net)
-            result = (not_certifiable(problems) if problems else
-                      get_construction(net.method).certify(net, spec, box))
+            result = not_certifiable(problems) if problems else get_construction(net.method).certify(net, spec, box)
         finally:
             net.train(was_training)
         report.certified = result.certified
@@ -241,5 +266,7 @@ def _compare_sklearn(report: VerifyReport, model, x: torch.Tensor, outputs: torc
     scale = report.max_target_abs if report.max_target_abs > 0 else 1.0
     ok &= report.max_predict_error is None or report.max_predict_error / scale <= report.tolerance
     report.passed = bool(report.passed and ok)
-    report.notes.append("scikit-learn target: the reconstructed map is the network before its output activation; "
-                        "predict/predict_proba were compared on the same samples")
+    report.notes.append(
+        "scikit-learn target: the reconstructed map is the network before its output activation; "
+        "predict/predict_proba were compared on the same samples"
+    )

@@ -10,5 +10,12 @@ from .core import CertifyResult, certifiability_problems, gamma_n, not_certifiab
 from .mlp import certify_blocks
 from .stream import certify_residual_streams
 
-__all__ = ["CertifyResult", "certify_blocks", "certify_residual_streams", "certifiability_problems", "gamma_n",
-           "not_certifiable", "unit_roundoff"]
+__all__ = [
+    "CertifyResult",
+    "certify_blocks",
+    "certify_residual_streams",
+    "certifiability_problems",
+    "gamma_n",
+    "not_certifiable",
+    "unit_roundoff",
+]

@@ -25,8 +25,17 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["CertifyResult", "gamma_n", "unit_roundoff", "XP", "U_XP", "to_xp", "affine_interval",
-           "certifiability_problems", "not_certifiable"]
+__all__ = [
+    "CertifyResult",
+    "gamma_n",
+    "unit_roundoff",
+    "XP",
+    "U_XP",
+    "to_xp",
+    "affine_interval",
+    "certifiability_problems",
+    "not_certifiable",
+]
 
 #: extended precision used by the certificate's own arithmetic, and its unit roundoff
 XP = np.longdouble
@@ -91,15 +100,22 @@ def certifiability_problems(net: nn.Module) -> list[str]:
         if bool((m.running_mean != 0).any()):
             problems.append(f"{where}.running_mean is not 0 (max |mean| {float(m.running_mean.abs().max()):.3g})")
         if bool((m.running_var != 1).any()):
-            problems.append(f"{where}.running_var is not 1 (max |var − 1| "
-                            f"{float((m.running_var - 1).abs().max()):.3g})")
+            problems.append(
+                f"{where}.running_var is not 1 (max |var − 1| {float((m.running_var - 1).abs().max()):.3g})"
+            )
     return problems
 
 
 def not_certifiable(problems: list[str]) -> CertifyResult:
     """The result for a network that cannot be certified: the first few reasons, and what to do."""
     shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
-    return CertifyResult(certified=False, bound=float("inf"), rounding_bound=float("inf"),
-                         notes=[f"not certifiable: {shown} — the certificate covers networks in the constructions' "
-                                "inference form (running mean 0, running var 1, eps 0, finite parameters); re-solve "
-                                "or reload the network"])
+    return CertifyResult(
+        certified=False,
+        bound=float("inf"),
+        rounding_bound=float("inf"),
+        notes=[
+            f"not certifiable: {shown} — the certificate covers networks in the constructions' "
+            "inference form (running mean 0, running var 1, eps 0, finite parameters); re-solve "
+            "or reload the network"
+        ],
+    )

@@ -54,22 +54,23 @@ def certify_blocks(net: NormNet, spec: MLPSpec, box: Box, blocks: list[list[int]
     if len(blocks) != spec.depth:
         raise InvalidNetworkError(f"expected {spec.depth} blocks for a {spec.depth}-layer target, found {len(blocks)}")
     lo, hi = to_xp(box.low), to_xp(box.high)
-    err = np.zeros_like(lo)             # e_i: bound on |ĥ_i − h_i| in exact arithmetic
-    round_f = start_rounding(net, lo, hi)   # rounding of f's evaluation (in its dtype) so far
-    round_g = np.zeros(lo.shape)        # rounding of g's float64 evaluation so far
+    err = np.zeros_like(lo)  # e_i: bound on |ĥ_i − h_i| in exact arithmetic
+    round_f = start_rounding(net, lo, hi)  # rounding of f's evaluation (in its dtype) so far
+    round_g = np.zeros(lo.shape)  # rounding of g's float64 evaluation so far
     notes: list[str] = []
     certified = True
     for i, (indices, W_t, b_t) in enumerate(zip(blocks, spec.weights, spec.biases)):
         stages = [net.layers[j] for j in indices]
         if not all(isinstance(s, NormLinear) for s in stages):
-            raise InvalidNetworkError(f"layer {i}: certification expects NormLinear stages, found "
-                                      f"{[type(s).__name__ for s in stages]}")
+            raise InvalidNetworkError(
+                f"layer {i}: certification expects NormLinear stages, found {[type(s).__name__ for s in stages]}"
+            )
         W, b = to_xp(W_t), to_xp(b_t)
         mag_in = np.maximum(np.abs(lo), np.abs(hi))
         n = W.shape[1]
-        P, q = np.eye(n, dtype=XP), np.zeros(n, dtype=XP)    # the block so far: h ↦ P h + q
-        P_abs = np.eye(n, dtype=XP)                            # |Γ_k A_k| ⋯ |Γ_1 A_1|, for rounding bounds
-        P_err, q_err = np.zeros_like(P), np.zeros_like(q)       # bounds on |fl(P) − P|, |fl(q) − q|
+        P, q = np.eye(n, dtype=XP), np.zeros(n, dtype=XP)  # the block so far: h ↦ P h + q
+        P_abs = np.eye(n, dtype=XP)  # |Γ_k A_k| ⋯ |Γ_1 A_1|, for rounding bounds
+        P_err, q_err = np.zeros_like(P), np.zeros_like(q)  # bounds on |fl(P) − P|, |fl(q) − q|
         x_mag = mag_in
         # Rounding of f, split in two (see the module docstring): ``delta`` is the error f carries into this block;
         # inside the linear regime it propagates through the exact composed map P (|P| δ — not |B||ΓA| δ, which
@@ -90,7 +91,8 @@ def certify_blocks(net: NormNet, spec: MLPSpec, box: Box, blocks: list[list[int]
             # exact one: local_k = |ΓA| local_{k-1} + γ_{n+2}(|ΓA| (|x| + prop + local_{k-1}) + |β|)
             GA64 = GA_abs.astype(np.float64)
             local = GA64 @ local + gamma_n(width_in + 2, u_f) * (
-                GA64 @ (x_mag.astype(np.float64) + prop + local) + np.abs(beta).astype(np.float64))
+                GA64 @ (x_mag.astype(np.float64) + prop + local) + np.abs(beta).astype(np.float64)
+            )
             prop = (np.abs(P) + P_err).astype(np.float64) @ delta
             stage_lo, stage_hi = affine_interval(P, lo, hi, q)
             x_mag = np.maximum(np.abs(stage_lo), np.abs(stage_hi))
@@ -103,13 +105,15 @@ def certify_blocks(net: NormNet, spec: MLPSpec, box: Box, blocks: list[list[int]
                 off = stage_lo <= slack + (prop + local).astype(XP)
                 if off.any():
                     certified = False
-                    notes.append(f"layer {i}, stage {indices[k]}: {int(off.sum())} unit(s) may switch off on the "
-                                 f"box (min pre-activation {float((stage_lo - slack).min()):.3e} ≤ 0): not in the "
-                                 "linear regime everywhere")
+                    notes.append(
+                        f"layer {i}, stage {indices[k]}: {int(off.sum())} unit(s) may switch off on the "
+                        f"box (min pre-activation {float((stage_lo - slack).min()):.3e} ≤ 0): not in the "
+                        "linear regime everywhere"
+                    )
         is_last = i == spec.depth - 1
         if stages[-1].relu == is_last:
             raise InvalidNetworkError(f"layer {i}: ReLU placement of the block does not mirror the target")
-        round_f = prop + local                     # after the target's ReLU too (1-Lipschitz)
+        round_f = prop + local  # after the target's ReLU too (1-Lipschitz)
         err, round_g = propagate_distance(err, round_g, P, P_err, q, q_err, W, b, mag_in)
         lo, hi = stage_lo, stage_hi
         if not is_last:
@@ -124,8 +128,9 @@ def propagate_distance(err, round_g, P, P_err, q, q_err, W, b, mag_in):
     dW = np.abs(P - W) * (1 + gamma_n(1, U_XP)) + P_err
     db = np.abs(q - b) * (1 + gamma_n(1, U_XP)) + q_err
     err = (dW @ mag_in + np.abs(W) @ err + db) * (1 + gamma_n(n + 2, U_XP))
-    round_g = (np.abs(W).astype(np.float64) @ round_g
-               + gamma_n(n + 2) * (np.abs(W) @ mag_in + np.abs(b)).astype(np.float64))
+    round_g = np.abs(W).astype(np.float64) @ round_g + gamma_n(n + 2) * (np.abs(W) @ mag_in + np.abs(b)).astype(
+        np.float64
+    )
     return err, round_g
 
 
@@ -137,5 +142,6 @@ def certify_result(certified: bool, err, round_f, round_g, notes: list[str]) -> 
         notes.append("the bounds overflowed (non-finite)")
     if not certified:
         notes.append("not certified: equivalence is only supported by samples")
-    return CertifyResult(certified=certified, bound=bound if certified else float("inf"),
-                         rounding_bound=rounding, notes=notes)
+    return CertifyResult(
+        certified=certified, bound=bound if certified else float("inf"), rounding_bound=rounding, notes=notes
+    )

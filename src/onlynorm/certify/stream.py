@@ -38,8 +38,8 @@ def certify_residual_streams(net: NormNet, spec: MLPSpec, box: Box, stages: list
         P_err = np.zeros_like(P)
         s_offset = np.zeros(m, dtype=XP)
         s_offset_abs = np.zeros(m, dtype=XP)
-        s_mag = np.zeros(m, dtype=XP)            # bound on |s| for rounding (at the computed inputs)
-        round_s = np.zeros(m)                     # rounding made in this layer (f's incoming error: |P| δ below)
+        s_mag = np.zeros(m, dtype=XP)  # bound on |s| for rounding (at the computed inputs)
+        round_s = np.zeros(m)  # rounding made in this layer (f's incoming error: |P| δ below)
         delta = round_f
         for t, (branch, readout, J) in enumerate(zip(stage.branches, stage.readouts, stage.block_slices())):
             GA = to_xp(branch.norm.weight).reshape(-1, 1) * to_xp(branch.linear.weight)
@@ -48,15 +48,18 @@ def certify_residual_streams(net: NormNet, spec: MLPSpec, box: Box, stages: list
             k = GA.shape[1]
             u_lo, u_hi = affine_interval(GA, lo[J], hi[J], beta)
             GA64 = np.abs(GA).astype(np.float64)
-            prop_u = GA64 @ delta[J]                                  # f's incoming error, through Γ_t A_t
-            round_u = gamma_n(k + 2, u_f) * (GA64 @ (mag_in[J].astype(np.float64) + delta[J])
-                                             + np.abs(beta).astype(np.float64))
+            prop_u = GA64 @ delta[J]  # f's incoming error, through Γ_t A_t
+            round_u = gamma_n(k + 2, u_f) * (
+                GA64 @ (mag_in[J].astype(np.float64) + delta[J]) + np.abs(beta).astype(np.float64)
+            )
             slack = gamma_n(k + 2, U_XP) * (np.abs(GA) @ mag_in[J] + np.abs(beta)) + (prop_u + round_u).astype(XP)
             off = u_lo <= slack
             if off.any():
                 certified = False
-                notes.append(f"layer {i}, block {t}: {int(off.sum())} unit(s) may switch off on the box (min "
-                             f"pre-activation {float((u_lo - slack).min()):.3e} ≤ 0)")
+                notes.append(
+                    f"layer {i}, block {t}: {int(off.sum())} unit(s) may switch off on the box (min "
+                    f"pre-activation {float((u_lo - slack).min()):.3e} ≤ 0)"
+                )
             BGA = Bt @ GA
             P[:, J] = BGA
             P_err[:, J] = gamma_n(GA.shape[0] + 1, U_XP) * (np.abs(Bt) @ np.abs(GA))
@@ -72,8 +75,11 @@ def certify_residual_streams(net: NormNet, spec: MLPSpec, box: Box, stages: list
         q = g_out * s_offset + b_out
         q_err = gamma_n(len(stage.branches) + n_terms, U_XP) * (np.abs(g_out) * s_offset_abs + np.abs(b_out))
         # the incoming error through the layer's exact map P (linear regime), plus this layer's own rounding
-        round_f = ((np.abs(P) + P_err).astype(np.float64) @ delta + np.abs(g_out).astype(np.float64) * round_s
-                   + gamma_n(2, u_f) * (np.abs(g_out) * (s_mag + round_s) + np.abs(b_out)).astype(np.float64))
+        round_f = (
+            (np.abs(P) + P_err).astype(np.float64) @ delta
+            + np.abs(g_out).astype(np.float64) * round_s
+            + gamma_n(2, u_f) * (np.abs(g_out) * (s_mag + round_s) + np.abs(b_out)).astype(np.float64)
+        )
         err, round_g = propagate_distance(err, round_g, P, P_err, q, q_err, W, b, mag_in)
         lo, hi = affine_interval(P, lo, hi, q)
         if i < spec.depth - 1:

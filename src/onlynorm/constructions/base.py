@@ -20,8 +20,18 @@ from ..options import OptionSpec, check_options
 from ..records import SolveInfo, SolveRecord
 from .plan import Plan
 
-__all__ = ["Construction", "register", "get_construction", "available_methods", "Progress", "frozen_init",
-           "base_meta", "safe_margin", "MARGIN", "DEFAULT_MARGIN"]
+__all__ = [
+    "Construction",
+    "register",
+    "get_construction",
+    "available_methods",
+    "Progress",
+    "frozen_init",
+    "base_meta",
+    "safe_margin",
+    "MARGIN",
+    "DEFAULT_MARGIN",
+]
 
 #: ``progress(done, total, message)`` is called after each solved layer (used by the CLI's progress bar).
 Progress = Callable[[int, int, str], None]
@@ -72,10 +82,14 @@ class Construction:
         stages = self.build_stages(plan, target, gen, dtype=dtype, device=device, options=options)
         return NormNet(stages, meta=base_meta(self.name, target, seed, options))
 
-    def build_stages(self, plan: Plan, target: Any, gen: torch.Generator, *, dtype: torch.dtype, device,
-                     options: dict[str, Any]) -> list[Stage]:
-        return [random_norm_linear(fan_in, fan_out, relu, gen, dtype=dtype, device=device)
-                for step in plan.steps for (fan_in, fan_out), relu in zip(step.shapes, step.relu)]
+    def build_stages(
+        self, plan: Plan, target: Any, gen: torch.Generator, *, dtype: torch.dtype, device, options: dict[str, Any]
+    ) -> list[Stage]:
+        return [
+            random_norm_linear(fan_in, fan_out, relu, gen, dtype=dtype, device=device)
+            for step in plan.steps
+            for (fan_in, fan_out), relu in zip(step.shapes, step.relu)
+        ]
 
     # ------------------------------------------------------------------ solve, systems, certificate, memory
     def solve(self, net: NormNet, target: Any, domain: Box, *, progress: Progress | None = None) -> NormNet:
@@ -100,18 +114,26 @@ class Construction:
     def check_options(self, options: dict[str, Any], depth: int | None = None) -> dict[str, Any]:
         """Validate ``options`` against the declarations (unknown names, types, ranges) and return them."""
         specs = self.option_specs()
-        loose = {o for o in self.options if isinstance(o, str)}   # undeclared type: checked by the construction
+        loose = {o for o in self.options if isinstance(o, str)}  # undeclared type: checked by the construction
         checked = check_options(self.name, specs, {k: v for k, v in options.items() if k not in loose}, depth)
         unknown = sorted(set(options) - {s.name for s in specs})
         if unknown:
-            raise InvalidOptionError(f"method {self.name!r} got unknown option(s) {unknown}; it accepts: "
-                                     f"{', '.join(s.name for s in specs) or 'none'}")
+            raise InvalidOptionError(
+                f"method {self.name!r} got unknown option(s) {unknown}; it accepts: "
+                f"{', '.join(s.name for s in specs) or 'none'}"
+            )
         return {**{k: v for k, v in options.items() if k in loose}, **checked}
 
 
 #: the option every construction accepts: slack of β₁ relative to the scale of a unit's pre-activation
-MARGIN = OptionSpec("margin", float, min_val=0.0, include_min=False, max_val=1.0,
-                    help="slack of the linear-regime β relative to the pre-activation's scale")
+MARGIN = OptionSpec(
+    "margin",
+    float,
+    min_val=0.0,
+    include_min=False,
+    max_val=1.0,
+    help="slack of the linear-regime β relative to the pre-activation's scale",
+)
 
 
 def register(cls: type[Construction]) -> type[Construction]:
@@ -124,8 +146,7 @@ def get_construction(name: str) -> Construction:
     try:
         return _REGISTRY[name]
     except (KeyError, TypeError):
-        raise InvalidOptionError(
-            f"method: expected one of {available_methods()}, found {name!r}") from None
+        raise InvalidOptionError(f"method: expected one of {available_methods()}, found {name!r}") from None
 
 
 def available_methods() -> list[str]:
@@ -137,12 +158,13 @@ def frozen_init(shape: tuple[int, ...], generator: torch.Generator, *, dtype: to
     activations O(1). Drawn on the CPU in float64 so a seed gives bit-identical networks on every device/dtype.
     """
     fan_in = shape[-1] if len(shape) > 1 else 1
-    w = torch.randn(shape, generator=generator, dtype=torch.float64) / fan_in ** 0.5
+    w = torch.randn(shape, generator=generator, dtype=torch.float64) / fan_in**0.5
     return w.to(dtype=dtype, device=device)
 
 
-def random_norm_linear(fan_in: int, fan_out: int, relu: bool, gen: torch.Generator, *, dtype: torch.dtype,
-                       device) -> NormLinear:
+def random_norm_linear(
+    fan_in: int, fan_out: int, relu: bool, gen: torch.Generator, *, dtype: torch.dtype, device
+) -> NormLinear:
     """A :class:`NormLinear` stage with frozen ``N(0, 1/fan_in)`` weights drawn from ``gen``, norms at identity."""
     stage = NormLinear(fan_in, fan_out, relu=relu, dtype=dtype, device=device)
     with torch.no_grad():
@@ -151,8 +173,13 @@ def random_norm_linear(fan_in: int, fan_out: int, relu: bool, gen: torch.Generat
 
 
 def base_meta(method: str, target: Any, seed: int, options: dict[str, Any]) -> dict[str, Any]:
-    meta = {"method": method, "seed": int(seed), "options": _jsonable(options), "target_dims": target.dims,
-            "target_parameters": target.num_parameters}
+    meta = {
+        "method": method,
+        "seed": int(seed),
+        "options": _jsonable(options),
+        "target_dims": target.dims,
+        "target_parameters": target.num_parameters,
+    }
     if getattr(target, "in_shape", None) is not None:
         meta["in_shape"] = list(target.in_shape)
     return meta
@@ -169,8 +196,9 @@ def _jsonable(options: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def safe_margin(zmin: torch.Tensor, zmax: torch.Tensor, relative: float,
-                weight_scale: torch.Tensor | None = None) -> torch.Tensor:
+def safe_margin(
+    zmin: torch.Tensor, zmax: torch.Tensor, relative: float, weight_scale: torch.Tensor | None = None
+) -> torch.Tensor:
     """Positive slack added to ``-zmin`` so a unit stays strictly active on its whole range.
 
     ``relative × max(zmax − zmin, |zmin|, |zmax|)`` per unit, floored by ``relative ×`` the mean range and — for units
@@ -218,7 +246,8 @@ def finish_solve(out: NormNet, records: Sequence[SolveRecord | dict], notes: lis
         if not bool(torch.isfinite(p).all()):
             raise InvalidDomainError(
                 f"the solved γ, β overflow (non-finite) on the box {domain!r}: the bounds or the weights are too "
-                f"large for {str(out.dtype).removeprefix('torch.')}; rescale the inputs or use a smaller box")
+                f"large for {str(out.dtype).removeprefix('torch.')}; rescale the inputs or use a smaller box"
+            )
     typed = tuple(r if isinstance(r, SolveRecord) else SolveRecord.from_dict(r) for r in records)
     out.meta = out.meta.replace(solve=SolveInfo(records=typed, domain=domain, notes=tuple(notes)))
     return out
@@ -228,4 +257,5 @@ def check_frozen_finite(net: NormNet) -> None:
     for p in net.frozen_parameters():
         if not torch.isfinite(p).all():
             raise InvalidNetworkError(
-                "the frozen network has NaN/Inf weights; expected finite frozen weights — re-initialise them")
+                "the frozen network has NaN/Inf weights; expected finite frozen weights — re-initialise them"
+            )

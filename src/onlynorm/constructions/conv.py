@@ -55,11 +55,31 @@ class NormConv2d(Stage):
 
     kind = "norm_conv2d"
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size=(1, 1), stride=(1, 1), padding=(0, 0),
-                 dilation=(1, 1), relu: bool = True, *, dtype: torch.dtype = torch.float64, device=None):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size=(1, 1),
+        stride=(1, 1),
+        padding=(0, 0),
+        dilation=(1, 1),
+        relu: bool = True,
+        *,
+        dtype: torch.dtype = torch.float64,
+        device=None,
+    ):
         super().__init__()
-        self.conv = frozen_module(nn.Conv2d, in_channels, out_channels, tuple(kernel_size), stride=tuple(stride),
-                                  padding=tuple(padding), dilation=tuple(dilation), dtype=dtype, device=device)
+        self.conv = frozen_module(
+            nn.Conv2d,
+            in_channels,
+            out_channels,
+            tuple(kernel_size),
+            stride=tuple(stride),
+            padding=tuple(padding),
+            dilation=tuple(dilation),
+            dtype=dtype,
+            device=device,
+        )
         self.norm = make_batchnorm(out_channels, dims=2, dtype=dtype, device=device)
         self.relu = bool(relu)
 
@@ -69,8 +89,15 @@ class NormConv2d(Stage):
 
     def config(self) -> dict[str, Any]:
         c = self.conv
-        return {"in_channels": c.in_channels, "out_channels": c.out_channels, "kernel_size": list(c.kernel_size),
-                "stride": list(c.stride), "padding": list(c.padding), "dilation": list(c.dilation), "relu": self.relu}
+        return {
+            "in_channels": c.in_channels,
+            "out_channels": c.out_channels,
+            "kernel_size": list(c.kernel_size),
+            "stride": list(c.stride),
+            "padding": list(c.padding),
+            "dilation": list(c.dilation),
+            "relu": self.relu,
+        }
 
 
 @register_stage
@@ -79,8 +106,17 @@ class FixedOp(Stage):
 
     kind = "op"
 
-    def __init__(self, op: str, kernel=None, stride=None, padding=(0, 0), count_include_pad: bool = True, *,
-                 dtype=None, device=None):
+    def __init__(
+        self,
+        op: str,
+        kernel=None,
+        stride=None,
+        padding=(0, 0),
+        count_include_pad: bool = True,
+        *,
+        dtype=None,
+        device=None,
+    ):
         super().__init__()
         if op not in ("relu", "maxpool", "avgpool", "flatten"):
             raise ValueError(f"unknown op {op!r}")
@@ -150,8 +186,10 @@ def _stage_from_config(cfg: dict, dtype, device) -> Stage:
 @register
 class ConvConstruction(Construction):
     name = "conv"
-    cost = ("CNN/residual targets (chosen automatically): per Conv2d a random conv c_in→N (N = c_out·c_in·k²) and a "
-            "1×1 conv; per Linear a width pair; exact")
+    cost = (
+        "CNN/residual targets (chosen automatically): per Conv2d a random conv c_in→N (N = c_out·c_in·k²) and a "
+        "1×1 conv; per Linear a width pair; exact"
+    )
     options = (MARGIN,)
     target_kinds = ("cnn",)
 
@@ -168,18 +206,22 @@ class ConvConstruction(Construction):
         if isinstance(layer, Conv):
             c_out, c_in, kh, kw = layer.weight.shape
             N = c_out * c_in * kh * kw
-            first = NormConv2d(c_in, N, (kh, kw), layer.stride, layer.padding, layer.dilation, relu=True,
-                               dtype=dtype, device=device)
+            first = NormConv2d(
+                c_in, N, (kh, kw), layer.stride, layer.padding, layer.dilation, relu=True, dtype=dtype, device=device
+            )
             second = NormConv2d(N, c_out, relu=False, dtype=dtype, device=device)
             with torch.no_grad():
                 a = frozen_init((N, c_in * kh * kw), gen, dtype=dtype, device=device)
                 first.conv.weight.copy_(a.reshape(N, c_in, kh, kw))
-                second.conv.weight.copy_(frozen_init((c_out, N), gen, dtype=dtype, device=device)
-                                         .reshape(c_out, N, 1, 1))
+                second.conv.weight.copy_(
+                    frozen_init((c_out, N), gen, dtype=dtype, device=device).reshape(c_out, N, 1, 1)
+                )
             return [first, second]
         m, n = layer.weight.shape
-        return [random_norm_linear(n, m * n, True, gen, dtype=dtype, device=device),
-                random_norm_linear(m * n, m, False, gen, dtype=dtype, device=device)]
+        return [
+            random_norm_linear(n, m * n, True, gen, dtype=dtype, device=device),
+            random_norm_linear(m * n, m, False, gen, dtype=dtype, device=device),
+        ]
 
     def estimate_bytes(self, target, dtype, **options) -> int:
         from ..conv_memory import estimate_conv_bytes
@@ -216,20 +258,24 @@ class ConvConstruction(Construction):
         W = layer.weight
         if isinstance(layer, Conv):
             if not (isinstance(first, NormConv2d) and isinstance(second, NormConv2d)):
-                raise InvalidNetworkError(f"expected a conv pair for a Conv2d layer, found "
-                                          f"{type(first).__name__}, {type(second).__name__}")
+                raise InvalidNetworkError(
+                    f"expected a conv pair for a Conv2d layer, found {type(first).__name__}, {type(second).__name__}"
+                )
             A4 = first.conv.weight
             A, B = A4.reshape(A4.shape[0], -1), second.conv.weight.reshape(second.conv.weight.shape[0], -1)
             if A.shape[1] != W[0].numel() or B.shape[0] != W.shape[0]:
-                raise InvalidNetworkError(f"conv pair shapes {tuple(A4.shape)} / {tuple(B.shape)} do not fit "
-                                          f"the target kernel {tuple(W.shape)}")
+                raise InvalidNetworkError(
+                    f"conv pair shapes {tuple(A4.shape)} / {tuple(B.shape)} do not fit "
+                    f"the target kernel {tuple(W.shape)}"
+                )
             sol = solve_khatri_rao(A, B, W.reshape(W.shape[0], -1), layer=len(records))
             zmin, zmax = layer.bounds(lo, hi, weight=sol.gamma.reshape(-1, 1, 1, 1) * A4, use_bias=False)
             zmin, zmax = zmin.amin(dim=(0, 2, 3)), zmax.amax(dim=(0, 2, 3))
         else:
             if not (isinstance(first, NormLinear) and isinstance(second, NormLinear)):
-                raise InvalidNetworkError(f"expected a linear pair for a Linear layer, found "
-                                          f"{type(first).__name__}, {type(second).__name__}")
+                raise InvalidNetworkError(
+                    f"expected a linear pair for a Linear layer, found {type(first).__name__}, {type(second).__name__}"
+                )
             A, B = first.linear.weight, second.linear.weight
             sol = solve_khatri_rao(A, B, W, layer=len(records))
             zmin, zmax = affine_bounds(sol.gamma.unsqueeze(1) * A, lo[0], hi[0])
@@ -239,8 +285,16 @@ class ConvConstruction(Construction):
             first.norm.bias.copy_(beta1)
             second.norm.weight.fill_(1.0)
             second.norm.bias.copy_(layer.bias - B @ beta1)
-        records.append({"layer": len(records), "type": layer.type, "kind": sol.kind, "residual": sol.residual,
-                        "relative_residual": sol.relative_residual, "exact": sol.exact})
+        records.append(
+            {
+                "layer": len(records),
+                "type": layer.type,
+                "kind": sol.kind,
+                "residual": sol.residual,
+                "relative_residual": sol.relative_residual,
+                "exact": sol.exact,
+            }
+        )
 
 
 def build_stages(layers, make_weighted: Callable[[Any], list[Stage]], dtype, device) -> list[Stage]:
@@ -251,12 +305,24 @@ def build_stages(layers, make_weighted: Callable[[Any], list[Stage]], dtype, dev
         if layer.has_weights:
             stages += make_weighted(layer)
         elif isinstance(layer, ResidualBlock):
-            stages.append(ResidualStage(build_stages(layer.body, make_weighted, dtype, device),
-                                        build_stages(layer.shortcut, make_weighted, dtype, device),
-                                        dtype=dtype, device=device))
+            stages.append(
+                ResidualStage(
+                    build_stages(layer.body, make_weighted, dtype, device),
+                    build_stages(layer.shortcut, make_weighted, dtype, device),
+                    dtype=dtype,
+                    device=device,
+                )
+            )
         elif isinstance(layer, Pool):
-            stages.append(FixedOp(layer.type, kernel=list(layer.kernel), stride=list(layer.stride),
-                                  padding=list(layer.padding), count_include_pad=layer.count_include_pad))
+            stages.append(
+                FixedOp(
+                    layer.type,
+                    kernel=list(layer.kernel),
+                    stride=list(layer.stride),
+                    padding=list(layer.padding),
+                    count_include_pad=layer.count_include_pad,
+                )
+            )
         else:
             stages.append(FixedOp(layer.type))
     return stages
@@ -271,7 +337,7 @@ def walk_stages(layers, stages: list, lo: torch.Tensor, hi: torch.Tensor, visit,
         if layer.has_weights:
             if pos + per_weighted > len(stages):
                 raise InvalidNetworkError("the frozen network has fewer stages than the target needs")
-            visit(layer, stages[pos:pos + per_weighted], lo, hi)
+            visit(layer, stages[pos : pos + per_weighted], lo, hi)
             pos += per_weighted
         elif isinstance(layer, ResidualBlock):
             stage = stages[pos] if pos < len(stages) else None

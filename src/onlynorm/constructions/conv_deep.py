@@ -76,26 +76,63 @@ class ConvStream(Stage):
 
     kind = "conv_stream"
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size=(1, 1), stride=(1, 1), padding=(0, 0),
-                 dilation=(1, 1), block: int = 1, flat: bool = False, paired: bool = False, *,
-                 dtype: torch.dtype = torch.float64, device=None):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size=(1, 1),
+        stride=(1, 1),
+        padding=(0, 0),
+        dilation=(1, 1),
+        block: int = 1,
+        flat: bool = False,
+        paired: bool = False,
+        *,
+        dtype: torch.dtype = torch.float64,
+        device=None,
+    ):
         super().__init__()
         self.paired = bool(paired)
         kh, kw = (int(v) for v in kernel_size)
         self.in_channels, self.out_channels, self.flat = int(in_channels), int(out_channels), bool(flat)
         self.block = min(int(block), self.in_channels)
-        self.geometry = {"kernel_size": (kh, kw), "stride": tuple(stride), "padding": tuple(padding),
-                         "dilation": tuple(dilation)}
+        self.geometry = {
+            "kernel_size": (kh, kw),
+            "stride": tuple(stride),
+            "padding": tuple(padding),
+            "dilation": tuple(dilation),
+        }
         self.sizes = block_sizes(self.in_channels, self.block)
-        self.full = self.in_channels // self.block              # blocks of exactly k channels
+        self.full = self.in_channels // self.block  # blocks of exactly k channels
         k, rest = self.block, self.in_channels % self.block
-        self.per_block = self.out_channels * k * kh * kw          # N_t of a full block
-        self.branch = frozen_module(nn.Conv2d, self.full * k, self.full * self.per_block, (kh, kw),
-                                    stride=tuple(stride), padding=tuple(padding), dilation=tuple(dilation),
-                                    groups=self.full, dtype=dtype, device=device)
-        self.rest = (frozen_module(nn.Conv2d, rest, self.out_channels * rest * kh * kw, (kh, kw), stride=tuple(stride),
-                                   padding=tuple(padding), dilation=tuple(dilation), dtype=dtype, device=device)
-                     if rest else None)
+        self.per_block = self.out_channels * k * kh * kw  # N_t of a full block
+        self.branch = frozen_module(
+            nn.Conv2d,
+            self.full * k,
+            self.full * self.per_block,
+            (kh, kw),
+            stride=tuple(stride),
+            padding=tuple(padding),
+            dilation=tuple(dilation),
+            groups=self.full,
+            dtype=dtype,
+            device=device,
+        )
+        self.rest = (
+            frozen_module(
+                nn.Conv2d,
+                rest,
+                self.out_channels * rest * kh * kw,
+                (kh, kw),
+                stride=tuple(stride),
+                padding=tuple(padding),
+                dilation=tuple(dilation),
+                dtype=dtype,
+                device=device,
+            )
+            if rest
+            else None
+        )
         self.channels = self.full * self.per_block + (self.rest.out_channels if self.rest is not None else 0)
         self.branch_norm = make_batchnorm(self.channels, dims=2, dtype=dtype, device=device)
         self.readout = frozen_module(nn.Conv2d, self.channels, self.out_channels, (1, 1), dtype=dtype, device=device)
@@ -105,11 +142,18 @@ class ConvStream(Stage):
         """``A * x`` for every block at once (before the branch BatchNorm)."""
         split = self.full * self.block
         g = self.geometry
-        u = grouped_conv(x[:, :split] if self.rest is not None else x, self.branch.weight, self.full, g["stride"],
-                         g["padding"], g["dilation"])
+        u = grouped_conv(
+            x[:, :split] if self.rest is not None else x,
+            self.branch.weight,
+            self.full,
+            g["stride"],
+            g["padding"],
+            g["dilation"],
+        )
         if self.rest is not None:
-            u = torch.cat([u, grouped_conv(x[:, split:], self.rest.weight, 1, g["stride"], g["padding"],
-                                           g["dilation"])], dim=1)
+            u = torch.cat(
+                [u, grouped_conv(x[:, split:], self.rest.weight, 1, g["stride"], g["padding"], g["dilation"])], dim=1
+            )
         return u
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -118,12 +162,12 @@ class ConvStream(Stage):
         v = self.branch_pre(x)
         bn = self.branch_norm
         inference = not (torch.is_grad_enabled() or bn.training)
-        if inference:   # γ v + β in place (no copies of the widest activation)
+        if inference:  # γ v + β in place (no copies of the widest activation)
             v = v.mul_(bn.weight.view(1, -1, 1, 1)).add_(bn.bias.view(1, -1, 1, 1))
         else:
             v = bn(v)
         B = self.readout.weight.flatten(1)
-        if self.paired:   # readout [B, −B] of [relu(v), relu(−v)] = B (relu(v) − relu(−v)), one matmul
+        if self.paired:  # readout [B, −B] of [relu(v), relu(−v)] = B (relu(v) − relu(−v)), one matmul
             pos = torch.relu(v)
             u = pos.sub_(v.neg_().relu_()) if inference else pos - torch.relu(-v)
             s = torch.matmul(B, u.flatten(2))
@@ -135,9 +179,17 @@ class ConvStream(Stage):
 
     def config(self) -> dict[str, Any]:
         g = self.geometry
-        return {"in_channels": self.in_channels, "out_channels": self.out_channels,
-                "kernel_size": list(g["kernel_size"]), "stride": list(g["stride"]), "padding": list(g["padding"]),
-                "dilation": list(g["dilation"]), "block": self.block, "flat": self.flat, "paired": self.paired}
+        return {
+            "in_channels": self.in_channels,
+            "out_channels": self.out_channels,
+            "kernel_size": list(g["kernel_size"]),
+            "stride": list(g["stride"]),
+            "padding": list(g["padding"]),
+            "dilation": list(g["dilation"]),
+            "block": self.block,
+            "flat": self.flat,
+            "paired": self.paired,
+        }
 
     def widths(self) -> list[int]:
         return [self.channels, self.out_channels]
@@ -186,9 +238,14 @@ def grouped_conv(x: torch.Tensor, weight: torch.Tensor, groups: int, stride, pad
 
 
 #: 1 (default): sign-paired branches, exact for every input; 0: linear regime from interval bounds (``β_t``)
-PAIRED = OptionSpec("paired", int, min_val=0, max_val=1,
-                    help="1: each branch unit read as relu(v) − relu(−v) (readout [B, −B]): exact for every input, "
-                         "no bounds, deep nets stay accurate; 0: linear regime, β from interval bounds")
+PAIRED = OptionSpec(
+    "paired",
+    int,
+    min_val=0,
+    max_val=1,
+    help="1: each branch unit read as relu(v) − relu(−v) (readout [B, −B]): exact for every input, "
+    "no bounds, deep nets stay accurate; 0: linear regime, β from interval bounds",
+)
 
 
 def _one_blas_thread():
@@ -206,8 +263,10 @@ def _as_conv(layer) -> Conv:
 @register
 class ConvDeepConstruction(Construction):
     name = "conv_deep"
-    cost = ("CNN targets with method='deep': per Conv2d/Linear ⌈c_in/k⌉ branches of c_out·k·kh·kw channels into a "
-            "residual stream; ⌈c_in/k⌉ systems of size c_out·k·kh·kw per layer; exact")
+    cost = (
+        "CNN targets with method='deep': per Conv2d/Linear ⌈c_in/k⌉ branches of c_out·k·kh·kw channels into a "
+        "residual stream; ⌈c_in/k⌉ systems of size c_out·k·kh·kw per layer; exact"
+    )
     options = (BLOCK, PAIRED, MARGIN)
     target_kinds = ("cnn",)
 
@@ -220,15 +279,25 @@ class ConvDeepConstruction(Construction):
         def stream(layer) -> list[Stage]:
             conv = _as_conv(layer)
             c_out, c_in, kh, kw = conv.weight.shape
-            stage = ConvStream(c_in, c_out, (kh, kw), conv.stride, conv.padding, conv.dilation, block=k,
-                               flat=isinstance(layer, Linear), paired=paired, dtype=dtype, device=device)
+            stage = ConvStream(
+                c_in,
+                c_out,
+                (kh, kw),
+                conv.stride,
+                conv.padding,
+                conv.dilation,
+                block=k,
+                flat=isinstance(layer, Linear),
+                paired=paired,
+                dtype=dtype,
+                device=device,
+            )
             with torch.no_grad():
                 for t, (units, _J) in enumerate(stage.block_slices()):
                     w = stage.branch.weight[units] if t < stage.full else stage.rest.weight
                     w.copy_(frozen_init((w.shape[0], w[0].numel()), gen, dtype=dtype, device=device).reshape(w.shape))
                     r = stage.readout.weight[:, units, 0, 0]
-                    stage.readout.weight[:, units, 0, 0] = frozen_init(tuple(r.shape), gen, dtype=dtype,
-                                                                       device=device)
+                    stage.readout.weight[:, units, 0, 0] = frozen_init(tuple(r.shape), gen, dtype=dtype, device=device)
             return [stage]
 
         stages = build_stages(target.layers, stream, dtype, device)
@@ -245,7 +314,7 @@ class ConvDeepConstruction(Construction):
         if not isinstance(target, ConvNetSpec):
             raise InvalidNetworkError("this network was built for a CNN target; pass the same CNN as target")
         _spec, out, margin = begin_solve(net, target)
-        spec = target.to(dtype=torch.float64, device="cpu")       # γ, β are solved in float64, rounded once
+        spec = target.to(dtype=torch.float64, device="cpu")  # γ, β are solved in float64, rounded once
         lo, hi = box_tensors(spec, domain, torch.float64)
         records: list[SolveRecord] = []
         total = len(spec.weighted())
@@ -253,10 +322,12 @@ class ConvDeepConstruction(Construction):
         def visit(layer, group, lo, hi) -> None:
             stage = group[0]
             if not isinstance(stage, ConvStream):
-                raise InvalidNetworkError(f"expected a conv_stream stage for a {layer.type} layer, found "
-                                          f"{type(stage).__name__}")
-            records.append(_solve_stream(_as_conv(layer), stage, lo, hi, margin, len(records),
-                                         flat=isinstance(layer, Linear)))
+                raise InvalidNetworkError(
+                    f"expected a conv_stream stage for a {layer.type} layer, found {type(stage).__name__}"
+                )
+            records.append(
+                _solve_stream(_as_conv(layer), stage, lo, hi, margin, len(records), flat=isinstance(layer, Linear))
+            )
             if progress is not None:
                 d = records[-1].details
                 progress(len(records), total, f"layer {len(records) - 1}: {d['blocks']} systems of size {d['size']}")
@@ -277,11 +348,13 @@ def _solve_stream(conv: Conv, stage: ConvStream, lo, hi, margin: float, index: i
     W = conv.weight.double()
     c_out, c_in, kh, kw = W.shape
     if (stage.out_channels, stage.in_channels, *stage.geometry["kernel_size"]) != (c_out, c_in, kh, kw):
-        raise InvalidNetworkError(f"layer {index}: conv_stream {stage.in_channels} → {stage.out_channels} "
-                                  f"{stage.geometry['kernel_size']} does not fit the target kernel {tuple(W.shape)}")
+        raise InvalidNetworkError(
+            f"layer {index}: conv_stream {stage.in_channels} → {stage.out_channels} "
+            f"{stage.geometry['kernel_size']} does not fit the target kernel {tuple(W.shape)}"
+        )
     if flat:
         lo, hi = lo.reshape(1, -1, 1, 1), hi.reshape(1, -1, 1, 1)
-    B = stage.readout.weight.detach().double().flatten(1)             # (c_out, channels)
+    B = stage.readout.weight.detach().double().flatten(1)  # (c_out, channels)
     gamma = torch.empty(stage.channels, dtype=torch.float64)
     realised, wanted = [], []
     slices = stage.block_slices()
@@ -292,14 +365,14 @@ def _solve_stream(conv: Conv, stage: ConvStream, lo, hi, margin: float, index: i
         A = torch.stack([kernel[u].flatten(1) if idx[0] < stage.full else kernel.flatten(1) for u in units])
         Bt = torch.stack([B[:, u] for u in units])
         Wt = torch.stack([W[:, slices[t][1]].flatten(1) for t in idx])
-        with _one_blas_thread():   # many small LUs: threads only contend (4-7× slower on a loaded 2-core box)
+        with _one_blas_thread():  # many small LUs: threads only contend (4-7× slower on a loaded 2-core box)
             g, _res, _ = solve_khatri_rao_batched(A, Bt, Wt, layer=index)
         for u, gt in zip(units, g):
             gamma[u] = gt
         realised.append(compose(Bt, g, A).reshape(-1))
         wanted.append(Wt.reshape(-1))
     # β: every branch channel active at every position of the reachable input
-    if stage.paired:      # relu(v) − relu(−v) = v for every v: no activity to ensure, β_t = 0
+    if stage.paired:  # relu(v) − relu(−v) = v for every v: no activity to ensure, β_t = 0
         beta = torch.zeros_like(gamma)
     else:
         beta = _linear_regime_beta(stage, gamma, lo, hi, margin)
@@ -309,9 +382,20 @@ def _solve_stream(conv: Conv, stage: ConvStream, lo, hi, margin: float, index: i
         stage.norm.weight.fill_(1.0)
         stage.norm.bias.copy_(conv.bias.double() - B @ beta)
     residual, rel = relative_residual(torch.cat(realised), torch.cat(wanted))
-    return SolveRecord(layer=index, kind="batched", residual=residual, relative_residual=rel, exact=True,
-                       precision="float64", details={"type": "linear" if flat else "conv", "blocks": len(slices),
-                                                     "block": stage.block, "size": stage.per_block})
+    return SolveRecord(
+        layer=index,
+        kind="batched",
+        residual=residual,
+        relative_residual=rel,
+        exact=True,
+        precision="float64",
+        details={
+            "type": "linear" if flat else "conv",
+            "blocks": len(slices),
+            "block": stage.block,
+            "size": stage.per_block,
+        },
+    )
 
 
 def _linear_regime_beta(stage: ConvStream, gamma: torch.Tensor, lo, hi, margin: float) -> torch.Tensor:

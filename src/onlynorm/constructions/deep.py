@@ -56,29 +56,43 @@ class ResidualStream(Stage):
     readouts: ModuleSeq[nn.Linear]
     norm: _BatchNorm
 
-    def __init__(self, in_features: int, out_features: int, block: int = 1, relu: bool = True, *,
-                 dtype: torch.dtype = torch.float64, device=None):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        block: int = 1,
+        relu: bool = True,
+        *,
+        dtype: torch.dtype = torch.float64,
+        device=None,
+    ):
         super().__init__()
         self.in_features, self.out_features, self.block, self.relu = in_features, out_features, block, bool(relu)
         self.sizes = block_sizes(in_features, block)
-        self.branches = ModuleSeq(NormLinear(k, out_features * k, relu=True, dtype=dtype, device=device)
-                                      for k in self.sizes)
-        self.readouts = ModuleSeq(frozen_module(nn.Linear, out_features * k, out_features, dtype=dtype,
-                                                    device=device) for k in self.sizes)
+        self.branches = ModuleSeq(
+            NormLinear(k, out_features * k, relu=True, dtype=dtype, device=device) for k in self.sizes
+        )
+        self.readouts = ModuleSeq(
+            frozen_module(nn.Linear, out_features * k, out_features, dtype=dtype, device=device) for k in self.sizes
+        )
         self.norm = make_batchnorm(out_features, dtype=dtype, device=device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s = x.new_zeros(*x.shape[:-1], self.out_features)
         start = 0
         for branch, readout, k in zip(self.branches, self.readouts, self.sizes):
-            s = s + readout(branch(x[..., start:start + k]))     # skip connection: every block reads x
+            s = s + readout(branch(x[..., start : start + k]))  # skip connection: every block reads x
             start += k
         z = self.norm(s)
         return torch.relu(z) if self.relu else z
 
     def config(self) -> dict[str, Any]:
-        return {"in_features": self.in_features, "out_features": self.out_features, "block": self.block,
-                "relu": self.relu}
+        return {
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "block": self.block,
+            "relu": self.relu,
+        }
 
     def widths(self) -> list[int]:
         return [b.linear.out_features for b in self.branches] + [self.out_features]
@@ -100,8 +114,10 @@ BLOCK = OptionSpec("block", int, min_val=1, help="input block size k (default 1)
 @register
 class DeepConstruction(Construction):
     name = "deep"
-    cost = ("residual stream with skip connections: width m·k, depth ⌈n/k⌉+1 per layer; exact; ⌈n/k⌉ systems of "
-            "size m·k (k=1: O(n·m³), scales to large d)")
+    cost = (
+        "residual stream with skip connections: width m·k, depth ⌈n/k⌉+1 per layer; exact; ⌈n/k⌉ systems of "
+        "size m·k (k=1: O(n·m³), scales to large d)"
+    )
     options = (BLOCK, MARGIN)
 
     def plan(self, target: MLPSpec, options: dict[str, Any]) -> Plan:
@@ -110,24 +126,34 @@ class DeepConstruction(Construction):
         steps = []
         for i, w in enumerate(target.weights):
             m, n = w.shape
-            steps.append(PlanStep(layer=i, stages=(i,), shapes=((n, m),), relu=(i < target.depth - 1,),
-                                  kind="residual_stream", details={"block": min(k, n)}))
+            steps.append(
+                PlanStep(
+                    layer=i,
+                    stages=(i,),
+                    shapes=((n, m),),
+                    relu=(i < target.depth - 1,),
+                    kind="residual_stream",
+                    details={"block": min(k, n)},
+                )
+            )
         return Plan(self.name, tuple(steps))
 
     def build(self, target: MLPSpec, *, seed: int, dtype: torch.dtype, device, **options: Any) -> NormNet:
         options.setdefault("block", 1)
         return super().build(target, seed=seed, dtype=dtype, device=device, **options)
 
-    def build_stages(self, plan: Plan, target: MLPSpec, gen: torch.Generator, *, dtype: torch.dtype, device,
-                     options: dict[str, Any]) -> list[Stage]:
+    def build_stages(
+        self, plan: Plan, target: MLPSpec, gen: torch.Generator, *, dtype: torch.dtype, device, options: dict[str, Any]
+    ) -> list[Stage]:
         stages: list[Stage] = []
         for step in plan.steps:
-            (n, m), = step.shapes
+            ((n, m),) = step.shapes
             stage = ResidualStream(n, m, step.details["block"], relu=step.relu[0], dtype=dtype, device=device)
             with torch.no_grad():
                 for branch, readout in zip(stage.branches, stage.readouts):
-                    branch.linear.weight.copy_(frozen_init(tuple(branch.linear.weight.shape), gen, dtype=dtype,
-                                                           device=device))
+                    branch.linear.weight.copy_(
+                        frozen_init(tuple(branch.linear.weight.shape), gen, dtype=dtype, device=device)
+                    )
                     readout.weight.copy_(frozen_init(tuple(readout.weight.shape), gen, dtype=dtype, device=device))
             stages.append(stage)
         return stages
@@ -177,18 +203,30 @@ class DeepConstruction(Construction):
                 A = branch.linear.weight
                 GA = gammas[t].unsqueeze(1) * A
                 zmin, zmax = affine_bounds(GA, lo[J], hi[J])
-                beta, _ = pair_offsets(zmin, zmax, readout.weight, torch.zeros_like(b), margin,
-                                       weight_scale(GA, lo[J], hi[J]))
+                beta, _ = pair_offsets(
+                    zmin, zmax, readout.weight, torch.zeros_like(b), margin, weight_scale(GA, lo[J], hi[J])
+                )
                 set_norms(branch, gammas[t], beta)
                 offset = offset + readout.weight @ beta
                 realised[:, J] = compose(readout.weight, gammas[t], A)
             set_norms(stage, None, b - offset)
             residual, relative = relative_residual(realised, W)
-            records.append(SolveRecord(layer=i, kind="batched", residual=residual, relative_residual=relative,
-                                       exact=True, rcond=min(rconds), precision="float64",
-                                       details={"blocks": len(slices), "block": stage.block}))
+            records.append(
+                SolveRecord(
+                    layer=i,
+                    kind="batched",
+                    residual=residual,
+                    relative_residual=relative,
+                    exact=True,
+                    rcond=min(rconds),
+                    precision="float64",
+                    details={"blocks": len(slices), "block": stage.block},
+                )
+            )
             if progress is not None:
-                progress(i + 1, spec.depth, f"layer {i}: {len(slices)} systems of size {stage.out_features * stage.block}")
+                progress(
+                    i + 1, spec.depth, f"layer {i}: {len(slices)} systems of size {stage.out_features * stage.block}"
+                )
         return finish_solve(out, records, [], domain)
 
     def certify(self, net: NormNet, target: MLPSpec, domain: Box) -> CertifyResult:

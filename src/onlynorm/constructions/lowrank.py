@@ -49,8 +49,9 @@ from .plan import Plan, PlanStep
 
 __all__ = ["LowRankConstruction", "numerical_rank", "balanced_factors"]
 
-RANK = OptionSpec("rank", int, min_val=1, per_layer=True,
-                  help="rank r of each layer's factorisation (default: the numerical rank)")
+RANK = OptionSpec(
+    "rank", int, min_val=1, per_layer=True, help="rank r of each layer's factorisation (default: the numerical rank)"
+)
 
 
 def numerical_rank(W: torch.Tensor) -> int:
@@ -70,7 +71,7 @@ def balanced_factors(W: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tenso
     root = S[:k].sqrt()
     U = P[:, :k] * root
     V = root.unsqueeze(1) * Qh[:k]
-    if k < r:   # requested rank above min(m, n): pad with zero directions (still exact)
+    if k < r:  # requested rank above min(m, n): pad with zero directions (still exact)
         U = torch.cat([U, U.new_zeros(U.shape[0], r - k)], dim=1)
         V = torch.cat([V, V.new_zeros(r - k, V.shape[1])], dim=0)
     tail = S[k:]
@@ -100,17 +101,25 @@ class LowRankConstruction(Construction):
         steps = []
         for i, (w, r) in enumerate(zip(target.weights, ranks)):
             m, n = w.shape
-            steps.append(PlanStep(layer=i, stages=tuple(range(4 * i, 4 * i + 4)),
-                                  shapes=((n, r * n), (r * n, r), (r, m * r), (m * r, m)),
-                                  relu=(True, True, True, i < target.depth - 1), linear_regime=(0, 1, 2),
-                                  details={"rank": r}))
+            steps.append(
+                PlanStep(
+                    layer=i,
+                    stages=tuple(range(4 * i, 4 * i + 4)),
+                    shapes=((n, r * n), (r * n, r), (r, m * r), (m * r, m)),
+                    relu=(True, True, True, i < target.depth - 1),
+                    linear_regime=(0, 1, 2),
+                    details={"rank": r},
+                )
+            )
         return Plan(self.name, tuple(steps))
 
     def plan_of(self, net: NormNet, target: MLPSpec) -> Plan:
         """The ranks are read from the network (stage 4i+1 has r units): it may have been built with any."""
         layers = list(net.layers)
-        ranks = [getattr(getattr(layers[4 * i + 1], "linear", None), "out_features", 1) if 4 * i + 1 < len(layers)
-                 else 1 for i in range(target.depth)]
+        ranks = [
+            getattr(getattr(layers[4 * i + 1], "linear", None), "out_features", 1) if 4 * i + 1 < len(layers) else 1
+            for i in range(target.depth)
+        ]
         plan = self._plan(target, [int(r) for r in ranks])
         plan.check(net)
         return plan
@@ -131,8 +140,10 @@ class LowRankConstruction(Construction):
         for step, W in zip(plan.steps, target.weights):
             U, V, _, _ = balanced_factors(W.to(net.dtype), step.details["rank"])
             s = plan.stages(net, step)
-            out += [(f"layer {step.layer} V", s[0].linear.weight, s[1].linear.weight, V),
-                    (f"layer {step.layer} U", s[2].linear.weight, s[3].linear.weight, U)]
+            out += [
+                (f"layer {step.layer} V", s[0].linear.weight, s[1].linear.weight, V),
+                (f"layer {step.layer} U", s[2].linear.weight, s[3].linear.weight, U),
+            ]
         return out
 
     def solve(self, net: NormNet, target: MLPSpec, domain: Box, *, progress: Progress | None = None) -> NormNet:
@@ -156,15 +167,26 @@ class LowRankConstruction(Construction):
             solve_pair(s2, s3, U, b - U_hat @ c, vmin + c, vmax + c, margin=margin, layer=i, solution=sol_u)
             residual, relative = relative_residual(U_hat @ V_hat, W)
             exact = rel_err == 0.0 or rel_err <= 1e3 * torch.finfo(W.dtype).eps
-            records.append(SolveRecord(layer=i, kind="lowrank", residual=residual, relative_residual=relative,
-                                       exact=exact, precision=f"{sol_v.precision}+{sol_u.precision}",
-                                       details={"rank": r, "truncation_error": rel_err, "sigma_next": sigma_next}))
+            records.append(
+                SolveRecord(
+                    layer=i,
+                    kind="lowrank",
+                    residual=residual,
+                    relative_residual=relative,
+                    exact=exact,
+                    precision=f"{sol_v.precision}+{sol_u.precision}",
+                    details={"rank": r, "truncation_error": rel_err, "sigma_next": sigma_next},
+                )
+            )
             if not exact:
-                notes.append(f"layer {i}: rank {r} < rank of W; best rank-{r} weight has relative error "
-                             f"{rel_err:.2e} (σ_{r + 1} = {sigma_next:.2e}) — approximate")
+                notes.append(
+                    f"layer {i}: rank {r} < rank of W; best rank-{r} weight has relative error "
+                    f"{rel_err:.2e} (σ_{r + 1} = {sigma_next:.2e}) — approximate"
+                )
             if progress is not None:
-                progress(i + 1, spec.depth, f"layer {i}: rank {r}, systems of size {step.widths[0]} and "
-                                            f"{step.widths[2]}")
+                progress(
+                    i + 1, spec.depth, f"layer {i}: rank {r}, systems of size {step.widths[0]} and {step.widths[2]}"
+                )
         return finish_solve(out, records, notes, domain)
 
     def certify(self, net: NormNet, target: MLPSpec, domain: Box) -> CertifyResult:

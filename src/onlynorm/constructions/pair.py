@@ -37,8 +37,14 @@ from .base import safe_margin, weight_scale
 __all__ = ["pair_offsets", "set_norms", "solve_pair", "record_of"]
 
 
-def pair_offsets(zmin: torch.Tensor, zmax: torch.Tensor, B: torch.Tensor, b: torch.Tensor,
-                 margin: float, scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def pair_offsets(
+    zmin: torch.Tensor,
+    zmax: torch.Tensor,
+    B: torch.Tensor,
+    b: torch.Tensor,
+    margin: float,
+    scale: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``β₁ = −zmin + slack`` (every unit active over ``[zmin, zmax]``, see :func:`safe_margin`; ``scale`` its
     per-unit weight scale) and ``β₂ = b − B β₁``. ``B`` is the second map as a matrix (a 1×1 conv's weight
     flattened to ``c_out × N``)."""
@@ -60,13 +66,32 @@ def set_norms(stage: torch.nn.Module, gamma: torch.Tensor | None, beta: torch.Te
 
 def record_of(sol: KRSolution, layer: int, **details) -> SolveRecord:
     """The typed record of one Khatri–Rao solve."""
-    return SolveRecord(layer=layer, kind=sol.kind, residual=sol.residual, relative_residual=sol.relative_residual,
-                       exact=sol.exact, rcond=sol.rcond, precision=sol.precision, steps=sol.steps, details=details)
+    return SolveRecord(
+        layer=layer,
+        kind=sol.kind,
+        residual=sol.residual,
+        relative_residual=sol.relative_residual,
+        exact=sol.exact,
+        rcond=sol.rcond,
+        precision=sol.precision,
+        steps=sol.steps,
+        details=details,
+    )
 
 
-def solve_pair(first: NormLinear, second: NormLinear, W: torch.Tensor, b: torch.Tensor, lo: torch.Tensor,
-               hi: torch.Tensor, *, margin: float, layer: int, solution: KRSolution | None = None,
-               precheck: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None) -> SolveRecord:
+def solve_pair(
+    first: NormLinear,
+    second: NormLinear,
+    W: torch.Tensor,
+    b: torch.Tensor,
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+    *,
+    margin: float,
+    layer: int,
+    solution: KRSolution | None = None,
+    precheck: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
+) -> SolveRecord:
     """Set the norms of a NormLinear pair so it computes ``W h + b`` for every ``h ∈ [lo, hi]`` (steps 1–3 above).
 
     ``solution`` passes a γ₁ already solved (lowrank needs it before it can choose ``b``); ``precheck(A, B, W)`` runs

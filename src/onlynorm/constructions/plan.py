@@ -74,7 +74,8 @@ class Plan:
         if len(layers) != self.num_stages:
             raise InvalidNetworkError(
                 f"expected a {self.method} network of {self.num_stages} stages for a {len(self.steps)}-layer target, "
-                f"found {len(layers)} stages ({', '.join(type(s).__name__ for s in layers[:4])}...)")
+                f"found {len(layers)} stages ({', '.join(type(s).__name__ for s in layers[:4])}...)"
+            )
         for step in self.steps:
             for j, index in enumerate(step.stages):
                 stage = layers[index]
@@ -82,19 +83,23 @@ class Plan:
                 if getattr(stage, "kind", None) != step.kind or found is None:
                     raise InvalidNetworkError(
                         f"layer {step.layer}: expected a {step.kind} stage at position {index}, found "
-                        f"{getattr(stage, 'kind', type(stage).__name__)}")
+                        f"{getattr(stage, 'kind', type(stage).__name__)}"
+                    )
                 if found != step.shapes[j]:
                     raise InvalidNetworkError(
                         f"layer {step.layer}: expected stage {index} to map {step.shapes[j][0]} → {step.shapes[j][1]}, "
-                        f"found {found[0]} → {found[1]}; the network was built for another target or options")
+                        f"found {found[0]} → {found[1]}; the network was built for another target or options"
+                    )
                 if bool(getattr(stage, "relu", False)) != step.relu[j]:
                     raise InvalidNetworkError(
                         f"layer {step.layer}: ReLU placement of stage {index} does not match the {self.method} "
-                        f"construction (expected relu={step.relu[j]})")
+                        f"construction (expected relu={step.relu[j]})"
+                    )
                 block = step.details.get("block")
                 if step.kind == "residual_stream" and block is not None and getattr(stage, "block", None) != block:
-                    raise InvalidNetworkError(f"layer {step.layer}: expected input blocks of {block}, found "
-                                              f"{getattr(stage, 'block', None)}")
+                    raise InvalidNetworkError(
+                        f"layer {step.layer}: expected input blocks of {block}, found {getattr(stage, 'block', None)}"
+                    )
 
 
 def _shape(stage: Stage) -> tuple[int, int] | None:

@@ -61,15 +61,23 @@ def suggested_density(m: int, n: int, current: float) -> float:
     return min(1.0, max(1.5 * current, 3.0 * math.log(max(m, n, 2)) / max(min(m, n), 2)))
 
 
-DENSITY = OptionSpec("density", float, min_val=0.0, include_min=False, max_val=1.0,
-                     help="Bernoulli density p of the frozen weights (required)")
+DENSITY = OptionSpec(
+    "density",
+    float,
+    min_val=0.0,
+    include_min=False,
+    max_val=1.0,
+    help="Bernoulli density p of the frozen weights (required)",
+)
 
 
 @register
 class SparseConstruction(WidthConstruction):
     name = "sparse"
-    cost = ("width construction with Bernoulli(p) frozen weights: depth 2L, width m·n, ~p·(width nonzeros); exact "
-            "when the pattern allows (checked), else a clear error")
+    cost = (
+        "width construction with Bernoulli(p) frozen weights: depth 2L, width m·n, ~p·(width nonzeros); exact "
+        "when the pattern allows (checked), else a clear error"
+    )
     options = (DENSITY, MARGIN)
     needs_options = True
 
@@ -83,16 +91,19 @@ class SparseConstruction(WidthConstruction):
         plan.check(net)
         return plan
 
-    def build_stages(self, plan: Plan, target: MLPSpec, gen: torch.Generator, *, dtype: torch.dtype, device,
-                     options: dict[str, Any]) -> list[Stage]:
+    def build_stages(
+        self, plan: Plan, target: MLPSpec, gen: torch.Generator, *, dtype: torch.dtype, device, options: dict[str, Any]
+    ) -> list[Stage]:
         """The width stages, each frozen weight masked by Bernoulli(p); ``1/√p`` keeps the variance of the dense
         ``N(0, 1/fan_in)`` init. Per pair, both weights are drawn before both masks (one generator stream, so a
         seed gives the networks 0.1 gave)."""
         p = float(options["density"])
         stages: list[Stage] = []
         for step in plan.steps:
-            pair = [random_norm_linear(fan_in, fan_out, relu, gen, dtype=dtype, device=device)
-                    for (fan_in, fan_out), relu in zip(step.shapes, step.relu)]
+            pair = [
+                random_norm_linear(fan_in, fan_out, relu, gen, dtype=dtype, device=device)
+                for (fan_in, fan_out), relu in zip(step.shapes, step.relu)
+            ]
             for stage in pair:
                 weight = stage.linear.weight
                 mask = torch.rand(tuple(weight.shape), generator=gen, dtype=torch.float64) < p
@@ -116,7 +127,7 @@ class SparseConstruction(WidthConstruction):
             return super().solve(net, target, domain, progress=progress)
         except SparsePatternError:
             raise
-        except SingularSystemError as exc:   # numerically singular although structurally fine
+        except SingularSystemError as exc:  # numerically singular although structurally fine
             raise self._singular(net, exc.layer if exc.layer is not None else 0, None, "numerically") from None
 
     @staticmethod
@@ -131,4 +142,9 @@ class SparseConstruction(WidthConstruction):
         return SparsePatternError(
             f"layer {layer}: the {size}×{size} Khatri–Rao system of the sparse network is singular {why}{deficit} "
             f"at density {p:g}; the target is not expressible — try density={suggestion:.2g} or another seed",
-            layer=layer, rank=rank, size=size, density=p, suggestion=suggestion)
+            layer=layer,
+            rank=rank,
+            size=size,
+            density=p,
+            suggestion=suggestion,
+        )

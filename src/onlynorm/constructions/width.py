@@ -39,8 +39,13 @@ from .plan import Plan, PlanStep
 
 __all__ = ["WidthConstruction", "pair_widths", "pair_plan"]
 
-HIDDEN = OptionSpec("hidden", int, min_val=1, per_layer=True,
-                    help="hidden width N of each pair; N < m·n gives least squares, N > m·n minimum norm")
+HIDDEN = OptionSpec(
+    "hidden",
+    int,
+    min_val=1,
+    per_layer=True,
+    help="hidden width N of each pair; N < m·n gives least squares, N > m·n minimum norm",
+)
 
 
 def pair_widths(target: MLPSpec, hidden: int | list[int] | None) -> list[int]:
@@ -55,8 +60,15 @@ def pair_plan(method: str, target: MLPSpec, widths: list[int]) -> Plan:
     steps = []
     for i, (w, N) in enumerate(zip(target.weights, widths)):
         m, n = w.shape
-        steps.append(PlanStep(layer=i, stages=(2 * i, 2 * i + 1), shapes=((n, N), (N, m)),
-                              relu=(True, i < target.depth - 1), linear_regime=(0,)))
+        steps.append(
+            PlanStep(
+                layer=i,
+                stages=(2 * i, 2 * i + 1),
+                shapes=((n, N), (N, m)),
+                relu=(True, i < target.depth - 1),
+                linear_regime=(0,),
+            )
+        )
     return Plan(method, tuple(steps))
 
 
@@ -103,8 +115,10 @@ class WidthConstruction(Construction):
         plan = self.plan(target, options)
         item = torch.empty((), dtype=dtype).element_size()
         network = sum(a * b for step in plan.steps for a, b in step.shapes) * item
-        systems = [w.numel() * step.widths[0] * 8 * (1 if step.widths[0] == w.numel() else 2)
-                   for w, step in zip(target.weights, plan.steps)]
+        systems = [
+            w.numel() * step.widths[0] * 8 * (1 if step.widths[0] == w.numel() else 2)
+            for w, step in zip(target.weights, plan.steps)
+        ]
         return max(systems) + network
 
     def solve(self, net: NormNet, target: MLPSpec, domain: Box, *, progress: Progress | None = None) -> NormNet:
@@ -115,12 +129,15 @@ class WidthConstruction(Construction):
         for step, W, b, (lo, hi) in zip(plan.steps, spec.weights, spec.biases, boxes):
             i = step.layer
             first, second = plan.stages(out, step)
-            record = solve_pair(first, second, W, b, lo, hi, margin=margin, layer=i,
-                                precheck=functools.partial(self.precheck, net, i))
+            record = solve_pair(
+                first, second, W, b, lo, hi, margin=margin, layer=i, precheck=functools.partial(self.precheck, net, i)
+            )
             records.append(record)
             if not record.exact:
-                notes.append(f"layer {i}: hidden width {step.widths[0]} < m·n = {W.numel()}; least-squares γ reaches "
-                             f"relative weight error {record.relative_residual:.2e} (approximate)")
+                notes.append(
+                    f"layer {i}: hidden width {step.widths[0]} < m·n = {W.numel()}; least-squares γ reaches "
+                    f"relative weight error {record.relative_residual:.2e} (approximate)"
+                )
             if progress is not None:
                 progress(i + 1, spec.depth, f"layer {i}: {record.kind} solve of size {step.widths[0]}")
         return finish_solve(out, records, notes, domain)

@@ -20,7 +20,7 @@ DIMS = [6, 24, 24, 3]
 def example_target(seed: int = 0, dims: list[int] = DIMS) -> MLPSpec:
     """A random ReLU MLP with ``N(0, 1/n)`` weights and ``N(0, 1)`` biases (deterministic for a seed)."""
     gen = torch.Generator().manual_seed(seed)
-    weights = tuple(torch.randn(m, n, generator=gen, dtype=torch.float64) / n ** 0.5 for n, m in zip(dims, dims[1:]))
+    weights = tuple(torch.randn(m, n, generator=gen, dtype=torch.float64) / n**0.5 for n, m in zip(dims, dims[1:]))
     biases = tuple(torch.randn(m, generator=gen, dtype=torch.float64) for m in dims[1:])
     return MLPSpec(weights, biases)
 
@@ -41,4 +41,3 @@ def run(seed: int = 0, json_path: Path | None = None, console=None) -> bool:
         with atomic_path(json_path) as tmp:
             tmp.write_text(json.dumps(doc, indent=2))
     return report.passed
-

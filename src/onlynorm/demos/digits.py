@@ -45,8 +45,9 @@ def load_digits_split(seed: int):
     return t(Xtr), t(ytr, torch.int64), t(Xte), t(yte, torch.int64)
 
 
-def fit_classifier(model: nn.Module, X, y, seed: int, epochs: int, *, lr: float = 3e-3,
-                   weight_decay: float = 0.0) -> nn.Module:
+def fit_classifier(
+    model: nn.Module, X, y, seed: int, epochs: int, *, lr: float = 3e-3, weight_decay: float = 0.0
+) -> nn.Module:
     """Ordinary training of every parameter: Adam + cross-entropy, shuffled mini-batches of 64; returns it in eval."""
     opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
     gen = torch.Generator().manual_seed(seed)
@@ -54,8 +55,8 @@ def fit_classifier(model: nn.Module, X, y, seed: int, epochs: int, *, lr: float 
     for _ in range(epochs):
         order = torch.randperm(X.shape[0], generator=gen)
         for start in range(0, X.shape[0], 64):
-            idx = order[start:start + 64]
-            if idx.numel() < 2:      # BatchNorm cannot train on a single example
+            idx = order[start : start + 64]
+            if idx.numel() < 2:  # BatchNorm cannot train on a single example
                 continue
             opt.zero_grad()
             nn.functional.cross_entropy(model(X[idx]), y[idx]).backward()
@@ -80,13 +81,22 @@ def train_target(Xtr, ytr, seed: int, epochs: int = 150) -> nn.Sequential:
 def _metrics(net, target_logits, Xte, yte) -> dict:
     with torch.no_grad():
         logits = net(Xte)
-    return {"accuracy": float((logits.argmax(1) == yte).double().mean()),
-            "agreement": float((logits.argmax(1) == target_logits.argmax(1)).double().mean()),
-            "max_abs_error": float((logits - target_logits).abs().max())}
+    return {
+        "accuracy": float((logits.argmax(1) == yte).double().mean()),
+        "agreement": float((logits.argmax(1) == target_logits.argmax(1)).double().mean()),
+        "max_abs_error": float((logits - target_logits).abs().max()),
+    }
 
 
-def run(seed: int = 0, json_path: Path | None = None, console=None, *, steps: int = 3000, epochs: int = 150,
-        png_path: Path | None = None) -> bool:
+def run(
+    seed: int = 0,
+    json_path: Path | None = None,
+    console=None,
+    *,
+    steps: int = 3000,
+    epochs: int = 150,
+    png_path: Path | None = None,
+) -> bool:
     start_all = time.perf_counter()
     Xtr, ytr, Xte, yte = load_digits_split(seed)
     t0 = time.perf_counter()
@@ -107,40 +117,73 @@ def run(seed: int = 0, json_path: Path | None = None, console=None, *, steps: in
     box_report = verify(exact, spec, box, samples=20_000, seed=seed)
 
     results = {"closed form (solve γ, β)": {**exact_m, "seconds": exact_seconds}}
-    for name, data, loss in (("GD norm-only, distill logits", (Xtr, target_logits_tr), nn.functional.mse_loss),
-                             ("GD norm-only, labels", (Xtr, ytr), nn.functional.cross_entropy)):
+    for name, data, loss in (
+        ("GD norm-only, distill logits", (Xtr, target_logits_tr), nn.functional.mse_loss),
+        ("GD norm-only, labels", (Xtr, ytr), nn.functional.cross_entropy),
+    ):
         net = frozen.clone()
         t0 = time.perf_counter()
-        train_norm_only(net, data, steps=steps, batch_size=128, lr=1e-2, loss=loss, seed=seed,
-                                          progress=console is not None)
+        train_norm_only(
+            net, data, steps=steps, batch_size=128, lr=1e-2, loss=loss, seed=seed, progress=console is not None
+        )
         results[name] = {**_metrics(net, target_logits_te, Xte, yte), "seconds": time.perf_counter() - t0}
     tuned = sum(p.numel() for p in exact.norm_parameters())
     header = ["network", "test acc", "agreement", "max |Δlogit|", "tuned", "seconds"]
-    table = [["target MLP " + "→".join(map(str, spec.dims)), f"{target_accuracy:.3f}", "1.000", "0",
-              f"{spec.num_parameters:,} (all)", f"{target_seconds:.1f}"]]
+    table = [
+        [
+            "target MLP " + "→".join(map(str, spec.dims)),
+            f"{target_accuracy:.3f}",
+            "1.000",
+            "0",
+            f"{spec.num_parameters:,} (all)",
+            f"{target_seconds:.1f}",
+        ]
+    ]
     for name, m in results.items():
-        table.append([name, f"{m['accuracy']:.3f}", f"{m['agreement']:.3f}", f"{m['max_abs_error']:.2e}",
-                      f"{tuned:,} γ/β", f"{m['seconds']:.1f}"])
+        table.append(
+            [
+                name,
+                f"{m['accuracy']:.3f}",
+                f"{m['agreement']:.3f}",
+                f"{m['max_abs_error']:.2e}",
+                f"{tuned:,} γ/β",
+                f"{m['seconds']:.1f}",
+            ]
+        )
     print_table(console, "digits: closed form vs gradient descent on the same norm parameters", header, table)
     s = exact.summary()
-    print_rows(console, "closed form", [
-        ("max relative error, 20,000 points of [0,1]^64", f"{box_report.max_rel_error:.2e}"),
-        ("frozen random network", f"{s.frozen_parameters:,} frozen weights, widths {s.widths}"),
-        ("gradient descent", f"{steps} Adam steps of batch 128 on the 1,257 training images, lr 1e-2")])
+    print_rows(
+        console,
+        "closed form",
+        [
+            ("max relative error, 20,000 points of [0,1]^64", f"{box_report.max_rel_error:.2e}"),
+            ("frozen random network", f"{s.frozen_parameters:,} frozen weights, widths {s.widths}"),
+            ("gradient descent", f"{steps} Adam steps of batch 128 on the 1,257 training images, lr 1e-2"),
+        ],
+    )
 
     distill = results["GD norm-only, distill logits"]
-    doc = {"target_accuracy": target_accuracy, "reconstructed_accuracy": exact_m["accuracy"],
-           "reconstructed_agreement": exact_m["agreement"], "max_abs_error": exact_m["max_abs_error"],
-           "box_max_rel_error": box_report.max_rel_error,
-           "norm_only_gd_accuracy": distill["accuracy"], "norm_only_gd_agreement": distill["agreement"],
-           "norm_only_gd_max_abs_error": distill["max_abs_error"],
-           "norm_only_labels_accuracy": results["GD norm-only, labels"]["accuracy"],
-           "norm_only_labels_agreement": results["GD norm-only, labels"]["agreement"],
-           "norm_only_labels_max_abs_error": results["GD norm-only, labels"]["max_abs_error"],
-           "tuned_parameters": tuned, "target_parameters": spec.num_parameters,
-           "frozen_parameters": s.frozen_parameters, "gd_steps": steps, "seed": seed,
-           "closed_form_seconds": exact_seconds, "gd_seconds": distill["seconds"],
-           "seconds": time.perf_counter() - start_all}
+    doc = {
+        "target_accuracy": target_accuracy,
+        "reconstructed_accuracy": exact_m["accuracy"],
+        "reconstructed_agreement": exact_m["agreement"],
+        "max_abs_error": exact_m["max_abs_error"],
+        "box_max_rel_error": box_report.max_rel_error,
+        "norm_only_gd_accuracy": distill["accuracy"],
+        "norm_only_gd_agreement": distill["agreement"],
+        "norm_only_gd_max_abs_error": distill["max_abs_error"],
+        "norm_only_labels_accuracy": results["GD norm-only, labels"]["accuracy"],
+        "norm_only_labels_agreement": results["GD norm-only, labels"]["agreement"],
+        "norm_only_labels_max_abs_error": results["GD norm-only, labels"]["max_abs_error"],
+        "tuned_parameters": tuned,
+        "target_parameters": spec.num_parameters,
+        "frozen_parameters": s.frozen_parameters,
+        "gd_steps": steps,
+        "seed": seed,
+        "closed_form_seconds": exact_seconds,
+        "gd_seconds": distill["seconds"],
+        "seconds": time.perf_counter() - start_all,
+    }
     if json_path is not None:
         with atomic_path(json_path) as tmp:
             tmp.write_text(json.dumps(doc, indent=2))
@@ -159,8 +202,12 @@ def _plot(path: Path, doc: dict) -> None:
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
     names = ["target", "closed form", "GD distill", "GD labels"]
-    acc = [doc["target_accuracy"], doc["reconstructed_accuracy"], doc["norm_only_gd_accuracy"],
-           doc["norm_only_labels_accuracy"]]
+    acc = [
+        doc["target_accuracy"],
+        doc["reconstructed_accuracy"],
+        doc["norm_only_gd_accuracy"],
+        doc["norm_only_labels_accuracy"],
+    ]
     ax1.bar(names, acc, color=["#555", "#1b9e77", "#d95f02", "#7570b3"])
     ax1.set_ylim(min(acc) - 0.05, 1.0)
     ax1.set_ylabel("test accuracy")

@@ -62,11 +62,17 @@ def resnet18_figure(console, seed: int = 0) -> dict:
     t0 = time.perf_counter()
     model = resnet18().eval()
     spec = ConvNetSpec.from_module(model, (3, 224, 224))
-    estimates = {name: conv_estimates(spec, dtype) for name, dtype in (("float64", torch.float64),
-                                                                       ("float32", torch.float32))}
+    estimates = {
+        name: conv_estimates(spec, dtype) for name, dtype in (("float64", torch.float64), ("float32", torch.float32))
+    }
     limit, source = memory_limit()
-    doc: dict = {"parameters": spec.num_parameters, "limit_bytes": limit, "limit_source": source,
-                 "estimates": estimates, "convert_seconds": time.perf_counter() - t0}
+    doc: dict = {
+        "parameters": spec.num_parameters,
+        "limit_bytes": limit,
+        "limit_source": source,
+        "estimates": estimates,
+        "convert_seconds": time.perf_counter() - t0,
+    }
     t0 = time.perf_counter()
     try:
         reconstruct(spec, method="deep", dtype=torch.float32, domain=Box(0.0, 1.0), seed=seed)
@@ -75,20 +81,34 @@ def resnet18_figure(console, seed: int = 0) -> dict:
         doc["outcome"] = "refused"
         doc["message"] = str(exc)
     doc["seconds"] = time.perf_counter() - t0
-    rows = [(f"{method} ({dtype})", format_bytes(need)) for dtype, est in estimates.items()
-            for method, need in est.items()]
-    rows += [("memory limit", f"{format_bytes(limit)} ({source})"),
-             ("outcome", f"{doc['outcome']} in {doc['seconds']:.1f} s (after {doc['convert_seconds']:.1f} s of "
-                         "torch.fx conversion)")]
+    rows = [
+        (f"{method} ({dtype})", format_bytes(need)) for dtype, est in estimates.items() for method, need in est.items()
+    ]
+    rows += [
+        ("memory limit", f"{format_bytes(limit)} ({source})"),
+        (
+            "outcome",
+            f"{doc['outcome']} in {doc['seconds']:.1f} s (after {doc['convert_seconds']:.1f} s of torch.fx conversion)",
+        ),
+    ]
     if "message" in doc:
         rows.append(("guard says", doc["message"]))
-    print_rows(console, f"ResNet-18 at 3×224×224 ({spec.num_parameters:,} parameters): what each construction "
-               "needs", rows)
+    print_rows(
+        console, f"ResNet-18 at 3×224×224 ({spec.num_parameters:,} parameters): what each construction needs", rows
+    )
     return doc
 
 
-def run(seed: int = 0, json_path: Path | None = None, console=None, *, epochs: int = 2, samples: int = 64,
-        block: int = 1, with_resnet18: bool = True) -> bool:
+def run(
+    seed: int = 0,
+    json_path: Path | None = None,
+    console=None,
+    *,
+    epochs: int = 2,
+    samples: int = 64,
+    block: int = 1,
+    with_resnet18: bool = True,
+) -> bool:
     start = time.perf_counter()
     t0 = time.perf_counter()
     target, Xte, yte = train_resnet20(seed, epochs)
@@ -102,37 +122,74 @@ def run(seed: int = 0, json_path: Path | None = None, console=None, *, epochs: i
     verify_seconds, verify_cpu = time.perf_counter() - t0, time.process_time() - c0
     batch = batch_size_for(ConvNetSpec.from_module(target, IN_SHAPE), net.dtype, 512 << 20)
     with torch.no_grad():
-        logits = torch.cat([net(Xte[i:i + batch]) for i in range(0, Xte.shape[0], batch)])
+        logits = torch.cat([net(Xte[i : i + batch]) for i in range(0, Xte.shape[0], batch)])
         target_logits = target(Xte)
     s = net.summary()
-    doc = {"target_accuracy": float((target_logits.argmax(1) == yte).double().mean()),
-           "reconstructed_accuracy": float((logits.argmax(1) == yte).double().mean()),
-           "agreement": float((logits.argmax(1) == target_logits.argmax(1)).double().mean()),
-           "test_max_abs_error": float((logits - target_logits).abs().max()),
-           "box_samples": samples, "box_max_rel_error": report.max_rel_error, "certified": report.certified,
-           "certified_bound": report.certified_bound, "rounding_bound": report.rounding_bound,
-           "solve_seconds": solve_seconds, "solve_cpu_seconds": solve_cpu, "verify_seconds": verify_seconds,
-           "verify_cpu_seconds": verify_cpu, "train_seconds": train_seconds,
-           "peak_rss_bytes": peak_rss_bytes(), "threads": torch.get_num_threads(), "block": block,
-           "summary": s.as_dict(), "seed": seed, "epochs": epochs}
-    print_table(console, "ResNet-20 (CIFAR geometry) on digits upsampled to 3×32×32: BatchNorm-only reconstruction",
-                ["network", "test acc", "agreement", "max |Δlogit|", "parameters", "seconds"],
-                [["ResNet-20 (BatchNorm folded)", f"{doc['target_accuracy']:.3f}", "1.000", "0",
-                  f"{s.target_parameters:,}", f"{train_seconds:.1f} (training)"],
-                 ["random deep CNN, only γ, β solved", f"{doc['reconstructed_accuracy']:.3f}",
-                  f"{doc['agreement']:.3f}", f"{doc['test_max_abs_error']:.1e}",
-                  f"{s.tunable_parameters:,} tuned / {s.frozen_parameters:,} frozen", f"{solve_seconds:.1f} (solve)"]])
-    print_rows(console, "reconstruction (method='deep')", [
-        ("solve time (build + solve)", f"{solve_seconds:.1f} s wall, {solve_cpu:.1f} s CPU, "
-                                       f"{torch.get_num_threads()} threads"),
-        ("peak memory (process)", format_bytes(doc["peak_rss_bytes"])),
-        ("normalization layers / max width", f"{s.depth} / {s.max_width:,}"),
-        (f"max relative error, {samples} images of the box", f"{report.max_rel_error:.2e}"),
-        ("certificate (no unit can leave its regime)", f"{'yes' if report.certified else 'NO'}; interval bound on "
-                                                       f"sup|f − g| {report.certified_bound:.1e}, on rounding "
-                                                       f"{report.rounding_bound:.1e} ({verify_seconds:.1f} s with "
-                                                       "sampling)"),
-    ])
+    doc = {
+        "target_accuracy": float((target_logits.argmax(1) == yte).double().mean()),
+        "reconstructed_accuracy": float((logits.argmax(1) == yte).double().mean()),
+        "agreement": float((logits.argmax(1) == target_logits.argmax(1)).double().mean()),
+        "test_max_abs_error": float((logits - target_logits).abs().max()),
+        "box_samples": samples,
+        "box_max_rel_error": report.max_rel_error,
+        "certified": report.certified,
+        "certified_bound": report.certified_bound,
+        "rounding_bound": report.rounding_bound,
+        "solve_seconds": solve_seconds,
+        "solve_cpu_seconds": solve_cpu,
+        "verify_seconds": verify_seconds,
+        "verify_cpu_seconds": verify_cpu,
+        "train_seconds": train_seconds,
+        "peak_rss_bytes": peak_rss_bytes(),
+        "threads": torch.get_num_threads(),
+        "block": block,
+        "summary": s.as_dict(),
+        "seed": seed,
+        "epochs": epochs,
+    }
+    print_table(
+        console,
+        "ResNet-20 (CIFAR geometry) on digits upsampled to 3×32×32: BatchNorm-only reconstruction",
+        ["network", "test acc", "agreement", "max |Δlogit|", "parameters", "seconds"],
+        [
+            [
+                "ResNet-20 (BatchNorm folded)",
+                f"{doc['target_accuracy']:.3f}",
+                "1.000",
+                "0",
+                f"{s.target_parameters:,}",
+                f"{train_seconds:.1f} (training)",
+            ],
+            [
+                "random deep CNN, only γ, β solved",
+                f"{doc['reconstructed_accuracy']:.3f}",
+                f"{doc['agreement']:.3f}",
+                f"{doc['test_max_abs_error']:.1e}",
+                f"{s.tunable_parameters:,} tuned / {s.frozen_parameters:,} frozen",
+                f"{solve_seconds:.1f} (solve)",
+            ],
+        ],
+    )
+    print_rows(
+        console,
+        "reconstruction (method='deep')",
+        [
+            (
+                "solve time (build + solve)",
+                f"{solve_seconds:.1f} s wall, {solve_cpu:.1f} s CPU, {torch.get_num_threads()} threads",
+            ),
+            ("peak memory (process)", format_bytes(doc["peak_rss_bytes"])),
+            ("normalization layers / max width", f"{s.depth} / {s.max_width:,}"),
+            (f"max relative error, {samples} images of the box", f"{report.max_rel_error:.2e}"),
+            (
+                "certificate (no unit can leave its regime)",
+                f"{'yes' if report.certified else 'NO'}; interval bound on "
+                f"sup|f − g| {report.certified_bound:.1e}, on rounding "
+                f"{report.rounding_bound:.1e} ({verify_seconds:.1f} s with "
+                "sampling)",
+            ),
+        ],
+    )
     if with_resnet18:
         doc["resnet18"] = resnet18_figure(console, seed)
     doc["seconds"] = time.perf_counter() - start

@@ -37,36 +37,65 @@ def run(seed: int = 0, json_path: Path | None = None, console=None, *, epochs: i
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         frozen.save(tmp / "frozen.safetensors")
-        for name, spec in specs.items():   # solve each task's γ, β on the same frozen network
+        for name, spec in specs.items():  # solve each task's γ, β on the same frozen network
             solve_norms(frozen, spec, box).save_norms(tmp / f"{name.replace('/', '-')}.norms.safetensors")
-        net = NormNet.load(tmp / "frozen.safetensors")         # a fresh process would start here
+        net = NormNet.load(tmp / "frozen.safetensors")  # a fresh process would start here
         frozen_bytes = (tmp / "frozen.safetensors").stat().st_size
         for name, f in TASKS.items():
             path = tmp / f"{name.replace('/', '-')}.norms.safetensors"
-            net.load_norms(path)                                  # switch task: only γ, β change
+            net.load_norms(path)  # switch task: only γ, β change
             with torch.no_grad():
                 logits, target_logits = net(Xte), targets[name](Xte)
             labels = f(yte)
             agreement = float((logits.argmax(1) == target_logits.argmax(1)).double().mean())
-            result = {"target_accuracy": float((target_logits.argmax(1) == labels).double().mean()),
-                      "accuracy": float((logits.argmax(1) == labels).double().mean()), "agreement": agreement,
-                      "max_abs_error": float((logits - target_logits).abs().max()),
-                      "norm_set_bytes": path.stat().st_size}
+            result = {
+                "target_accuracy": float((target_logits.argmax(1) == labels).double().mean()),
+                "accuracy": float((logits.argmax(1) == labels).double().mean()),
+                "agreement": agreement,
+                "max_abs_error": float((logits - target_logits).abs().max()),
+                "norm_set_bytes": path.stat().st_size,
+            }
             ok &= agreement == 1.0 and result["max_abs_error"] < 1e-8
             doc_tasks[name] = result
-            rows.append([name, f"{result['target_accuracy']:.3f}", f"{result['accuracy']:.3f}", f"{agreement:.3f}",
-                         f"{result['max_abs_error']:.1e}", f"{result['norm_set_bytes'] / 1024:.1f} KiB"])
-    print_table(console, "three tasks, one frozen random network, swapped norm sets",
-                ["task", "target acc", "swapped-in acc", "agreement", "max |Δlogit|", "norm set"], rows)
+            rows.append(
+                [
+                    name,
+                    f"{result['target_accuracy']:.3f}",
+                    f"{result['accuracy']:.3f}",
+                    f"{agreement:.3f}",
+                    f"{result['max_abs_error']:.1e}",
+                    f"{result['norm_set_bytes'] / 1024:.1f} KiB",
+                ]
+            )
+    print_table(
+        console,
+        "three tasks, one frozen random network, swapped norm sets",
+        ["task", "target acc", "swapped-in acc", "agreement", "max |Δlogit|", "norm set"],
+        rows,
+    )
     s = frozen.summary()
-    print_rows(console, "sizes", [
-        ("frozen network file", f"{frozen_bytes / 1024:.0f} KiB ({s.frozen_parameters:,} frozen weights)"),
-        ("one norm set", f"{max(t['norm_set_bytes'] for t in doc_tasks.values()) / 1024:.1f} KiB "
-                         f"({s.tunable_parameters:,} γ, β) = "
-                         f"{100 * max(t['norm_set_bytes'] for t in doc_tasks.values()) / frozen_bytes:.1f}% of it")])
+    print_rows(
+        console,
+        "sizes",
+        [
+            ("frozen network file", f"{frozen_bytes / 1024:.0f} KiB ({s.frozen_parameters:,} frozen weights)"),
+            (
+                "one norm set",
+                f"{max(t['norm_set_bytes'] for t in doc_tasks.values()) / 1024:.1f} KiB "
+                f"({s.tunable_parameters:,} γ, β) = "
+                f"{100 * max(t['norm_set_bytes'] for t in doc_tasks.values()) / frozen_bytes:.1f}% of it",
+            ),
+        ],
+    )
     if json_path is not None:
-        doc = {"tasks": doc_tasks, "frozen_bytes": frozen_bytes, "frozen_parameters": s.frozen_parameters,
-               "tunable_parameters": s.tunable_parameters, "seconds": time.perf_counter() - start, "seed": seed}
+        doc = {
+            "tasks": doc_tasks,
+            "frozen_bytes": frozen_bytes,
+            "frozen_parameters": s.frozen_parameters,
+            "tunable_parameters": s.tunable_parameters,
+            "seconds": time.perf_counter() - start,
+            "seed": seed,
+        }
         with atomic_path(json_path) as out:
             out.write_text(json.dumps(doc, indent=2))
     return ok

@@ -26,8 +26,16 @@ EXPERIMENTS = {
 }
 
 
-def run_experiment(name: str, *, quick: bool = False, out: Path | None = None, seed: int = 0,
-                   console=None, backend: str = "local", scheduler: str | None = None) -> ExperimentResult:
+def run_experiment(
+    name: str,
+    *,
+    quick: bool = False,
+    out: Path | None = None,
+    seed: int = 0,
+    console=None,
+    backend: str = "local",
+    scheduler: str | None = None,
+) -> ExperimentResult:
     """Run experiment ``name`` and write its artefacts into ``out`` (default ``runs/NAME``).
 
     ``backend="dask"`` runs the trials on the Dask cluster at ``scheduler`` (or a LocalCluster without one); see

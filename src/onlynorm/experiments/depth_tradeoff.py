@@ -19,15 +19,25 @@ def trial(d: int, k: int, seed: int) -> dict:
     import onlynorm
 
     gen = torch.Generator().manual_seed(seed)
-    spec = onlynorm.MLPSpec((torch.randn(d, d, generator=gen, dtype=torch.float64) / d ** 0.5,),
-                            (torch.randn(d, generator=gen, dtype=torch.float64),))
+    spec = onlynorm.MLPSpec(
+        (torch.randn(d, d, generator=gen, dtype=torch.float64) / d**0.5,),
+        (torch.randn(d, generator=gen, dtype=torch.float64),),
+    )
     start = time.perf_counter()
     net = onlynorm.reconstruct(spec, method="deep", block=k, seed=seed)
     seconds = time.perf_counter() - start
     s = net.summary()
     report = onlynorm.verify(net, spec, samples=5_000, seed=seed)
-    return {"d": d, "k": k, "depth": s.depth, "max_width": s.max_width, "frozen_parameters": s.frozen_parameters,
-            "tunable_parameters": s.tunable_parameters, "seconds": seconds, "max_rel_error": report.max_rel_error}
+    return {
+        "d": d,
+        "k": k,
+        "depth": s.depth,
+        "max_width": s.max_width,
+        "frozen_parameters": s.frozen_parameters,
+        "tunable_parameters": s.tunable_parameters,
+        "seconds": seconds,
+        "max_rel_error": report.max_rel_error,
+    }
 
 
 def run(quick: bool, seed: int, console=None) -> ExperimentResult:
@@ -39,12 +49,17 @@ def run(quick: bool, seed: int, console=None) -> ExperimentResult:
     per_k = []
     for k in ks:
         sel = [r for r in rows if r["k"] == k]
-        per_k.append({**{key: sel[0][key] for key in ("d", "k", "depth", "max_width", "frozen_parameters",
-                                                      "tunable_parameters")},
-                      "seconds": float(np.median([r["seconds"] for r in sel])),
-                      "max_rel_error": max(r["max_rel_error"] for r in sel)})
-    data = {"experiment": "depth-tradeoff", "quick": quick, "seed": seed, "d": d, "repeats": repeats,
-            "per_k": per_k}
+        per_k.append(
+            {
+                **{
+                    key: sel[0][key]
+                    for key in ("d", "k", "depth", "max_width", "frozen_parameters", "tunable_parameters")
+                },
+                "seconds": float(np.median([r["seconds"] for r in sel])),
+                "max_rel_error": max(r["max_rel_error"] for r in sel),
+            }
+        )
+    data = {"experiment": "depth-tradeoff", "quick": quick, "seed": seed, "d": d, "repeats": repeats, "per_k": per_k}
     return ExperimentResult("depth-tradeoff", data, {"depth_tradeoff.png": _figure(per_k)}, _summary(data))
 
 
@@ -58,8 +73,7 @@ def _figure(per_k: list[dict]):
     ks = [r["k"] for r in per_k]
     ax1.plot([r["max_width"] for r in per_k], [r["depth"] for r in per_k], "o-")
     for r in per_k:
-        ax1.annotate(f"k={r['k']}", (r["max_width"], r["depth"]), fontsize=7, xytext=(3, 3),
-                     textcoords="offset points")
+        ax1.annotate(f"k={r['k']}", (r["max_width"], r["depth"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax1.set_xscale("log")
     ax1.set_yscale("log")
     ax1.set_xlabel("widest normalization layer (m·k)")
@@ -82,11 +96,17 @@ def _figure(per_k: list[dict]):
 
 
 def _summary(data: dict) -> str:
-    lines = ["# depth-tradeoff", "", f"One {data['d']}×{data['d']} layer, deep construction, median time of "
-             f"{data['repeats']} trials.", "",
-             "| k | depth | max width | frozen params | tunable γ, β | seconds | max rel error |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "# depth-tradeoff",
+        "",
+        f"One {data['d']}×{data['d']} layer, deep construction, median time of {data['repeats']} trials.",
+        "",
+        "| k | depth | max width | frozen params | tunable γ, β | seconds | max rel error |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in data["per_k"]:
-        lines.append(f"| {r['k']} | {r['depth']} | {r['max_width']} | {r['frozen_parameters']:,} | "
-                     f"{r['tunable_parameters']:,} | {r['seconds']:.3g} | {r['max_rel_error']:.2e} |")
+        lines.append(
+            f"| {r['k']} | {r['depth']} | {r['max_width']} | {r['frozen_parameters']:,} | "
+            f"{r['tunable_parameters']:,} | {r['seconds']:.3g} | {r['max_rel_error']:.2e} |"
+        )
     return "\n".join(lines) + "\n"

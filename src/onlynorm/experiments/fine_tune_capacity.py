@@ -41,8 +41,9 @@ def task_labels(name: str, y: torch.Tensor, seed: int) -> torch.Tensor:
 
 def _mlp(width: int, seed: int) -> nn.Sequential:
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(64, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
-                         nn.Linear(width, 10)).double()
+    return nn.Sequential(
+        nn.Linear(64, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 10)
+    ).double()
 
 
 def trial(task: str, width: int, factor: int, epochs: int, tune_epochs: int, adam_steps: int, seed: int) -> dict:
@@ -53,23 +54,31 @@ def trial(task: str, width: int, factor: int, epochs: int, tune_epochs: int, ada
     Xtr, ytr, Xte, yte = load_digits_split(seed)
     base = fit_classifier(_mlp(width, seed), Xtr, ytr, seed, epochs, weight_decay=1e-4)
     target = fit_classifier(copy.deepcopy(base), Xtr, task_labels(task, ytr, seed), seed + 1, tune_epochs)
-    if factor > 1:   # a wider base trained on the original task; the targets stay the narrow fine-tuned ones
+    if factor > 1:  # a wider base trained on the original task; the targets stay the narrow fine-tuned ones
         base = fit_classifier(_mlp(width * factor, seed + 2), Xtr, ytr, seed, epochs, weight_decay=1e-4)
     labels = task_labels(task, yte, seed)
     with torch.no_grad():
         target_te = target(Xte)
     frozen = onlynorm.with_norms(base)
-    out = {"task": task, "width": width, "factor": factor, "seed": seed,
-           "tunable": sum(p.numel() for p in frozen.norm_parameters()),
-           "target_accuracy": float((target_te.argmax(1) == labels).double().mean())}
+    out = {
+        "task": task,
+        "width": width,
+        "factor": factor,
+        "seed": seed,
+        "tunable": sum(p.numel() for p in frozen.norm_parameters()),
+        "target_accuracy": float((target_te.argmax(1) == labels).double().mean()),
+    }
 
     def score(name, net, seconds, iterations):
         with torch.no_grad():
             logits = net(Xte)
-        out[name] = {"logit_rms": relative_rms(logits, target_te),
-                     "agreement": float((logits.argmax(1) == target_te.argmax(1)).double().mean()),
-                     "accuracy": float((logits.argmax(1) == labels).double().mean()),
-                     "seconds": seconds, "iterations": iterations}
+        out[name] = {
+            "logit_rms": relative_rms(logits, target_te),
+            "agreement": float((logits.argmax(1) == target_te.argmax(1)).double().mean()),
+            "accuracy": float((logits.argmax(1) == labels).double().mean()),
+            "seconds": seconds,
+            "iterations": iterations,
+        }
 
     score("base", frozen, 0.0, 0)
     start = time.perf_counter()
@@ -88,24 +97,51 @@ def run(quick: bool, seed: int, console=None) -> ExperimentResult:
         tasks, factors, width, epochs, tune_epochs, steps, repeats = ["even/odd"], [1, 2], 16, 10, 5, 200, 1
     else:
         tasks, factors, width, epochs, tune_epochs, steps, repeats = TASKS, [1, 2, 4], 32, 100, 40, 3000, 2
-    trials = [{"task": t, "width": width, "factor": f, "epochs": epochs, "tune_epochs": tune_epochs,
-               "adam_steps": steps, "seed": trial_seed(seed, i, f, k)}
-              for i, t in enumerate(tasks) for f in factors for k in range(repeats)]
+    trials = [
+        {
+            "task": t,
+            "width": width,
+            "factor": f,
+            "epochs": epochs,
+            "tune_epochs": tune_epochs,
+            "adam_steps": steps,
+            "seed": trial_seed(seed, i, f, k),
+        }
+        for i, t in enumerate(tasks)
+        for f in factors
+        for k in range(repeats)
+    ]
     rows = run_trials(trial, trials, console=console, description="fine-tune-capacity trials")
     table = []
     for t in tasks:
         for f in factors:
             sel = [r for r in rows if r["task"] == t and r["factor"] == f]
-            row = {"task": t, "factor": f, "width": width * f, "tunable": sel[0]["tunable"],
-                   "target_accuracy": float(np.median([r["target_accuracy"] for r in sel]))}
+            row = {
+                "task": t,
+                "factor": f,
+                "width": width * f,
+                "tunable": sel[0]["tunable"],
+                "target_accuracy": float(np.median([r["target_accuracy"] for r in sel])),
+            }
             for m in ("base", "adam", "auto"):
                 for k in ("logit_rms", "agreement", "accuracy", "seconds"):
                     row[f"{m} {k}"] = float(np.median([r[m][k] for r in sel]))
             table.append(row)
-    data = {"experiment": "fine-tune-capacity", "quick": quick, "seed": seed, "width": width, "epochs": epochs,
-            "tune_epochs": tune_epochs, "adam_steps": steps, "repeats": repeats, "table": table, "trials": rows}
-    return ExperimentResult("fine-tune-capacity", data, {"fine_tune_capacity.png": _figure(table, tasks, factors)},
-                            _summary(data))
+    data = {
+        "experiment": "fine-tune-capacity",
+        "quick": quick,
+        "seed": seed,
+        "width": width,
+        "epochs": epochs,
+        "tune_epochs": tune_epochs,
+        "adam_steps": steps,
+        "repeats": repeats,
+        "table": table,
+        "trials": rows,
+    }
+    return ExperimentResult(
+        "fine-tune-capacity", data, {"fine_tune_capacity.png": _figure(table, tasks, factors)}, _summary(data)
+    )
 
 
 def _figure(table, tasks, factors):
@@ -133,16 +169,23 @@ def _figure(table, tasks, factors):
 
 
 def _summary(data: dict) -> str:
-    lines = ["# fine-tune-capacity", "",
-             f"Digits, base MLP 64 → {data['width']} → {data['width']} → 10 trained on *which digit* "
-             f"({data['epochs']} epochs), targets = the base fine-tuned in full for {data['tune_epochs']} epochs; "
-             f"{data['repeats']} seed(s) per cell (medians). Adam: {data['adam_steps']} steps; auto's budget: half of "
-             "Adam's measured time.", "",
-             "| task | base width | γ, β | target acc | base agreement | Adam agreement | auto agreement | Adam acc | "
-             "auto acc | Adam logit err | auto logit err | Adam s | auto s |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "# fine-tune-capacity",
+        "",
+        f"Digits, base MLP 64 → {data['width']} → {data['width']} → 10 trained on *which digit* "
+        f"({data['epochs']} epochs), targets = the base fine-tuned in full for {data['tune_epochs']} epochs; "
+        f"{data['repeats']} seed(s) per cell (medians). Adam: {data['adam_steps']} steps; auto's budget: half of "
+        "Adam's measured time.",
+        "",
+        "| task | base width | γ, β | target acc | base agreement | Adam agreement | auto agreement | Adam acc | "
+        "auto acc | Adam logit err | auto logit err | Adam s | auto s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in data["table"]:
-        lines.append(f"| {r['task']} | {r['width']} | {r['tunable']} | {r['target_accuracy']:.3f} | "
-                     f"{r['base agreement']:.3f} | {r['adam agreement']:.3f} | {r['auto agreement']:.3f} | "
-                     f"{r['adam accuracy']:.3f} | {r['auto accuracy']:.3f} | {r['adam logit_rms']:.3f} | "
-                     f"{r['auto logit_rms']:.3f} | {r['adam seconds']:.2f} | {r['auto seconds']:.2f} |")
+        lines.append(
+            f"| {r['task']} | {r['width']} | {r['tunable']} | {r['target_accuracy']:.3f} | "
+            f"{r['base agreement']:.3f} | {r['adam agreement']:.3f} | {r['auto agreement']:.3f} | "
+            f"{r['adam accuracy']:.3f} | {r['auto accuracy']:.3f} | {r['adam logit_rms']:.3f} | "
+            f"{r['auto logit_rms']:.3f} | {r['adam seconds']:.2f} | {r['auto seconds']:.2f} |"
+        )
     return "\n".join(lines) + "\n"

@@ -22,7 +22,7 @@ RATIOS = [0.25, 0.5, 1.0, 2.0]
 def _errors(net, spec, x) -> tuple[float, float]:
     with torch.no_grad():
         gx, fx = spec(x), net(x)
-    rms = float(torch.sqrt(((fx - gx) ** 2).mean()) / torch.sqrt((gx ** 2).mean()))
+    rms = float(torch.sqrt(((fx - gx) ** 2).mean()) / torch.sqrt((gx**2).mean()))
     return rms, float((fx - gx).abs().max() / gx.abs().max())
 
 
@@ -32,9 +32,10 @@ def trial(ratio: float, d: int, depth: int, steps: int, seed: int) -> dict:
 
     gen = torch.Generator().manual_seed(seed)
     dims = [d] * (depth + 1)
-    spec = onlynorm.MLPSpec(tuple(torch.randn(m, n, generator=gen, dtype=torch.float64) / n ** 0.5
-                                  for n, m in zip(dims, dims[1:])),
-                            tuple(0.5 * torch.randn(m, generator=gen, dtype=torch.float64) for m in dims[1:]))
+    spec = onlynorm.MLPSpec(
+        tuple(torch.randn(m, n, generator=gen, dtype=torch.float64) / n**0.5 for n, m in zip(dims, dims[1:])),
+        tuple(0.5 * torch.randn(m, generator=gen, dtype=torch.float64) for m in dims[1:]),
+    )
     box = Box(-1.0, 1.0, dim=d)
     hidden = [max(1, round(ratio * d * d)) for _ in range(depth)]
     x_test = box.sample(4000, seed=seed + 1)
@@ -48,33 +49,60 @@ def trial(ratio: float, d: int, depth: int, steps: int, seed: int) -> dict:
     chunk = max(1, steps // 10)
     elapsed = 0.0
     for k in range(0, steps, chunk):
-        history = onlynorm.train_norm_only(gd, target=spec, box=box, steps=chunk, batch_size=256, lr=5e-3,
-                                           seed=seed + k, progress=False)
+        history = onlynorm.train_norm_only(
+            gd, target=spec, box=box, steps=chunk, batch_size=256, lr=5e-3, seed=seed + k, progress=False
+        )
         elapsed += history.seconds[-1]
         rms, mx = _errors(gd, spec, x_test)
         curve.append({"step": k + chunk, "seconds": elapsed, "rms": rms, "max": mx})
-    return {"ratio": ratio, "seed": seed, "hidden": hidden, "exact_rms": exact_rms, "exact_max": exact_max,
-            "exact_seconds": exact_seconds, "gd_rms": curve[-1]["rms"], "gd_max": curve[-1]["max"],
-            "gd_seconds": elapsed, "gd_curve": curve}
+    return {
+        "ratio": ratio,
+        "seed": seed,
+        "hidden": hidden,
+        "exact_rms": exact_rms,
+        "exact_max": exact_max,
+        "exact_seconds": exact_seconds,
+        "gd_rms": curve[-1]["rms"],
+        "gd_max": curve[-1]["max"],
+        "gd_seconds": elapsed,
+        "gd_curve": curve,
+    }
 
 
 def run(quick: bool, seed: int, console=None) -> ExperimentResult:
     d, depth = (4, 2) if quick else (6, 2)
     steps = 400 if quick else 3000
     repeats = 2 if quick else 4
-    trials = [{"ratio": r, "d": d, "depth": depth, "steps": steps, "seed": trial_seed(seed, i, k)}
-              for i, r in enumerate(RATIOS) for k in range(repeats)]
+    trials = [
+        {"ratio": r, "d": d, "depth": depth, "steps": steps, "seed": trial_seed(seed, i, k)}
+        for i, r in enumerate(RATIOS)
+        for k in range(repeats)
+    ]
     rows = run_trials(trial, trials, console=console, description="gd-vs-exact trials")
     per_ratio = []
     for r in RATIOS:
         sel = [t for t in rows if t["ratio"] == r]
-        per_ratio.append({"ratio": r, "hidden": sel[0]["hidden"],
-                          "exact_rms_median": float(np.median([t["exact_rms"] for t in sel])),
-                          "gd_rms_median": float(np.median([t["gd_rms"] for t in sel])),
-                          "exact_seconds_median": float(np.median([t["exact_seconds"] for t in sel])),
-                          "gd_seconds_median": float(np.median([t["gd_seconds"] for t in sel]))})
-    data = {"experiment": "gd-vs-exact", "quick": quick, "seed": seed, "d": d, "depth": depth, "gd_steps": steps,
-            "repeats": repeats, "per_ratio": per_ratio, "trials": rows}
+        per_ratio.append(
+            {
+                "ratio": r,
+                "hidden": sel[0]["hidden"],
+                "exact_rms_median": float(np.median([t["exact_rms"] for t in sel])),
+                "gd_rms_median": float(np.median([t["gd_rms"] for t in sel])),
+                "exact_seconds_median": float(np.median([t["exact_seconds"] for t in sel])),
+                "gd_seconds_median": float(np.median([t["gd_seconds"] for t in sel])),
+            }
+        )
+    data = {
+        "experiment": "gd-vs-exact",
+        "quick": quick,
+        "seed": seed,
+        "d": d,
+        "depth": depth,
+        "gd_steps": steps,
+        "repeats": repeats,
+        "per_ratio": per_ratio,
+        "trials": rows,
+    }
     return ExperimentResult("gd-vs-exact", data, {"gd_vs_exact.png": _figure(per_ratio, rows)}, _summary(data))
 
 
@@ -99,8 +127,13 @@ def _figure(per_ratio: list[dict], rows: list[dict]):
     for i, r in enumerate(per_ratio):
         sel = [t for t in rows if t["ratio"] == r["ratio"]][0]
         c = cmap(i / max(1, len(per_ratio) - 1))
-        ax2.plot([p["seconds"] for p in sel["gd_curve"]], [p["rms"] for p in sel["gd_curve"]], "-", color=c,
-                 label=f"GD, N/(mn)={r['ratio']}")
+        ax2.plot(
+            [p["seconds"] for p in sel["gd_curve"]],
+            [p["rms"] for p in sel["gd_curve"]],
+            "-",
+            color=c,
+            label=f"GD, N/(mn)={r['ratio']}",
+        )
         ax2.plot([sel["exact_seconds"]], [max(sel["exact_rms"], floor)], "*", ms=12, color=c)
     ax2.set_yscale("log")
     ax2.set_xscale("log")
@@ -113,10 +146,18 @@ def _figure(per_ratio: list[dict], rows: list[dict]):
 
 
 def _summary(data: dict) -> str:
-    lines = ["# gd-vs-exact", "", f"Random target {[data['d']] * (data['depth'] + 1)}, box [-1, 1]^{data['d']}, "
-             f"{data['repeats']} trials per ratio, gradient descent: {data['gd_steps']} Adam steps (batch 256).", "",
-             "| N/(m·n) | hidden | closed form rel RMS | GD rel RMS | closed form s | GD s |", "|---|---|---|---|---|---|"]
+    lines = [
+        "# gd-vs-exact",
+        "",
+        f"Random target {[data['d']] * (data['depth'] + 1)}, box [-1, 1]^{data['d']}, "
+        f"{data['repeats']} trials per ratio, gradient descent: {data['gd_steps']} Adam steps (batch 256).",
+        "",
+        "| N/(m·n) | hidden | closed form rel RMS | GD rel RMS | closed form s | GD s |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in data["per_ratio"]:
-        lines.append(f"| {r['ratio']} | {r['hidden']} | {r['exact_rms_median']:.2e} | {r['gd_rms_median']:.2e} | "
-                     f"{r['exact_seconds_median']:.3f} | {r['gd_seconds_median']:.1f} |")
+        lines.append(
+            f"| {r['ratio']} | {r['hidden']} | {r['exact_rms_median']:.2e} | {r['gd_rms_median']:.2e} | "
+            f"{r['exact_seconds_median']:.3f} | {r['gd_seconds_median']:.1f} |"
+        )
     return "\n".join(lines) + "\n"

@@ -24,8 +24,7 @@ import numpy as np
 from .._io import atomic_path
 from ..errors import MissingDependencyError, OnlyNormError
 
-__all__ = ["run_trials", "trial_seed", "write_artifacts", "ExperimentResult", "default_jobs", "use_backend",
-           "BACKENDS"]
+__all__ = ["run_trials", "trial_seed", "write_artifacts", "ExperimentResult", "default_jobs", "use_backend", "BACKENDS"]
 
 BACKENDS = ("local", "dask")
 
@@ -69,8 +68,9 @@ def _call(fn: Callable, kwargs: dict) -> Any:
     return fn(**kwargs)
 
 
-def run_trials(fn: Callable[..., Any], trials: list[dict], *, console=None, description: str = "trials",
-               n_jobs: int | None = None) -> list[Any]:
+def run_trials(
+    fn: Callable[..., Any], trials: list[dict], *, console=None, description: str = "trials", n_jobs: int | None = None
+) -> list[Any]:
     """Run ``fn(**t)`` for every ``t`` in ``trials`` in parallel; results in the order of ``trials``."""
     from joblib import Parallel, delayed
 
@@ -106,8 +106,14 @@ def _collect(outputs, total: int, console, description: str) -> list[Any]:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     results = []
-    with Progress(TextColumn(description), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeElapsedColumn(), console=console, transient=True) as bar:
+    with Progress(
+        TextColumn(description),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    ) as bar:
         task = bar.add_task(description, total=total)
         for r in outputs:
             results.append(r)
@@ -168,8 +174,9 @@ def use_backend(backend: str = "local", scheduler: str | None = None):
         raise OnlyNormError(f"--backend: expected one of {', '.join(BACKENDS)}, found {backend!r}")
     if backend == "local":
         if scheduler:
-            raise OnlyNormError(f"--scheduler {scheduler!r} needs --backend dask; add --backend dask or drop the "
-                                "address")
+            raise OnlyNormError(
+                f"--scheduler {scheduler!r} needs --backend dask; add --backend dask or drop the address"
+            )
         token = _CLIENT.set(None)
         try:
             yield None
@@ -189,19 +196,22 @@ def _dask_client(scheduler: str | None):
     try:
         from dask.distributed import Client, LocalCluster
     except ImportError:
-        raise MissingDependencyError("--backend dask needs dask.distributed, found it not installed; install it "
-                                     "with pip install 'onlynorm[cluster]'") from None
+        raise MissingDependencyError(
+            "--backend dask needs dask.distributed, found it not installed; install it "
+            "with pip install 'onlynorm[cluster]'"
+        ) from None
     cluster = None
     if scheduler:
         try:
             client = Client(scheduler, timeout="10s", set_as_default=False)
         except (OSError, TimeoutError, ValueError, TypeError) as exc:
-            raise OnlyNormError(f"--scheduler: expected a reachable Dask scheduler address like tcp://HOST:8786, "
-                                f"found {scheduler!r} ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); "
-                                "start one with `dask scheduler`") from None
+            raise OnlyNormError(
+                f"--scheduler: expected a reachable Dask scheduler address like tcp://HOST:8786, "
+                f"found {scheduler!r} ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); "
+                "start one with `dask scheduler`"
+            ) from None
     else:
-        cluster = LocalCluster(n_workers=default_jobs(), threads_per_worker=1, processes=True,
-                               dashboard_address=":0")
+        cluster = LocalCluster(n_workers=default_jobs(), threads_per_worker=1, processes=True, dashboard_address=":0")
         client = Client(cluster, set_as_default=False)
     try:
         yield client
@@ -217,7 +227,7 @@ class ExperimentResult:
 
     name: str
     data: dict[str, Any]
-    figures: dict[str, Any] = field(default_factory=dict)   # file name → matplotlib Figure
+    figures: dict[str, Any] = field(default_factory=dict)  # file name → matplotlib Figure
     summary: str = ""
 
 

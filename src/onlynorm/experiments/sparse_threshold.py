@@ -61,7 +61,7 @@ def fit_threshold(ps: np.ndarray, ok: np.ndarray, rng: np.random.Generator, boot
         idx = rng.integers(0, len(ps), len(ps))
         samples.append(one(ps[idx], ok[idx]))
     finite = np.array([s for s in samples if np.isfinite(s)])
-    lo, hi = (np.percentile(finite, [5, 95]) if finite.size else (float("nan"), float("nan")))
+    lo, hi = np.percentile(finite, [5, 95]) if finite.size else (float("nan"), float("nan"))
     return point, float(lo), float(hi)
 
 
@@ -72,8 +72,9 @@ def run(quick: bool, seed: int, console=None) -> ExperimentResult:
     for d in dims:
         for pi, p in enumerate(density_grid(d)):
             for t in range(per_point):
-                trials.append({"d": d, "p": float(p), "seed": trial_seed(seed, d, pi, t),
-                               "numeric": d <= NUMERIC_MAX_D})
+                trials.append(
+                    {"d": d, "p": float(p), "seed": trial_seed(seed, d, pi, t), "numeric": d <= NUMERIC_MAX_D}
+                )
     rows = run_trials(trial, trials, console=console, description="sparse-threshold trials")
     rng = np.random.default_rng(seed)
     per_d = []
@@ -85,14 +86,30 @@ def run(quick: bool, seed: int, console=None) -> ExperimentResult:
         curve = [{"p": float(p), "fraction": float(ok[ps == p].mean())} for p in sorted(set(ps))]
         numeric = [r for r in sel if r["numeric_invertible"] is not None]
         agree = (sum(r["numeric_invertible"] == r["invertible"] for r in numeric) / len(numeric)) if numeric else None
-        per_d.append({"d": d, "p_star": p_star, "p_star_lo": lo, "p_star_hi": hi, "curve": curve,
-                      "numeric_checked": len(numeric), "numeric_agreement": agree,
-                      "sqrt_log_d_over_d": math.sqrt(math.log(d) / d), "log_d_over_d": math.log(d) / d})
+        per_d.append(
+            {
+                "d": d,
+                "p_star": p_star,
+                "p_star_lo": lo,
+                "p_star_hi": hi,
+                "curve": curve,
+                "numeric_checked": len(numeric),
+                "numeric_agreement": agree,
+                "sqrt_log_d_over_d": math.sqrt(math.log(d) / d),
+                "log_d_over_d": math.log(d) / d,
+            }
+        )
     fits = _fit_rates([r for r in per_d if np.isfinite(r["p_star"])])
-    data = {"experiment": "sparse-threshold", "quick": quick, "seed": seed, "trials_per_point": per_point,
-            "dims": dims, "per_d": per_d, "fits": fits}
-    return ExperimentResult("sparse-threshold", data, {"sparse_threshold.png": _figure(per_d, fits)},
-                            _summary(data))
+    data = {
+        "experiment": "sparse-threshold",
+        "quick": quick,
+        "seed": seed,
+        "trials_per_point": per_point,
+        "dims": dims,
+        "per_d": per_d,
+        "fits": fits,
+    }
+    return ExperimentResult("sparse-threshold", data, {"sparse_threshold.png": _figure(per_d, fits)}, _summary(data))
 
 
 def _fit_rates(per_d: list[dict]) -> dict:
@@ -104,7 +121,7 @@ def _fit_rates(per_d: list[dict]) -> dict:
     for name, rate in (("sqrt(log d / d)", np.sqrt(np.log(d) / d)), ("log d / d", np.log(d) / d)):
         logc = float(np.mean(np.log(p) - np.log(rate)))
         resid = np.log(p) - (logc + np.log(rate))
-        out[name] = {"constant": math.exp(logc), "rms_log_residual": float(np.sqrt(np.mean(resid ** 2)))}
+        out[name] = {"constant": math.exp(logc), "rms_log_residual": float(np.sqrt(np.mean(resid**2)))}
     slope, intercept = np.polyfit(np.log(d), np.log(p), 1)
     out["power law"] = {"exponent": float(slope), "constant": float(math.exp(intercept))}
     return out
@@ -130,15 +147,20 @@ def _figure(per_d: list[dict], fits: dict):
     ax1.legend(fontsize=7)
     good = [r for r in per_d if np.isfinite(r["p_star"])]
     d = np.array([r["d"] for r in good], dtype=float)
-    ax2.fill_between(d, [r["p_star_lo"] for r in good], [r["p_star_hi"] for r in good], alpha=0.25,
-                     label="90% bootstrap band")
+    ax2.fill_between(
+        d, [r["p_star_lo"] for r in good], [r["p_star_hi"] for r in good], alpha=0.25, label="90% bootstrap band"
+    )
     ax2.plot(d, [r["p_star"] for r in good], "ko-", ms=4, label="measured p*(d)")
     grid = np.linspace(d.min(), d.max(), 200) if len(d) else np.array([])
     for name, style in (("sqrt(log d / d)", "--"), ("log d / d", "-.")):
         if name in fits:
             rate = np.sqrt(np.log(grid) / grid) if name.startswith("sqrt") else np.log(grid) / grid
-            ax2.plot(grid, fits[name]["constant"] * rate, style,
-                     label=f"{fits[name]['constant']:.2f}·{name} (rms log err {fits[name]['rms_log_residual']:.2f})")
+            ax2.plot(
+                grid,
+                fits[name]["constant"] * rate,
+                style,
+                label=f"{fits[name]['constant']:.2f}·{name} (rms log err {fits[name]['rms_log_residual']:.2f})",
+            )
     ax2.set_xscale("log")
     ax2.set_yscale("log")
     ax2.set_xlabel("d")
@@ -150,19 +172,29 @@ def _figure(per_d: list[dict], fits: dict):
 
 
 def _summary(data: dict) -> str:
-    lines = ["# sparse-threshold", "",
-             f"Structural invertibility of the sparse width construction's Khatri–Rao system ({data['trials_per_point']} "
-             "trials per density, seed {}).".format(data["seed"]), "",
-             "| d | p*(d) | 90% band | √(log d/d) | log d/d | numeric check (trials, agreement) |", "|---|---|---|---|---|---|"]
+    lines = [
+        "# sparse-threshold",
+        "",
+        f"Structural invertibility of the sparse width construction's Khatri–Rao system ({data['trials_per_point']} "
+        "trials per density, seed {}).".format(data["seed"]),
+        "",
+        "| d | p*(d) | 90% band | √(log d/d) | log d/d | numeric check (trials, agreement) |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in data["per_d"]:
         agree = "—" if r["numeric_agreement"] is None else f"{r['numeric_checked']}, {r['numeric_agreement']:.3f}"
-        lines.append(f"| {r['d']} | {r['p_star']:.3g} | [{r['p_star_lo']:.3g}, {r['p_star_hi']:.3g}] | "
-                     f"{r['sqrt_log_d_over_d']:.3g} | {r['log_d_over_d']:.3g} | {agree} |")
+        lines.append(
+            f"| {r['d']} | {r['p_star']:.3g} | [{r['p_star_lo']:.3g}, {r['p_star_hi']:.3g}] | "
+            f"{r['sqrt_log_d_over_d']:.3g} | {r['log_d_over_d']:.3g} | {agree} |"
+        )
     fits = data["fits"]
     if fits:
         lines += ["", "Fits of p*(d):", ""]
         for name in ("sqrt(log d / d)", "log d / d"):
-            lines.append(f"* p* ≈ {fits[name]['constant']:.3f} · {name}  (rms log residual "
-                         f"{fits[name]['rms_log_residual']:.3f})")
-        lines.append(f"* free power law: p* ≈ {fits['power law']['constant']:.3f} · d^{fits['power law']['exponent']:.3f}")
+            lines.append(
+                f"* p* ≈ {fits[name]['constant']:.3f} · {name}  (rms log residual {fits[name]['rms_log_residual']:.3f})"
+            )
+        lines.append(
+            f"* free power law: p* ≈ {fits['power law']['constant']:.3f} · d^{fits['power law']['exponent']:.3f}"
+        )
     return "\n".join(lines) + "\n"

@@ -31,9 +31,10 @@ def random_target(d: int, depth: int, seed: int):
 
     gen = torch.Generator().manual_seed(seed)
     dims = [d] * (depth + 1)
-    return onlynorm.MLPSpec(tuple(torch.randn(m, n, generator=gen, dtype=torch.float64) / n ** 0.5
-                                  for n, m in zip(dims, dims[1:])),
-                            tuple(0.5 * torch.randn(m, generator=gen, dtype=torch.float64) for m in dims[1:]))
+    return onlynorm.MLPSpec(
+        tuple(torch.randn(m, n, generator=gen, dtype=torch.float64) / n**0.5 for n, m in zip(dims, dims[1:])),
+        tuple(0.5 * torch.randn(m, generator=gen, dtype=torch.float64) for m in dims[1:]),
+    )
 
 
 def trial(d: int, depth: int, ratio: float, adam_steps: int, seed: int) -> dict:
@@ -47,8 +48,14 @@ def trial(d: int, depth: int, ratio: float, adam_steps: int, seed: int) -> dict:
     x_test = box.sample(4000, seed=seed + 1)
     y_test = spec(x_test)
     frozen = onlynorm.random_normnet(spec, seed=seed, hidden=hidden)
-    out: dict = {"d": d, "depth": depth, "ratio": ratio, "hidden": hidden, "seed": seed,
-                 "tunable": sum(p.numel() for p in frozen.norm_parameters())}
+    out: dict = {
+        "d": d,
+        "depth": depth,
+        "ratio": ratio,
+        "hidden": hidden,
+        "seed": seed,
+        "tunable": sum(p.numel() for p in frozen.norm_parameters()),
+    }
 
     def score(name, net, seconds, iterations):
         with torch.no_grad():
@@ -65,12 +72,12 @@ def trial(d: int, depth: int, ratio: float, adam_steps: int, seed: int) -> dict:
     score("closed form", closed, time.perf_counter() - start, 1)
     timed("layerwise", method="layerwise")
     timed("adam-3000", method="adam", steps=adam_steps)
-    budget = out["adam-3000"]["seconds"] / 2          # the goal: auto in at most half of Adam's time
+    budget = out["adam-3000"]["seconds"] / 2  # the goal: auto in at most half of Adam's time
     report = timed("auto", method="auto", budget_seconds=budget)
     out["auto_phases"] = [p.name for p in report.phases]
     if ratio < 1:
         timed("gauss-newton", method="gauss-newton", budget_seconds=budget)
-    timed("adam-matched", method="adam", steps=10 ** 7, budget_seconds=max(out["auto"]["seconds"], 1e-3))
+    timed("adam-matched", method="adam", steps=10**7, budget_seconds=max(out["auto"]["seconds"], 1e-3))
     return out
 
 
@@ -82,14 +89,29 @@ def configurations(quick: bool) -> tuple[list[tuple[int, int]], list[float], int
 
 def run(quick: bool, seed: int, console=None) -> ExperimentResult:
     configs, ratios, repeats, adam_steps = configurations(quick)
-    trials = [{"d": d, "depth": depth, "ratio": r, "adam_steps": adam_steps, "seed": trial_seed(seed, d, depth, i, k)}
-              for d, depth in configs for i, r in enumerate(ratios) for k in range(repeats)]
+    trials = [
+        {"d": d, "depth": depth, "ratio": r, "adam_steps": adam_steps, "seed": trial_seed(seed, d, depth, i, k)}
+        for d, depth in configs
+        for i, r in enumerate(ratios)
+        for k in range(repeats)
+    ]
     rows = run_trials(trial, trials, console=console, description="under-parameterized trials")
     table = summarize(rows)
-    data = {"experiment": "under-parameterized", "quick": quick, "seed": seed, "configs": configs, "ratios": ratios,
-            "repeats": repeats, "adam_steps": adam_steps, "table": table, "goal": goal_ratios(table), "trials": rows}
-    return ExperimentResult("under-parameterized", data, {"under_parameterized.png": _figure(table, configs)},
-                            _summary(data))
+    data = {
+        "experiment": "under-parameterized",
+        "quick": quick,
+        "seed": seed,
+        "configs": configs,
+        "ratios": ratios,
+        "repeats": repeats,
+        "adam_steps": adam_steps,
+        "table": table,
+        "goal": goal_ratios(table),
+        "trials": rows,
+    }
+    return ExperimentResult(
+        "under-parameterized", data, {"under_parameterized.png": _figure(table, configs)}, _summary(data)
+    )
 
 
 def summarize(rows: list[dict]) -> list[dict]:
@@ -97,8 +119,14 @@ def summarize(rows: list[dict]) -> list[dict]:
     table = []
     for d, depth, ratio in keys:
         sel = [t for t in rows if (t["d"], t["depth"], t["ratio"]) == (d, depth, ratio)]
-        row = {"d": d, "depth": depth, "ratio": ratio, "hidden": sel[0]["hidden"][0], "tunable": sel[0]["tunable"],
-               "trials": len(sel)}
+        row = {
+            "d": d,
+            "depth": depth,
+            "ratio": ratio,
+            "hidden": sel[0]["hidden"][0],
+            "tunable": sel[0]["tunable"],
+            "trials": len(sel),
+        }
         for m in METHODS:
             vals = [t[m] for t in sel if m in t]
             if vals:
@@ -115,9 +143,14 @@ def goal_ratios(table: list[dict]) -> list[dict]:
     out = []
     for r in sorted({row["ratio"] for row in table}):
         sel = [row for row in table if row["ratio"] == r]
-        out.append({"ratio": r, "auto/adam error": float(np.median([s["auto/adam error"] for s in sel])),
-                    "auto/adam time": float(np.median([s["auto/adam time"] for s in sel])),
-                    "auto max rms": float(max(s["auto"] for s in sel))})
+        out.append(
+            {
+                "ratio": r,
+                "auto/adam error": float(np.median([s["auto/adam error"] for s in sel])),
+                "auto/adam time": float(np.median([s["auto/adam time"] for s in sel])),
+                "auto max rms": float(max(s["auto"] for s in sel)),
+            }
+        )
     return out
 
 
@@ -155,22 +188,34 @@ def _figure(table: list[dict], configs):
 
 
 def _summary(data: dict) -> str:
-    lines = ["# under-parameterized", "",
-             f"{data['repeats']} trials per cell, medians; Adam: {data['adam_steps']} steps of batch 256; auto and "
-             "gauss-newton get half of Adam's measured time as budget; test: 4,000 points of [-1, 1]^d. Errors are "
-             "relative RMS.", "",
-             "| d | depth | N/(m·n) | N | closed form | layerwise | gauss-newton | auto | adam-3000 | adam-matched | "
-             "auto s | adam-3000 s | auto/adam error | auto/adam time |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "# under-parameterized",
+        "",
+        f"{data['repeats']} trials per cell, medians; Adam: {data['adam_steps']} steps of batch 256; auto and "
+        "gauss-newton get half of Adam's measured time as budget; test: 4,000 points of [-1, 1]^d. Errors are "
+        "relative RMS.",
+        "",
+        "| d | depth | N/(m·n) | N | closed form | layerwise | gauss-newton | auto | adam-3000 | adam-matched | "
+        "auto s | adam-3000 s | auto/adam error | auto/adam time |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in data["table"]:
         cell = lambda m, r=r: f"{r[m]:.2e}" if m in r else "—"  # noqa: E731
-        lines.append(f"| {r['d']} | {r['depth']} | {r['ratio']:g} | {r['hidden']} | {cell('closed form')} | "
-                     f"{cell('layerwise')} | {cell('gauss-newton')} | {cell('auto')} | {cell('adam-3000')} | "
-                     f"{cell('adam-matched')} | {r['auto s']:.2f} | {r['adam-3000 s']:.2f} | "
-                     f"{r['auto/adam error']:.2f} | {r['auto/adam time']:.2f} |")
-    lines += ["", "Goal ratios (median over configurations of the per-cell medians):", "",
-              "| N/(m·n) | auto/adam error | auto/adam time | worst auto rel RMS |", "|---|---|---|---|"]
+        lines.append(
+            f"| {r['d']} | {r['depth']} | {r['ratio']:g} | {r['hidden']} | {cell('closed form')} | "
+            f"{cell('layerwise')} | {cell('gauss-newton')} | {cell('auto')} | {cell('adam-3000')} | "
+            f"{cell('adam-matched')} | {r['auto s']:.2f} | {r['adam-3000 s']:.2f} | "
+            f"{r['auto/adam error']:.2f} | {r['auto/adam time']:.2f} |"
+        )
+    lines += [
+        "",
+        "Goal ratios (median over configurations of the per-cell medians):",
+        "",
+        "| N/(m·n) | auto/adam error | auto/adam time | worst auto rel RMS |",
+        "|---|---|---|---|",
+    ]
     for g in data["goal"]:
-        lines.append(f"| {g['ratio']:g} | {g['auto/adam error']:.2f} | {g['auto/adam time']:.2f} | "
-                     f"{g['auto max rms']:.2e} |")
+        lines.append(
+            f"| {g['ratio']:g} | {g['auto/adam error']:.2f} | {g['auto/adam time']:.2f} | {g['auto max rms']:.2e} |"
+        )
     return "\n".join(lines) + "\n"

@@ -38,11 +38,20 @@ from ..errors import InvalidNetworkError, OnlyNormError, SingularSystemError
 from ..normnet import NormNet
 from ..target import as_target
 from .data import FitData, prepare_data, relative_rms
-from .report import FitReport, Phase
 from .pretrained import PretrainedConv2d, PretrainedLinear, with_norms
+from .report import FitReport, Phase
 
-__all__ = ["fit_norms", "with_norms", "FitReport", "Phase", "FitData", "METHODS", "relative_rms",
-           "PretrainedLinear", "PretrainedConv2d"]
+__all__ = [
+    "fit_norms",
+    "with_norms",
+    "FitReport",
+    "Phase",
+    "FitData",
+    "METHODS",
+    "relative_rms",
+    "PretrainedLinear",
+    "PretrainedConv2d",
+]
 
 METHODS = ("auto", "exact", "layerwise", "gauss-newton", "adam")
 #: held-out relative RMS at or below which a float64 fit counts as exact
@@ -50,9 +59,19 @@ EXACT_TOLERANCE = 1e-9
 ADAM_STEPS, GN_STEPS = 3000, 300
 
 
-def fit_norms(frozen: NormNet, target: Any, data, *, method: str = "auto", budget_seconds: float | None = None,
-              seed: int = 0, progress: Progress | None = None, steps: int | None = None,
-              memory_budget: int | None = None, samples: int = 2048) -> tuple[NormNet, FitReport]:
+def fit_norms(
+    frozen: NormNet,
+    target: Any,
+    data,
+    *,
+    method: str = "auto",
+    budget_seconds: float | None = None,
+    seed: int = 0,
+    progress: Progress | None = None,
+    steps: int | None = None,
+    memory_budget: int | None = None,
+    samples: int = 2048,
+) -> tuple[NormNet, FitReport]:
     """Fit only the γ, β of ``frozen`` so it computes ``target`` on ``data``; see the module docstring.
 
     ``target``: an MLP/CNN (``nn.Sequential``, ``MLPSpec``, ``ConvNetSpec``). ``data``: a ``Box`` (``samples``
@@ -61,19 +80,23 @@ def fit_norms(frozen: NormNet, target: Any, data, *, method: str = "auto", budge
     Gauss–Newton's (default 300); ``memory_budget`` (bytes) bounds Gauss–Newton's Jacobians. ``progress(done, total, message)`` is called as work proceeds.
     """
     if not isinstance(frozen, NormNet):
-        raise InvalidNetworkError(f"expected a NormNet (onlynorm.random_normnet, NormNet.load or "
-                                  f"onlynorm.with_norms(model)), found {type(frozen).__name__}")
+        raise InvalidNetworkError(
+            f"expected a NormNet (onlynorm.random_normnet, NormNet.load or "
+            f"onlynorm.with_norms(model)), found {type(frozen).__name__}"
+        )
     if method not in METHODS:
         raise OnlyNormError(f"method: expected one of {', '.join(METHODS)}, found {method!r}")
-    if budget_seconds is not None and not (isinstance(budget_seconds, (int, float)) and budget_seconds > 0
-                                           and math.isfinite(budget_seconds)):
+    if budget_seconds is not None and not (
+        isinstance(budget_seconds, (int, float)) and budget_seconds > 0 and math.isfinite(budget_seconds)
+    ):
         raise OnlyNormError(f"budget_seconds: expected a positive number of seconds or None, found {budget_seconds!r}")
     if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
         raise OnlyNormError(f"steps: expected a positive integer or None, found {steps!r}")
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 8:
         raise OnlyNormError(f"samples: expected an integer >= 8, found {samples!r}")
-    spec = as_target(target if not isinstance(target, nn.Module) or frozen.in_shape is None else target,
-                     frozen.in_shape)
+    spec = as_target(
+        target if not isinstance(target, nn.Module) or frozen.in_shape is None else target, frozen.in_shape
+    )
     with _threads_for(frozen):
         return _fit(frozen, spec, data, method, budget_seconds, seed, progress, steps, memory_budget, samples)
 
@@ -100,11 +123,14 @@ def _threads_for(net: NormNet):
 def _fit(frozen, spec, data, method, budget_seconds, seed, progress, steps, memory_budget, samples):
     start = time.perf_counter()
     deadline = None if budget_seconds is None else start + float(budget_seconds)
-    fit_data = prepare_data(frozen, spec, data, seed=seed, train_samples=samples,
-                            held_samples=max(8, samples // 2))
+    fit_data = prepare_data(frozen, spec, data, seed=seed, train_samples=samples, held_samples=max(8, samples // 2))
     net = frozen.clone()
-    report = FitReport(method=method, train_samples=fit_data.x_train.shape[0],
-                       held_out_samples=fit_data.x_held.shape[0], initial_error=fit_data.held_out_error(net))
+    report = FitReport(
+        method=method,
+        train_samples=fit_data.x_train.shape[0],
+        held_out_samples=fit_data.x_held.shape[0],
+        initial_error=fit_data.held_out_error(net),
+    )
     if method == "exact":
         from .exact import check_capacity, fit_exact
 
@@ -118,13 +144,24 @@ def _fit(frozen, spec, data, method, budget_seconds, seed, progress, steps, memo
     elif method == "gauss-newton":
         from .gauss_newton import fit_gauss_newton
 
-        report.phases.append(fit_gauss_newton(net, fit_data, spec=spec, deadline=deadline, memory_budget=memory_budget,
-                                              seed=seed, progress=progress, max_iterations=steps or GN_STEPS))
+        report.phases.append(
+            fit_gauss_newton(
+                net,
+                fit_data,
+                spec=spec,
+                deadline=deadline,
+                memory_budget=memory_budget,
+                seed=seed,
+                progress=progress,
+                max_iterations=steps or GN_STEPS,
+            )
+        )
     elif method == "adam":
         from .adam import fit_adam
 
-        report.phases.append(fit_adam(net, spec, fit_data, steps=steps or ADAM_STEPS, budget_seconds=budget_seconds,
-                                      seed=seed))
+        report.phases.append(
+            fit_adam(net, spec, fit_data, steps=steps or ADAM_STEPS, budget_seconds=budget_seconds, seed=seed)
+        )
     else:
         net = _auto(net, spec, fit_data, report, deadline, memory_budget, seed, progress, steps or GN_STEPS)
     report.exact = net.dtype == torch.float64 and report.final_error <= EXACT_TOLERANCE
@@ -132,8 +169,9 @@ def _fit(frozen, spec, data, method, budget_seconds, seed, progress, steps, memo
     return net, report
 
 
-def _auto(net: NormNet, spec, data: FitData, report: FitReport, deadline, memory_budget, seed, progress,
-          steps: int) -> NormNet:
+def _auto(
+    net: NormNet, spec, data: FitData, report: FitReport, deadline, memory_budget, seed, progress, steps: int
+) -> NormNet:
     from .exact import exact_applicable, fit_exact
     from .gauss_newton import fit_gauss_newton
     from .layerwise import fit_layerwise
@@ -154,6 +192,16 @@ def _auto(net: NormNet, spec, data: FitData, report: FitReport, deadline, memory
     except InvalidNetworkError as exc:
         report.notes.append(f"layer-wise start skipped: {exc}")
     if report.final_error > EXACT_TOLERANCE and (deadline is None or time.perf_counter() < deadline):
-        report.phases.append(fit_gauss_newton(net, data, spec=spec, deadline=deadline, memory_budget=memory_budget,
-                                              seed=seed, progress=progress, max_iterations=steps))
+        report.phases.append(
+            fit_gauss_newton(
+                net,
+                data,
+                spec=spec,
+                deadline=deadline,
+                memory_budget=memory_budget,
+                seed=seed,
+                progress=progress,
+                max_iterations=steps,
+            )
+        )
     return net

@@ -20,17 +20,49 @@ ADAM_STEPS = 3000
 ADAM_LR = 5e-3
 
 
-def fit_adam(net: NormNet, spec, data: FitData, *, steps: int = ADAM_STEPS, lr: float = ADAM_LR,
-             budget_seconds: float | None = None, seed: int = 0, batch_size: int = 256) -> Phase:
+def fit_adam(
+    net: NormNet,
+    spec,
+    data: FitData,
+    *,
+    steps: int = ADAM_STEPS,
+    lr: float = ADAM_LR,
+    budget_seconds: float | None = None,
+    seed: int = 0,
+    batch_size: int = 256,
+) -> Phase:
     """Train ``net``'s γ, β in place; returns the phase record."""
     start = time.perf_counter()
     before = data.held_out_error(net)
-    if data.source == "box" and net.in_shape is None:   # fresh uniform samples every step
+    if data.source == "box" and net.in_shape is None:  # fresh uniform samples every step
         target = spec.to(dtype=net.dtype, device=net.device)
-        history = train_norm_only(net, target=target, box=data.box, steps=steps, batch_size=batch_size, lr=lr,
-                                  seed=seed, progress=False, time_budget=budget_seconds)
+        history = train_norm_only(
+            net,
+            target=target,
+            box=data.box,
+            steps=steps,
+            batch_size=batch_size,
+            lr=lr,
+            seed=seed,
+            progress=False,
+            time_budget=budget_seconds,
+        )
     else:
-        history = train_norm_only(net, (data.x_train, data.y_train), steps=steps, batch_size=batch_size, lr=lr,
-                                  seed=seed, progress=False, time_budget=budget_seconds)
-    return Phase("adam", before, data.held_out_error(net), time.perf_counter() - start, len(history.losses),
-                 details={"lr": lr, "batch_size": batch_size, "final_batch_loss": history.final_loss})
+        history = train_norm_only(
+            net,
+            (data.x_train, data.y_train),
+            steps=steps,
+            batch_size=batch_size,
+            lr=lr,
+            seed=seed,
+            progress=False,
+            time_budget=budget_seconds,
+        )
+    return Phase(
+        "adam",
+        before,
+        data.held_out_error(net),
+        time.perf_counter() - start,
+        len(history.losses),
+        details={"lr": lr, "batch_size": batch_size, "final_batch_loss": history.final_loss},
+    )

@@ -21,12 +21,16 @@ def load_fit_data(data: Path | None, low: float | None, high: float | None):
         if low is not None or high is not None:
             raise OnlyNormError("expected either --data or --low/--high, found both; the data file defines the inputs")
         if Path(data).suffix.lower() != ".safetensors":
-            raise FileFormatError(f"--data: expected a .safetensors file holding one tensor of inputs, found "
-                                  f"{str(data)!r}; save it with safetensors.torch.save_file({{'x': x}}, path)")
+            raise FileFormatError(
+                f"--data: expected a .safetensors file holding one tensor of inputs, found "
+                f"{str(data)!r}; save it with safetensors.torch.save_file({{'x': x}}, path)"
+            )
         tensors, _meta = _io.read_tensors(data)
         if len(tensors) != 1:
-            raise FileFormatError(f"--data: expected exactly one tensor in {str(data)!r}, found {len(tensors)} "
-                                  f"({sorted(tensors)[:4]}); save only the inputs")
+            raise FileFormatError(
+                f"--data: expected exactly one tensor in {str(data)!r}, found {len(tensors)} "
+                f"({sorted(tensors)[:4]}); save only the inputs"
+            )
         return next(iter(tensors.values()))
     return Box(-1.0 if low is None else low, 1.0 if high is None else high)
 

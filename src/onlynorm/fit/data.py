@@ -42,8 +42,8 @@ class FitData:
     y_train: torch.Tensor
     x_held: torch.Tensor
     y_held: torch.Tensor
-    box: Box                 # the sampled box, or the bounding box of tensor data
-    source: str              # "box" or "tensor"
+    box: Box  # the sampled box, or the bounding box of tensor data
+    source: str  # "box" or "tensor"
 
     def held_out_error(self, net: torch.nn.Module) -> float:
         with torch.no_grad():
@@ -61,8 +61,9 @@ def _shape_for(net: NormNet, spec, x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def prepare_data(frozen: NormNet, spec, data, *, seed: int, train_samples: int = 2048,
-                 held_samples: int = 1024) -> FitData:
+def prepare_data(
+    frozen: NormNet, spec, data, *, seed: int, train_samples: int = 2048, held_samples: int = 1024
+) -> FitData:
     """Sample a Box or split a tensor of inputs (a fifth held out, at least 2 rows), then evaluate the target."""
     n_in = spec.in_features
     dtype, device = frozen.dtype, frozen.device
@@ -79,20 +80,24 @@ def prepare_data(frozen: NormNet, spec, data, *, seed: int, train_samples: int =
         x_held, x_train = x[order[:n_held]], x[order[n_held:]]
         lo, hi = x.min(0).values.to(torch.float64).cpu(), x.max(0).values.to(torch.float64).cpu()
         pad = 1e-9 * torch.maximum((hi - lo).abs(), torch.ones_like(hi))
-        box = Box(lo - pad * (hi <= lo), hi + pad * (hi <= lo))   # widen constant coordinates only
+        box = Box(lo - pad * (hi <= lo), hi + pad * (hi <= lo))  # widen constant coordinates only
         source = "tensor"
     else:
-        raise OnlyNormError(f"data: expected an onlynorm.Box to sample or a tensor of inputs of shape (n, {n_in}), "
-                            f"found {type(data).__name__}; pass Box(low, high) or your inputs as a torch tensor")
+        raise OnlyNormError(
+            f"data: expected an onlynorm.Box to sample or a tensor of inputs of shape (n, {n_in}), "
+            f"found {type(data).__name__}; pass Box(low, high) or your inputs as a torch tensor"
+        )
     x_train, x_held = _shape_for(frozen, spec, x_train), _shape_for(frozen, spec, x_held)
     target = spec.to(dtype=dtype, device=device)
     with torch.no_grad():
         y_train, y_held = target(x_train), target(x_held)
         probe = frozen(x_held[:2])
     if probe.shape[1:] != y_held.shape[1:]:
-        raise InvalidNetworkError(f"output mismatch: the frozen network gives outputs of shape {tuple(probe.shape[1:])}"
-                                  f", the target {tuple(y_held.shape[1:])}; fit a network whose output matches the "
-                                  "target's")
+        raise InvalidNetworkError(
+            f"output mismatch: the frozen network gives outputs of shape {tuple(probe.shape[1:])}"
+            f", the target {tuple(y_held.shape[1:])}; fit a network whose output matches the "
+            "target's"
+        )
     return FitData(x_train, y_train, x_held, y_held, box, source)
 
 
@@ -100,14 +105,24 @@ def _check_tensor(data: torch.Tensor, n_in: int, in_shape) -> torch.Tensor:
     shapes = [f"(n, {n_in})"] + ([f"(n, {', '.join(map(str, in_shape))})"] if in_shape else [])
     expected = " or ".join(shapes)
     if not data.is_floating_point():
-        raise OnlyNormError(f"data: expected floating-point inputs of shape {expected}, found dtype "
-                            f"{dtype_name(data.dtype)}; convert with data.double()")
-    if data.ndim < 2 or data[0].numel() != n_in or (data.ndim > 2 and in_shape and tuple(data.shape[1:]) != tuple(in_shape)):
-        raise OnlyNormError(f"data: expected inputs of shape {expected} (one row per example), found shape "
-                            f"{tuple(data.shape)}; reshape your inputs or fit a network for this input width")
+        raise OnlyNormError(
+            f"data: expected floating-point inputs of shape {expected}, found dtype "
+            f"{dtype_name(data.dtype)}; convert with data.double()"
+        )
+    if (
+        data.ndim < 2
+        or data[0].numel() != n_in
+        or (data.ndim > 2 and in_shape and tuple(data.shape[1:]) != tuple(in_shape))
+    ):
+        raise OnlyNormError(
+            f"data: expected inputs of shape {expected} (one row per example), found shape "
+            f"{tuple(data.shape)}; reshape your inputs or fit a network for this input width"
+        )
     if data.shape[0] < MIN_ROWS:
-        raise OnlyNormError(f"data: expected at least {MIN_ROWS} input rows (a training and a held-out part), found "
-                            f"{data.shape[0]}; pass more inputs or a Box to sample")
+        raise OnlyNormError(
+            f"data: expected at least {MIN_ROWS} input rows (a training and a held-out part), found "
+            f"{data.shape[0]}; pass more inputs or a Box to sample"
+        )
     if not torch.isfinite(data).all():
         bad = int((~torch.isfinite(data)).any(dim=tuple(range(1, data.ndim))).sum())
         raise OnlyNormError(f"data: expected finite inputs, found NaN/Inf in {bad} row(s); drop or repair them")

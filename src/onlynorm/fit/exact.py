@@ -36,14 +36,18 @@ def check_capacity(net: NormNet, spec) -> None:
     from ..capacity import capacity
 
     if net.meta.get("method", "width") not in available_methods():
-        raise OnlyNormError(f"method='exact': a {net.meta.get('method')!r} network has no closed form; use "
-                            "method='auto', 'layerwise' or 'gauss-newton'")
+        raise OnlyNormError(
+            f"method='exact': a {net.meta.get('method')!r} network has no closed form; use "
+            "method='auto', 'layerwise' or 'gauss-newton'"
+        )
     report = capacity(net, spec)
     if not report.expressible:
         worst = min(report.systems, key=lambda s: s.rank / max(s.equations, 1))
-        raise OnlyNormError(f"method='exact': the frozen network cannot express the target ({worst.label}: rank "
-                            f"{worst.rank} of {worst.equations} equations with {worst.unknowns} unknowns); use "
-                            "method='auto' for the best approximation")
+        raise OnlyNormError(
+            f"method='exact': the frozen network cannot express the target ({worst.label}: rank "
+            f"{worst.rank} of {worst.equations} equations with {worst.unknowns} unknowns); use "
+            "method='auto' for the best approximation"
+        )
 
 
 def fit_exact(net: NormNet, spec, data: FitData, *, progress=None) -> tuple[NormNet, Phase]:
@@ -52,7 +56,13 @@ def fit_exact(net: NormNet, spec, data: FitData, *, progress=None) -> tuple[Norm
     before = data.held_out_error(net)
     solved = solve_norms(net, spec, data.box, progress=progress)
     solve = solved.meta.get("solve") or {}
-    phase = Phase("exact", before, data.held_out_error(solved), time.perf_counter() - start, 1,
-                  notes=list(solve.get("notes", [])), details={"construction": solved.method,
-                                                                "exact": bool(solve.get("exact", False))})
+    phase = Phase(
+        "exact",
+        before,
+        data.held_out_error(solved),
+        time.perf_counter() - start,
+        1,
+        notes=list(solve.get("notes", [])),
+        details={"construction": solved.method, "exact": bool(solve.get("exact", False))},
+    )
     return solved, phase

@@ -60,7 +60,7 @@ def parameter_blocks(net: NormNet, spec=None) -> list[list[str]]:
                 ids = [index[id(s)] for s in seg.stages]
                 for i in ids:
                     group[i] = ids[0]
-        except Exception:   # any layout the walker does not know: one block per stage
+        except Exception:  # any layout the walker does not know: one block per stage
             pass
     blocks: dict[int, list[str]] = {}
     for k in names:
@@ -85,18 +85,31 @@ def plan_blocks(blocks: list[list[str]], sizes: dict[str, int], rows: int, outpu
             raise MemoryBudgetError(
                 f"gauss-newton: even one sample's Jacobian for a block of {p} norm parameters needs "
                 f"{format_bytes(jacobian_bytes(1, outputs, p))}, above the budget {format_bytes(budget)}; raise the "
-                "memory budget or use method='adam'", needed_bytes=jacobian_bytes(1, outputs, p), limit_bytes=budget)
+                "memory budget or use method='adam'",
+                needed_bytes=jacobian_bytes(1, outputs, p),
+                limit_bytes=budget,
+            )
         plan.append((b, r))
     return plan, "block-wise"
 
 
-def fit_gauss_newton(net: NormNet, data: FitData, *, spec=None, deadline: float | None = None,
-                     max_iterations: int = 300, rows: int | None = None, memory_budget: int | None = None,
-                     seed: int = 0, progress=None, patience: int = 10) -> Phase:
+def fit_gauss_newton(
+    net: NormNet,
+    data: FitData,
+    *,
+    spec=None,
+    deadline: float | None = None,
+    max_iterations: int = 300,
+    rows: int | None = None,
+    memory_budget: int | None = None,
+    seed: int = 0,
+    progress=None,
+    patience: int = 10,
+) -> Phase:
     """Improve ``net``'s γ, β in place by Levenberg–Marquardt until converged, ``max_iterations`` accepted steps or
     ``deadline`` (a ``time.perf_counter()`` value); returns the phase record."""
     flags = {p: p.requires_grad for p in net.parameters()}
-    for p in flags:      # Jacobians come from torch.func; no autograd graph on the network's own tensors
+    for p in flags:  # Jacobians come from torch.func; no autograd graph on the network's own tensors
         p.requires_grad_(False)
     try:
         return _run(net, data, spec, deadline, max_iterations, rows, memory_budget, seed, progress, patience)
@@ -111,7 +124,7 @@ def _run(net, data, spec, deadline, max_iterations, rows, memory_budget, seed, p
     every = NormFunction(net)
     with torch.no_grad():
         outputs = net(data.x_train[:1]).reshape(1, -1).shape[1]
-    if rows is None:   # enough equations for the parameters, not more: the normal matrix costs rows·m·P²
+    if rows is None:  # enough equations for the parameters, not more: the normal matrix costs rows·m·P²
         rows = max(1024, (16 * every.size) // max(1, outputs))
     rows = min(rows, data.x_train.shape[0])
     gen = torch.Generator().manual_seed(seed)
@@ -156,7 +169,7 @@ def _run(net, data, spec, deadline, max_iterations, rows, memory_budget, seed, p
             try:
                 L = torch.linalg.cholesky(JtJ + torch.diag(lambdas[b] * diag))
                 delta = torch.cholesky_solve(-g.unsqueeze(1), L)[:, 0]
-            except RuntimeError:   # not positive definite in floating point: damp more
+            except RuntimeError:  # not positive definite in floating point: damp more
                 lambdas[b] *= 4
                 continue
             cand = (theta + delta).to(fn.params[0].dtype)
@@ -179,9 +192,8 @@ def _run(net, data, spec, deadline, max_iterations, rows, memory_budget, seed, p
             history.append(best_held)
             stalled = 0 if new_held <= best_held else stalled + 1
             if progress is not None:
-                progress(accepted, max_iterations, f"gauss-newton: step {accepted}, held-out rel RMS "
-                                                   f"{best_held:.3e}")
-        else:   # no step lowers the training loss: this block has converged
+                progress(accepted, max_iterations, f"gauss-newton: step {accepted}, held-out rel RMS {best_held:.3e}")
+        else:  # no step lowers the training loss: this block has converged
             stalled += patience
             lambdas[b] = LAMBDA_START
         last_step = time.perf_counter() - step_start
@@ -191,9 +203,27 @@ def _run(net, data, spec, deadline, max_iterations, rows, memory_budget, seed, p
     held = best_held
     notes = []
     if layout != "full":
-        notes.append(f"gauss-newton: Jacobian of all {every.size} norm parameters exceeds the memory budget "
-                     f"{format_bytes(budget)}; stepped block-wise over {len(fns)} blocks")
-    return Phase("gauss-newton", before, held, time.perf_counter() - start, accepted, notes=notes, history=history,
-                 details={"layout": layout, "blocks": len(fns), "rows": rows, "rejected": rejected, "kept": kept,
-                          "evaluations": evaluations, "jacobian_mode": sorted(mode_used),
-                          "largest_jacobian_bytes": largest, "memory_budget_bytes": budget})
+        notes.append(
+            f"gauss-newton: Jacobian of all {every.size} norm parameters exceeds the memory budget "
+            f"{format_bytes(budget)}; stepped block-wise over {len(fns)} blocks"
+        )
+    return Phase(
+        "gauss-newton",
+        before,
+        held,
+        time.perf_counter() - start,
+        accepted,
+        notes=notes,
+        history=history,
+        details={
+            "layout": layout,
+            "blocks": len(fns),
+            "rows": rows,
+            "rejected": rejected,
+            "kept": kept,
+            "evaluations": evaluations,
+            "jacobian_mode": sorted(mode_used),
+            "largest_jacobian_bytes": largest,
+            "memory_budget_bytes": budget,
+        },
+    )

@@ -67,15 +67,16 @@ class NormFunction:
     def __call__(self, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return functional_call(self.net, self._dict(theta), (x,), strict=False)
 
-    def jacobian(self, theta: torch.Tensor, x: torch.Tensor, *, mode: str | None = None,
-                 scratch_bytes: int = 256 << 20) -> torch.Tensor:
+    def jacobian(
+        self, theta: torch.Tensor, x: torch.Tensor, *, mode: str | None = None, scratch_bytes: int = 256 << 20
+    ) -> torch.Tensor:
         """``∂ vec f(x; θ) / ∂θ``, shape ``(n·m, P)`` (row ``i·m + o`` is sample ``i``, output ``o``)."""
         theta = theta.to(self.params[0].dtype)
         n = x.shape[0]
         with torch.no_grad():
             m = self(theta, x[:1]).reshape(1, -1).shape[1]
         mode = mode or choose_mode(self.size, m)
-        per_sample = x[0].numel() + self.widest * max(1, 4 * len(self.net.layers))   # activations per sample
+        per_sample = x[0].numel() + self.widest * max(1, 4 * len(self.net.layers))  # activations per sample
         item = theta.element_size()
         if mode == "forward":
             chunk = max(1, scratch_bytes // max(1, item * n * per_sample))
@@ -84,14 +85,14 @@ class NormFunction:
             def column(t):
                 return jvp(lambda th: self(th, x).reshape(-1), (theta,), (t,))[1]
 
-            cols = vmap(column, chunk_size=min(chunk, self.size))(basis)     # (P, n·m)
+            cols = vmap(column, chunk_size=min(chunk, self.size))(basis)  # (P, n·m)
             return cols.T.contiguous()
         chunk = max(1, scratch_bytes // max(1, item * m * per_sample))
 
         def single(th, xi):
             return self(th, xi.unsqueeze(0)).reshape(-1)
 
-        J = vmap(jacrev(single), in_dims=(None, 0), chunk_size=min(chunk, n))(theta, x)   # (n, m, P)
+        J = vmap(jacrev(single), in_dims=(None, 0), chunk_size=min(chunk, n))(theta, x)  # (n, m, P)
         return J.reshape(n * m, self.size)
 
 

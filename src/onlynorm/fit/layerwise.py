@@ -31,7 +31,7 @@ import time
 
 import torch
 
-from ..cnn_layers import Conv
+from ..cnn_layers import Conv, pair
 from ..constructions.base import safe_margin
 from ..domain import affine_bounds
 from ..linalg import khatri_rao_system, vec
@@ -64,8 +64,8 @@ def function_space_gamma(A: torch.Tensor, B: torch.Tensor, H: torch.Tensor, T: t
     if not bool(keep.any()):
         return torch.zeros(A.shape[0], dtype=torch.float64)
     U, root = U[:, keep], s[keep].sqrt()
-    A2 = (A @ U) * root                      # A S^{1/2}
-    W2 = (C.T @ U) / root                    # W* S^{1/2}
+    A2 = (A @ U) * root  # A S^{1/2}
+    W2 = (C.T @ U) / root  # W* S^{1/2}
     M = khatri_rao_system(A2, B)
     return torch.linalg.lstsq(M, vec(W2).unsqueeze(1), driver="gelsd").solution[:, 0]
 
@@ -94,7 +94,7 @@ def fit_layerwise(net: NormNet, spec, data: FitData, *, slack: float = DEFAULT_S
     segs = segments(net, spec)
     h, ht = data.x_train, data.x_train
     bounds = None
-    if data.source == "box" and all(s.kind != "unit" for s in segs):   # interval bounds of the box, stage by stage
+    if data.source == "box" and all(s.kind != "unit" for s in segs):  # interval bounds of the box, stage by stage
         shape = (1, *h.shape[1:])
         bounds = (data.box.low.to(h).reshape(shape), data.box.high.to(h).reshape(shape))
     fits: list[float] = []
@@ -104,7 +104,7 @@ def fit_layerwise(net: NormNet, spec, data: FitData, *, slack: float = DEFAULT_S
             if seg.kind == "op":
                 h, ht = seg.stages[0](h), seg.target_out(ht)
                 if bounds is not None:
-                    bounds = (seg.stages[0](bounds[0]), seg.stages[0](bounds[1]))    # monotone maps
+                    bounds = (seg.stages[0](bounds[0]), seg.stages[0](bounds[1]))  # monotone maps
                 continue
             t_full = seg.target_out(ht)
             T = rows(t_full).to(torch.float64)
@@ -119,11 +119,16 @@ def fit_layerwise(net: NormNet, spec, data: FitData, *, slack: float = DEFAULT_S
                 fits.append(relative_rms(pre, T))
             ht = torch.relu(t_full) if seg.relu_after else t_full
             if progress is not None:
-                progress(len(fits), len(fitted), f"layer-wise: layer {len(fits) - 1} fitted "
-                                                 f"(rel error {fits[-1]:.2e})")
+                progress(len(fits), len(fitted), f"layer-wise: layer {len(fits) - 1} fitted (rel error {fits[-1]:.2e})")
     after = data.held_out_error(net)
-    return Phase("layerwise", before, after, time.perf_counter() - start, len(fitted),
-                 details={"layer_train_errors": fits, "slack": slack})
+    return Phase(
+        "layerwise",
+        before,
+        after,
+        time.perf_counter() - start,
+        len(fitted),
+        details={"layer_train_errors": fits, "slack": slack},
+    )
 
 
 def _first_range(first, gamma: torch.Tensor, A: torch.Tensor, bounds) -> tuple[torch.Tensor, torch.Tensor]:
@@ -138,8 +143,7 @@ def _first_range(first, gamma: torch.Tensor, A: torch.Tensor, bounds) -> tuple[t
 
 def _geometry(conv: torch.nn.Conv2d, weight: torch.Tensor) -> Conv:
     """A typed conv layer with ``conv``'s stride, padding and dilation and the given kernel (its interval bounds)."""
-    return Conv(weight, weight.new_zeros(weight.shape[0]), tuple(conv.stride), tuple(conv.padding),  # type: ignore[arg-type]
-                tuple(conv.dilation))  # type: ignore[arg-type]
+    return Conv(weight, weight.new_zeros(weight.shape[0]), pair(conv.stride), pair(conv.padding), pair(conv.dilation))
 
 
 def _stage_bounds(stage, bounds):
@@ -150,7 +154,9 @@ def _stage_bounds(stage, bounds):
         zmin, zmax = affine_bounds(gamma[:, None] * stage.linear.weight, lo[0], hi[0], beta)
         zmin, zmax = zmin[None], zmax[None]
     else:
-        zmin, zmax = _geometry(stage.conv, gamma.reshape(-1, 1, 1, 1) * stage.conv.weight).bounds(lo, hi, use_bias=False)
+        zmin, zmax = _geometry(stage.conv, gamma.reshape(-1, 1, 1, 1) * stage.conv.weight).bounds(
+            lo, hi, use_bias=False
+        )
         zmin, zmax = zmin + beta.reshape(1, -1, 1, 1), zmax + beta.reshape(1, -1, 1, 1)
     return (zmin.clamp(min=0), zmax.clamp(min=0)) if stage.relu else (zmin, zmax)
 

@@ -38,7 +38,7 @@ METHOD = "pretrained"
 class _Pretrained(Stage):
     """A frozen pretrained layer (with its bias) followed by a tunable BatchNorm; no ReLU of its own."""
 
-    layer: Any                      # nn.Linear or nn.Conv2d
+    layer: Any  # nn.Linear or nn.Conv2d
     norm: _BatchNorm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -62,27 +62,58 @@ class PretrainedLinear(_Pretrained):
         self.norm = make_batchnorm(out_features, dtype=dtype, device=device)
 
     def config(self) -> dict[str, Any]:
-        return {"in_features": self.layer.in_features, "out_features": self.layer.out_features,
-                "bias": self.layer.bias is not None}
+        return {
+            "in_features": self.layer.in_features,
+            "out_features": self.layer.out_features,
+            "bias": self.layer.bias is not None,
+        }
 
 
 @register_stage
 class PretrainedConv2d(_Pretrained):
     kind = "pretrained_conv2d"
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size=(1, 1), stride=(1, 1), padding=(0, 0),
-                 dilation=(1, 1), groups: int = 1, bias: bool = True, *, dtype=torch.float64, device=None):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size=(1, 1),
+        stride=(1, 1),
+        padding=(0, 0),
+        dilation=(1, 1),
+        groups: int = 1,
+        bias: bool = True,
+        *,
+        dtype=torch.float64,
+        device=None,
+    ):
         super().__init__()
-        self.layer = nn.Conv2d(in_channels, out_channels, tuple(kernel_size), stride=tuple(stride),
-                               padding=tuple(padding), dilation=tuple(dilation), groups=groups, bias=bias,
-                               dtype=dtype, device=device).requires_grad_(False)
+        self.layer = nn.Conv2d(
+            in_channels,
+            out_channels,
+            tuple(kernel_size),
+            stride=tuple(stride),
+            padding=tuple(padding),
+            dilation=tuple(dilation),
+            groups=groups,
+            bias=bias,
+            dtype=dtype,
+            device=device,
+        ).requires_grad_(False)
         self.norm = make_batchnorm(out_channels, dims=2, dtype=dtype, device=device)
 
     def config(self) -> dict[str, Any]:
         c = self.layer
-        return {"in_channels": c.in_channels, "out_channels": c.out_channels, "kernel_size": list(c.kernel_size),
-                "stride": list(c.stride), "padding": list(c.padding), "dilation": list(c.dilation),
-                "groups": c.groups, "bias": c.bias is not None}
+        return {
+            "in_channels": c.in_channels,
+            "out_channels": c.out_channels,
+            "kernel_size": list(c.kernel_size),
+            "stride": list(c.stride),
+            "padding": list(c.padding),
+            "dilation": list(c.dilation),
+            "groups": c.groups,
+            "bias": c.bias is not None,
+        }
 
 
 def _copy_layer(stage: _Pretrained, module: nn.Module) -> None:
@@ -101,8 +132,10 @@ def _stats(norm: _BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _adopt_batchnorm(stage: _Pretrained, bn: _BatchNorm, where: str) -> None:
     if bn.running_mean is None or bn.running_var is None:
-        raise InvalidNetworkError(f"{where}: expected a BatchNorm with running statistics "
-                                  "(track_running_stats=True), found none; it cannot be used as a fixed affine map")
+        raise InvalidNetworkError(
+            f"{where}: expected a BatchNorm with running statistics "
+            "(track_running_stats=True), found none; it cannot be used as a fixed affine map"
+        )
     mean, var = _stats(stage.norm)
     with torch.no_grad():
         mean.copy_(bn.running_mean)
@@ -121,8 +154,10 @@ def with_norms(model: nn.Module, in_shape: tuple[int, int, int] | None = None) -
     if isinstance(model, nn.Linear):
         model = nn.Sequential(model)
     if not isinstance(model, nn.Sequential):
-        raise InvalidNetworkError(f"with_norms: expected an nn.Sequential (or nn.Linear), found {type(model).__name__}"
-                                  "; wrap your layers in nn.Sequential")
+        raise InvalidNetworkError(
+            f"with_norms: expected an nn.Sequential (or nn.Linear), found {type(model).__name__}"
+            "; wrap your layers in nn.Sequential"
+        )
     params = list(model.parameters())
     if not params:
         raise InvalidNetworkError("with_norms: expected a model with Linear/Conv2d layers, found no parameters")
@@ -140,17 +175,30 @@ def with_norms(model: nn.Module, in_shape: tuple[int, int, int] | None = None) -
         m, where = mods[i], f"layer {i} ({type(mods[i]).__name__})"
         nxt = mods[i + 1] if i + 1 < len(mods) else None
         if isinstance(m, nn.Linear):
-            stage: Stage = PretrainedLinear(m.in_features, m.out_features, m.bias is not None, dtype=dtype,
-                                            device=device)
+            stage: Stage = PretrainedLinear(
+                m.in_features, m.out_features, m.bias is not None, dtype=dtype, device=device
+            )
             if not dims:
                 dims.append(m.in_features)
             dims.append(m.out_features)
         elif isinstance(m, nn.Conv2d):
             if isinstance(m.padding, str) or m.padding_mode != "zeros":
-                raise InvalidNetworkError(f"with_norms: {where}: expected zero padding given as integers, found "
-                                          f"padding={m.padding!r}, mode={m.padding_mode!r}")
-            stage = PretrainedConv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation,
-                                     m.groups, m.bias is not None, dtype=dtype, device=device)
+                raise InvalidNetworkError(
+                    f"with_norms: {where}: expected zero padding given as integers, found "
+                    f"padding={m.padding!r}, mode={m.padding_mode!r}"
+                )
+            stage = PretrainedConv2d(
+                m.in_channels,
+                m.out_channels,
+                m.kernel_size,
+                m.stride,
+                m.padding,
+                m.dilation,
+                m.groups,
+                m.bias is not None,
+                dtype=dtype,
+                device=device,
+            )
             dims.append(m.out_channels)
         elif isinstance(m, nn.ReLU):
             stage = FixedOp("relu")
@@ -159,14 +207,20 @@ def with_norms(model: nn.Module, in_shape: tuple[int, int, int] | None = None) -
                 raise InvalidNetworkError(f"with_norms: {where}: ceil_mode/divisor_override pooling is not supported")
             pair = lambda v: [int(v), int(v)] if isinstance(v, int) else [int(a) for a in v]  # noqa: E731
             extra = {"count_include_pad": bool(m.count_include_pad)} if isinstance(m, nn.AvgPool2d) else {}
-            stage = FixedOp("maxpool" if isinstance(m, nn.MaxPool2d) else "avgpool", kernel=pair(m.kernel_size),
-                            stride=pair(m.stride or m.kernel_size), padding=pair(m.padding), **extra)
+            stage = FixedOp(
+                "maxpool" if isinstance(m, nn.MaxPool2d) else "avgpool",
+                kernel=pair(m.kernel_size),
+                stride=pair(m.stride or m.kernel_size),
+                padding=pair(m.padding),
+                **extra,
+            )
         elif isinstance(m, nn.Flatten) and m.start_dim == 1 and m.end_dim == -1:
             stage = FixedOp("flatten")
         else:
             raise InvalidNetworkError(
                 f"with_norms: {where} is not supported; expected Linear, Conv2d, BatchNorm1d/2d right after them, "
-                "ReLU, MaxPool2d, AvgPool2d, Flatten(start_dim=1), Dropout or Identity")
+                "ReLU, MaxPool2d, AvgPool2d, Flatten(start_dim=1), Dropout or Identity"
+            )
         if isinstance(stage, _Pretrained):
             _copy_layer(stage, m)
             if isinstance(nxt, (nn.BatchNorm1d, nn.BatchNorm2d)):

@@ -66,15 +66,21 @@ class FitReport:
 
     def table(self) -> tuple[list[str], list[list[str]]]:
         header = ["phase", "held-out rel RMS before", "after", "seconds", "iterations"]
-        rows = [[p.name, f"{p.error_before:.3e}", f"{p.error_after:.3e}", f"{p.seconds:.3f}", str(p.iterations)]
-                for p in self.phases]
+        rows = [
+            [p.name, f"{p.error_before:.3e}", f"{p.error_after:.3e}", f"{p.seconds:.3f}", str(p.iterations)]
+            for p in self.phases
+        ]
         return header, rows
 
     def rows(self) -> list[tuple[str, str]]:
-        out = [("method", self.method), ("points (train / held-out)", f"{self.train_samples} / {self.held_out_samples}"),
-               ("held-out rel RMS at start", f"{self.initial_error:.3e}"),
-               ("held-out rel RMS at end", f"{self.final_error:.3e}"),
-               ("exact", "yes" if self.exact else "no"), ("seconds", f"{self.seconds:.3f}")]
+        out = [
+            ("method", self.method),
+            ("points (train / held-out)", f"{self.train_samples} / {self.held_out_samples}"),
+            ("held-out rel RMS at start", f"{self.initial_error:.3e}"),
+            ("held-out rel RMS at end", f"{self.final_error:.3e}"),
+            ("exact", "yes" if self.exact else "no"),
+            ("seconds", f"{self.seconds:.3f}"),
+        ]
         return out + [("note", n) for n in self.notes + [n for p in self.phases for n in p.notes]]
 
     def __str__(self) -> str:

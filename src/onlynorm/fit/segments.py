@@ -33,10 +33,10 @@ __all__ = ["Segment", "segments", "target_records"]
 
 @dataclass
 class Segment:
-    kind: str                       # "pair", "unit" or "op"
-    record: Layer                   # the target layer (onlynorm.cnn_layers: Linear, Conv, ReLU, Pool, Flatten...)
+    kind: str  # "pair", "unit" or "op"
+    record: Layer  # the target layer (onlynorm.cnn_layers: Linear, Conv, ReLU, Pool, Flatten...)
     stages: list = field(default_factory=list)
-    relu_after: bool = False        # the target applies a ReLU after this layer inside the segment
+    relu_after: bool = False  # the target applies a ReLU after this layer inside the segment
 
     def target_out(self, ht: torch.Tensor) -> torch.Tensor:
         """The target layer's output (pre-activation for pairs/units)."""
@@ -67,9 +67,11 @@ def segments(net: NormNet, spec) -> list[Segment]:
     def take() -> Any:
         nonlocal pos
         if pos >= len(stages):
-            raise InvalidNetworkError(f"the frozen network has {len(stages)} stages, fewer than the target's layers "
-                                      "need; the layer-wise method needs a network built for this target "
-                                      "(or with_norms of a model of the same architecture)")
+            raise InvalidNetworkError(
+                f"the frozen network has {len(stages)} stages, fewer than the target's layers "
+                "need; the layer-wise method needs a network built for this target "
+                "(or with_norms of a model of the same architecture)"
+            )
         pos += 1
         return stages[pos - 1]
 
@@ -84,17 +86,22 @@ def segments(net: NormNet, spec) -> list[Segment]:
                 if first.layer.weight.shape[0] != rec.weight.shape[0]:
                     raise InvalidNetworkError(
                         f"pretrained layer {first.layer} has {first.layer.weight.shape[0]} outputs, the target layer "
-                        f"{rec.weight.shape[0]}; the layer-wise start needs the same architecture")
+                        f"{rec.weight.shape[0]}; the layer-wise start needs the same architecture"
+                    )
                 out.append(Segment("unit", rec, [first]))
                 continue
             second = take()
             pair_types = (NormLinear,) if kind == "linear" else (NormConv2d,)
             if not (isinstance(first, pair_types) and isinstance(second, pair_types)):
-                raise InvalidNetworkError(f"expected a pair of {pair_types[0].__name__} stages for a target {kind} "
-                                          f"layer, found {type(first).__name__}, {type(second).__name__}")
+                raise InvalidNetworkError(
+                    f"expected a pair of {pair_types[0].__name__} stages for a target {kind} "
+                    f"layer, found {type(first).__name__}, {type(second).__name__}"
+                )
             if _out_features(second) != rec.weight.shape[0] or _in_features(first) != rec.weight[0].numel():
-                raise InvalidNetworkError(f"a pair of shapes {_in_features(first)} → {_out_features(second)} cannot "
-                                          f"stand for a target layer of weight {tuple(rec.weight.shape)}")
+                raise InvalidNetworkError(
+                    f"a pair of shapes {_in_features(first)} → {_out_features(second)} cannot "
+                    f"stand for a target layer of weight {tuple(rec.weight.shape)}"
+                )
             skip_relu = bool(second.relu)
             out.append(Segment("pair", rec, [first, second], relu_after=skip_relu))
         elif kind == "relu" and skip_relu:
@@ -102,17 +109,22 @@ def segments(net: NormNet, spec) -> list[Segment]:
         elif kind in ("relu", "maxpool", "avgpool", "flatten"):
             stage = take()
             if not isinstance(stage, FixedOp) or stage.op != kind:
-                raise InvalidNetworkError(f"expected a {kind} stage for the target's {kind}, found "
-                                          f"{type(stage).__name__}")
+                raise InvalidNetworkError(
+                    f"expected a {kind} stage for the target's {kind}, found {type(stage).__name__}"
+                )
             out.append(Segment("op", rec, [stage]))
         else:
-            raise InvalidNetworkError(f"the layer-wise method does not support target layers of type {kind!r} "
-                                      "(residual blocks); use method='gauss-newton' or 'adam'")
+            raise InvalidNetworkError(
+                f"the layer-wise method does not support target layers of type {kind!r} "
+                "(residual blocks); use method='gauss-newton' or 'adam'"
+            )
     if skip_relu:
         raise InvalidNetworkError("the frozen network's last pair ends in a ReLU where the target has none")
     if pos != len(stages):
-        raise InvalidNetworkError(f"the frozen network has {len(stages)} stages, the target's layers use {pos}; "
-                                  "the layer-wise method needs a network built for this target")
+        raise InvalidNetworkError(
+            f"the frozen network has {len(stages)} stages, the target's layers use {pos}; "
+            "the layer-wise method needs a network built for this target"
+        )
     return out
 
 
@@ -129,7 +141,7 @@ def patches(stage, h: torch.Tensor) -> torch.Tensor:
     if isinstance(stage, NormLinear):
         return h
     c = stage.conv
-    cols = F.unfold(h, c.kernel_size, dilation=c.dilation, padding=c.padding, stride=c.stride)   # (n, p, L)
+    cols = F.unfold(h, c.kernel_size, dilation=c.dilation, padding=c.padding, stride=c.stride)  # (n, p, L)
     return cols.transpose(1, 2).reshape(-1, cols.shape[1])
 
 
