@@ -198,3 +198,11 @@ def test_cli_verify_certify_exits_1_when_the_bound_exceeds_the_tolerance(tmp_pat
         )
     err = capsys.readouterr().err
     assert info.value.code == 1 and "the certified bound" in err and "exceeds the tolerance" in err
+
+
+def test_float32_cnn_is_refused_not_under_bounded():
+    """The CNN certificate's rounding model is float64's: a float32 CNN is refused, never under-bounded."""
+    cnn = nn.Sequential(nn.Conv2d(1, 2, 2), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 2 * 2, 2)).double().eval()
+    f = onlynorm.reconstruct(cnn, in_shape=(1, 3, 3), domain=Box(0.0, 1.0), seed=1, dtype=torch.float32)
+    report = onlynorm.verify(f, cnn, samples=200, certify=True)
+    assert report.certified is False and not report.ok and any("float64 evaluation only" in n for n in report.notes)

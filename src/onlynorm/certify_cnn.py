@@ -56,6 +56,19 @@ class _State:
 
 def certify_conv(net, spec: ConvNetSpec, box: Box) -> CertifyResult:
     """Certify a network built by the conv or conv_deep construction against its CNN target on ``box``."""
+    if net.dtype != torch.float64:
+        # this certificate's bound on f's evaluation error uses float64's unit roundoff; a float32 CNN would get a
+        # bound below its real rounding, so it is refused rather than under-bounded (MLP certificates do float32)
+        return CertifyResult(
+            certified=False,
+            bound=float("inf"),
+            rounding_bound=float("inf"),
+            notes=[
+                f"not certified: the CNN certificate bounds float64 evaluation only; this network "
+                f"is {str(net.dtype).removeprefix('torch.')} — certify a float64 copy "
+                "(net.double()) for the exact-arithmetic bound"
+            ],
+        )
     spec = spec.to(dtype=torch.float64, device="cpu")
     lo, hi = box_tensors(spec, box, torch.float64)
     zero = torch.zeros_like(lo)
