@@ -35,7 +35,7 @@ __all__ = ["with_norms", "PretrainedLinear", "PretrainedConv2d"]
 METHOD = "pretrained"
 
 
-class _Pretrained(Stage):
+class PretrainedStage(Stage):
     """A frozen pretrained layer (with its bias) followed by a tunable BatchNorm; no ReLU of its own."""
 
     layer: Any  # nn.Linear or nn.Conv2d
@@ -53,7 +53,7 @@ class _Pretrained(Stage):
 
 
 @register_stage
-class PretrainedLinear(_Pretrained):
+class PretrainedLinear(PretrainedStage):
     kind = "pretrained_linear"
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, dtype=torch.float64, device=None):
@@ -70,7 +70,7 @@ class PretrainedLinear(_Pretrained):
 
 
 @register_stage
-class PretrainedConv2d(_Pretrained):
+class PretrainedConv2d(PretrainedStage):
     kind = "pretrained_conv2d"
 
     def __init__(
@@ -116,7 +116,7 @@ class PretrainedConv2d(_Pretrained):
         }
 
 
-def _copy_layer(stage: _Pretrained, module: nn.Module) -> None:
+def _copy_layer(stage: PretrainedStage, module: nn.Module) -> None:
     with torch.no_grad():
         stage.layer.weight.copy_(module.weight)
         if module.bias is not None:
@@ -130,7 +130,7 @@ def _stats(norm: _BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
     return mean, var
 
 
-def _adopt_batchnorm(stage: _Pretrained, bn: _BatchNorm, where: str) -> None:
+def _adopt_batchnorm(stage: PretrainedStage, bn: _BatchNorm, where: str) -> None:
     if bn.running_mean is None or bn.running_var is None:
         raise InvalidNetworkError(
             f"{where}: expected a BatchNorm with running statistics "
@@ -221,7 +221,7 @@ def with_norms(model: nn.Module, in_shape: tuple[int, int, int] | None = None) -
                 f"with_norms: {where} is not supported; expected Linear, Conv2d, BatchNorm1d/2d right after them, "
                 "ReLU, MaxPool2d, AvgPool2d, Flatten(start_dim=1), Dropout or Identity"
             )
-        if isinstance(stage, _Pretrained):
+        if isinstance(stage, PretrainedStage):
             _copy_layer(stage, m)
             if isinstance(nxt, (nn.BatchNorm1d, nn.BatchNorm2d)):
                 _adopt_batchnorm(stage, nxt, f"layer {i + 1} (BatchNorm)")

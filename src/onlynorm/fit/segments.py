@@ -26,7 +26,7 @@ from ..constructions.conv import FixedOp, NormConv2d
 from ..errors import InvalidNetworkError
 from ..normnet import NormLinear, NormNet
 from ..target import MLPSpec
-from .pretrained import _Pretrained
+from .pretrained import PretrainedStage
 
 __all__ = ["Segment", "segments", "target_records"]
 
@@ -82,7 +82,7 @@ def segments(net: NormNet, spec) -> list[Segment]:
         if kind in ("linear", "conv"):
             assert isinstance(rec, (Linear, Conv))
             first = take()
-            if isinstance(first, _Pretrained):
+            if isinstance(first, PretrainedStage):
                 if first.layer.weight.shape[0] != rec.weight.shape[0]:
                     raise InvalidNetworkError(
                         f"pretrained layer {first.layer} has {first.layer.weight.shape[0]} outputs, the target layer "
