@@ -18,7 +18,6 @@ True
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -280,8 +279,3 @@ class NetMeta(Mapping):
         return NotImplemented
 
     __hash__ = None  # type: ignore[assignment]
-
-
-def finite_or_none(x: float | None) -> float | None:
-    """JSON has no NaN/Inf: non-finite floats are stored as ``null``."""
-    return None if x is None or not math.isfinite(x) else float(x)

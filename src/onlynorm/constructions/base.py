@@ -57,7 +57,7 @@ class Construction:
     #: one line for ``onlynorm reconstruct --help``: what it is and its width/depth cost
     cost: ClassVar[str] = ""
     #: declared options (validated at the public boundary; the CLI's flags come from here)
-    options: ClassVar[tuple[OptionSpec | str, ...]] = ()
+    options: ClassVar[tuple[OptionSpec, ...]] = ()
     #: what targets it realises: "mlp" (MLPSpec) and/or "cnn" (ConvNetSpec)
     target_kinds: ClassVar[tuple[str, ...]] = ("mlp",)
     #: True when an option has no default (sparse's density): never suggested by the memory guard
@@ -109,20 +109,11 @@ class Construction:
 
     # ------------------------------------------------------------------ options
     def option_specs(self) -> tuple[OptionSpec, ...]:
-        return tuple(o if isinstance(o, OptionSpec) else OptionSpec(o, float) for o in self.options)
+        return self.options
 
     def check_options(self, options: dict[str, Any], depth: int | None = None) -> dict[str, Any]:
         """Validate ``options`` against the declarations (unknown names, types, ranges) and return them."""
-        specs = self.option_specs()
-        loose = {o for o in self.options if isinstance(o, str)}  # undeclared type: checked by the construction
-        checked = check_options(self.name, specs, {k: v for k, v in options.items() if k not in loose}, depth)
-        unknown = sorted(set(options) - {s.name for s in specs})
-        if unknown:
-            raise InvalidOptionError(
-                f"method {self.name!r} got unknown option(s) {unknown}; it accepts: "
-                f"{', '.join(s.name for s in specs) or 'none'}"
-            )
-        return {**{k: v for k, v in options.items() if k in loose}, **checked}
+        return check_options(self.name, self.options, options, depth)
 
 
 #: the option every construction accepts: slack of β₁ relative to the scale of a unit's pre-activation
