@@ -359,3 +359,40 @@ def test_interrupted_runs_leave_nothing_behind(tmp_path, sig, code):
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert not out.exists() or not any(out.iterdir())
     assert not list(tmp_path.rglob("*.tmp"))
+
+
+_SLOW_TORCH_IMPORT = """
+import builtins, sys, time
+real_import = builtins.__import__
+def slow_import(name, *args, **kwargs):  # start-up made long and observable: torch's import announces itself
+    if name == "torch" and "torch" not in sys.modules:
+        print("importing torch", flush=True)
+        time.sleep(60)
+    return real_import(name, *args, **kwargs)
+builtins.__import__ = slow_import
+sys.argv = ["onlynorm", "--version"]
+import onlynorm_launcher
+onlynorm_launcher.main()
+"""
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signals_during_start_up_exit_quietly(sig, code):
+    """Ctrl-C while torch is still being imported (seconds on a cold start): one line, 128+signal, no traceback —
+    the console command is a launcher outside the package that installs its handlers first."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _SLOW_TORCH_IMPORT], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "importing torch"
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == code, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1 and "nothing was written" in err, err
+    assert "onlynorm" not in out  # interrupted before the CLI ran
+
+
+def test_the_console_command_is_the_launcher():
+    from importlib.metadata import entry_points
+
+    (script,) = [e for e in entry_points(group="console_scripts") if e.name == "onlynorm"]
+    assert script.value == "onlynorm_launcher:main"

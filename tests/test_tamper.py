@@ -26,6 +26,11 @@ KINDS = ("gamma", "beta", "frozen", "running_mean", "running_var")
 SIZES = (1e-12, 1e-6, 1e-3)
 
 
+def _cnn() -> nn.Module:
+    torch.manual_seed(5)
+    return nn.Sequential(nn.Conv2d(1, 2, 2), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 2 * 2, 2)).double().eval()
+
+
 def _networks():
     g = random_mlp([3, 5, 2], seed=7)
     box = Box(-1.0, 2.0)
@@ -33,8 +38,19 @@ def _networks():
         m: (onlynorm.reconstruct(g, method=m, domain=box, seed=1, **o), g, box)
         for m, o in (("width", {}), ("deep", {"block": 2}), ("lowrank", {}), ("sparse", {"density": 0.95}))
     }
-    cnn = nn.Sequential(nn.Conv2d(1, 2, 2), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 2 * 2, 2)).double().eval()
-    out["conv"] = (onlynorm.reconstruct(cnn, in_shape=(1, 3, 3), domain=Box(0.0, 1.0), seed=1), cnn, Box(0.0, 1.0))
+    cnn = _cnn()
+    unit = Box(0.0, 1.0)
+    out["conv"] = (onlynorm.reconstruct(cnn, in_shape=(1, 3, 3), domain=unit, seed=1), cnn, unit)
+    out["conv-float32"] = (
+        onlynorm.reconstruct(cnn, in_shape=(1, 3, 3), domain=unit, seed=1, dtype=torch.float32),
+        cnn,
+        unit,
+    )
+    out["conv_deep"] = (
+        onlynorm.reconstruct(cnn, method="deep", in_shape=(1, 3, 3), domain=unit, seed=1, paired=0),
+        cnn,
+        unit,
+    )
     out["width-float32"] = (onlynorm.reconstruct(g, domain=box, seed=1, dtype=torch.float32), g, box)
     return out
 
@@ -200,9 +216,72 @@ def test_cli_verify_certify_exits_1_when_the_bound_exceeds_the_tolerance(tmp_pat
     assert info.value.code == 1 and "the certified bound" in err and "exceeds the tolerance" in err
 
 
-def test_float32_cnn_is_refused_not_under_bounded():
-    """The CNN certificate's rounding model is float64's: a float32 CNN is refused, never under-bounded."""
-    cnn = nn.Sequential(nn.Conv2d(1, 2, 2), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 2 * 2, 2)).double().eval()
-    f = onlynorm.reconstruct(cnn, in_shape=(1, 3, 3), domain=Box(0.0, 1.0), seed=1, dtype=torch.float32)
-    report = onlynorm.verify(f, cnn, samples=200, certify=True)
-    assert report.certified is False and not report.ok and any("float64 evaluation only" in n for n in report.notes)
+@pytest.mark.parametrize("method", ["width", "deep"])
+def test_float32_cnn_is_bounded_in_float32(method):
+    """A float32 CNN is certified with its own dtype's rounding: the bound covers what float32 evaluation does,
+    and lies far above float64's (the first version refused float32 CNNs rather than under-bound them)."""
+    cnn, box = _residual_cnn(), Box(-1.0, 1.0)
+    f = onlynorm.reconstruct(cnn, method=method, in_shape=(2, 4, 4), domain=box, seed=2, dtype=torch.float32)
+    report = onlynorm.verify(f, cnn, domain=box, samples=SAMPLES, seed=4, certify=True)
+    assert report.certified is True, report.notes
+    assert report.max_abs_error <= report.certified_bound + report.rounding_bound
+    assert report.max_abs_error > 1e-9  # float32 arithmetic really happened
+    f64 = onlynorm.reconstruct(cnn, method=method, in_shape=(2, 4, 4), domain=box, seed=2)
+    report64 = onlynorm.verify(f64, cnn, domain=box, samples=500, seed=4, certify=True)
+    assert report64.certified is True and report.rounding_bound > 1e3 * report64.rounding_bound
+
+
+def _residual_cnn() -> nn.Module:
+    """Conv, a residual block with a projection shortcut, average pooling and a linear head."""
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Conv2d(3, 3, 1))
+            self.short = nn.Conv2d(2, 3, 1)
+
+        def forward(self, x):
+            return torch.relu(self.body(x) + self.short(x))
+
+    torch.manual_seed(9)
+    return (
+        nn.Sequential(
+            nn.Conv2d(2, 2, 3, padding=1), nn.ReLU(), Block(), nn.AvgPool2d(2), nn.Flatten(), nn.Linear(12, 2)
+        )
+        .double()
+        .eval()
+    )
+
+
+@pytest.mark.parametrize("edit", ["relu", "dilation", "pool", "output_relu"])
+def test_structural_edits_of_a_cnn_file_are_refused(edit, tmp_path):
+    """The certificate checks the network's structure against the target: a file whose ops or geometry were
+    edited computes another function and must never be certified against the target."""
+    net, g, box = NETWORKS["conv"]
+    if edit == "dilation":  # a 3×3 conv with padding 1: padding 2 and dilation 2 keep every shape
+        torch.manual_seed(2)
+        g = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(18, 2)).double().eval()
+        net = onlynorm.reconstruct(g, in_shape=(1, 3, 3), domain=box, seed=1)
+    path = tmp_path / "net.safetensors"
+    net.save(path)
+    tensors, doc = _io.read_tensors(path)
+    assert doc is not None
+    stages = doc["architecture"]
+    assert [s["kind"] for s in stages[:4]] == ["norm_conv2d", "norm_conv2d", "op", "op"] and stages[2]["op"] == "relu"
+    if edit == "relu":  # the target's ReLU became a Flatten
+        stages[2]["op"] = "flatten"
+    elif edit == "dilation":
+        stages[0].update(padding=[2, 2], dilation=[2, 2])
+    elif edit == "output_relu":  # the last stage (the network's output) clipped at 0
+        assert stages[-1]["kind"] == "norm_linear" and stages[-1]["relu"] is False
+        stages[-1]["relu"] = True
+    else:
+        stages[2]["op"] = "maxpool"
+        stages[2].update(kernel=[1, 1], stride=[1, 1], padding=[0, 0])
+    _io.write_tensors(path, tensors, metadata=doc)
+    tampered = NormNet.load(path)  # a well-formed file: only the certificate can tell it is not the target's
+    with torch.no_grad():
+        x = torch.rand(64, 1, 3, 3, dtype=torch.float64)
+        assert not torch.allclose(tampered(x), net(x))  # the edit really changed the function
+    with pytest.raises(onlynorm.OnlyNormError, match="expected|differ|must"):
+        onlynorm.verify(tampered, g, domain=box, samples=100, certify=True)

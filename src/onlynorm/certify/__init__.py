@@ -2,7 +2,7 @@
 
 One rounding core (:mod:`.core`: the result type, ``γ_n`` bounds, what makes a network certifiable) and one
 certificate per network shape: chains of NormLinear blocks (:mod:`.mlp`: width, sparse, lowrank), residual streams
-(:mod:`.stream`: deep) and CNNs (:mod:`onlynorm.certify_cnn`). Constructions call these; ``onlynorm.verify``
+(:mod:`.stream`: deep) and CNNs (:mod:`.cnn`: conv, conv_deep). Constructions call these; ``onlynorm.verify``
 dispatches to the construction. Imports run one way: constructions → certify → normnet/domain/linalg.
 """
 

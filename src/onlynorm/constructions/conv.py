@@ -245,8 +245,8 @@ class ConvConstruction(Construction):
         return finish_solve(out, records, [], domain)
 
     def certify(self, net: NormNet, target: ConvNetSpec, domain: Box):
-        """Per-channel activity over every position of the box, then a distance bound; see ``certify_cnn``."""
-        from ..certify_cnn import certify_conv
+        """Per-channel activity over every position of the box, then a distance bound; see :mod:`onlynorm.certify.cnn`."""
+        from ..certify.cnn import certify_conv
 
         if not isinstance(target, ConvNetSpec):
             raise InvalidNetworkError("this network was built for a CNN target; pass the same CNN as target")

@@ -337,7 +337,7 @@ class ConvDeepConstruction(Construction):
 
     def certify(self, net: NormNet, target: ConvNetSpec, domain: Box):
         """Per-channel activity of every branch over every position of the box, then a distance bound."""
-        from ..certify_cnn import certify_conv
+        from ..certify.cnn import certify_conv
 
         if not isinstance(target, ConvNetSpec):
             raise InvalidNetworkError("this network was built for a CNN target; pass the same CNN as target")
