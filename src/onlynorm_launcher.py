@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 
 __all__ = ["main"]
 
@@ -32,7 +31,7 @@ def main() -> None:
 
     for sig, handler in previous.items():  # the CLI turns these into exit 130 / 143 after its cleanup
         signal.signal(sig, handler)
-    sys.exit(cli_main())
+    cli_main()  # exits with the command's code
 
 
 if __name__ == "__main__":  # pragma: no cover
