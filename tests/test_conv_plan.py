@@ -74,6 +74,7 @@ def test_cnn_plan_describes_the_built_network(method):
     res = 3 if name == "conv" else 2
     assert [step.at for step in plan.steps] == [(), (res, "body"), (res, "body"), (res, "shortcut"), ()]
     assert construction.plan_of(net, spec) == plan  # a built network gets its plan back from its metadata
+    checked = 0
     for step, layer in zip(plan.steps, spec.weighted()):
         stages = plan.stages(net, step)
         assert [s.kind for s in stages] == [step.kind] * len(step.stages)
@@ -85,6 +86,10 @@ def test_cnn_plan_describes_the_built_network(method):
         elif name == "conv_deep":
             assert isinstance(stages[0], ConvStream) and step.shapes == ((w.shape[1], w.shape[0]),)
             assert step.details["blocks"] == len(stages[0].block_slices())
+        else:
+            continue
+        checked += 1
+    assert checked == (4 if name == "conv" else 5)  # the conv layers of a conv network; every layer of conv_deep
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
