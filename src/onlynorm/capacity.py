@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .cnn import ConvNetSpec
 from .constructions import get_construction
 from .errors import InvalidNetworkError
 from .linalg import khatri_rao_system, kr_pattern, structural_rank, vec
@@ -76,13 +77,17 @@ class CapacityReport:
 EXPRESSIBLE_RTOL = 1e-9
 
 
-def capacity(frozen: NormNet, target: MLPSpec | nn.Module) -> CapacityReport:
-    """Per Khatri–Rao system of ``frozen``: rank, condition estimate, and whether ``target`` is reachable."""
+def capacity(frozen: NormNet, target: MLPSpec | ConvNetSpec | nn.Module) -> CapacityReport:
+    """Per Khatri–Rao system of ``frozen``: rank, condition estimate, and whether ``target`` is reachable.
+
+    A CNN target (a ``ConvNetSpec``, or the model itself: its image shape is read from ``frozen``) has one system
+    per Conv/Linear layer (``conv``), or per layer and input block (``conv_deep``).
+    """
     import scipy.linalg
 
     if not isinstance(frozen, NormNet):
         raise InvalidNetworkError(f"expected a NormNet, found {type(frozen).__name__}")
-    spec = as_target(target)
+    spec = as_target(target, frozen.in_shape)
     method = frozen.meta.method or "width"
     report = CapacityReport(method=method)
     for label, A, B, W in get_construction(method).systems(frozen, spec):

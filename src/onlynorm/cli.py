@@ -243,7 +243,7 @@ def verify(
 @app.command()
 def capacity(
     net: Path = typer.Argument(..., help="A frozen (or solved) network file."),
-    target: Path = typer.Argument(..., help="Target MLP file."),
+    target: Path = typer.Argument(..., help="Target file (an MLP, or a CNN saved by ConvNetSpec.save)."),
 ) -> None:
     """Can NET's frozen weights express TARGET? Rank and condition of every Khatri–Rao system; exit 1 if not."""
     from .capacity import capacity as run_capacity

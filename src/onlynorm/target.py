@@ -16,12 +16,16 @@ import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from . import _io
 from .errors import InvalidTargetError
+
+if TYPE_CHECKING:  # for the annotation only: this module imports cnn lazily, where it is used
+    from .cnn import ConvNetSpec
 
 __all__ = ["MLPSpec", "as_target", "load_target"]
 
@@ -248,7 +252,7 @@ def _pad(seq: Sequence, n: int) -> list:
     return seq + [None] * (n - len(seq)) if len(seq) <= n else seq[:n]
 
 
-def as_target(target: MLPSpec | nn.Module, in_shape: tuple[int, int, int] | None = None):
+def as_target(target: MLPSpec | ConvNetSpec | nn.Module, in_shape: tuple[int, int, int] | None = None):
     """Accept an ``MLPSpec``, a ``ConvNetSpec``, an ``nn.Sequential``, or a fitted scikit-learn
     ``MLPClassifier``/``MLPRegressor`` with ``activation="relu"``.
 

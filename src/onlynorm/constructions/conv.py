@@ -29,24 +29,26 @@ from torch import nn
 
 from ..cnn import ConvNetSpec, box_tensors
 from ..cnn_layers import Conv, Pool, ResidualBlock
-from ..domain import Box, affine_bounds
+from ..domain import Box
 from ..errors import InvalidNetworkError
 from ..linalg import solve_khatri_rao
-from ..normnet import STAGES, NormLinear, NormNet, Stage, frozen_module, make_batchnorm, register_stage
-from .base import (
-    MARGIN,
-    Construction,
-    Progress,
-    base_meta,
-    begin_solve,
-    finish_solve,
-    frozen_init,
-    random_norm_linear,
-    register,
-    safe_margin,
-)
+from ..normnet import STAGES, NormNet, Stage, frozen_module, make_batchnorm, register_stage
+from ..records import SolveRecord
+from .base import MARGIN, Construction, Progress, begin_solve, finish_solve, frozen_init, random_norm_linear, register
+from .pair import pair_offsets, record_of, set_norms, solve_pair
+from .plan import Plan, PlanStep, StagePath, path_label
 
-__all__ = ["ConvConstruction", "NormConv2d", "FixedOp", "ResidualStage", "build_stages", "walk_stages"]
+__all__ = [
+    "ConvConstruction",
+    "NormConv2d",
+    "FixedOp",
+    "ResidualStage",
+    "build_stages",
+    "cnn_plan",
+    "cnn_target",
+    "conv_geometry",
+    "walk_plan",
+]
 
 
 @register_stage
@@ -185,6 +187,13 @@ def _stage_from_config(cfg: dict, dtype, device) -> Stage:
 
 @register
 class ConvConstruction(Construction):
+    """Per target Conv2d a pair of NormConv2d stages (``c_in → N`` with the layer's geometry, then 1×1 ``N → c_out``),
+    per Linear a pair of NormLinear stages (``n → m·n → m``); see the module docstring.
+
+    Its plan (:func:`cnn_plan`) has one step per Conv/Linear, depth first (the order of ``spec.weighted()``), each at
+    its place in the nested network, e.g. ``at=(3, "body")`` for a conv in the body of the residual stage 3.
+    """
+
     name = "conv"
     cost = (
         "CNN/residual targets (chosen automatically): per Conv2d a random conv c_in→N (N = c_out·c_in·k²) and a "
@@ -193,56 +202,100 @@ class ConvConstruction(Construction):
     options = (MARGIN,)
     target_kinds = ("cnn",)
 
-    def build(self, target: ConvNetSpec, *, seed: int, dtype: torch.dtype, device, **options: Any) -> NormNet:
-        self.check_options(options)
-        gen = torch.Generator().manual_seed(int(seed))
-        stages = build_stages(target.layers, lambda layer: self._pair(layer, gen, dtype, device), dtype, device)
-        meta = base_meta(self.name, target, seed, options)
-        meta["in_shape"] = list(target.in_shape)
-        return NormNet(stages, meta=meta)
+    # ------------------------------------------------------------------ plan, build
+    def plan(self, target: ConvNetSpec, options: dict[str, Any]) -> Plan:
+        """Per Conv ``(c_in, N), (N, c_out)`` with ``N = c_out·c_in·k_h·k_w`` (the first stage in the linear regime,
+        the layer's geometry; the second 1×1); per Linear ``(n, m·n), (m·n, m)``."""
+
+        def realise(layer, index: int, at: StagePath, pos: int) -> PlanStep:
+            if isinstance(layer, Conv):
+                c_out, c_in, kh, kw = layer.weight.shape
+                N = c_out * c_in * kh * kw
+                return PlanStep(
+                    layer=index,
+                    stages=(pos, pos + 1),
+                    shapes=((c_in, N), (N, c_out)),
+                    relu=(True, False),
+                    linear_regime=(0,),
+                    kind="norm_conv2d",
+                    details={"type": "conv", "N": N, "geometry": (conv_geometry(layer), conv_geometry(None))},
+                    at=at,
+                )
+            m, n = layer.weight.shape
+            return PlanStep(
+                layer=index,
+                stages=(pos, pos + 1),
+                shapes=((n, m * n), (m * n, m)),
+                relu=(True, False),
+                linear_regime=(0,),
+                details={"type": "linear", "N": m * n},
+                at=at,
+            )
+
+        return cnn_plan(self.name, cnn_target(target), realise)
+
+    def build_stages(
+        self, plan: Plan, target: ConvNetSpec, gen: torch.Generator, *, dtype: torch.dtype, device, options
+    ) -> list[Stage]:
+        return build_stages(plan, target.layers, lambda step: self._pair(step, gen, dtype, device), dtype, device)
 
     @staticmethod
-    def _pair(layer, gen, dtype, device) -> list[Stage]:
-        if isinstance(layer, Conv):
-            c_out, c_in, kh, kw = layer.weight.shape
-            N = c_out * c_in * kh * kw
+    def _pair(step: PlanStep, gen, dtype, device) -> list[Stage]:
+        (n, N), (_, m) = step.shapes
+        if step.kind == "norm_conv2d":
+            g = step.details["geometry"][0]
+            kh, kw = g["kernel_size"]
             first = NormConv2d(
-                c_in, N, (kh, kw), layer.stride, layer.padding, layer.dilation, relu=True, dtype=dtype, device=device
+                n, N, (kh, kw), g["stride"], g["padding"], g["dilation"], relu=True, dtype=dtype, device=device
             )
-            second = NormConv2d(N, c_out, relu=False, dtype=dtype, device=device)
+            second = NormConv2d(N, m, relu=False, dtype=dtype, device=device)
             with torch.no_grad():
-                a = frozen_init((N, c_in * kh * kw), gen, dtype=dtype, device=device)
-                first.conv.weight.copy_(a.reshape(N, c_in, kh, kw))
-                second.conv.weight.copy_(
-                    frozen_init((c_out, N), gen, dtype=dtype, device=device).reshape(c_out, N, 1, 1)
-                )
+                a = frozen_init((N, n * kh * kw), gen, dtype=dtype, device=device)
+                first.conv.weight.copy_(a.reshape(N, n, kh, kw))
+                second.conv.weight.copy_(frozen_init((m, N), gen, dtype=dtype, device=device).reshape(m, N, 1, 1))
             return [first, second]
-        m, n = layer.weight.shape
         return [
-            random_norm_linear(n, m * n, True, gen, dtype=dtype, device=device),
-            random_norm_linear(m * n, m, False, gen, dtype=dtype, device=device),
+            random_norm_linear(n, N, True, gen, dtype=dtype, device=device),
+            random_norm_linear(N, m, False, gen, dtype=dtype, device=device),
         ]
 
     def estimate_bytes(self, target, dtype, **options) -> int:
         from ..conv_memory import estimate_conv_bytes
 
+        self.plan(cnn_target(target), self.check_options(options))  # refuses a target the plan cannot realise
         return estimate_conv_bytes(target, dtype, "conv")
 
+    # ------------------------------------------------------------------ solve, systems, certificate
     def solve(self, net: NormNet, target: ConvNetSpec, domain: Box, *, progress: Progress | None = None) -> NormNet:
-        if not isinstance(target, ConvNetSpec):
-            raise InvalidNetworkError("this network was built for a CNN target; pass the same CNN as target")
+        plan = self.plan_of(net, target)
         spec, out, margin = begin_solve(net, target)
         lo, hi = box_tensors(spec, domain, net.dtype)
-        records: list[dict] = []
-        total = len(spec.weighted())
+        records: list[SolveRecord] = []
 
-        def solve_pair(layer, group, lo, hi) -> None:
-            self._solve_pair(layer, group, lo, hi, margin, records)
+        def visit(layer, step: PlanStep, lo, hi) -> None:
+            first, second = plan.stages(out, step)
+            records.append(_solve_conv_pair(layer, step, first, second, lo, hi, margin))
             if progress is not None:
-                progress(len(records), total, f"{len(records)} Khatri–Rao systems")
+                progress(len(records), len(plan.steps), f"{len(records)} Khatri–Rao systems")
 
-        walk_stages(spec.layers, list(out.layers), lo.to(net.device), hi.to(net.device), solve_pair, 2)
+        walk_plan(plan, spec.layers, lo.to(net.device), hi.to(net.device), visit)
         return finish_solve(out, records, [], domain)
+
+    def systems(self, net: NormNet, target: ConvNetSpec) -> list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Per target Conv ``A`` = the first conv's kernel as ``N × (c_in·k_h·k_w)``, ``B`` = the 1×1 conv's
+        weight as ``c_out × N``, ``W`` = the target kernel as ``c_out × (c_in·k_h·k_w)``; per Linear the pair's
+        weights (as the width construction). Labelled ``layer i (conv at stage 3.body.0)``."""
+        plan = self.plan_of(net, target)
+        out = []
+        for step, layer in zip(plan.steps, cnn_target(target).weighted()):
+            first, second = plan.stages(net, step)
+            if step.kind == "norm_conv2d":
+                A, B = first.conv.weight.flatten(1), second.conv.weight.flatten(1)
+            else:
+                A, B = first.linear.weight, second.linear.weight
+            W = layer.weight.flatten(1).to(dtype=net.dtype, device=net.device)
+            out.append((f"layer {step.layer} ({layer.type} at stage {path_label(step.paths[0])})", A, B, W))
+        return out
 
     def certify(self, net: NormNet, target: ConvNetSpec, domain: Box):
         """Per-channel activity over every position of the box, then a distance bound; see :mod:`onlynorm.certify.cnn`."""
@@ -252,103 +305,120 @@ class ConvConstruction(Construction):
             raise InvalidNetworkError("this network was built for a CNN target; pass the same CNN as target")
         return certify_conv(net, target, domain)
 
-    @staticmethod
-    def _solve_pair(layer, group, lo, hi, margin, records) -> None:
-        first, second = group
-        W = layer.weight
-        if isinstance(layer, Conv):
-            if not (isinstance(first, NormConv2d) and isinstance(second, NormConv2d)):
-                raise InvalidNetworkError(
-                    f"expected a conv pair for a Conv2d layer, found {type(first).__name__}, {type(second).__name__}"
-                )
-            A4 = first.conv.weight
-            A, B = A4.reshape(A4.shape[0], -1), second.conv.weight.reshape(second.conv.weight.shape[0], -1)
-            if A.shape[1] != W[0].numel() or B.shape[0] != W.shape[0]:
-                raise InvalidNetworkError(
-                    f"conv pair shapes {tuple(A4.shape)} / {tuple(B.shape)} do not fit "
-                    f"the target kernel {tuple(W.shape)}"
-                )
-            sol = solve_khatri_rao(A, B, W.reshape(W.shape[0], -1), layer=len(records))
-            zmin, zmax = layer.bounds(lo, hi, weight=sol.gamma.reshape(-1, 1, 1, 1) * A4, use_bias=False)
-            zmin, zmax = zmin.amin(dim=(0, 2, 3)), zmax.amax(dim=(0, 2, 3))
-        else:
-            if not (isinstance(first, NormLinear) and isinstance(second, NormLinear)):
-                raise InvalidNetworkError(
-                    f"expected a linear pair for a Linear layer, found {type(first).__name__}, {type(second).__name__}"
-                )
-            A, B = first.linear.weight, second.linear.weight
-            sol = solve_khatri_rao(A, B, W, layer=len(records))
-            zmin, zmax = affine_bounds(sol.gamma.unsqueeze(1) * A, lo[0], hi[0])
-        beta1 = -zmin + safe_margin(zmin, zmax, margin)
-        with torch.no_grad():
-            first.norm.weight.copy_(sol.gamma)
-            first.norm.bias.copy_(beta1)
-            second.norm.weight.fill_(1.0)
-            second.norm.bias.copy_(layer.bias - B @ beta1)
-        records.append(
-            {
-                "layer": len(records),
-                "type": layer.type,
-                "kind": sol.kind,
-                "residual": sol.residual,
-                "relative_residual": sol.relative_residual,
-                "exact": sol.exact,
-            }
+
+def _solve_conv_pair(layer, step: PlanStep, first, second, lo, hi, margin: float) -> SolveRecord:
+    """The pair solve of :mod:`~onlynorm.constructions.pair` for one target layer.
+
+    A Linear layer is a NormLinear pair: :func:`~onlynorm.constructions.pair.solve_pair` itself. A Conv's pair is
+    the same with per-channel offsets: ``γ`` solves ``B Γ A = W`` (kernels flattened), and ``β₁`` keeps each channel
+    of ``Γ (A * x)`` active at every position of the reachable input (interval bounds per position, zero padding
+    included, minimised over positions): ``β₁ = −min z + slack``, ``β₂ = b − B β₁`` (:func:`pair_offsets`).
+    """
+    if step.kind != "norm_conv2d":
+        return solve_pair(first, second, layer.weight, layer.bias, lo[0], hi[0], margin=margin, layer=step.layer)
+    A4 = first.conv.weight
+    A, B = A4.flatten(1), second.conv.weight.flatten(1)
+    sol = solve_khatri_rao(A, B, layer.weight.flatten(1), layer=step.layer)
+    zmin, zmax = layer.bounds(lo, hi, weight=sol.gamma.reshape(-1, 1, 1, 1) * A4, use_bias=False)
+    beta1, beta2 = pair_offsets(zmin.amin(dim=(0, 2, 3)), zmax.amax(dim=(0, 2, 3)), B, layer.bias, margin)
+    set_norms(first, sol.gamma, beta1)
+    set_norms(second, None, beta2)
+    return record_of(sol, step.layer, type="conv")
+
+
+def cnn_target(target: Any) -> ConvNetSpec:
+    if not isinstance(target, ConvNetSpec):
+        raise InvalidNetworkError(
+            f"this network was built for a CNN target; expected the same CNN as target (a ConvNetSpec, or the model "
+            f"with in_shape), found {type(target).__name__}"
         )
+    return target
 
 
-def build_stages(layers, make_weighted: Callable[[Any], list[Stage]], dtype, device) -> list[Stage]:
-    """Mirror the target's layers: ``make_weighted(layer)`` for each Conv/Linear, a :class:`ResidualStage` per
-    residual block, a :class:`FixedOp` for every parameter-free layer (ReLU, pooling, Flatten)."""
-    stages: list[Stage] = []
-    for layer in layers:
-        if layer.has_weights:
-            stages += make_weighted(layer)
-        elif isinstance(layer, ResidualBlock):
-            stages.append(
-                ResidualStage(
-                    build_stages(layer.body, make_weighted, dtype, device),
-                    build_stages(layer.shortcut, make_weighted, dtype, device),
-                    dtype=dtype,
-                    device=device,
-                )
-            )
-        elif isinstance(layer, Pool):
-            stages.append(
-                FixedOp(
-                    layer.type,
-                    kernel=list(layer.kernel),
-                    stride=list(layer.stride),
-                    padding=list(layer.padding),
-                    count_include_pad=layer.count_include_pad,
-                )
-            )
-        else:
-            stages.append(FixedOp(layer.type))
-    return stages
+def conv_geometry(layer: Conv | None) -> dict[str, tuple[int, ...]]:
+    """``kernel_size``, ``stride``, ``padding``, ``dilation`` of a target conv (``None``: a 1×1 conv)."""
+    if layer is None:
+        return {"kernel_size": (1, 1), "stride": (1, 1), "padding": (0, 0), "dilation": (1, 1)}
+    kh, kw = layer.weight.shape[2:]
+    return {
+        "kernel_size": (int(kh), int(kw)),
+        "stride": tuple(layer.stride),
+        "padding": tuple(layer.padding),
+        "dilation": tuple(layer.dilation),
+    }
 
 
-def walk_stages(layers, stages: list, lo: torch.Tensor, hi: torch.Tensor, visit, per_weighted: int):
-    """Walk the target's layers and the network's stages together, carrying the target's interval bounds
-    ``[lo, hi]`` of each layer's input; ``visit(layer, stages_of_layer, lo, hi)`` for each Conv/Linear. Returns the
-    bounds of the output."""
-    pos = 0
-    for layer in layers:
-        if layer.has_weights:
-            if pos + per_weighted > len(stages):
-                raise InvalidNetworkError("the frozen network has fewer stages than the target needs")
-            visit(layer, stages[pos : pos + per_weighted], lo, hi)
-            pos += per_weighted
-        elif isinstance(layer, ResidualBlock):
-            stage = stages[pos] if pos < len(stages) else None
-            if not isinstance(stage, ResidualStage):
-                raise InvalidNetworkError(f"expected a residual stage, found {type(stage).__name__}")
-            walk_stages(layer.body, list(stage.body), lo, hi, visit, per_weighted)
-            walk_stages(layer.shortcut, list(stage.shortcut), lo, hi, visit, per_weighted)
+def cnn_plan(method: str, target: ConvNetSpec, realise: Callable[[Any, int, StagePath, int], PlanStep]) -> Plan:
+    """The plan of a network mirroring ``target``: ``realise(layer, index, at, position)`` gives the step of each
+    Conv/Linear (its stages start at ``position`` of the stage list ``at``); a residual block becomes one
+    ``residual`` stage whose ``body`` and ``shortcut`` are planned the same way; every other layer one copied
+    ``op:<type>`` stage. Steps come depth first, in the order of ``target.weighted()``.
+    """
+    steps: list[PlanStep] = []
+    layout: list[tuple[StagePath, str]] = []
+
+    def visit(layers, at: StagePath) -> None:
+        pos = 0
+        for layer in layers:
+            if layer.has_weights:
+                step = realise(layer, len(steps), at, pos)
+                steps.append(step)
+                layout.extend(((*at, j), step.kind) for j in step.stages)
+                pos += len(step.stages)
+                continue
+            layout.append(((*at, pos), "residual" if isinstance(layer, ResidualBlock) else f"op:{layer.type}"))
+            if isinstance(layer, ResidualBlock):
+                visit(layer.body, (*at, pos, "body"))
+                visit(layer.shortcut, (*at, pos, "shortcut"))
             pos += 1
-        else:
-            pos += 1
-        lo, hi = layer.bounds(lo, hi)
-    if pos != len(stages):
-        raise InvalidNetworkError(f"the frozen network has {len(stages)} stages, the target needs {pos}")
-    return lo, hi
+
+    visit(target.layers, ())
+    return Plan(method, tuple(steps), tuple(layout))
+
+
+def build_stages(plan: Plan, layers, make_weighted: Callable[[PlanStep], list[Stage]], dtype, device) -> list[Stage]:
+    """Mirror the target's layers: ``make_weighted(step)`` for each Conv/Linear (its plan step, in order), a
+    :class:`ResidualStage` per residual block, a :class:`FixedOp` for every parameter-free layer (ReLU, pooling,
+    Flatten)."""
+    steps = iter(plan.steps)
+
+    def mirror(layers) -> list[Stage]:
+        stages: list[Stage] = []
+        for layer in layers:
+            if layer.has_weights:
+                stages += make_weighted(next(steps))
+            elif isinstance(layer, ResidualBlock):
+                stages.append(ResidualStage(mirror(layer.body), mirror(layer.shortcut), dtype=dtype, device=device))
+            elif isinstance(layer, Pool):
+                stages.append(
+                    FixedOp(
+                        layer.type,
+                        kernel=list(layer.kernel),
+                        stride=list(layer.stride),
+                        padding=list(layer.padding),
+                        count_include_pad=layer.count_include_pad,
+                    )
+                )
+            else:
+                stages.append(FixedOp(layer.type))
+        return stages
+
+    return mirror(layers)
+
+
+def walk_plan(plan: Plan, layers, lo: torch.Tensor, hi: torch.Tensor, visit) -> tuple[torch.Tensor, torch.Tensor]:
+    """Walk the target's layers with the plan's steps, carrying the target's interval bounds ``[lo, hi]`` of each
+    layer's input; ``visit(layer, step, lo, hi)`` for each Conv/Linear. Returns the bounds of the output."""
+    steps = iter(plan.steps)
+
+    def walk(layers, lo, hi):
+        for layer in layers:
+            if layer.has_weights:
+                visit(layer, next(steps), lo, hi)
+            elif isinstance(layer, ResidualBlock):
+                walk(layer.body, lo, hi)
+                walk(layer.shortcut, lo, hi)
+            lo, hi = layer.bounds(lo, hi)
+        return lo, hi
+
+    return walk(layers, lo, hi)

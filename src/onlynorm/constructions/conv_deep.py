@@ -48,19 +48,10 @@ from ..linalg import compose, solve_khatri_rao_batched
 from ..normnet import NormNet, Stage, frozen_module, make_batchnorm, register_stage
 from ..options import OptionSpec
 from ..records import SolveRecord, relative_residual
-from .base import (
-    MARGIN,
-    Construction,
-    Progress,
-    base_meta,
-    begin_solve,
-    finish_solve,
-    frozen_init,
-    register,
-    safe_margin,
-)
-from .conv import build_stages, walk_stages
+from .base import MARGIN, Construction, Progress, begin_solve, finish_solve, frozen_init, register, safe_margin
+from .conv import build_stages, cnn_plan, cnn_target, conv_geometry, walk_plan
 from .deep import BLOCK, block_sizes
+from .plan import Plan, PlanStep, StagePath, path_label, walk_network
 
 __all__ = ["ConvStream", "ConvDeepConstruction"]
 
@@ -270,25 +261,72 @@ class ConvDeepConstruction(Construction):
     options = (BLOCK, PAIRED, MARGIN)
     target_kinds = ("cnn",)
 
-    def build(self, target: ConvNetSpec, *, seed: int, dtype: torch.dtype, device, **options: Any) -> NormNet:
-        options = self.check_options(options)
+    def plan(self, target: ConvNetSpec, options: dict[str, Any]) -> Plan:
+        """Per Conv/Linear one ``conv_stream`` stage ``c_in → c_out`` (a Linear as a 1×1 conv on a 1×1 image, ``flat``)
+        with blocks of ``k = min(block, c_in)`` input channels: ``⌈c_in/k⌉`` systems of size ``N = c_out·k·k_h·k_w``;
+        its branches are in the linear regime unless ``paired``."""
         k = int(options.get("block") or 1)
         paired = bool(1 if options.get("paired") is None else options["paired"])
-        gen = torch.Generator().manual_seed(int(seed))
 
-        def stream(layer) -> list[Stage]:
+        def realise(layer, index: int, at: StagePath, pos: int) -> PlanStep:
             conv = _as_conv(layer)
             c_out, c_in, kh, kw = conv.weight.shape
+            kb = min(k, c_in)
+            return PlanStep(
+                layer=index,
+                stages=(pos,),
+                shapes=((c_in, c_out),),
+                relu=(False,),
+                linear_regime=() if paired else (0,),
+                kind="conv_stream",
+                details={
+                    "type": layer.type,
+                    "block": kb,
+                    "blocks": len(block_sizes(c_in, kb)),
+                    "N": c_out * kb * kh * kw,
+                    "paired": paired,
+                    "flat": isinstance(layer, Linear),
+                    "geometry": (conv_geometry(conv),),
+                },
+                at=at,
+            )
+
+        return cnn_plan(self.name, cnn_target(target), realise)
+
+    def plan_of(self, net: NormNet, target: ConvNetSpec) -> Plan:
+        """From the recorded options; a network recorded without ``paired`` (written before the option) is read
+        as its stages say."""
+        options = self.check_options(dict(net.meta.options))
+        if options.get("paired") is None:
+            streams = [s for _, s in walk_network(net) if isinstance(s, ConvStream)]
+            options["paired"] = int(streams[0].paired) if streams else 1
+        plan = self.plan(target, options)
+        plan.check(net)
+        return plan
+
+    def build(self, target: ConvNetSpec, *, seed: int, dtype: torch.dtype, device, **options: Any) -> NormNet:
+        # the defaults are recorded, so a loaded network's plan does not depend on today's defaults
+        options = self.check_options(options)
+        options["block"] = int(options.get("block") or 1)
+        options["paired"] = int(1 if options.get("paired") is None else options["paired"])
+        return super().build(target, seed=seed, dtype=dtype, device=device, **options)
+
+    def build_stages(
+        self, plan: Plan, target: ConvNetSpec, gen: torch.Generator, *, dtype: torch.dtype, device, options
+    ) -> list[Stage]:
+        def stream(step: PlanStep) -> list[Stage]:
+            ((c_in, c_out),) = step.shapes
+            g = step.details["geometry"][0]
             stage = ConvStream(
                 c_in,
                 c_out,
-                (kh, kw),
-                conv.stride,
-                conv.padding,
-                conv.dilation,
-                block=k,
-                flat=isinstance(layer, Linear),
-                paired=paired,
+                g["kernel_size"],
+                g["stride"],
+                g["padding"],
+                g["dilation"],
+                block=step.details["block"],
+                flat=step.details["flat"],
+                paired=step.details["paired"],
                 dtype=dtype,
                 device=device,
             )
@@ -300,40 +338,49 @@ class ConvDeepConstruction(Construction):
                     stage.readout.weight[:, units, 0, 0] = frozen_init(tuple(r.shape), gen, dtype=dtype, device=device)
             return [stage]
 
-        stages = build_stages(target.layers, stream, dtype, device)
-        meta = base_meta(self.name, target, seed, {**options, "block": k, "paired": int(paired)})
-        meta["in_shape"] = list(target.in_shape)
-        return NormNet(stages, meta=meta)
+        return build_stages(plan, target.layers, stream, dtype, device)
 
     def estimate_bytes(self, target, dtype, **options) -> int:
         from ..conv_memory import estimate_conv_bytes
 
+        self.plan(cnn_target(target), self.check_options(options))  # refuses a target the plan cannot realise
         return estimate_conv_bytes(target, dtype, "conv_deep", block=int(options.get("block") or 1))
 
     def solve(self, net: NormNet, target: ConvNetSpec, domain: Box, *, progress: Progress | None = None) -> NormNet:
-        if not isinstance(target, ConvNetSpec):
-            raise InvalidNetworkError("this network was built for a CNN target; pass the same CNN as target")
+        plan = self.plan_of(net, target)
         _spec, out, margin = begin_solve(net, target)
         spec = target.to(dtype=torch.float64, device="cpu")  # γ, β are solved in float64, rounded once
         lo, hi = box_tensors(spec, domain, torch.float64)
         records: list[SolveRecord] = []
-        total = len(spec.weighted())
 
-        def visit(layer, group, lo, hi) -> None:
-            stage = group[0]
-            if not isinstance(stage, ConvStream):
-                raise InvalidNetworkError(
-                    f"expected a conv_stream stage for a {layer.type} layer, found {type(stage).__name__}"
-                )
-            records.append(
-                _solve_stream(_as_conv(layer), stage, lo, hi, margin, len(records), flat=isinstance(layer, Linear))
-            )
+        def visit(layer, step: PlanStep, lo, hi) -> None:
+            (stage,) = plan.stages(out, step)
+            records.append(_solve_stream(_as_conv(layer), stage, lo, hi, margin, step.layer, flat=step.details["flat"]))
             if progress is not None:
                 d = records[-1].details
-                progress(len(records), total, f"layer {len(records) - 1}: {d['blocks']} systems of size {d['size']}")
+                progress(
+                    len(records), len(plan.steps), f"layer {step.layer}: {d['blocks']} systems of size {d['size']}"
+                )
 
-        walk_stages(spec.layers, list(out.layers), lo, hi, visit, 1)
+        walk_plan(plan, spec.layers, lo, hi, visit)
         return finish_solve(out, records, [], domain)
+
+    def systems(self, net: NormNet, target: ConvNetSpec) -> list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Per target layer and input block ``t``: ``B_t diag(γ_t) A_t = W[:, J_t]`` with ``A_t`` the block's branch
+        kernel as ``N_t × (k_t·k_h·k_w)``, ``B_t`` the readout's columns of its ``N_t`` channels, ``W[:, J_t]`` the
+        target kernel's input channels ``J_t`` as ``c_out × (k_t·k_h·k_w)``. Labelled ``layer i block t (conv at
+        stage 3.body.0)``."""
+        plan = self.plan_of(net, target)
+        out = []
+        for step, layer in zip(plan.steps, cnn_target(target).weighted()):
+            (stage,) = plan.stages(net, step)
+            W = _as_conv(layer).weight.to(dtype=net.dtype, device=net.device)
+            B = stage.readout.weight.flatten(1)
+            where = f"{layer.type} at stage {path_label(step.paths[0])}"
+            for t, (units, J) in enumerate(stage.block_slices()):
+                A = (stage.branch.weight[units] if t < stage.full else stage.rest.weight).flatten(1)
+                out.append((f"layer {step.layer} block {t} ({where})", A, B[:, units], W[:, J].flatten(1)))
+        return out
 
     def certify(self, net: NormNet, target: ConvNetSpec, domain: Box):
         """Per-channel activity of every branch over every position of the box, then a distance bound."""
