@@ -319,8 +319,11 @@ def _solve_conv_pair(layer, step: PlanStep, first, second, lo, hi, margin: float
     A4 = first.conv.weight
     A, B = A4.flatten(1), second.conv.weight.flatten(1)
     sol = solve_khatri_rao(A, B, layer.weight.flatten(1), layer=step.layer)
-    zmin, zmax = layer.bounds(lo, hi, weight=sol.gamma.reshape(-1, 1, 1, 1) * A4, use_bias=False)
-    beta1, beta2 = pair_offsets(zmin.amin(dim=(0, 2, 3)), zmax.amax(dim=(0, 2, 3)), B, layer.bias, margin)
+    GA4 = sol.gamma.reshape(-1, 1, 1, 1) * A4
+    zmin, zmax = layer.bounds(lo, hi, weight=GA4, use_bias=False)
+    # the per-channel scale |Γ A| * (|x| + 1) floors the slack of channels with a one-point range (see safe_margin)
+    scale = layer.apply(torch.maximum(lo.abs(), hi.abs()) + 1, GA4.abs()).amax(dim=(0, 2, 3))
+    beta1, beta2 = pair_offsets(zmin.amin(dim=(0, 2, 3)), zmax.amax(dim=(0, 2, 3)), B, layer.bias, margin, scale)
     set_norms(first, sol.gamma, beta1)
     set_norms(second, None, beta2)
     return record_of(sol, step.layer, type="conv")

@@ -449,7 +449,7 @@ def _linear_regime_beta(stage: ConvStream, gamma: torch.Tensor, lo, hi, margin: 
     """``β_t = −min z + slack``: every branch channel active at every position of the reachable input."""
     geo = (stage.geometry["stride"], stage.geometry["padding"], stage.geometry["dilation"])
     split = stage.full * stage.block
-    mins, maxs = [], []
+    mins, maxs, scales = [], [], []
     parts = [(stage.branch.weight, stage.full, slice(0, split), slice(0, stage.full * stage.per_block))]
     if stage.rest is not None:
         parts.append((stage.rest.weight, 1, slice(split, None), slice(stage.full * stage.per_block, None)))
@@ -461,6 +461,10 @@ def _linear_regime_beta(stage: ConvStream, gamma: torch.Tensor, lo, hi, margin: 
         zmax = grouped_conv(x_hi, pos, groups, *geo) + grouped_conv(x_lo, neg, groups, *geo)
         mins.append(zmin.amin(dim=(0, 2, 3)))
         maxs.append(zmax.amax(dim=(0, 2, 3)))
+        # |Γ A| (|x| + 1) per channel: floors the slack of channels whose input range is one point (a dead ReLU),
+        # so the certificate can prove them active at the *computed* input too (see safe_margin)
+        mag = torch.maximum(x_lo.abs(), x_hi.abs()) + 1
+        scales.append(grouped_conv(mag, w.abs(), groups, *geo).amax(dim=(0, 2, 3)))
     zmin, zmax = torch.cat(mins), torch.cat(maxs)
-    beta = -zmin + safe_margin(zmin, zmax, margin)
+    beta = -zmin + safe_margin(zmin, zmax, margin, torch.cat(scales))
     return beta
