@@ -365,3 +365,37 @@ def test_structurally_singular_sparse_system_that_still_reaches_w_is_solved_exac
     f = onlynorm.solve_norms(frozen, g)
     assert f.meta.solve.records[0].kind == "singular-consistent" and f.meta.solve.exact
     assert onlynorm.verify(f, g, samples=2000, certify=True).ok
+
+
+def test_the_fit_report_is_typed_metadata_that_round_trips_and_is_validated(tmp_path):
+    """``fit_norms`` stores its report as ``meta.fit`` (a FitReport, not an untyped extra key): it survives
+    save/load as the same typed object, and a tampered report is refused with the field named."""
+    from onlynorm import _io
+    from onlynorm.records import FitReport
+
+    g = random_mlp([3, 4, 2], seed=2)
+    frozen = onlynorm.random_normnet(g, hidden=[3, 3], seed=0)
+    net, report = onlynorm.fit_norms(frozen, g, Box(0.0, 1.0), method="layerwise", seed=0)
+    assert isinstance(net.meta.fit, FitReport) and net.meta.fit == report and "fit" not in net.meta.extra
+    assert frozen.meta.fit is None  # the frozen network is untouched
+    path = tmp_path / "fitted.safetensors"
+    net.save(path)
+    loaded = NormNet.load(path)
+    assert loaded.meta.fit == report and loaded.meta.fit.phases[0].name == "layerwise"
+    assert loaded.meta["fit"]["final_error"] == report.final_error  # the 0.1-style mapping view still reads it
+    tensors, doc = _io.read_tensors(path)
+    for key, value, message in (
+        ("phases", "all of them", "'fit.phases' must be a list"),
+        ("initial_error", "small", "'fit.initial_error' must be a number"),
+        ("method", 3, "'fit.method' must be a string"),
+    ):
+        bad = json.loads(json.dumps(doc))
+        bad["meta"]["fit"][key] = value
+        _io.write_tensors(path, tensors, metadata=bad)
+        with pytest.raises(OnlyNormError, match=message):
+            NormNet.load(path)
+    bad = json.loads(json.dumps(doc))
+    bad["meta"]["fit"]["phases"][0]["iterations"] = "many"
+    _io.write_tensors(path, tensors, metadata=bad)
+    with pytest.raises(OnlyNormError, match=r"fit.phases\[\].iterations"):
+        NormNet.load(path)

@@ -4,8 +4,10 @@
   has ONE definition for every construction, ``‖Ŵ − W‖_F / ‖W‖_F`` (:func:`relative_residual`), and ``residual``
   is ``max |Ŵ − W|`` (absolute, entrywise), where ``Ŵ`` is the weight the frozen network realises.
 * :class:`SolveInfo` — all records of a solve, whether every layer is exact, notes, and the box.
+* :class:`Phase`, :class:`FitReport` — what :func:`onlynorm.fit_norms` did (per method run: held-out error
+  before/after, seconds, iterations).
 * :class:`NetMeta` — what a :class:`~onlynorm.normnet.NormNet` knows about itself (method, seed, options, target
-  dims, image shape, solve info); saved as JSON next to the weights.
+  dims, image shape, solve info, fit report); saved as JSON next to the weights.
 
 Files written by onlynorm 0.1 (plain dictionaries of the same keys) load unchanged: :meth:`NetMeta.from_dict`
 reads them and validates every field's JSON type, so a tampered file is refused with the field named.
@@ -19,7 +21,7 @@ True
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import torch
@@ -27,7 +29,7 @@ import torch
 from .domain import Box
 from .errors import FileFormatError, InvalidDomainError
 
-__all__ = ["SolveRecord", "SolveInfo", "NetMeta", "relative_residual"]
+__all__ = ["SolveRecord", "SolveInfo", "Phase", "FitReport", "NetMeta", "relative_residual"]
 
 
 def relative_residual(realised: torch.Tensor, target: torch.Tensor) -> tuple[float, float]:
@@ -175,14 +177,149 @@ class SolveInfo:
     __hash__ = None  # type: ignore[assignment]
 
 
-_META_FIELDS = ("method", "seed", "options", "target_dims", "target_parameters", "in_shape", "solve")
+@dataclass
+class Phase:
+    """One method's run: relative RMS error on the held-out points before and after it, wall time, iterations."""
+
+    name: str
+    error_before: float
+    error_after: float
+    seconds: float
+    iterations: int
+    notes: list[str] = field(default_factory=list)
+    details: dict[str, Any] = field(default_factory=dict)
+    #: held-out error after each iteration (gauss-newton: after each *accepted* step)
+    history: list[float] = field(default_factory=list)
+
+    @classmethod
+    def from_dict(cls, d: Any, source: str = "network") -> Phase:
+        if not isinstance(d, dict):
+            raise _bad(source, "fit.phases[]", "an object", d)
+        name, notes, details, history = d.get("name"), d.get("notes", []), d.get("details", {}), d.get("history", [])
+        if not isinstance(name, str):
+            raise _bad(source, "fit.phases[].name", "a string", name)
+        for key in ("error_before", "error_after", "seconds"):
+            if not _number(d.get(key)):
+                raise _bad(source, f"fit.phases[].{key}", "a number", d.get(key))
+        if not (isinstance(d.get("iterations"), int) and not isinstance(d.get("iterations"), bool)):
+            raise _bad(source, "fit.phases[].iterations", "an integer", d.get("iterations"))
+        if not isinstance(notes, list) or not all(isinstance(n, str) for n in notes):
+            raise _bad(source, "fit.phases[].notes", "a list of strings", notes)
+        if not isinstance(details, dict):
+            raise _bad(source, "fit.phases[].details", "an object", details)
+        if not isinstance(history, list) or not all(_number(h) for h in history):
+            raise _bad(source, "fit.phases[].history", "a list of numbers", history)
+        return cls(
+            name=name,
+            error_before=float(d["error_before"]),
+            error_after=float(d["error_after"]),
+            seconds=float(d["seconds"]),
+            iterations=d["iterations"],
+            notes=list(notes),
+            details=dict(details),
+            history=[float(h) for h in history],
+        )
+
+
+@dataclass
+class FitReport:
+    """Outcome of :func:`onlynorm.fit_norms`."""
+
+    method: str
+    train_samples: int
+    held_out_samples: int
+    initial_error: float
+    phases: list[Phase] = field(default_factory=list)
+    exact: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def final_error(self) -> float:
+        return self.phases[-1].error_after if self.phases else self.initial_error
+
+    @property
+    def seconds(self) -> float:
+        return sum(p.seconds for p in self.phases)
+
+    @property
+    def iterations(self) -> int:
+        return sum(p.iterations for p in self.phases)
+
+    def phase(self, name: str) -> Phase:
+        for p in self.phases:
+            if p.name == name:
+                return p
+        raise KeyError(f"no phase {name!r} in this report; phases: {[p.name for p in self.phases]}")
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON form stored in a network's metadata (``meta.fit``), with the derived totals for readers."""
+        d = asdict(self)
+        d.update(final_error=self.final_error, seconds=self.seconds)
+        return d
+
+    to_dict = as_dict
+
+    @classmethod
+    def from_dict(cls, d: Any, source: str = "network") -> FitReport:
+        """Read (and type-check) the stored form; the derived ``final_error``/``seconds`` are recomputed."""
+        if not isinstance(d, dict):
+            raise _bad(source, "fit", "an object", d)
+        method, phases, notes = d.get("method"), d.get("phases", []), d.get("notes", [])
+        if not isinstance(method, str):
+            raise _bad(source, "fit.method", "a string", method)
+        for key in ("train_samples", "held_out_samples"):
+            if not (isinstance(d.get(key), int) and not isinstance(d.get(key), bool) and d[key] >= 0):
+                raise _bad(source, f"fit.{key}", "a non-negative integer", d.get(key))
+        if not _number(d.get("initial_error")):
+            raise _bad(source, "fit.initial_error", "a number", d.get("initial_error"))
+        if not isinstance(phases, list):
+            raise _bad(source, "fit.phases", "a list", phases)
+        if not isinstance(notes, list) or not all(isinstance(n, str) for n in notes):
+            raise _bad(source, "fit.notes", "a list of strings", notes)
+        return cls(
+            method=method,
+            train_samples=d["train_samples"],
+            held_out_samples=d["held_out_samples"],
+            initial_error=float(d["initial_error"]),
+            phases=[Phase.from_dict(p, source) for p in phases],
+            exact=bool(d.get("exact", False)),
+            notes=list(notes),
+        )
+
+    def table(self) -> tuple[list[str], list[list[str]]]:
+        header = ["phase", "held-out rel RMS before", "after", "seconds", "iterations"]
+        rows = [
+            [p.name, f"{p.error_before:.3e}", f"{p.error_after:.3e}", f"{p.seconds:.3f}", str(p.iterations)]
+            for p in self.phases
+        ]
+        return header, rows
+
+    def rows(self) -> list[tuple[str, str]]:
+        out = [
+            ("method", self.method),
+            ("points (train / held-out)", f"{self.train_samples} / {self.held_out_samples}"),
+            ("held-out rel RMS at start", f"{self.initial_error:.3e}"),
+            ("held-out rel RMS at end", f"{self.final_error:.3e}"),
+            ("exact", "yes" if self.exact else "no"),
+            ("seconds", f"{self.seconds:.3f}"),
+        ]
+        return out + [("note", n) for n in self.notes + [n for p in self.phases for n in p.notes]]
+
+    def __str__(self) -> str:
+        header, rows = self.table()
+        lines = ["  ".join(header)] + ["  ".join(r) for r in rows]
+        w = max(len(k) for k, _ in self.rows())
+        return "\n".join(lines + [f"{k:<{w}}  {v}" for k, v in self.rows()])
+
+
+_META_FIELDS = ("method", "seed", "options", "target_dims", "target_parameters", "in_shape", "solve", "fit")
 
 
 @dataclass
 class NetMeta(Mapping):
     """How a NormNet was made: ``method``, ``seed``, ``options``, ``target_dims``, ``target_parameters``,
-    ``in_shape`` (image targets), ``solve`` (a :class:`SolveInfo` once solved) and ``extra`` (keys other tools
-    add, kept as they are).
+    ``in_shape`` (image targets), ``solve`` (a :class:`SolveInfo` once solved), ``fit`` (a :class:`FitReport` once
+    :func:`onlynorm.fit_norms` tuned it) and ``extra`` (keys other tools add, kept as they are).
 
     A read-only mapping view (``meta["seed"]``, ``meta.get("solve")``) serves code and files written against 0.1's
     dictionary: it yields exactly what :meth:`to_dict` writes.
@@ -195,6 +332,7 @@ class NetMeta(Mapping):
     target_parameters: int | None = None
     in_shape: list[int] | None = None
     solve: SolveInfo | None = None
+    fit: FitReport | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ JSON
@@ -205,7 +343,7 @@ class NetMeta(Mapping):
             if name == "options":
                 out[name] = dict(value)
             elif value is not None:
-                out[name] = value.to_dict() if name == "solve" else value
+                out[name] = value.to_dict() if name in ("solve", "fit") else value
         return out
 
     @classmethod
@@ -235,6 +373,8 @@ class NetMeta(Mapping):
             info: SolveInfo | None = solve
         else:
             info = None if solve is None else SolveInfo.from_dict(solve, source)
+        fit = d.get("fit")
+        report = fit if isinstance(fit, FitReport) or fit is None else FitReport.from_dict(fit, source)
         return cls(
             method=method,
             seed=seed,
@@ -243,6 +383,7 @@ class NetMeta(Mapping):
             target_parameters=params,
             in_shape=d.get("in_shape"),
             solve=info,
+            fit=report,
             extra={k: v for k, v in d.items() if k not in _META_FIELDS},
         )
 

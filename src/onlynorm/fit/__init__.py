@@ -165,7 +165,7 @@ def _fit(frozen, spec, data, method, budget_seconds, seed, progress, steps, memo
     else:
         net = _auto(net, spec, fit_data, report, deadline, memory_budget, seed, progress, steps or GN_STEPS)
     report.exact = net.dtype == torch.float64 and report.final_error <= EXACT_TOLERANCE
-    net.meta["fit"] = report.as_dict()
+    net.meta = net.meta.replace(fit=report)  # typed: saved with the network, read back by NetMeta.from_dict
     return net, report
 
 
