@@ -340,7 +340,7 @@ def test_interrupted_runs_leave_nothing_behind(tmp_path, sig, code):
         [
             sys.executable,
             "-c",
-            "from onlynorm.cli import main; main()",
+            "import onlynorm_launcher; onlynorm_launcher.main()",  # as the console command runs
             "experiment",
             "scaling",
             "--quick",
