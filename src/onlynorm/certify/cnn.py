@@ -47,7 +47,7 @@ from ..cnn import ConvNetSpec, box_tensors
 from ..cnn_layers import Pool, ResidualBlock
 from ..domain import Box
 from ..errors import InvalidNetworkError
-from .core import U64, CertifyResult, gamma_n, unit_roundoff
+from .core import U64, CertifyResult, final_result, gamma_n, unit_roundoff
 
 __all__ = ["certify_conv"]
 
@@ -106,16 +106,7 @@ def certify_conv(net, spec: ConvNetSpec, box: Box) -> CertifyResult:
     notes: list[str] = []
     walker = _Walker(u_f, notes)
     state = walker.walk(spec.layers, list(net.layers), _State(lo, hi, zero, cast, zero.clone()), prefix="")
-    bound, rounding = float(state.err.max()), float((state.rf + state.rg).max())
-    certified = not notes
-    if certified and not (torch.isfinite(state.err).all() and torch.isfinite(state.rf + state.rg).all()):
-        certified = False
-        notes.append("the bounds overflowed (non-finite)")
-    if not certified:
-        notes.append("not certified: equivalence is only supported by samples")
-    return CertifyResult(
-        certified=certified, bound=bound if certified else float("inf"), rounding_bound=rounding, notes=notes
-    )
+    return final_result(not notes, float(state.err.max()), float((state.rf + state.rg).max()), notes)
 
 
 class _Walker:

@@ -19,6 +19,7 @@ True
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -35,6 +36,7 @@ __all__ = [
     "affine_interval",
     "certifiability_problems",
     "not_certifiable",
+    "final_result",
 ]
 
 #: extended precision used by the certificate's own arithmetic, and its unit roundoff
@@ -104,6 +106,18 @@ def certifiability_problems(net: nn.Module) -> list[str]:
                 f"{where}.running_var is not 1 (max |var − 1| {float((m.running_var - 1).abs().max()):.3g})"
             )
     return problems
+
+
+def final_result(certified: bool, bound: float, rounding: float, notes: list[str]) -> CertifyResult:
+    """The result of a finished certificate: a non-finite (overflowed or NaN) bound is never certified."""
+    if certified and not (math.isfinite(bound) and math.isfinite(rounding)):
+        certified = False
+        notes.append("the bounds overflowed (non-finite)")
+    if not certified:
+        notes.append("not certified: equivalence is only supported by samples")
+    return CertifyResult(
+        certified=certified, bound=bound if certified else float("inf"), rounding_bound=rounding, notes=notes
+    )
 
 
 def not_certifiable(problems: list[str]) -> CertifyResult:

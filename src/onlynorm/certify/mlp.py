@@ -36,7 +36,7 @@ from ..domain import Box
 from ..errors import InvalidNetworkError
 from ..normnet import NormLinear, NormNet
 from ..target import MLPSpec
-from .core import U_XP, XP, CertifyResult, affine_interval, gamma_n, to_xp, unit_roundoff
+from .core import U_XP, XP, CertifyResult, affine_interval, final_result, gamma_n, to_xp, unit_roundoff
 
 __all__ = ["certify_blocks", "propagate_distance", "certify_result", "start_rounding"]
 
@@ -136,12 +136,4 @@ def propagate_distance(err, round_g, P, P_err, q, q_err, W, b, mag_in):
 
 def certify_result(certified: bool, err, round_f, round_g, notes: list[str]) -> CertifyResult:
     """The final result; a non-finite bound is never certified."""
-    bound, rounding = float(err.max()), float((round_f + round_g).max())
-    if certified and not (np.isfinite(bound) and np.isfinite(rounding)):
-        certified = False
-        notes.append("the bounds overflowed (non-finite)")
-    if not certified:
-        notes.append("not certified: equivalence is only supported by samples")
-    return CertifyResult(
-        certified=certified, bound=bound if certified else float("inf"), rounding_bound=rounding, notes=notes
-    )
+    return final_result(certified, float(err.max()), float((round_f + round_g).max()), notes)
