@@ -172,3 +172,30 @@ def test_forward_and_reverse_jacobians_agree_on_a_cnn():
     with torch.no_grad():
         fd = (fn(bump, x) - fn(theta, x)).reshape(-1) / eps
     assert torch.allclose(J_f[:, k], fd, atol=1e-5)
+
+
+def test_jacobian_scratch_estimate_counts_every_position_of_a_cnn():
+    """The chunk size bounding the vmapped intermediates must count a conv stage's C·H·W outputs, not only its C
+    channels (the old estimate, input + 4·widest·stages, was 64 + 4·8·7 = 288 floats here: ~20× too few, and a
+    Jacobian of a 32-channel digits CNN took 0.5 GB above a 256 MB scratch budget)."""
+    c = 8
+    model = nn.Sequential(
+        nn.Conv2d(1, c, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(c, c, 3, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(c * 4 * 4, 3),
+    ).double()
+    net = onlynorm.with_norms(model, in_shape=(1, 8, 8))
+    fn = NormFunction(net)
+    x = torch.rand(10, 1, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    # stage outputs on one sample: conv+BN 8·8·8, ReLU 8·8·8, pool 8·4·4, conv+BN 8·4·4, ReLU, Flatten, linear 3
+    outputs = 2 * c * 64 + 4 * c * 16 + 3
+    assert fn.floats_per_sample(x) == 64 + 2 * outputs
+    # chunking by the estimate changes nothing in the result: a scratch of one sample per chunk vs one chunk
+    for mode in ("forward", "reverse"):
+        tiny = fn.jacobian(fn.vector(), x, mode=mode, scratch_bytes=1)
+        whole = fn.jacobian(fn.vector(), x, mode=mode, scratch_bytes=1 << 40)
+        assert tiny.shape == (30, fn.size) and torch.allclose(tiny, whole, atol=1e-12)

@@ -67,6 +67,23 @@ class NormFunction:
     def __call__(self, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return functional_call(self.net, self._dict(theta), (x,), strict=False)
 
+    def floats_per_sample(self, x: torch.Tensor) -> int:
+        """Floats one sample's forward pass keeps alive, per tangent (forward mode) or output (reverse mode): the
+        vmapped intermediates of a chunk of ``k`` samples take about ``k · floats · item`` bytes per tangent/output.
+
+        Measured as the sum of every stage's output size on one sample (a conv stage's output counts all of its
+        ``C·H·W`` positions), doubled for the BatchNorm's and ReLU's temporaries; never below the MLP rule of thumb
+        ``4 · widest · stages`` the estimate used to be (which ignored positions and so undercounted CNNs ~10×)::
+
+            floats = input + max(2 · Σ_stages numel(stage output), 4 · widest · stages)
+        """
+        h, outputs = x[:1], 0
+        with torch.no_grad():
+            for stage in self.net.layers:
+                h = stage(h)
+                outputs += h.numel()
+        return x[0].numel() + max(2 * outputs, self.widest * max(1, 4 * len(self.net.layers)))
+
     def jacobian(
         self, theta: torch.Tensor, x: torch.Tensor, *, mode: str | None = None, scratch_bytes: int = 256 << 20
     ) -> torch.Tensor:
@@ -76,7 +93,7 @@ class NormFunction:
         with torch.no_grad():
             m = self(theta, x[:1]).reshape(1, -1).shape[1]
         mode = mode or choose_mode(self.size, m)
-        per_sample = x[0].numel() + self.widest * max(1, 4 * len(self.net.layers))  # activations per sample
+        per_sample = self.floats_per_sample(x)
         item = theta.element_size()
         if mode == "forward":
             chunk = max(1, scratch_bytes // max(1, item * n * per_sample))
