@@ -22,6 +22,28 @@ settings.register_profile("ci", parent=settings.get_profile("default"), derandom
 settings.load_profile("ci" if os.environ.get("CI") else "default")
 
 
+def _share_the_cores_between_workers() -> None:
+    """Under pytest-xdist, give each worker its share of the cores (and the same to its subprocesses).
+
+    Every worker's torch/OpenMP and BLAS pools otherwise size themselves to the whole machine; with two workers on
+    two cores their spinning thread teams wait on each other's descheduled threads, and small tensor ops become up
+    to ~100× slower (measured: the conv_deep tamper test 2.7 s alone, 215 s beside another worker).
+    """
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers <= 1:
+        return
+    share = max(1, (os.cpu_count() or 1) // workers)
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ.setdefault(var, str(share))  # inherited by subprocesses (notebook kernel, wheel check, dask)
+    torch.set_num_threads(share)
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(share)  # numpy/scipy's BLAS in this process
+
+
+_share_the_cores_between_workers()
+
+
 def random_mlp(dims: list[int], seed: int = 0, dtype: torch.dtype = torch.float64) -> torch.nn.Sequential:
     """A random ReLU MLP with the given widths, independent of onlynorm's own code."""
     gen = torch.Generator().manual_seed(seed)
