@@ -5,7 +5,9 @@ variance — is perturbed in the saved file by 1e-12, 1e-6 and 1e-3 (relative), 
 (γ with a β that hides the change at the box centre; a running mean with the β that cancels it exactly). The
 network is loaded back and verified with ``certify=True`` on many points: it must be refused (not certified) or
 its observed ``max |f − g|`` must lie within ``certified_bound + rounding_bound``. And ``verify --certify`` (the
-report's ``ok``) must never pass a network whose sampled error exceeds the tolerance.
+report's ``ok``) must never pass a network whose sampled error exceeds the tolerance. Edits of the architecture
+a file describes (an op, a conv's geometry, a ReLU) must be refused outright, and float32 networks (MLP and CNN)
+must be bounded in float32.
 """
 
 from __future__ import annotations
