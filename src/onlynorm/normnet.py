@@ -89,7 +89,10 @@ def make_batchnorm(
     return bn
 
 
-def frozen_module(cls: type[nn.Module], *args, dtype: torch.dtype, device=None, **kwargs) -> nn.Module:
+M = TypeVar("M", bound=nn.Module)
+
+
+def frozen_module(cls: type[M], *args, dtype: torch.dtype, device=None, **kwargs) -> M:
     """A bias-free ``nn.Linear``/``nn.Conv2d`` with zero, frozen weights (``requires_grad=False``).
 
     ``skip_init``: torch's default init would draw from the global RNG; constructions fill the weights from their
@@ -98,9 +101,10 @@ def frozen_module(cls: type[nn.Module], *args, dtype: torch.dtype, device=None, 
     module = torch.nn.utils.skip_init(
         cls, *args, bias=False, dtype=dtype, device=device if device is not None else "cpu", **kwargs
     )
+    weight = module.get_parameter("weight")
     with torch.no_grad():
-        module.weight.zero_()
-    module.weight.requires_grad_(False)
+        weight.zero_()
+    weight.requires_grad_(False)
     return module
 
 
@@ -126,9 +130,6 @@ def _check_sizes(config: Any, kind: str, held: int, key: str = "") -> None:
 
 #: config fields for which 0 is a valid value
 _MAY_BE_ZERO = frozenset({"padding"})
-
-
-M = TypeVar("M", bound=nn.Module)
 
 
 class ModuleSeq(nn.ModuleList, Generic[M]):
@@ -180,7 +181,7 @@ class NormLinear(Stage):
         device: torch.device | str | None = None,
     ):
         super().__init__()
-        self.linear = frozen_module(nn.Linear, in_features, out_features, dtype=dtype, device=device)  # type: ignore[assignment]
+        self.linear = frozen_module(nn.Linear, in_features, out_features, dtype=dtype, device=device)
         self.norm = make_batchnorm(out_features, dtype=dtype, device=device)
         self.relu = bool(relu)
 

@@ -26,13 +26,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..cnn import ConvNetSpec, box_tensors
 from ..cnn_layers import Conv, Pool, ResidualBlock
 from ..domain import Box
 from ..errors import InvalidNetworkError
 from ..linalg import solve_khatri_rao
-from ..normnet import STAGES, NormNet, Stage, frozen_module, make_batchnorm, register_stage
+from ..normnet import STAGES, ModuleSeq, NormNet, Stage, frozen_module, make_batchnorm, register_stage
 from ..records import SolveRecord
 from .base import MARGIN, Construction, Progress, begin_solve, finish_solve, frozen_init, random_norm_linear, register
 from .pair import pair_offsets, record_of, set_norms, solve_pair
@@ -56,6 +57,8 @@ class NormConv2d(Stage):
     """``relu?(γ ⊙ (A * x) + β)``: a frozen bias-free ``Conv2d`` and a ``BatchNorm2d`` (per-channel γ, β)."""
 
     kind = "norm_conv2d"
+    conv: nn.Conv2d
+    norm: _BatchNorm
 
     def __init__(
         self,
@@ -152,12 +155,14 @@ class ResidualStage(Stage):
     identity skip; a projection shortcut is mirrored stage by stage like the body)."""
 
     kind = "residual"
+    body: ModuleSeq[Stage]
+    shortcut: ModuleSeq[Stage]
 
     def __init__(self, body: list, shortcut: list | None = None, *, dtype=torch.float64, device=None):
         super().__init__()
         make = lambda b: b if isinstance(b, nn.Module) else _stage_from_config(b, dtype, device)  # noqa: E731
-        self.body = nn.ModuleList([make(b) for b in body])
-        self.shortcut = nn.ModuleList([make(b) for b in (shortcut or [])])
+        self.body = ModuleSeq([make(b) for b in body])
+        self.shortcut = ModuleSeq([make(b) for b in (shortcut or [])])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, s = x, x

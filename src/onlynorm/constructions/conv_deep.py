@@ -39,6 +39,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..cnn import ConvNetSpec, box_tensors
 from ..cnn_layers import Conv, Linear
@@ -66,6 +67,11 @@ class ConvStream(Stage):
     """
 
     kind = "conv_stream"
+    branch: nn.Conv2d
+    rest: nn.Conv2d | None
+    branch_norm: _BatchNorm
+    readout: nn.Conv2d
+    norm: _BatchNorm
 
     def __init__(
         self,
@@ -197,9 +203,18 @@ class ConvStream(Stage):
         kh, kw = self.geometry["kernel_size"]
         A = self.branch.weight.new_zeros(self.channels, self.in_channels, kh, kw)
         for t, (units, J) in enumerate(self.block_slices()):
-            w = self.branch.weight if t < self.full else self.rest.weight
+            w = self.block_kernel(t)
             A[units, J] = w[units] if t < self.full else w
         return A
+
+    def block_kernel(self, t: int) -> torch.Tensor:
+        """The frozen kernel holding block ``t``: the grouped ``branch`` (all full blocks; index it by the block's
+        units) or, for the smaller last block, ``rest``."""
+        if t < self.full:
+            return self.branch.weight
+        if self.rest is None:
+            raise IndexError(f"block {t} of a stream with {self.full} blocks")
+        return self.rest.weight
 
     def block_slices(self) -> list[tuple[slice, slice]]:
         """``(branch channels, input channels)`` of each block."""
@@ -332,7 +347,7 @@ class ConvDeepConstruction(Construction):
             )
             with torch.no_grad():
                 for t, (units, _J) in enumerate(stage.block_slices()):
-                    w = stage.branch.weight[units] if t < stage.full else stage.rest.weight
+                    w = stage.block_kernel(t)[units] if t < stage.full else stage.block_kernel(t)
                     w.copy_(frozen_init((w.shape[0], w[0].numel()), gen, dtype=dtype, device=device).reshape(w.shape))
                     r = stage.readout.weight[:, units, 0, 0]
                     stage.readout.weight[:, units, 0, 0] = frozen_init(tuple(r.shape), gen, dtype=dtype, device=device)
@@ -407,7 +422,7 @@ def _solve_stream(conv: Conv, stage: ConvStream, lo, hi, margin: float, index: i
     slices = stage.block_slices()
     groups = [list(range(stage.full))] + ([[stage.full]] if stage.rest is not None else [])
     for idx in groups:
-        kernel = (stage.branch if idx[0] < stage.full else stage.rest).weight.detach().double()
+        kernel = stage.block_kernel(idx[0]).detach().double()
         units = [slices[t][0] for t in idx]
         A = torch.stack([kernel[u].flatten(1) if idx[0] < stage.full else kernel.flatten(1) for u in units])
         Bt = torch.stack([B[:, u] for u in units])
