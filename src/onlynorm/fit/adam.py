@@ -8,6 +8,7 @@ experiment).
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from ..normnet import NormNet
 from ..train import train_norm_only
@@ -34,30 +35,14 @@ def fit_adam(
     """Train ``net``'s γ, β in place; returns the phase record."""
     start = time.perf_counter()
     before = data.held_out_error(net)
+    source: dict[str, Any]
     if data.source == "box" and net.in_shape is None:  # fresh uniform samples every step
-        target = spec.to(dtype=net.dtype, device=net.device)
-        history = train_norm_only(
-            net,
-            target=target,
-            box=data.box,
-            steps=steps,
-            batch_size=batch_size,
-            lr=lr,
-            seed=seed,
-            progress=False,
-            time_budget=budget_seconds,
-        )
-    else:
-        history = train_norm_only(
-            net,
-            (data.x_train, data.y_train),
-            steps=steps,
-            batch_size=batch_size,
-            lr=lr,
-            seed=seed,
-            progress=False,
-            time_budget=budget_seconds,
-        )
+        source = {"target": spec.to(dtype=net.dtype, device=net.device), "box": data.box}
+    else:  # the fixed training points (real data, or images)
+        source = {"data": (data.x_train, data.y_train)}
+    history = train_norm_only(
+        net, **source, steps=steps, batch_size=batch_size, lr=lr, seed=seed, progress=False, time_budget=budget_seconds
+    )
     return Phase(
         "adam",
         before,
