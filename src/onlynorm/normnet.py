@@ -41,6 +41,7 @@ __all__ = [
     "register_stage",
     "make_batchnorm",
     "frozen_module",
+    "conv2d_config",
     "is_norm_module",
     "NetSummary",
 ]
@@ -106,6 +107,18 @@ def frozen_module(cls: type[M], *args, dtype: torch.dtype, device=None, **kwargs
         weight.zero_()
     weight.requires_grad_(False)
     return module
+
+
+def conv2d_config(conv: nn.Conv2d) -> dict[str, Any]:
+    """The JSON form of a ``Conv2d``'s shape and geometry (what a stage needs to rebuild it)."""
+    return {
+        "in_channels": conv.in_channels,
+        "out_channels": conv.out_channels,
+        "kernel_size": list(conv.kernel_size),
+        "stride": list(conv.stride),
+        "padding": list(conv.padding),
+        "dilation": list(conv.dilation),
+    }
 
 
 def _check_sizes(config: Any, kind: str, held: int, key: str = "") -> None:

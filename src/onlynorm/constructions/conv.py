@@ -33,7 +33,7 @@ from ..cnn_layers import Conv, Pool, ResidualBlock
 from ..domain import Box
 from ..errors import InvalidNetworkError
 from ..linalg import solve_khatri_rao
-from ..normnet import STAGES, ModuleSeq, NormNet, Stage, frozen_module, make_batchnorm, register_stage
+from ..normnet import STAGES, ModuleSeq, NormNet, Stage, conv2d_config, frozen_module, make_batchnorm, register_stage
 from ..records import SolveRecord
 from .base import MARGIN, Construction, Progress, begin_solve, finish_solve, frozen_init, random_norm_linear, register
 from .pair import pair_offsets, record_of, set_norms, solve_pair
@@ -93,16 +93,7 @@ class NormConv2d(Stage):
         return torch.relu(z) if self.relu else z
 
     def config(self) -> dict[str, Any]:
-        c = self.conv
-        return {
-            "in_channels": c.in_channels,
-            "out_channels": c.out_channels,
-            "kernel_size": list(c.kernel_size),
-            "stride": list(c.stride),
-            "padding": list(c.padding),
-            "dilation": list(c.dilation),
-            "relu": self.relu,
-        }
+        return {**conv2d_config(self.conv), "relu": self.relu}
 
 
 @register_stage

@@ -28,7 +28,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..constructions.conv import FixedOp
 from ..errors import InvalidNetworkError
-from ..normnet import NormNet, Stage, make_batchnorm, register_stage
+from ..normnet import NormNet, Stage, conv2d_config, make_batchnorm, register_stage
 
 __all__ = ["with_norms", "PretrainedLinear", "PretrainedConv2d"]
 
@@ -104,16 +104,7 @@ class PretrainedConv2d(PretrainedStage):
 
     def config(self) -> dict[str, Any]:
         c = self.layer
-        return {
-            "in_channels": c.in_channels,
-            "out_channels": c.out_channels,
-            "kernel_size": list(c.kernel_size),
-            "stride": list(c.stride),
-            "padding": list(c.padding),
-            "dilation": list(c.dilation),
-            "groups": c.groups,
-            "bias": c.bias is not None,
-        }
+        return {**conv2d_config(c), "groups": c.groups, "bias": c.bias is not None}
 
 
 def _copy_layer(stage: PretrainedStage, module: nn.Module) -> None:
