@@ -20,9 +20,9 @@ import torch
 from torch import nn
 
 import onlynorm
-from onlynorm.cnn import ConvNetSpec
-from onlynorm.conv_memory import conv_estimates
-from onlynorm.memory import format_bytes, memory_limit
+from onlynorm.constructions.conv_memory import conv_estimates
+from onlynorm.constructions.memory import format_bytes, memory_limit
+from onlynorm.targets.cnn import ConvNetSpec
 
 SIZE = 8
 

@@ -1,6 +1,6 @@
 """The ``onlynorm`` console command: quiet on Ctrl-C from its very first instant.
 
-``onlynorm.cli:main`` handles interrupts once it runs, but reaching it means importing the ``onlynorm`` package —
+``onlynorm.cli.app:main`` handles interrupts once it runs, but reaching it means importing the ``onlynorm`` package —
 and torch with it, which takes seconds. A Ctrl-C (or SIGTERM) in those seconds would print Python's
 ``KeyboardInterrupt`` traceback from deep inside torch's import. This module lives *outside* the package so that it
 can install quiet handlers before anything heavy is imported; nothing has been written yet at that point, so it
@@ -27,7 +27,7 @@ def _exit_quietly(signum: int, frame: object) -> None:
 def main() -> None:
     """Install the start-up handlers, import the CLI, hand the signals back, run it."""
     previous = {sig: signal.signal(sig, _exit_quietly) for sig in _STARTUP_EXITS}
-    from onlynorm.cli import main as cli_main
+    from onlynorm.cli.app import main as cli_main
 
     for sig, handler in previous.items():  # the CLI turns these into exit 130 / 143 after its cleanup
         signal.signal(sig, handler)

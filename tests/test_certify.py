@@ -67,7 +67,7 @@ def test_approximate_reconstruction_certifies_its_true_distance():
 
 
 def test_cli_verify_certify(tmp_path, capsys):
-    from onlynorm.cli import main
+    from onlynorm.cli.app import main
 
     onlynorm.MLPSpec.from_module(random_mlp([3, 4, 2], seed=8)).save(tmp_path / "t.safetensors")
     with pytest.raises(SystemExit) as info:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from onlynorm import MLPSpec, NormNet
-from onlynorm.cli import main
+from onlynorm.cli.app import main
 
 from .conftest import random_mlp
 

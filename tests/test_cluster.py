@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from dask.distributed import Client, LocalCluster
 
-from onlynorm.cli import main
+from onlynorm.cli.app import main
 from onlynorm.experiments import gd_vs_exact, sparse_threshold
 from onlynorm.experiments.runner import run_trials, trial_seed, use_backend
 

@@ -10,9 +10,9 @@ from torch import nn
 
 import onlynorm
 from onlynorm import Box, InvalidNetworkError, InvalidTargetError, NormNet
-from onlynorm.cnn import ConvNetSpec
-from onlynorm.residual import Residual
-from onlynorm.target import load_target
+from onlynorm.targets.cnn import ConvNetSpec
+from onlynorm.targets.mlp import load_target
+from onlynorm.targets.residual import Residual
 
 from .conftest import random_mlp
 
@@ -117,7 +117,7 @@ def test_residual_blocks_with_pooling_are_exact():
 
 
 def test_cnn_target_files_and_cli_round_trip(tmp_path, capsys):
-    from onlynorm.cli import main
+    from onlynorm.cli.app import main
 
     torch.manual_seed(3)
     g = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 3 * 3, 3)).double().eval()
@@ -216,7 +216,7 @@ def test_cnn_certificate_and_a_switched_off_channel():
 
 
 def test_reconstruct_help_lists_every_method_with_its_cost(capsys):
-    from onlynorm.cli import main
+    from onlynorm.cli.app import main
 
     with pytest.raises(SystemExit):
         main(["reconstruct", "--help"])

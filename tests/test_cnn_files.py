@@ -11,9 +11,9 @@ from torch import nn
 import onlynorm
 from onlynorm import Box, FileFormatError, InvalidNetworkError
 from onlynorm._io import read_tensors, write_tensors
-from onlynorm.cnn import ConvNetSpec
-from onlynorm.residual import Residual
-from onlynorm.target import load_target
+from onlynorm.targets.cnn import ConvNetSpec
+from onlynorm.targets.mlp import load_target
+from onlynorm.targets.residual import Residual
 
 
 def _max_rel(f, g, box, in_shape, n=1500, seed=0):

@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 
 import onlynorm
 from onlynorm import Box, MLPSpec, SingularSystemError
-from onlynorm.constructions.deep import ResidualStream, block_sizes
 from onlynorm.constructions.sparse import SparsePatternError
+from onlynorm.nets.stream import ResidualStream, block_sizes
 
 from .conftest import random_mlp
 
@@ -26,7 +26,7 @@ def cases(draw, max_width=6, max_depth=3):
 
 
 def _rel_error(f, g, box, n=3000, seed=0):
-    spec = onlynorm.target.as_target(g)
+    spec = onlynorm.targets.mlp.as_target(g)
     x = box.expand(spec.in_features).sample(n, seed=seed)
     with torch.no_grad():
         gx, fx = spec(x), f(x)
@@ -248,7 +248,7 @@ def test_capacity_report_matches_the_solvers_verdict():
 
 
 def test_cli_methods(tmp_path, capsys):
-    from onlynorm.cli import main
+    from onlynorm.cli.app import main
 
     target = tmp_path / "t.safetensors"
     MLPSpec.from_module(random_mlp([4, 5, 2], seed=12)).save(target)

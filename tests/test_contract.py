@@ -16,8 +16,8 @@ import onlynorm
 from onlynorm import Box, NormNet
 from onlynorm.constructions import available_methods, get_construction
 from onlynorm.errors import InvalidNetworkError, InvalidOptionError, OnlyNormError
+from onlynorm.nets.records import NetMeta, SolveInfo, SolveRecord
 from onlynorm.options import OptionSpec, check_scalar
-from onlynorm.records import NetMeta, SolveInfo, SolveRecord
 
 from .conftest import random_mlp
 
@@ -153,7 +153,7 @@ def test_typed_metadata_refuses_tampered_fields(tmp_path):
 @pytest.mark.parametrize("method", ["width", "deep", "lowrank", "sparse"])
 def test_files_written_by_0_1_still_load_and_verify(method):
     net = NormNet.load(DATA / f"{method}.safetensors")
-    target = onlynorm.target.load_target(DATA / "target.safetensors")
+    target = onlynorm.targets.mlp.load_target(DATA / "target.safetensors")
     assert net.method == method and net.meta.solve is not None and net.meta.solve.exact
     report = onlynorm.verify(net, target, samples=2000, certify=True)
     assert report.ok and report.certified and net.meta.solve.domain.to_dict()["high"] == [2.0] * 3
@@ -161,7 +161,7 @@ def test_files_written_by_0_1_still_load_and_verify(method):
 
 def test_cnn_files_and_norm_sets_written_by_0_1_still_load():
     net = NormNet.load(DATA / "cnn.safetensors")
-    target = onlynorm.target.load_target(DATA / "cnn_target.safetensors")
+    target = onlynorm.targets.mlp.load_target(DATA / "cnn_target.safetensors")
     assert onlynorm.verify(net, target, samples=500).passed
     sparse = NormNet.load(DATA / "sparse.safetensors")
     before = {k: v.clone() for k, v in sparse.norm_state().items()}
@@ -212,7 +212,7 @@ def test_cuda_without_cuda_is_refused():
 def test_cli_flags_come_from_the_option_declarations():
     import inspect
 
-    from onlynorm.cli import reconstruct
+    from onlynorm.cli.app import reconstruct
 
     declared = {spec.name for m in available_methods() for spec in get_construction(m).option_specs()}
     flags = {
@@ -225,7 +225,7 @@ def test_cli_flags_come_from_the_option_declarations():
 
 
 def test_cli_takes_per_layer_ranks(tmp_path, capsys):
-    from onlynorm.cli import main
+    from onlynorm.cli.app import main
 
     g = random_mlp([4, 4, 3], seed=3)
     onlynorm.MLPSpec.from_module(g).save(tmp_path / "t.safetensors")
@@ -297,7 +297,7 @@ def test_sequential_runner_restores_the_callers_thread_count():
 
 
 def test_cli_verify_low_alone_keeps_the_stored_high(tmp_path, capsys):
-    from onlynorm.cli import main
+    from onlynorm.cli.app import main
 
     g = random_mlp([2, 3, 1], seed=5)
     onlynorm.MLPSpec.from_module(g).save(tmp_path / "t.safetensors")
@@ -316,14 +316,14 @@ def test_cli_verify_low_alone_keeps_the_stored_high(tmp_path, capsys):
             ]
         )
     assert info.value.code == 0, capsys.readouterr().err
-    from onlynorm.cli import _domain
+    from onlynorm.cli.app import _domain
 
     stored = Box(0.0, 4.0, dim=2)
     assert _domain(1.0, None, stored).high.tolist() == [4.0, 4.0]
 
 
 def test_memory_refusal_for_cnn_targets_suggests_only_what_works():
-    from onlynorm import memory
+    from onlynorm.constructions import memory
 
     g = nn.Sequential(nn.Conv2d(8, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4 * 4, 2)).double().eval()
     memory.set_memory_limit("1M")
@@ -371,7 +371,7 @@ def test_the_fit_report_is_typed_metadata_that_round_trips_and_is_validated(tmp_
     """``fit_norms`` stores its report as ``meta.fit`` (a FitReport, not an untyped extra key): it survives
     save/load as the same typed object, and a tampered report is refused with the field named."""
     from onlynorm import _io
-    from onlynorm.records import FitReport
+    from onlynorm.nets.records import FitReport
 
     g = random_mlp([3, 4, 2], seed=2)
     frozen = onlynorm.random_normnet(g, hidden=[3, 3], seed=0)

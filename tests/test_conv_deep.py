@@ -13,10 +13,10 @@ from torch import nn
 
 import onlynorm
 from onlynorm import Box, MemoryBudgetError
-from onlynorm.cnn import ConvNetSpec
-from onlynorm.constructions.conv_deep import ConvStream
-from onlynorm.memory import set_memory_limit
-from onlynorm.residual import Residual
+from onlynorm.constructions.memory import set_memory_limit
+from onlynorm.nets.conv_stream import ConvStream
+from onlynorm.targets.cnn import ConvNetSpec
+from onlynorm.targets.residual import Residual
 
 
 def _out(size: int, k: int, s: int, p: int, d: int) -> int:

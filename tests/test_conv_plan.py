@@ -12,14 +12,14 @@ from torch import nn
 
 import onlynorm
 from onlynorm import NormNet
-from onlynorm.cli import main
-from onlynorm.cnn import ConvNetSpec
-from onlynorm.cnn_layers import Conv, Flatten, Linear, Pool, ReLU, ResidualBlock
+from onlynorm.cli.app import main
 from onlynorm.constructions import get_construction
-from onlynorm.constructions.conv_deep import ConvStream
 from onlynorm.constructions.plan import stage_at
 from onlynorm.errors import InvalidNetworkError
-from onlynorm.records import SolveRecord
+from onlynorm.nets.conv_stream import ConvStream
+from onlynorm.nets.records import SolveRecord
+from onlynorm.targets.cnn import ConvNetSpec
+from onlynorm.targets.layers import Conv, Flatten, Linear, Pool, ReLU, ResidualBlock
 
 #: method name for random_normnet → (construction, options)
 METHODS = {"width": ("conv", {}), "deep": ("conv_deep", {"block": 2})}
@@ -133,7 +133,7 @@ def test_conv_deep_plan_of_names_a_block_mismatch():
 def test_legacy_conv_fixture_follows_its_plan():
     from pathlib import Path
 
-    from onlynorm.target import load_target
+    from onlynorm.targets.mlp import load_target
 
     data = Path(__file__).parent / "data" / "v0_1"
     net, spec = NormNet.load(data / "cnn.safetensors"), load_target(data / "cnn_target.safetensors")

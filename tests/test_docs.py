@@ -25,7 +25,7 @@ def test_site_builds_strict(tmp_path):
 
     for name in onlynorm.__all__:  # every public name has its entry (verify/capacity: under their module)
         assert f'id="onlynorm.{name}"' in api or f'id="onlynorm.{name}.{name}"' in api, name
-    assert 'id="onlynorm.export_onnx.export_onnx"' in api and 'id="onlynorm.sklearn_target.spec_from_sklearn"' in api
+    assert 'id="onlynorm.nets.onnx.export_onnx"' in api and 'id="onlynorm.targets.sklearn.spec_from_sklearn"' in api
     tutorial = (site / "tutorial" / "index.html").read_text()
     assert "passed=True" in tutorial and "<img" in tutorial  # rendered with its outputs
     home = (site / "index.html").read_text()

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from onlynorm.cli import main
+from onlynorm.cli.app import main
 from onlynorm.experiments import EXPERIMENTS, run_experiment, sparse_threshold
 from onlynorm.experiments.runner import run_trials, trial_seed
 

@@ -14,9 +14,9 @@ from torch import nn
 
 import onlynorm
 from onlynorm import NormNet
-from onlynorm.cli import main
+from onlynorm.cli.app import main
 from onlynorm.errors import MissingDependencyError
-from onlynorm.export_onnx import export_onnx
+from onlynorm.nets.onnx import export_onnx
 
 from .conftest import random_mlp
 

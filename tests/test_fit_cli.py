@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 
 import onlynorm
 from onlynorm import Box, MLPSpec, NormNet
-from onlynorm.cli import main
+from onlynorm.cli.app import main
 
 from .conftest import random_mlp
 

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 import onlynorm
 from onlynorm import InvalidTargetError, MLPSpec, NormNet
-from onlynorm.cli import main
+from onlynorm.cli.app import main
 
 from .conftest import random_mlp
 

@@ -11,10 +11,10 @@ from torch import nn
 
 import onlynorm
 from onlynorm import InvalidTargetError, MemoryBudgetError
-from onlynorm.cnn import ConvNetSpec
-from onlynorm.cnn_layers import Conv, Pool, ResidualBlock, walk
-from onlynorm.memory import set_memory_limit
-from onlynorm.target import as_target, load_target
+from onlynorm.constructions.memory import set_memory_limit
+from onlynorm.targets.cnn import ConvNetSpec
+from onlynorm.targets.layers import Conv, Pool, ResidualBlock, walk
+from onlynorm.targets.mlp import as_target, load_target
 
 
 # --------------------------------------------------------------------------- models, as users write them
@@ -293,7 +293,7 @@ def test_training_mode_model_is_refused_with_what_to_do():
 
 def test_unsupported_layer_in_a_target_file_exits_2_on_the_cli_with_one_line(tmp_path, capsys):
     from onlynorm._io import read_tensors, write_tensors
-    from onlynorm.cli import main
+    from onlynorm.cli.app import main
 
     path = tmp_path / "t.safetensors"
     ConvNetSpec.from_module(nn.Sequential(nn.Conv2d(1, 1, 1), nn.Flatten()).double(), (1, 2, 2)).save(path)

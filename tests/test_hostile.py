@@ -19,7 +19,7 @@ import torch
 
 import onlynorm
 from onlynorm import _io
-from onlynorm.cli import main
+from onlynorm.cli.app import main
 
 from .conftest import random_mlp
 

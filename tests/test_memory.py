@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 import onlynorm
-from onlynorm import MemoryBudgetError, memory
+from onlynorm import MemoryBudgetError
+from onlynorm.constructions import memory
 from onlynorm.errors import OnlyNormError
 
 
@@ -30,7 +31,9 @@ def test_user_limit_from_api_and_environment(monkeypatch):
     g = nn.Linear(40, 40).double()  # one 1600 × 1600 float64 system: 19.5 MiB
     memory.set_memory_limit("10M")
     try:
-        with pytest.raises(MemoryBudgetError, match=r"limit is 10.0 MiB \(onlynorm.memory.set_memory_limit\)"):
+        with pytest.raises(
+            MemoryBudgetError, match=r"limit is 10.0 MiB \(onlynorm.constructions.memory.set_memory_limit\)"
+        ):
             onlynorm.random_normnet(g)
     finally:
         memory.set_memory_limit(None)
@@ -56,7 +59,7 @@ def test_parse_bytes_refuses_garbage():
 
 def test_estimate_is_an_upper_bound_of_the_width_system():
     from onlynorm.constructions import get_construction
-    from onlynorm.target import MLPSpec
+    from onlynorm.targets.mlp import MLPSpec
 
     spec = MLPSpec((torch.zeros(12, 10, dtype=torch.float64),), (torch.zeros(12, dtype=torch.float64),))
     need = get_construction("width").estimate_bytes(spec, torch.float64)

@@ -61,7 +61,7 @@ def test_deep_512_layer_estimate_is_a_few_gigabytes():
     """The memory guard's *estimate* (what it refuses by): k=1 keeps the largest system m×m, so a 512×512 layer
     is estimated far below the dense width method. The real peak is measured by `make bench` (deep case)."""
     from onlynorm.constructions import get_construction
-    from onlynorm.target import MLPSpec
+    from onlynorm.targets.mlp import MLPSpec
 
     spec = MLPSpec((torch.zeros(512, 512, dtype=torch.float64),), (torch.zeros(512, dtype=torch.float64),))
     deep = get_construction("deep").estimate_bytes(spec, torch.float64, block=1)

@@ -14,7 +14,7 @@ from sklearn.neural_network import MLPClassifier, MLPRegressor
 import onlynorm
 from onlynorm import Box
 from onlynorm.errors import InvalidTargetError, OnlyNormError, UnsupportedActivationError
-from onlynorm.sklearn_target import predict, predict_proba, spec_from_sklearn
+from onlynorm.targets.sklearn import predict, predict_proba, spec_from_sklearn
 
 
 def _fit(model, X, y):

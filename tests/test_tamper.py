@@ -182,7 +182,7 @@ def test_float32_rounding_bound_covers_the_observed_error():
 def test_cli_verify_certify_exits_1_when_the_bound_exceeds_the_tolerance(tmp_path, capsys):
     """A γ edited with a compensating β passes the sampled check at one point; the certificate's bound does not
     meet the tolerance, so the exit code is 1 with the failing check named."""
-    from onlynorm.cli import main
+    from onlynorm.cli.app import main
 
     net, g, box = NETWORKS["width"]
     first = net.layers[0]

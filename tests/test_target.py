@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from onlynorm import FileFormatError, InvalidTargetError, MLPSpec
-from onlynorm.target import as_target
+from onlynorm.targets.mlp import as_target
 
 from .conftest import random_mlp
 

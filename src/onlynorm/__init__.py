@@ -9,10 +9,9 @@ True
 """
 
 from .api import random_normnet, reconstruct, solve_norms
-from .capacity import CapacityReport, capacity
 from .certify import CertifyResult
-from .cnn import ConvNetSpec
 from .constructions import available_methods
+from .constructions.capacity import CapacityReport, capacity
 from .constructions.sparse import SparsePatternError
 from .domain import Box, interval_bounds
 from .errors import (
@@ -28,12 +27,14 @@ from .errors import (
     UnsupportedActivationError,
 )
 from .fit import FitReport, fit_norms, with_norms
-from .normnet import NetSummary, NormLinear, NormNet
-from .records import NetMeta, SolveInfo, SolveRecord
-from .residual import Residual
-from .sklearn_target import spec_from_sklearn
-from .target import MLPSpec
-from .train import TrainHistory, norm_parameters, train_norm_only
+from .fit.gradient import TrainHistory, norm_parameters, train_norm_only
+from .nets.linear import NormLinear
+from .nets.normnet import NetSummary, NormNet
+from .nets.records import NetMeta, SolveInfo, SolveRecord
+from .targets.cnn import ConvNetSpec
+from .targets.mlp import MLPSpec
+from .targets.residual import Residual
+from .targets.sklearn import spec_from_sklearn
 from .verify import VerifyReport, verify
 
 __version__ = "0.1.0"

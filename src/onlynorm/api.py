@@ -13,12 +13,13 @@ from torch import nn
 
 from .constructions import get_construction
 from .constructions.base import Progress
+from .constructions.memory import check_memory
 from .domain import Box, resolve_domain
 from .errors import InvalidNetworkError, InvalidOptionError
-from .memory import check_memory
-from .normnet import NormLinear, NormNet
+from .nets.linear import NormLinear
+from .nets.normnet import NormNet
 from .options import check_device, check_dtype, check_seed
-from .target import MLPSpec, as_target
+from .targets.mlp import MLPSpec, as_target
 
 __all__ = ["random_normnet", "solve_norms", "reconstruct"]
 
@@ -140,7 +141,7 @@ def _in_shape(in_shape: Any) -> InShape | None:
 
 def _method_for(spec, method: str) -> str:
     """CNN targets use the conv construction (the width construction generalised to convolutions)."""
-    from .cnn import ConvNetSpec
+    from .targets.cnn import ConvNetSpec
 
     if not isinstance(method, str):
         raise InvalidOptionError(f"method: expected a string such as 'width', found {method!r}")

@@ -16,13 +16,13 @@ from torch import nn
 
 from .certify import certifiability_problems, not_certifiable
 from .constructions import get_construction
+from .constructions.memory import format_bytes, memory_limit
 from .domain import Box, resolve_domain
 from .errors import InvalidNetworkError
-from .memory import format_bytes, memory_limit
-from .normnet import NormNet
+from .nets.normnet import NormNet
 from .options import check_scalar, check_seed
-from .sklearn_target import compare_predictions, is_sklearn_mlp
-from .target import MLPSpec, as_target
+from .targets.mlp import MLPSpec, as_target
+from .targets.sklearn import compare_predictions, is_sklearn_mlp
 
 __all__ = ["VerifyReport", "verify", "default_tolerance"]
 
@@ -184,7 +184,7 @@ def verify(
     tol = default_tolerance(dtype) if tolerance is None else float(tolerance)
     g64 = spec.to(dtype=torch.float64, device=device)
     if batch_size is None and isinstance(net, NormNet) and getattr(spec, "in_shape", None) is not None:
-        from .conv_memory import batch_size_for  # image networks: stream so a batch's activations stay ~512 MB
+        from .constructions.conv_memory import batch_size_for
 
         batch_size = min(samples, batch_size_for(spec, dtype, 512 << 20))
     if batch_size is None:

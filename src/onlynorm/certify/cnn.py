@@ -43,10 +43,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..cnn import ConvNetSpec, box_tensors
-from ..cnn_layers import Pool, ResidualBlock
 from ..domain import Box
 from ..errors import InvalidNetworkError
+from ..targets.cnn import ConvNetSpec, box_tensors
+from ..targets.layers import Pool, ResidualBlock
 from .core import U64, CertifyResult, final_result, gamma_n, unit_roundoff
 
 __all__ = ["certify_conv"]

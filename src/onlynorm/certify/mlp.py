@@ -34,8 +34,9 @@ import torch
 
 from ..domain import Box
 from ..errors import InvalidNetworkError
-from ..normnet import NormLinear, NormNet
-from ..target import MLPSpec
+from ..nets.linear import NormLinear
+from ..nets.normnet import NormNet
+from ..targets.mlp import MLPSpec
 from .core import U_XP, XP, CertifyResult, affine_interval, final_result, gamma_n, to_xp, unit_roundoff
 
 __all__ = ["certify_blocks", "propagate_distance", "certify_result", "start_rounding"]

@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..domain import Box
-from ..normnet import NormNet
-from ..target import MLPSpec
+from ..nets.normnet import NormNet
+from ..targets.mlp import MLPSpec
 from .core import U_XP, XP, CertifyResult, affine_interval, gamma_n, to_xp, unit_roundoff
 from .mlp import certify_result, propagate_distance, start_rounding
 

@@ -1,6 +1,6 @@
 """The construction protocol and registry.
 
-A construction turns a target into a frozen random :class:`~onlynorm.normnet.NormNet` (``build``) and solves that
+A construction turns a target into a frozen random :class:`~onlynorm.nets.normnet.NormNet` (``build``) and solves that
 network's ``γ, β`` so it computes the target on a box (``solve``). ``build`` may take a network the user brought
 instead: ``solve`` only reads frozen weights and writes normalization parameters.
 """
@@ -15,9 +15,11 @@ import torch
 from ..certify import CertifyResult
 from ..domain import Box
 from ..errors import InvalidDomainError, InvalidNetworkError, InvalidOptionError, OnlyNormError
-from ..normnet import NormLinear, NormNet, Stage
+from ..nets.linear import NormLinear
+from ..nets.normnet import NormNet
+from ..nets.records import SolveInfo, SolveRecord
+from ..nets.stage import Stage
 from ..options import OptionSpec, check_options
-from ..records import SolveInfo, SolveRecord
 from .plan import Plan
 
 __all__ = [

@@ -37,210 +37,24 @@ import contextlib
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..cnn import ConvNetSpec, box_tensors
-from ..cnn_layers import Conv, Linear
 from ..domain import Box
 from ..errors import InvalidNetworkError
 from ..linalg import compose, solve_khatri_rao_batched
-from ..normnet import NormNet, Stage, frozen_module, make_batchnorm, register_stage
+from ..nets.conv_stream import ConvStream, grouped_conv
+from ..nets.normnet import NormNet
+from ..nets.records import SolveRecord, relative_residual
+from ..nets.stage import Stage
+from ..nets.stream import block_sizes
 from ..options import OptionSpec
-from ..records import SolveRecord, relative_residual
+from ..targets.cnn import ConvNetSpec, box_tensors
+from ..targets.layers import Conv, Linear
 from .base import MARGIN, Construction, Progress, begin_solve, finish_solve, frozen_init, register, safe_margin
 from .conv import build_stages, cnn_plan, cnn_target, conv_geometry, walk_plan
-from .deep import BLOCK, block_sizes
+from .deep import BLOCK
 from .plan import Plan, PlanStep, StagePath, path_label, walk_network
 
-__all__ = ["ConvStream", "ConvDeepConstruction"]
-
-
-@register_stage
-class ConvStream(Stage):
-    """One target conv (or, with ``flat``, Linear) of the deep construction: a grouped branch conv, its
-    BatchNorm2d, ReLU, a frozen 1×1 readout into ``out_channels`` and the output BatchNorm2d.
-
-    State-dict keys: ``branch.weight`` (the full blocks, ``groups = ⌊c_in/k⌋``), ``rest.weight`` (the smaller last
-    block, if any), ``branch_norm.*``, ``readout.weight``, ``norm.*``.
-    """
-
-    kind = "conv_stream"
-    branch: nn.Conv2d
-    rest: nn.Conv2d | None
-    branch_norm: _BatchNorm
-    readout: nn.Conv2d
-    norm: _BatchNorm
-
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size=(1, 1),
-        stride=(1, 1),
-        padding=(0, 0),
-        dilation=(1, 1),
-        block: int = 1,
-        flat: bool = False,
-        paired: bool = False,
-        *,
-        dtype: torch.dtype = torch.float64,
-        device=None,
-    ):
-        super().__init__()
-        self.paired = bool(paired)
-        kh, kw = (int(v) for v in kernel_size)
-        self.in_channels, self.out_channels, self.flat = int(in_channels), int(out_channels), bool(flat)
-        self.block = min(int(block), self.in_channels)
-        self.geometry = {
-            "kernel_size": (kh, kw),
-            "stride": tuple(stride),
-            "padding": tuple(padding),
-            "dilation": tuple(dilation),
-        }
-        self.sizes = block_sizes(self.in_channels, self.block)
-        self.full = self.in_channels // self.block  # blocks of exactly k channels
-        k, rest = self.block, self.in_channels % self.block
-        self.per_block = self.out_channels * k * kh * kw  # N_t of a full block
-        self.branch = frozen_module(
-            nn.Conv2d,
-            self.full * k,
-            self.full * self.per_block,
-            (kh, kw),
-            stride=tuple(stride),
-            padding=tuple(padding),
-            dilation=tuple(dilation),
-            groups=self.full,
-            dtype=dtype,
-            device=device,
-        )
-        self.rest = (
-            frozen_module(
-                nn.Conv2d,
-                rest,
-                self.out_channels * rest * kh * kw,
-                (kh, kw),
-                stride=tuple(stride),
-                padding=tuple(padding),
-                dilation=tuple(dilation),
-                dtype=dtype,
-                device=device,
-            )
-            if rest
-            else None
-        )
-        self.channels = self.full * self.per_block + (self.rest.out_channels if self.rest is not None else 0)
-        self.branch_norm = make_batchnorm(self.channels, dims=2, dtype=dtype, device=device)
-        self.readout = frozen_module(nn.Conv2d, self.channels, self.out_channels, (1, 1), dtype=dtype, device=device)
-        self.norm = make_batchnorm(self.out_channels, dims=2, dtype=dtype, device=device)
-
-    def branch_pre(self, x: torch.Tensor) -> torch.Tensor:
-        """``A * x`` for every block at once (before the branch BatchNorm)."""
-        split = self.full * self.block
-        g = self.geometry
-        u = grouped_conv(
-            x[:, :split] if self.rest is not None else x,
-            self.branch.weight,
-            self.full,
-            g["stride"],
-            g["padding"],
-            g["dilation"],
-        )
-        if self.rest is not None:
-            u = torch.cat(
-                [u, grouped_conv(x[:, split:], self.rest.weight, 1, g["stride"], g["padding"], g["dilation"])], dim=1
-            )
-        return u
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.flat:
-            x = x[:, :, None, None]
-        v = self.branch_pre(x)
-        bn = self.branch_norm
-        inference = not (torch.is_grad_enabled() or bn.training)
-        if inference:  # γ v + β in place (no copies of the widest activation)
-            v = v.mul_(bn.weight.view(1, -1, 1, 1)).add_(bn.bias.view(1, -1, 1, 1))
-        else:
-            v = bn(v)
-        B = self.readout.weight.flatten(1)
-        if self.paired:  # readout [B, −B] of [relu(v), relu(−v)] = B (relu(v) − relu(−v)), one matmul
-            pos = torch.relu(v)
-            u = pos.sub_(v.neg_().relu_()) if inference else pos - torch.relu(-v)
-            s = torch.matmul(B, u.flatten(2))
-        else:
-            u = v.relu_() if inference else torch.relu(v)
-            s = torch.matmul(B, u.flatten(2))
-        s = self.norm(s.view(v.shape[0], -1, *v.shape[2:]))
-        return s.flatten(1) if self.flat else s
-
-    def config(self) -> dict[str, Any]:
-        g = self.geometry
-        return {
-            "in_channels": self.in_channels,
-            "out_channels": self.out_channels,
-            "kernel_size": list(g["kernel_size"]),
-            "stride": list(g["stride"]),
-            "padding": list(g["padding"]),
-            "dilation": list(g["dilation"]),
-            "block": self.block,
-            "flat": self.flat,
-            "paired": self.paired,
-        }
-
-    def widths(self) -> list[int]:
-        return [self.channels, self.out_channels]
-
-    def relu_units(self) -> int:
-        """ReLU units per position: each branch channel once, or twice when ``paired`` (relu(v) and relu(−v))."""
-        return self.channels * (2 if self.paired else 1)
-
-    def depth(self) -> int:
-        return 2
-
-    def dense_branch(self) -> torch.Tensor:
-        """The branch kernels as one ``(channels, c_in, k_h, k_w)`` block-diagonal kernel (for certificates)."""
-        kh, kw = self.geometry["kernel_size"]
-        A = self.branch.weight.new_zeros(self.channels, self.in_channels, kh, kw)
-        for t, (units, J) in enumerate(self.block_slices()):
-            w = self.block_kernel(t)
-            A[units, J] = w[units] if t < self.full else w
-        return A
-
-    def block_kernel(self, t: int) -> torch.Tensor:
-        """The frozen kernel holding block ``t``: the grouped ``branch`` (all full blocks; index it by the block's
-        units) or, for the smaller last block, ``rest``."""
-        if t < self.full:
-            return self.branch.weight
-        if self.rest is None:
-            raise IndexError(f"block {t} of a stream with {self.full} blocks")
-        return self.rest.weight
-
-    def block_slices(self) -> list[tuple[slice, slice]]:
-        """``(branch channels, input channels)`` of each block."""
-        out, unit, chan = [], 0, 0
-        kh, kw = self.geometry["kernel_size"]
-        for k in self.sizes:
-            n = self.out_channels * k * kh * kw
-            out.append((slice(unit, unit + n), slice(chan, chan + k)))
-            unit, chan = unit + n, chan + k
-        return out
-
-
-def grouped_conv(x: torch.Tensor, weight: torch.Tensor, groups: int, stride, padding, dilation) -> torch.Tensor:
-    """``F.conv2d(x, weight, groups=groups)`` as one unfold and one batched matmul.
-
-    torch's CPU grouped convolution in float64 takes a slow path (seconds for a 64-group 3×3 layer on one 8×8
-    image); ``unfold`` orders its rows by (channel, k_h, k_w), so group ``t`` reads a contiguous row block.
-    """
-    B, _, H, W = x.shape
-    out_channels, k, kh, kw = weight.shape
-    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
-    Ho, Wo = (H + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (W + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-    cols = F.unfold(x, (kh, kw), dilation=(dh, dw), padding=(ph, pw), stride=(sh, sw))
-    cols = cols.view(B, groups, k * kh * kw, Ho * Wo)
-    out = torch.matmul(weight.reshape(groups, out_channels // groups, k * kh * kw), cols)
-    return out.view(B, out_channels, Ho, Wo)
+__all__ = ["ConvDeepConstruction"]
 
 
 #: 1 (default): sign-paired branches, exact for every input; 0: linear regime from interval bounds (``β_t``)
@@ -356,7 +170,7 @@ class ConvDeepConstruction(Construction):
         return build_stages(plan, target.layers, stream, dtype, device)
 
     def estimate_bytes(self, target, dtype, **options) -> int:
-        from ..conv_memory import estimate_conv_bytes
+        from .conv_memory import estimate_conv_bytes
 
         self.plan(cnn_target(target), self.check_options(options))  # refuses a target the plan cannot realise
         return estimate_conv_bytes(target, dtype, "conv_deep", block=int(options.get("block") or 1))

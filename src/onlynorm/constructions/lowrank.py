@@ -29,10 +29,10 @@ import torch
 from ..certify import CertifyResult, certify_blocks
 from ..domain import Box, affine_bounds, interval_bounds
 from ..linalg import compose, solve_khatri_rao
-from ..normnet import NormNet
+from ..nets.normnet import NormNet
+from ..nets.records import SolveRecord, relative_residual
 from ..options import OptionSpec
-from ..records import SolveRecord, relative_residual
-from ..target import MLPSpec
+from ..targets.mlp import MLPSpec
 from .base import (
     MARGIN,
     Construction,

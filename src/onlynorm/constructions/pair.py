@@ -8,7 +8,7 @@ With every unit of ``u`` active on the reachable inputs ``h ∈ [lo, hi]`` it co
 3. ``γ₂ = 1`` and ``β₂ = b − B β₁`` cancel the offset: the pair computes ``W h + b`` exactly.
 
 >>> import torch
->>> from onlynorm.normnet import NormLinear
+>>> from onlynorm.nets import NormLinear
 >>> from onlynorm.constructions.base import random_norm_linear
 >>> gen = torch.Generator().manual_seed(0)
 >>> first = random_norm_linear(2, 6, True, gen, dtype=torch.float64, device=None)
@@ -30,8 +30,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..domain import affine_bounds
 from ..linalg import KRSolution, solve_khatri_rao
-from ..normnet import NormLinear
-from ..records import SolveRecord
+from ..nets.linear import NormLinear
+from ..nets.records import SolveRecord
 from .base import safe_margin, weight_scale
 
 __all__ = ["pair_offsets", "set_norms", "solve_pair", "record_of"]

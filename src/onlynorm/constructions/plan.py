@@ -29,7 +29,9 @@ from typing import Any, cast
 from torch import nn
 
 from ..errors import InvalidNetworkError
-from ..normnet import NormLinear, NormNet, Stage
+from ..nets.linear import NormLinear
+from ..nets.normnet import NormNet
+from ..nets.stage import Stage
 
 __all__ = ["Plan", "PlanStep", "StagePath", "path_label", "stage_at", "walk_network"]
 

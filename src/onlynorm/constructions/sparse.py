@@ -29,9 +29,10 @@ import torch
 
 from ..errors import InvalidOptionError, SingularSystemError
 from ..linalg import consistent_solution, kr_pattern, structural_rank, vec
-from ..normnet import NormNet, Stage
+from ..nets.normnet import NormNet
+from ..nets.stage import Stage
 from ..options import OptionSpec
-from ..target import MLPSpec
+from ..targets.mlp import MLPSpec
 from .base import MARGIN, random_norm_linear, register
 from .plan import Plan
 from .width import WidthConstruction, pair_plan, pair_widths

@@ -30,9 +30,10 @@ import torch
 
 from ..certify import CertifyResult, certify_blocks
 from ..domain import Box, interval_bounds
-from ..normnet import NormLinear, NormNet
+from ..nets.linear import NormLinear
+from ..nets.normnet import NormNet
 from ..options import OptionSpec
-from ..target import MLPSpec
+from ..targets.mlp import MLPSpec
 from .base import MARGIN, Construction, Progress, begin_solve, finish_solve, per_layer, register
 from .pair import solve_pair
 from .plan import Plan, PlanStep

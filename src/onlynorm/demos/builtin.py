@@ -10,7 +10,7 @@ import torch
 from .._io import atomic_path
 from ..api import reconstruct
 from ..domain import Box
-from ..target import MLPSpec
+from ..targets.mlp import MLPSpec
 from ..verify import verify
 from .report import print_rows
 

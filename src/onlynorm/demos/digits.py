@@ -24,8 +24,8 @@ from torch import nn
 from .._io import atomic_path
 from ..api import random_normnet, solve_norms
 from ..domain import Box
-from ..target import MLPSpec
-from ..train import train_norm_only
+from ..fit.gradient import train_norm_only
+from ..targets.mlp import MLPSpec
 from ..verify import verify
 from .report import print_rows, print_table
 

@@ -24,11 +24,11 @@ import torch.nn.functional as F
 
 from .._io import atomic_path
 from ..api import reconstruct
-from ..cnn import ConvNetSpec
-from ..conv_memory import batch_size_for, conv_estimates
+from ..constructions.conv_memory import batch_size_for, conv_estimates
+from ..constructions.memory import format_bytes, memory_limit
 from ..domain import Box
 from ..errors import MemoryBudgetError
-from ..memory import format_bytes, memory_limit
+from ..targets.cnn import ConvNetSpec
 from ..verify import verify
 from .digits import fit_classifier, load_digits_split
 from .report import print_rows, print_table

@@ -7,7 +7,7 @@
   ``downsample`` Sequential, ``out += identity``, ``nn.ReLU(inplace=True)``, ``AdaptiveAvgPool2d``,
   ``torch.flatten``) for 3×224×224 images: about 11.7M parameters.
 
-Both convert to onlynorm targets through ``torch.fx`` (:mod:`onlynorm.fx_target`).
+Both convert to onlynorm targets through ``torch.fx`` (:mod:`onlynorm.targets.fx`).
 
 >>> sum(p.numel() for p in resnet20().parameters())
 272474

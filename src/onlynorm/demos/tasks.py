@@ -18,8 +18,8 @@ import torch
 from .._io import atomic_path
 from ..api import random_normnet, solve_norms
 from ..domain import Box
-from ..normnet import NormNet
-from ..target import MLPSpec
+from ..nets.normnet import NormNet
+from ..targets.mlp import MLPSpec
 from .digits import load_digits_split, train_target
 from .report import print_rows, print_table
 

@@ -25,7 +25,7 @@ COND_MAX_SYSTEM = 2400  # pivoted QR beyond this size costs more than the experi
 
 
 def _target(method: str, d: int, seed: int):
-    from ..target import MLPSpec
+    from ..targets.mlp import MLPSpec
 
     g = torch.Generator().manual_seed(seed)
     if method == "lowrank":

@@ -35,10 +35,11 @@ from torch import nn
 
 from ..constructions.base import Progress
 from ..errors import InvalidNetworkError, OnlyNormError, SingularSystemError
-from ..normnet import NormNet
-from ..target import as_target
+from ..nets.normnet import NormNet
+from ..nets.pretrained import PretrainedConv2d, PretrainedLinear
+from ..targets.mlp import as_target
 from .data import FitData, prepare_data, relative_rms
-from .pretrained import PretrainedConv2d, PretrainedLinear, with_norms
+from .pretrained import with_norms
 from .report import FitReport, Phase
 
 __all__ = [

@@ -10,9 +10,9 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from ..normnet import NormNet
-from ..train import train_norm_only
+from ..nets.normnet import NormNet
 from .data import FitData
+from .gradient import train_norm_only
 from .report import Phase
 
 __all__ = ["fit_adam", "ADAM_STEPS", "ADAM_LR"]

@@ -18,7 +18,8 @@ import torch
 
 from ..domain import Box
 from ..errors import InvalidNetworkError, OnlyNormError
-from ..normnet import NormNet, dtype_name
+from ..nets.normnet import NormNet
+from ..nets.stage import dtype_name
 
 __all__ = ["FitData", "prepare_data", "relative_rms", "MIN_ROWS"]
 

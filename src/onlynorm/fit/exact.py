@@ -13,7 +13,7 @@ import time
 from ..api import solve_norms
 from ..constructions import available_methods, get_construction
 from ..errors import OnlyNormError
-from ..normnet import NormNet
+from ..nets.normnet import NormNet
 from .data import FitData
 from .report import Phase
 
@@ -33,7 +33,7 @@ def exact_applicable(net: NormNet, spec) -> bool:
 
 def check_capacity(net: NormNet, spec) -> None:
     """Raise :class:`OnlyNormError` unless :func:`onlynorm.capacity` says ``net`` can express ``spec``."""
-    from ..capacity import capacity
+    from ..constructions.capacity import capacity
 
     if net.meta.get("method", "width") not in available_methods():
         raise OnlyNormError(

@@ -12,7 +12,7 @@ or at the deadline). The held-out error of the result is therefore never above t
 every step that does not lower the held-out error stalls Levenberg–Marquardt early, in a worse minimum.)
 
 **Memory.** The Jacobian of all parameters has ``rows·m × P`` entries. When it (with its ``P × P`` normal matrix)
-would exceed the budget — a quarter of :func:`onlynorm.memory.memory_limit` unless given — the parameters are
+would exceed the budget — a quarter of :func:`onlynorm.constructions.memory.memory_limit` unless given — the parameters are
 split into blocks (one target layer's norms each) and the steps cycle through the blocks; a block that still does
 not fit uses fewer rows. No Jacobian above the budget is ever formed; the phase records the largest one.
 
@@ -31,9 +31,9 @@ import time
 
 import torch
 
+from ..constructions.memory import format_bytes, memory_limit
 from ..errors import MemoryBudgetError
-from ..memory import format_bytes, memory_limit
-from ..normnet import NormNet
+from ..nets.normnet import NormNet
 from .data import FitData
 from .jacobian import NormFunction, choose_mode, jacobian_bytes
 from .report import Phase

@@ -28,7 +28,7 @@ import math
 import torch
 from torch.func import functional_call, jacrev, jvp, vmap
 
-from ..normnet import NormNet
+from ..nets.normnet import NormNet
 
 __all__ = ["NormFunction", "choose_mode"]
 

@@ -31,11 +31,12 @@ import time
 
 import torch
 
-from ..cnn_layers import Conv, pair
 from ..constructions.base import safe_margin
 from ..domain import affine_bounds
 from ..linalg import khatri_rao_system, vec
-from ..normnet import NormLinear, NormNet
+from ..nets.linear import NormLinear
+from ..nets.normnet import NormNet
+from ..targets.layers import Conv, pair
 from .data import FitData, relative_rms
 from .report import Phase
 from .segments import Segment, patches, pre_norm, rows, segments, weight_matrix

@@ -26,85 +26,15 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..constructions.conv import FixedOp
 from ..errors import InvalidNetworkError
-from ..normnet import NormNet, Stage, conv2d_config, make_batchnorm, register_stage
+from ..nets.conv import FixedOp
+from ..nets.normnet import NormNet
+from ..nets.pretrained import PretrainedConv2d, PretrainedLinear, PretrainedStage, norm_stats
+from ..nets.stage import Stage
 
-__all__ = ["with_norms", "PretrainedLinear", "PretrainedConv2d"]
+__all__ = ["with_norms"]
 
 METHOD = "pretrained"
-
-
-class PretrainedStage(Stage):
-    """A frozen pretrained layer (with its bias) followed by a tunable BatchNorm; no ReLU of its own."""
-
-    layer: Any  # nn.Linear or nn.Conv2d
-    norm: _BatchNorm
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.layer(x))
-
-    def normalized(self, x: torch.Tensor) -> torch.Tensor:
-        """``(layer(x) − μ) / √var``: what γ multiplies."""
-        z = self.layer(x)
-        shape = (1, -1) + (1,) * (z.ndim - 2)
-        mean, var = _stats(self.norm)
-        return (z - mean.reshape(shape)) / torch.sqrt(var.reshape(shape))
-
-
-@register_stage
-class PretrainedLinear(PretrainedStage):
-    kind = "pretrained_linear"
-
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, dtype=torch.float64, device=None):
-        super().__init__()
-        self.layer = nn.Linear(in_features, out_features, bias=bias, dtype=dtype, device=device).requires_grad_(False)
-        self.norm = make_batchnorm(out_features, dtype=dtype, device=device)
-
-    def config(self) -> dict[str, Any]:
-        return {
-            "in_features": self.layer.in_features,
-            "out_features": self.layer.out_features,
-            "bias": self.layer.bias is not None,
-        }
-
-
-@register_stage
-class PretrainedConv2d(PretrainedStage):
-    kind = "pretrained_conv2d"
-
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size=(1, 1),
-        stride=(1, 1),
-        padding=(0, 0),
-        dilation=(1, 1),
-        groups: int = 1,
-        bias: bool = True,
-        *,
-        dtype=torch.float64,
-        device=None,
-    ):
-        super().__init__()
-        self.layer = nn.Conv2d(
-            in_channels,
-            out_channels,
-            tuple(kernel_size),
-            stride=tuple(stride),
-            padding=tuple(padding),
-            dilation=tuple(dilation),
-            groups=groups,
-            bias=bias,
-            dtype=dtype,
-            device=device,
-        ).requires_grad_(False)
-        self.norm = make_batchnorm(out_channels, dims=2, dtype=dtype, device=device)
-
-    def config(self) -> dict[str, Any]:
-        c = self.layer
-        return {**conv2d_config(c), "groups": c.groups, "bias": c.bias is not None}
 
 
 def _copy_layer(stage: PretrainedStage, module: nn.Module) -> None:
@@ -114,20 +44,13 @@ def _copy_layer(stage: PretrainedStage, module: nn.Module) -> None:
             stage.layer.bias.copy_(module.bias)
 
 
-def _stats(norm: _BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
-    """The running mean and variance buffers (always present: make_batchnorm tracks running statistics)."""
-    mean, var = norm.running_mean, norm.running_var
-    assert mean is not None and var is not None
-    return mean, var
-
-
 def _adopt_batchnorm(stage: PretrainedStage, bn: _BatchNorm, where: str) -> None:
     if bn.running_mean is None or bn.running_var is None:
         raise InvalidNetworkError(
             f"{where}: expected a BatchNorm with running statistics "
             "(track_running_stats=True), found none; it cannot be used as a fixed affine map"
         )
-    mean, var = _stats(stage.norm)
+    mean, var = norm_stats(stage.norm)
     with torch.no_grad():
         mean.copy_(bn.running_mean)
         var.copy_(bn.running_var + bn.eps)

@@ -1,6 +1,6 @@
 """What a fit did: one :class:`Phase` per method run (held-out error before/after, wall time, iterations).
 
-The types live in :mod:`onlynorm.records` beside the solve records, because a fitted network stores its report in
+The types live in :mod:`onlynorm.nets.records` beside the solve records, because a fitted network stores its report in
 its typed metadata (``net.meta.fit``, validated when the file is loaded); this module is their home in the fit API.
 
 >>> r = FitReport(method="auto", train_samples=10, held_out_samples=5, initial_error=1.0)
@@ -11,6 +11,6 @@ its typed metadata (``net.meta.fit``, validated when the file is loaded); this m
 
 from __future__ import annotations
 
-from ..records import FitReport, Phase
+from ..nets.records import FitReport, Phase
 
 __all__ = ["Phase", "FitReport"]

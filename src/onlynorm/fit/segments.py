@@ -20,13 +20,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..cnn import ConvNetSpec
-from ..cnn_layers import Conv, Layer, Linear, ReLU
-from ..constructions.conv import FixedOp, NormConv2d
 from ..errors import InvalidNetworkError
-from ..normnet import NormLinear, NormNet
-from ..target import MLPSpec
-from .pretrained import PretrainedStage
+from ..nets.conv import FixedOp, NormConv2d
+from ..nets.linear import NormLinear
+from ..nets.normnet import NormNet
+from ..nets.pretrained import PretrainedStage
+from ..targets.cnn import ConvNetSpec
+from ..targets.layers import Conv, Layer, Linear, ReLU
+from ..targets.mlp import MLPSpec
 
 __all__ = ["Segment", "segments", "target_records"]
 
@@ -34,7 +35,7 @@ __all__ = ["Segment", "segments", "target_records"]
 @dataclass
 class Segment:
     kind: str  # "pair", "unit" or "op"
-    record: Layer  # the target layer (onlynorm.cnn_layers: Linear, Conv, ReLU, Pool, Flatten...)
+    record: Layer  # the target layer (onlynorm.targets.layers: Linear, Conv, ReLU, Pool, Flatten...)
     stages: list = field(default_factory=list)
     relu_after: bool = False  # the target applies a ReLU after this layer inside the segment
 

@@ -2,7 +2,7 @@
 
 The model is traced symbolically (``torch.fx.symbolic_trace``; custom blocks with their own ``forward`` are traced
 through) and its shapes propagated on one zero image of ``in_shape``. The graph is then read as a chain of typed
-layers (:mod:`onlynorm.cnn_layers`):
+layers (:mod:`onlynorm.targets.layers`):
 
 * ``Conv2d`` (groups = 1, zero padding) with an eval-mode ``BatchNorm2d`` directly after it folded in
   (``W' = W·γ/√(var+eps)``, ``b' = (b − mean)·γ/√(var+eps) + β``); ``Linear`` (+ ``BatchNorm1d``);
@@ -10,7 +10,7 @@ layers (:mod:`onlynorm.cnn_layers`):
 * ``MaxPool2d``/``AvgPool2d``/``AdaptiveAvgPool2d`` (adaptive: output size dividing the input), their ``F.``
   forms; ``Flatten``/``torch.flatten(x, 1)``/``x.view(x.size(0), -1)``; ``Identity`` and ``Dropout`` are skipped;
 * a residual add (``+``, ``+=``, ``torch.add``) of two branches leaving the same tensor, followed by a ReLU, becomes
-  one :class:`~onlynorm.cnn_layers.ResidualBlock` ``relu(body(x) + shortcut(x))`` — identity or projection shortcut.
+  one :class:`~onlynorm.targets.layers.ResidualBlock` ``relu(body(x) + shortcut(x))`` — identity or projection shortcut.
 
 Anything else is refused with one line naming the node, its op and what is supported.
 
@@ -40,9 +40,9 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from ..errors import InvalidTargetError
 from .cnn import conv_layer, fold_batchnorm, linear_layer, pool_layer
-from .cnn_layers import Conv, Flatten, Layer, Linear, Pool, ReLU, ResidualBlock
-from .errors import InvalidTargetError
+from .layers import Conv, Flatten, Layer, Linear, Pool, ReLU, ResidualBlock
 
 __all__ = ["layers_from_fx", "SUPPORTED"]
 

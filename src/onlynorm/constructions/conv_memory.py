@@ -12,8 +12,8 @@ For a target conv ``c_in → c_out`` with a ``k_h×k_w`` kernel and ``P`` output
   256 MiB of ``N × N`` float64 systems at a time, twice (matrix and LU).
 
 >>> import torch
->>> from onlynorm.cnn import ConvNetSpec
->>> from onlynorm.cnn_layers import Conv, Flatten
+>>> from onlynorm.targets.cnn import ConvNetSpec
+>>> from onlynorm.targets.layers import Conv, Flatten
 >>> w = torch.zeros(64, 64, 3, 3, dtype=torch.float64)
 >>> spec = ConvNetSpec((Conv(w, torch.zeros(64, dtype=torch.float64), padding=(1, 1)), Flatten()), (64, 8, 8))
 >>> estimate_conv_bytes(spec, torch.float64, "conv") // 2**30        # one 36,864² system
@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .cnn_layers import Conv, Linear, ResidualBlock
+from ..targets.layers import Conv, Linear, ResidualBlock
 
 __all__ = [
     "LayerCost",

@@ -1,6 +1,6 @@
 """Typed layers of a CNN target: small frozen dataclasses, each with its forward, interval bounds and JSON form.
 
-A :class:`~onlynorm.cnn.ConvNetSpec` is a tuple of these layers. Every layer ``L`` provides
+A :class:`~onlynorm.targets.cnn.ConvNetSpec` is a tuple of these layers. Every layer ``L`` provides
 
 * ``L.forward(x)`` — the map itself on a batch;
 * ``L.bounds(lo, hi)`` — sound elementwise bounds of ``L(x)`` for ``lo ≤ x ≤ hi`` (batched ``(1, …)`` tensors).

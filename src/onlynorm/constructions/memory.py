@@ -18,7 +18,7 @@ import re
 
 import torch
 
-from .errors import MemoryBudgetError, OnlyNormError
+from ..errors import MemoryBudgetError, OnlyNormError
 
 __all__ = ["check_memory", "memory_limit", "set_memory_limit", "available_bytes", "parse_bytes", "format_bytes"]
 
@@ -72,7 +72,7 @@ def available_bytes(device: torch.device | str | None = None) -> int:
 def memory_limit(device: torch.device | str | None = None) -> tuple[int, str]:
     """The budget in bytes and where it comes from."""
     if _USER_LIMIT is not None:
-        return _USER_LIMIT, "onlynorm.memory.set_memory_limit"
+        return _USER_LIMIT, "onlynorm.constructions.memory.set_memory_limit"
     env = os.environ.get("ONLYNORM_MEMORY_LIMIT")
     if env:
         return parse_bytes(env), "ONLYNORM_MEMORY_LIMIT"
@@ -103,7 +103,7 @@ def check_memory(construction, spec, *, dtype: torch.dtype, device=None, options
 def cheaper_constructions(construction, spec, dtype: torch.dtype, limit: int) -> list[tuple[str, int]]:
     """The other constructions applicable to ``spec`` (with default options) that fit in ``limit``, cheapest
     first, with their estimates: what the refusal suggests — only what would work."""
-    from .constructions import available_methods, get_construction
+    from . import available_methods, get_construction
 
     kind = "cnn" if getattr(spec, "in_shape", None) is not None else "mlp"
     out = []

@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from . import _io
-from .errors import InvalidTargetError
+from .. import _io
+from ..errors import InvalidTargetError
 
 if TYPE_CHECKING:  # for the annotation only: this module imports cnn lazily, where it is used
     from .cnn import ConvNetSpec
@@ -259,11 +259,11 @@ def as_target(target: MLPSpec | ConvNetSpec | nn.Module, in_shape: tuple[int, in
     A Sequential of Linear/ReLU layers (eval-mode BatchNorm1d after a Linear is folded in) becomes an
     ``MLPSpec``; one with convolutions, pooling, Flatten or ``Residual`` blocks becomes a ``ConvNetSpec`` and
     needs ``in_shape=(c, H, W)``. Any other model (custom blocks, ResNets) is traced by ``torch.fx`` when
-    ``in_shape`` is given (:mod:`onlynorm.fx_target`). A scikit-learn MLP becomes the ``MLPSpec`` of its
-    pre-output-activation map (see :mod:`onlynorm.sklearn_target`).
+    ``in_shape`` is given (:mod:`onlynorm.targets.fx`). A scikit-learn MLP becomes the ``MLPSpec`` of its
+    pre-output-activation map (see :mod:`onlynorm.targets.sklearn`).
     """
     from .cnn import ConvNetSpec, is_cnn_module, needs_tracing, parse_sequential
-    from .sklearn_target import is_sklearn_mlp, spec_from_sklearn
+    from .sklearn import is_sklearn_mlp, spec_from_sklearn
 
     if isinstance(target, (MLPSpec, ConvNetSpec)):
         return target
@@ -271,7 +271,7 @@ def as_target(target: MLPSpec | ConvNetSpec | nn.Module, in_shape: tuple[int, in
         return spec_from_sklearn(target)
     if isinstance(target, nn.Module):
         if in_shape is not None and needs_tracing(target):
-            return ConvNetSpec.from_module(target, in_shape)  # any other model: traced by onlynorm.fx_target
+            return ConvNetSpec.from_module(target, in_shape)  # any other model: traced by onlynorm.targets.fx
         if is_cnn_module(target):
             records = parse_sequential(target)
             if all(r.type in ("linear", "relu") for r in records):  # an MLP with folded BatchNorm1d

@@ -28,8 +28,8 @@ from typing import Any
 
 import torch
 
-from . import _io
-from .errors import InvalidNetworkError, MissingDependencyError
+from .. import _io
+from ..errors import InvalidNetworkError, MissingDependencyError
 
 __all__ = ["export_onnx", "OPSET"]
 
@@ -286,7 +286,7 @@ def build_model(net, *, lower_conv: bool | None = None):
         [onnx.helper.make_tensor_value_info("output", elem, out_dims)],
         initializer=g.initializers,
     )
-    from . import __version__
+    from .. import __version__
 
     model = onnx.helper.make_model(
         graph,

@@ -23,12 +23,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from .cnn import ConvNetSpec
-from .constructions import get_construction
-from .errors import InvalidNetworkError
-from .linalg import khatri_rao_system, kr_pattern, structural_rank, vec
-from .normnet import NormNet
-from .target import MLPSpec, as_target
+from ..errors import InvalidNetworkError
+from ..linalg import khatri_rao_system, kr_pattern, structural_rank, vec
+from ..nets.normnet import NormNet
+from ..targets.cnn import ConvNetSpec
+from ..targets.mlp import MLPSpec, as_target
+from . import get_construction
 
 __all__ = ["capacity", "CapacityReport", "SystemCapacity"]
 

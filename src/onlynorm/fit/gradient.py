@@ -23,8 +23,8 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
-from .domain import Box
-from .errors import InvalidOptionError, OnlyNormError
+from ..domain import Box
+from ..errors import InvalidOptionError, OnlyNormError
 
 __all__ = ["norm_parameters", "norm_modules", "train_norm_only", "TrainHistory", "NORM_TYPES"]
 
@@ -130,7 +130,7 @@ def train_norm_only(
     for a NormNet this sets ``net.batch_statistics``). Stops after ``steps`` or ``time_budget`` seconds. The model is
     left in ``eval()`` mode. Returns a :class:`TrainHistory`.
     """
-    from .options import check_scalar, check_seed
+    from ..options import check_scalar, check_seed
 
     if statistics not in {"fixed", "batch"}:
         raise InvalidOptionError(f"statistics: expected 'fixed' or 'batch', found {statistics!r}")

@@ -27,8 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import InvalidTargetError, UnsupportedActivationError
-from .target import MLPSpec
+from ..errors import InvalidTargetError, UnsupportedActivationError
+from .mlp import MLPSpec
 
 __all__ = ["is_sklearn_mlp", "spec_from_sklearn", "predict", "predict_proba"]
 

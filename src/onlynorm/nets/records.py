@@ -6,7 +6,7 @@
 * :class:`SolveInfo` — all records of a solve, whether every layer is exact, notes, and the box.
 * :class:`Phase`, :class:`FitReport` — what :func:`onlynorm.fit_norms` did (per method run: held-out error
   before/after, seconds, iterations).
-* :class:`NetMeta` — what a :class:`~onlynorm.normnet.NormNet` knows about itself (method, seed, options, target
+* :class:`NetMeta` — what a :class:`~onlynorm.nets.normnet.NormNet` knows about itself (method, seed, options, target
   dims, image shape, solve info, fit report); saved as JSON next to the weights.
 
 Files written by onlynorm 0.1 (plain dictionaries of the same keys) load unchanged: :meth:`NetMeta.from_dict`
@@ -26,8 +26,8 @@ from typing import Any
 
 import torch
 
-from .domain import Box
-from .errors import FileFormatError, InvalidDomainError
+from ..domain import Box
+from ..errors import FileFormatError, InvalidDomainError
 
 __all__ = ["SolveRecord", "SolveInfo", "Phase", "FitReport", "NetMeta", "relative_residual"]
 

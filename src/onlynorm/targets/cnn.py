@@ -18,7 +18,7 @@ A state dict alone does not say the architecture of a CNN, so files store it as 
 ['conv', 'relu', 'flatten', 'linear']
 
 Any other ``nn.Module`` (a torchvision-style ResNet, say) is converted by ``torch.fx`` tracing: see
-:mod:`onlynorm.fx_target`. The layers themselves are the typed records of :mod:`onlynorm.cnn_layers`.
+:mod:`onlynorm.targets.fx`. The layers themselves are the typed records of :mod:`onlynorm.targets.layers`.
 """
 
 from __future__ import annotations
@@ -30,10 +30,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import _io
-from .cnn_layers import Conv, Flatten, Layer, Linear, Pool, ReLU, ResidualBlock, layer_from_json, pair, run_layers, walk
-from .domain import Box
-from .errors import FileFormatError, InvalidTargetError
+from .. import _io
+from ..domain import Box
+from ..errors import FileFormatError, InvalidTargetError
+from .layers import Conv, Flatten, Layer, Linear, Pool, ReLU, ResidualBlock, layer_from_json, pair, run_layers, walk
 from .residual import Residual
 
 __all__ = [
@@ -181,7 +181,7 @@ def parse_sequential(seq: nn.Module, prefix: str = "") -> tuple[Layer, ...]:
 
 @dataclass(frozen=True, eq=False)
 class ConvNetSpec:
-    """An immutable CNN target: typed ``layers`` (:mod:`onlynorm.cnn_layers`) and ``in_shape = (c, H, W)``."""
+    """An immutable CNN target: typed ``layers`` (:mod:`onlynorm.targets.layers`) and ``in_shape = (c, H, W)``."""
 
     layers: tuple[Layer, ...]
     in_shape: tuple[int, int, int]
@@ -205,7 +205,7 @@ class ConvNetSpec:
         if in_shape is None:
             raise InvalidTargetError("a CNN target needs in_shape=(c, H, W): the image size is not in the weights")
         if needs_tracing(module):
-            from .fx_target import layers_from_fx
+            from .fx import layers_from_fx
 
             return cls(layers_from_fx(module, tuple(in_shape)), in_shape)
         return cls(parse_sequential(module), in_shape)

@@ -17,9 +17,9 @@ import typer
 from rich.console import Console
 from rich.progress import TaskID
 
-from ._io import check_output_dir, check_output_path
-from .demos.report import print_rows
-from .errors import InvalidOptionError, OnlyNormError
+from .._io import check_output_dir, check_output_path
+from ..demos.report import print_rows
+from ..errors import InvalidOptionError, OnlyNormError
 
 app = typer.Typer(
     add_completion=False,
@@ -39,7 +39,7 @@ def _version(value: bool) -> None:
         try:
             number = version("onlynorm")
         except PackageNotFoundError:  # running from a source tree that was never installed
-            from . import __version__ as number
+            from .. import __version__ as number
         print(f"onlynorm {number}")
         raise typer.Exit()
 
@@ -57,7 +57,7 @@ def _options(
 def _domain(low: float | None, high: float | None, stored=None):
     """The box from ``--low/--high``; a bound not given comes from ``stored`` (the box a network was solved on)
     if there is one, else from the default ``[-1, 1]``."""
-    from .domain import Box
+    from ..domain import Box
 
     if low is None and high is None:
         return stored
@@ -96,7 +96,7 @@ class _LayerProgress:
 
 
 def _reconstruct_help() -> str:
-    from .constructions import available_methods, get_construction
+    from ..constructions import available_methods, get_construction
 
     lines = [
         "Build a frozen random network and solve its BatchNorm γ, β so it computes TARGET on the box.",
@@ -122,8 +122,8 @@ def reconstruct(
 ) -> None:
     import torch
 
-    from . import api
-    from .target import load_target
+    from .. import api
+    from ..targets.mlp import load_target
 
     check_output_path(out, inputs=(target,))
     spec = load_target(target)
@@ -140,7 +140,7 @@ def reconstruct(
 
 def _option_specs() -> dict:
     """Every construction's declared options by name (one declaration: the API validates against the same)."""
-    from .constructions import available_methods, get_construction
+    from ..constructions import available_methods, get_construction
 
     specs: dict = {}
     for name in available_methods():
@@ -151,7 +151,7 @@ def _option_specs() -> dict:
 
 def _with_option_flags(fn):
     """Give ``fn`` one ``--NAME`` flag per declared construction option (typer reads ``__signature__``)."""
-    from .constructions import available_methods, get_construction
+    from ..constructions import available_methods, get_construction
 
     params = [p for p in inspect.signature(fn).parameters.values() if p.kind != inspect.Parameter.VAR_KEYWORD]
     for name, spec in _option_specs().items():
@@ -183,8 +183,8 @@ def fit(
 ) -> None:
     """Fit only the BatchNorm γ, β of FROZEN to TARGET — exact where the network can express it, the best
     approximation otherwise; prints the report (held-out error per phase)."""
-    from .demos.report import print_table
-    from .fit.cli import load_fit_data, run_fit
+    from ..demos.report import print_table
+    from .fit import load_fit_data, run_fit
 
     check_output_path(out, inputs=tuple(p for p in (frozen, target, data) if p is not None))
     net, report = run_fit(
@@ -218,9 +218,9 @@ def verify(
     ),
 ) -> None:
     """Compare NET with TARGET; exit 0 when within tolerance (and, with --certify, proven within it), 1 when not."""
-    from .normnet import NormNet
-    from .target import load_target
-    from .verify import verify as run_verify
+    from ..nets.normnet import NormNet
+    from ..targets.mlp import load_target
+    from ..verify import verify as run_verify
 
     network = NormNet.load(net)
     spec = load_target(target)
@@ -246,9 +246,9 @@ def capacity(
     target: Path = typer.Argument(..., help="Target file (an MLP, or a CNN saved by ConvNetSpec.save)."),
 ) -> None:
     """Can NET's frozen weights express TARGET? Rank and condition of every Khatri–Rao system; exit 1 if not."""
-    from .capacity import capacity as run_capacity
-    from .normnet import NormNet
-    from .target import load_target
+    from ..constructions.capacity import capacity as run_capacity
+    from ..nets.normnet import NormNet
+    from ..targets.mlp import load_target
 
     report = run_capacity(NormNet.load(net), load_target(target))
     print_rows(console, f"capacity of {net.name} for {target.name} ({report.method})", report.rows())
@@ -264,8 +264,8 @@ def export(
     ),
 ) -> None:
     """Export NET as ONNX: MatMul/Conv, BatchNormalization (epsilon 0), Relu, pooling; float64 or float32."""
-    from .export_onnx import export_onnx
-    from .normnet import NormNet
+    from ..nets.normnet import NormNet
+    from ..nets.onnx import export_onnx
 
     info = export_onnx(NormNet.load(net), onnx)
     print_rows(
@@ -328,8 +328,8 @@ def experiment(
     ),
 ) -> None:
     """Run one experiment of the theory; writes results.json, PNG figures and summary.md into OUT."""
-    from .experiments import run_experiment
-    from .options import check_seed
+    from ..experiments import run_experiment
+    from ..options import check_seed
 
     check_seed(seed, "--seed")
     if out is not None:
@@ -396,7 +396,3 @@ def _fail(message: str, code: int) -> None:
         stream = stream.rich_proxied_file
     print(" ".join(message.split()), file=stream, flush=True)  # one line, whatever the message held
     sys.exit(code)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    main()

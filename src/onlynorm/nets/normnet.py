@@ -13,6 +13,7 @@ the closed form's setting. Set ``net.batch_statistics = True`` first to opt into
 Stages are registered by ``kind`` so a saved network is rebuilt from a JSON architecture description plus a
 safetensors state dict — never from pickled code.
 
+>>> from onlynorm.nets import NormLinear
 >>> net = NormNet([NormLinear(3, 6), NormLinear(6, 2, relu=False)], meta={"method": "width"})
 >>> [p.shape for p in net.norm_parameters()]
 [torch.Size([6]), torch.Size([6]), torch.Size([2]), torch.Size([2])]
@@ -22,29 +23,18 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from . import _io
-from .errors import FileFormatError, InvalidNetworkError
+from .. import _io
+from ..errors import FileFormatError, InvalidNetworkError
 from .records import NetMeta
-
-__all__ = [
-    "NormNet",
-    "NormLinear",
-    "Stage",
-    "register_stage",
-    "make_batchnorm",
-    "frozen_module",
-    "conv2d_config",
-    "is_norm_module",
-    "NetSummary",
-]
+from .stage import STAGES, ModuleSeq, Stage, check_sizes, dtype_name
 
 FORMAT = "onlynorm.normnet"
 NORMSET_FORMAT = "onlynorm.normset"
@@ -54,163 +44,7 @@ FORMAT_VERSION = 1
 #: what a norm set carries of its network's metadata (how its γ, β were solved, and for which target)
 _NORMSET_META = ("target_dims", "target_parameters", "solve", "method", "options")
 
-STAGES: dict[str, type[Stage]] = {}
-
 _DTYPES = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def register_stage(cls: type[Stage]) -> type[Stage]:
-    """Class decorator: make a stage kind loadable from its JSON config."""
-    if cls.kind in STAGES and STAGES[cls.kind] is not cls:
-        raise ValueError(f"stage kind {cls.kind!r} registered twice")
-    STAGES[cls.kind] = cls
-    return cls
-
-
-def is_norm_module(module: nn.Module) -> bool:
-    """True for the normalization layers whose affine parameters a NormNet tunes (selected by type)."""
-    return isinstance(module, _BatchNorm)
-
-
-def make_batchnorm(
-    num_features: int, *, dims: int = 1, dtype: torch.dtype = torch.float64, device: torch.device | str | None = None
-) -> _BatchNorm:
-    """A BatchNorm at identity in inference form: ``γ = 1, β = 0``, running mean 0, running var 1, ``eps = 0``.
-
-    ``eps = 0`` matters: with the default ``eps = 1e-5`` BatchNorm would scale by ``1/sqrt(1 + 1e-5)`` and perturb
-    every ``γ`` by 5e-6 relative — far above the 1e-12 the constructions reach.
-    """
-    cls = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[dims]
-    bn = cls(num_features, eps=0.0, affine=True, track_running_stats=True, dtype=dtype, device=device)
-    bn.eval()
-    return bn
-
-
-M = TypeVar("M", bound=nn.Module)
-
-
-def frozen_module(cls: type[M], *args, dtype: torch.dtype, device=None, **kwargs) -> M:
-    """A bias-free ``nn.Linear``/``nn.Conv2d`` with zero, frozen weights (``requires_grad=False``).
-
-    ``skip_init``: torch's default init would draw from the global RNG; constructions fill the weights from their
-    own seeded generator, so building a network never perturbs the user's random stream.
-    """
-    module = torch.nn.utils.skip_init(
-        cls, *args, bias=False, dtype=dtype, device=device if device is not None else "cpu", **kwargs
-    )
-    weight = module.get_parameter("weight")
-    with torch.no_grad():
-        weight.zero_()
-    weight.requires_grad_(False)
-    return module
-
-
-def conv2d_config(conv: nn.Conv2d) -> dict[str, Any]:
-    """The JSON form of a ``Conv2d``'s shape and geometry (what a stage needs to rebuild it)."""
-    return {
-        "in_channels": conv.in_channels,
-        "out_channels": conv.out_channels,
-        "kernel_size": list(conv.kernel_size),
-        "stride": list(conv.stride),
-        "padding": list(conv.padding),
-        "dilation": list(conv.dilation),
-    }
-
-
-def _check_sizes(config: Any, kind: str, held: int, key: str = "") -> None:
-    """Every integer of a stage's config (nested ones too) must be a size the file's tensors could describe:
-    ≥ 0 (padding may be 0) and ≤ ``held`` elements; sizes such as ``block`` or ``in_features`` must be ≥ 1 — so a
-    tampered description is refused with the field named before anything is built or allocated."""
-    if isinstance(config, dict):
-        for k, v in config.items():
-            _check_sizes(v, kind, held, k)
-    elif isinstance(config, list):
-        for v in config:
-            _check_sizes(v, kind, held, key)
-    elif isinstance(config, int) and not isinstance(config, bool):
-        low = 0 if key in _MAY_BE_ZERO else 1
-        if not low <= config <= held:
-            raise FileFormatError(
-                f"stage {kind!r}: config field {key!r} must be an integer from {low} to the file's "
-                f"{held:,} weight elements, found {config!r}; the architecture description is "
-                "corrupt — re-create the file"
-            )
-
-
-#: config fields for which 0 is a valid value
-_MAY_BE_ZERO = frozenset({"padding"})
-
-
-class ModuleSeq(nn.ModuleList, Generic[M]):
-    """An ``nn.ModuleList`` whose items have one declared type (for readers and type checkers; same state dict)."""
-
-    def __iter__(self) -> Iterator[M]:
-        return super().__iter__()  # type: ignore[return-value]
-
-    def __getitem__(self, idx: Any) -> Any:
-        return super().__getitem__(idx)
-
-
-class Stage(nn.Module):
-    """Base of NormNet building blocks: a registered ``kind`` and a JSON-serialisable ``config()``."""
-
-    kind: str = "stage"
-
-    def config(self) -> dict[str, Any]:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    @classmethod
-    def from_config(cls, config: dict[str, Any], *, dtype: torch.dtype, device=None) -> Stage:
-        return cls(**config, dtype=dtype, device=device)
-
-    def widths(self) -> list[int]:
-        """Widths of this stage's normalization layers (for summaries)."""
-        return [int(m.num_features) for m in self.modules() if isinstance(m, _BatchNorm)]
-
-    def depth(self) -> int:
-        """Normalization layers a signal passes through on its longest path (all of them, for a chain)."""
-        return len(self.widths())
-
-
-@register_stage
-class NormLinear(Stage):
-    """``y = relu(γ ⊙ (A x) + β)`` with frozen ``A`` (``nn.Linear`` without bias) and ``γ, β`` from BatchNorm1d."""
-
-    kind = "norm_linear"
-    linear: nn.Linear
-    norm: _BatchNorm
-
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        relu: bool = True,
-        *,
-        dtype: torch.dtype = torch.float64,
-        device: torch.device | str | None = None,
-    ):
-        super().__init__()
-        self.linear = frozen_module(nn.Linear, in_features, out_features, dtype=dtype, device=device)
-        self.norm = make_batchnorm(out_features, dtype=dtype, device=device)
-        self.relu = bool(relu)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = self.norm(self.linear(x))
-        return torch.relu(z) if self.relu else z
-
-    def config(self) -> dict[str, Any]:
-        return {"in_features": self.linear.in_features, "out_features": self.linear.out_features, "relu": self.relu}
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.linear.weight
-
-    def extra_repr(self) -> str:
-        return f"relu={self.relu}"
 
 
 @dataclass
@@ -280,7 +114,7 @@ class NetSummary:
 class NormNet(nn.Module):
     """A frozen network of :class:`Stage` s whose tunable parameters are exactly its BatchNorm ``γ, β``.
 
-    ``meta`` (a :class:`~onlynorm.records.NetMeta`) records how it was made (``method``, ``seed``, ``options``,
+    ``meta`` (a :class:`~onlynorm.nets.records.NetMeta`) records how it was made (``method``, ``seed``, ``options``,
     ``target_dims``, the solve's records and box); it is saved as JSON next to the weights.
     """
 
@@ -447,7 +281,7 @@ class NormNet(nn.Module):
                 kind = cfg.pop("kind", None)
                 if not isinstance(kind, str) or kind not in STAGES:
                     raise FileFormatError(f"{source}: unknown stage kind {kind!r}; known kinds: {sorted(STAGES)}")
-                _check_sizes(cfg, kind, held)
+                check_sizes(cfg, kind, held)
                 stages.append(STAGES[kind].from_config(cfg, dtype=dtype, device="meta"))
             net = cls(stages, meta=meta)
         except FileFormatError:
@@ -570,8 +404,8 @@ class NormNet(nn.Module):
 
     def to_onnx(self, path: str | os.PathLike, *, lower_conv: bool | None = None) -> dict[str, Any]:
         """Write this network as an ONNX file (needs ``pip install 'onlynorm[onnx]'``); see
-        :func:`onlynorm.export_onnx.export_onnx` for the operators written and the returned facts."""
-        from .export_onnx import export_onnx
+        :func:`onlynorm.nets.onnx.export_onnx` for the operators written and the returned facts."""
+        from .onnx import export_onnx
 
         return export_onnx(self, path, lower_conv=lower_conv)
 

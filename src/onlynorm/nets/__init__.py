@@ -1,0 +1,30 @@
+"""The frozen network: :class:`NormNet`, every stage type it is made of, its metadata records, its file format and
+its ONNX export. Importing this package registers every stage type, so :meth:`NormNet.load` knows them all."""
+
+from .conv import FixedOp, NormConv2d, ResidualStage
+from .conv_stream import ConvStream
+from .linear import NormLinear
+from .normnet import NetSummary, NormNet
+from .pretrained import PretrainedConv2d, PretrainedLinear
+from .records import NetMeta, SolveInfo, SolveRecord
+from .stage import STAGES, Stage, register_stage
+from .stream import ResidualStream
+
+__all__ = [
+    "NormNet",
+    "NetSummary",
+    "Stage",
+    "STAGES",
+    "register_stage",
+    "NormLinear",
+    "NormConv2d",
+    "FixedOp",
+    "ResidualStage",
+    "ResidualStream",
+    "ConvStream",
+    "PretrainedLinear",
+    "PretrainedConv2d",
+    "NetMeta",
+    "SolveInfo",
+    "SolveRecord",
+]
