@@ -8,6 +8,7 @@
 True
 """
 
+from ._version import __version__ as __version__
 from .api import random_normnet, reconstruct, solve_norms
 from .certify import CertifyResult
 from .constructions import available_methods
@@ -36,8 +37,6 @@ from .targets.mlp import MLPSpec
 from .targets.residual import Residual
 from .targets.sklearn import spec_from_sklearn
 from .verify import VerifyReport, verify
-
-__version__ = "0.1.0"
 
 __all__ = [
     "reconstruct",

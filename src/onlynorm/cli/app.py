@@ -39,7 +39,7 @@ def _version(value: bool) -> None:
         try:
             number = version("onlynorm")
         except PackageNotFoundError:  # running from a source tree that was never installed
-            from .. import __version__ as number
+            from .._version import __version__ as number
         print(f"onlynorm {number}")
         raise typer.Exit()
 

@@ -10,8 +10,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .stage import Stage, frozen_module, make_batchnorm, register_stage
+from ..errors import InvalidNetworkError
+from .onnx_graph import OnnxGraph, batchnorm, conv, conv_kernel
+from .stage import Stage, StageLayout, frozen_module, make_batchnorm, normalize, register_stage
 from .stream import block_sizes
+from .views import StreamView, read_conv, read_norm
 
 __all__ = ["ConvStream", "grouped_conv"]
 
@@ -52,12 +55,6 @@ class ConvStream(Stage):
         kh, kw = (int(v) for v in kernel_size)
         self.in_channels, self.out_channels, self.flat = int(in_channels), int(out_channels), bool(flat)
         self.block = min(int(block), self.in_channels)
-        self.geometry = {
-            "kernel_size": (kh, kw),
-            "stride": tuple(stride),
-            "padding": tuple(padding),
-            "dilation": tuple(dilation),
-        }
         self.sizes = block_sizes(self.in_channels, self.block)
         self.full = self.in_channels // self.block  # blocks of exactly k channels
         k, rest = self.block, self.in_channels % self.block
@@ -94,8 +91,23 @@ class ConvStream(Stage):
         self.readout = frozen_module(nn.Conv2d, self.channels, self.out_channels, (1, 1), dtype=dtype, device=device)
         self.norm = make_batchnorm(self.out_channels, dims=2, dtype=dtype, device=device)
 
+    @property
+    def geometry(self) -> dict[str, tuple[int, int]]:
+        """``kernel_size``, ``stride``, ``padding``, ``dilation`` of the branch convs — read from the ``branch``
+        module, the one source the forward, the certificate and the export all use."""
+        c = self.branch
+        return {
+            k: (int(getattr(c, k)[0]), int(getattr(c, k)[1])) for k in ("kernel_size", "stride", "padding", "dilation")
+        }
+
     def branch_pre(self, x: torch.Tensor) -> torch.Tensor:
         """``A * x`` for every block at once (before the branch BatchNorm)."""
+        for module in (self.branch, self.rest):
+            if module is not None and (module.padding_mode != "zeros" or module.bias is not None):
+                raise InvalidNetworkError(
+                    f"conv_stream: the branch convs are evaluated bias-free with zero padding; found "
+                    f"padding_mode={module.padding_mode!r}, bias={module.bias is not None}"
+                )
         split = self.full * self.block
         g = self.geometry
         u = grouped_conv(
@@ -113,23 +125,21 @@ class ConvStream(Stage):
         return u
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``γ₂ ⊙ B ρ(BN₁(A * x)) + β₂`` with ``ρ = relu`` or, paired, ``relu(v) − relu(−v)``. One function in
+        every grad mode: without autograd the same operations run in place (the branch activation is the widest
+        tensor of the network), with it out of place."""
         if self.flat:
             x = x[:, :, None, None]
-        v = self.branch_pre(x)
-        bn = self.branch_norm
-        inference = not (torch.is_grad_enabled() or bn.training)
-        if inference:  # γ v + β in place (no copies of the widest activation)
-            v = v.mul_(bn.weight.view(1, -1, 1, 1)).add_(bn.bias.view(1, -1, 1, 1))
-        else:
-            v = bn(v)
-        B = self.readout.weight.flatten(1)
+        inplace = not torch.is_grad_enabled()
+        v = normalize(self.branch_norm, self.branch_pre(x), inplace=inplace)
         if self.paired:  # readout [B, −B] of [relu(v), relu(−v)] = B (relu(v) − relu(−v)), one matmul
             pos = torch.relu(v)
-            u = pos.sub_(v.neg_().relu_()) if inference else pos - torch.relu(-v)
-            s = torch.matmul(B, u.flatten(2))
+            u = pos.sub_(v.neg_().relu_()) if inplace else pos - torch.relu(-v)
         else:
-            u = v.relu_() if inference else torch.relu(v)
-            s = torch.matmul(B, u.flatten(2))
+            u = v.relu_() if inplace else torch.relu(v)
+        if self.readout.bias is not None:
+            raise InvalidNetworkError("conv_stream: the readout is evaluated bias-free; found a bias on it")
+        s = torch.matmul(self.readout.weight.flatten(1), u.flatten(2))
         s = self.norm(s.view(v.shape[0], -1, *v.shape[2:]))
         return s.flatten(1) if self.flat else s
 
@@ -156,6 +166,37 @@ class ConvStream(Stage):
 
     def depth(self) -> int:
         return 2
+
+    def affine(self, where: str) -> StreamView:
+        read_conv(self.branch, f"{where} (branch)", groups=self.full)
+        if self.rest is not None:
+            read_conv(self.rest, f"{where} (rest)")
+        readout, _ = read_conv(self.readout, f"{where} (readout)")
+        gamma1, beta1 = read_norm(self.branch_norm, f"{where} (branch norm)")
+        gamma2, beta2 = read_norm(self.norm, f"{where} (norm)")
+        g = self.geometry
+        geometry = (g["stride"], g["padding"], g["dilation"])
+        kernel = self.dense_branch().detach()
+        return StreamView(kernel, gamma1, beta1, readout.flatten(1), gamma2, beta2, self.paired, self.flat, geometry)
+
+    def lower_onnx(self, g: OnnxGraph, x: str, example: torch.Tensor) -> str:
+        """The branches as one dense conv with the block-diagonal kernel (zeros off the blocks: the same sums), the
+        branch BatchNorm, ``Relu`` (paired: ``Relu(v) − Relu(−v)``), the 1×1 readout and the output BatchNorm."""
+        image = example[:, :, None, None] if self.flat else example
+        h = g.node("Unsqueeze", [x, g.ints("axes", [2, 3])], "image") if self.flat else x
+        geometry = tuple(self.geometry[k] for k in ("stride", "padding", "dilation"))
+        v = batchnorm(g, self.branch_norm, conv_kernel(g, self.dense_branch().detach(), h, image.shape, geometry))
+        u = g.node("Relu", [v])
+        if self.paired:
+            u = g.node("Sub", [u, g.node("Relu", [g.node("Neg", [v])])], "paired")
+        with torch.no_grad():
+            u_shape = self.branch_pre(image).shape
+        s = batchnorm(g, self.norm, conv(g, self.readout, u, u_shape))
+        return g.node("Flatten", [s], axis=1) if self.flat else s
+
+    def layout(self) -> StageLayout:
+        details = (("geometry", self.geometry), ("block", self.block), ("paired", self.paired), ("flat", self.flat))
+        return StageLayout(ConvStream, (self.in_channels, self.out_channels), None, details)
 
     def dense_branch(self) -> torch.Tensor:
         """The branch kernels as one ``(channels, c_in, k_h, k_w)`` block-diagonal kernel (for certificates)."""

@@ -1,4 +1,11 @@
-"""``NormLinear``: the basic stage, ``relu?(γ ⊙ (A x) + β)`` with a frozen bias-free ``A``."""
+"""``NormLinear``: the basic stage, ``relu?(γ ⊙ (A x) + β)`` with a frozen bias-free ``A``.
+
+>>> import torch
+>>> stage = NormLinear(3, 2, relu=False)
+>>> view = stage.affine("stage 0")          # what the certificate reads: A, γ, β, the ReLU
+>>> view.weight.shape, view.relu, stage.layout().shape
+(torch.Size([2, 3]), False, (3, 2))
+"""
 
 from __future__ import annotations
 
@@ -8,7 +15,9 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .stage import Stage, frozen_module, make_batchnorm, register_stage
+from .onnx_graph import OnnxGraph, batchnorm, linear, relu_if
+from .stage import Stage, StageLayout, frozen_module, make_batchnorm, register_stage
+from .views import AffineView, read_linear, read_norm
 
 __all__ = ["NormLinear"]
 
@@ -41,6 +50,16 @@ class NormLinear(Stage):
 
     def config(self) -> dict[str, Any]:
         return {"in_features": self.linear.in_features, "out_features": self.linear.out_features, "relu": self.relu}
+
+    def affine(self, where: str) -> AffineView:
+        gamma, beta = read_norm(self.norm, f"{where} (norm)")
+        return AffineView(read_linear(self.linear, f"{where} (linear)"), gamma, beta, self.relu)
+
+    def lower_onnx(self, g: OnnxGraph, x: str, example: torch.Tensor) -> str:
+        return relu_if(g, batchnorm(g, self.norm, linear(g, self.linear, x)), self.relu)
+
+    def layout(self) -> StageLayout:
+        return StageLayout(NormLinear, (self.linear.in_features, self.linear.out_features), self.relu)
 
     @property
     def weight(self) -> torch.Tensor:

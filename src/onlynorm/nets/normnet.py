@@ -33,6 +33,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import _io
 from ..errors import FileFormatError, InvalidNetworkError
+from .onnx import export_onnx
 from .records import NetMeta
 from .stage import STAGES, ModuleSeq, Stage, check_sizes, dtype_name
 
@@ -405,8 +406,6 @@ class NormNet(nn.Module):
     def to_onnx(self, path: str | os.PathLike, *, lower_conv: bool | None = None) -> dict[str, Any]:
         """Write this network as an ONNX file (needs ``pip install 'onlynorm[onnx]'``); see
         :func:`onlynorm.nets.onnx.export_onnx` for the operators written and the returned facts."""
-        from .onnx import export_onnx
-
         return export_onnx(self, path, lower_conv=lower_conv)
 
     def clone(self) -> NormNet:

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .stage import Stage, conv2d_config, make_batchnorm, register_stage
+from .onnx_graph import OnnxGraph, batchnorm, conv, linear
+from .stage import Stage, StageLayout, conv2d_config, make_batchnorm, register_stage
 
 __all__ = ["PretrainedStage", "PretrainedLinear", "PretrainedConv2d", "norm_stats"]
 
@@ -22,6 +23,17 @@ class PretrainedStage(Stage):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(self.layer(x))
+
+    def lower_onnx(self, g: OnnxGraph, x: str, example: torch.Tensor) -> str:
+        if isinstance(self.layer, nn.Conv2d):
+            return batchnorm(g, self.norm, conv(g, self.layer, x, example.shape))
+        return batchnorm(g, self.norm, linear(g, self.layer, x))
+
+    def layout(self) -> StageLayout:
+        layer = self.layer
+        if isinstance(layer, nn.Conv2d):
+            return StageLayout(type(self), (layer.in_channels, layer.out_channels), False)
+        return StageLayout(type(self), (layer.in_features, layer.out_features), False)
 
     def normalized(self, x: torch.Tensor) -> torch.Tensor:
         """``(layer(x) − μ) / √var``: what γ multiplies."""

@@ -1,17 +1,35 @@
-"""The stage contract: the base class every NormNet building block derives from, its registry, and the helpers
-stages are built from (an identity BatchNorm in inference form, frozen bias-free modules, typed module lists)."""
+"""The stage contract: the base class every NormNet building block derives from (:class:`Stage`), its registry,
+its layout entry, and the helpers stages are built from (an identity BatchNorm in inference form, frozen bias-free
+modules, typed module lists)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Any, Generic, TypeVar
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Generic, TypeVar
 
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..errors import FileFormatError
+from ..errors import FileFormatError, InvalidNetworkError, NotCertifiableError
 
+__all__ = [
+    "Stage",
+    "StageLayout",
+    "STAGES",
+    "register_stage",
+    "stage_description",
+    "stage_from_description",
+    "make_batchnorm",
+    "frozen_module",
+    "conv2d_config",
+    "normalize",
+    "ModuleSeq",
+    "dtype_name",
+]
+
+#: stage types by their file-format ``kind`` (filled by ``@register_stage``; read by network files only)
 STAGES: dict[str, type[Stage]] = {}
 
 
@@ -60,6 +78,20 @@ def frozen_module(cls: type[M], *args, dtype: torch.dtype, device=None, **kwargs
     return module
 
 
+def normalize(norm: _BatchNorm, z: torch.Tensor, *, inplace: bool = False) -> torch.Tensor:
+    """``BN(z)`` as a stage's forward evaluates it: the module itself with batch statistics (training mode), else
+    the inference form ``z · s + t`` with ``s = γ/√(var + eps)``, ``t = β − mean · s`` — exactly ``γ z + β`` in the
+    constructions' form (mean 0, var 1, eps 0). ``inplace`` (no autograd) reuses ``z``'s memory; the values are the
+    same either way, so a stage computes one function in every grad mode."""
+    if norm.training or norm.running_mean is None or norm.running_var is None:
+        return norm(z)
+    shape = (1, -1) + (1,) * (z.ndim - 2)
+    scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
+    shift = norm.bias - norm.running_mean * scale
+    scale, shift = scale.reshape(shape), shift.reshape(shape)
+    return z.mul_(scale).add_(shift) if inplace else z * scale + shift
+
+
 def conv2d_config(conv: nn.Conv2d) -> dict[str, Any]:
     """The JSON form of a ``Conv2d``'s shape and geometry (what a stage needs to rebuild it)."""
     return {
@@ -106,10 +138,42 @@ class ModuleSeq(nn.ModuleList, Generic[M]):
         return super().__getitem__(idx)
 
 
-class Stage(nn.Module):
-    """Base of NormNet building blocks: a registered ``kind`` and a JSON-serialisable ``config()``."""
+@dataclass(frozen=True)
+class StageLayout:
+    """A stage's entry in a plan's layout: its type, ``(fan_in, fan_out)`` (channels for images; None for a
+    parameter-free stage), whether it ends in a ReLU, and type-specific facts (``geometry``, ``block``, ``op``...)
+    that a plan may pin down."""
 
-    kind: str = "stage"
+    type: type[Stage]
+    shape: tuple[int, int] | None = None
+    relu: bool | None = None
+    details: tuple[tuple[str, Any], ...] = ()
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return dict(self.details).get(key, default)
+
+    @property
+    def label(self) -> str:
+        op = self.get("op")
+        return f"{self.type.__name__}({op})" if op is not None else self.type.__name__
+
+
+class Stage(nn.Module):
+    """Base of every NormNet building block. A stage type owns its meaning, in one class:
+
+    * ``forward(x)`` — one code path for every grad mode and dtype;
+    * :meth:`affine` — the exact affine map(s) and ReLU placement a certificate reads
+      (:mod:`onlynorm.nets.views`), from the very modules ``forward`` calls, refusing state it does not model;
+    * :meth:`lower_onnx` — its ONNX lowering (:mod:`onlynorm.nets.onnx_graph`);
+    * :meth:`layout` — its entry in a plan's layout (:class:`StageLayout`);
+    * :meth:`stage_lists` — nested stage lists (a residual stage's body and shortcut), for walks over a network;
+    * ``kind``, :meth:`config`, :meth:`from_config` — its name and JSON form in network files. ``kind`` is read by
+      the file format only: everything else dispatches on the type.
+
+    A new stage type subclasses ``Stage``, defines these and is registered with ``@register_stage``.
+    """
+
+    kind: ClassVar[str] = "stage"
 
     def config(self) -> dict[str, Any]:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -118,6 +182,22 @@ class Stage(nn.Module):
     def from_config(cls, config: dict[str, Any], *, dtype: torch.dtype, device=None) -> Stage:
         return cls(**config, dtype=dtype, device=device)
 
+    def affine(self, where: str) -> Any:
+        """The view a certificate reads (``where`` names the stage in refusals); types without one refuse."""
+        raise NotCertifiableError(f"{where}: the certificate has no model of a {type(self).__name__} stage")
+
+    def lower_onnx(self, g: Any, x: str, example: torch.Tensor) -> str:
+        """Append this stage's ONNX nodes to ``g`` reading ``x`` (``example`` a value of ``x``, for static shapes);
+        return the output's name."""
+        raise InvalidNetworkError(f"a {type(self).__name__} stage has no ONNX lowering; it cannot be exported")
+
+    def layout(self) -> StageLayout:
+        return StageLayout(type(self))
+
+    def stage_lists(self) -> dict[str, Sequence[Stage]]:
+        """Nested stage lists by name (``{"body": ..., "shortcut": ...}``); empty for a leaf stage."""
+        return {}
+
     def widths(self) -> list[int]:
         """Widths of this stage's normalization layers (for summaries)."""
         return [int(m.num_features) for m in self.modules() if isinstance(m, _BatchNorm)]
@@ -125,3 +205,17 @@ class Stage(nn.Module):
     def depth(self) -> int:
         """Normalization layers a signal passes through on its longest path (all of them, for a chain)."""
         return len(self.widths())
+
+
+def stage_description(stage: Stage) -> dict[str, Any]:
+    """``{"kind": ..., **config}``: a stage's entry in a network file's JSON architecture."""
+    return {"kind": stage.kind, **stage.config()}
+
+
+def stage_from_description(description: dict[str, Any], *, dtype: torch.dtype, device=None) -> Stage:
+    """Rebuild a stage from :func:`stage_description` (the registry maps the file's ``kind`` to the type)."""
+    cfg = dict(description)
+    kind = cfg.pop("kind", None)
+    if not isinstance(kind, str) or kind not in STAGES:
+        raise FileFormatError(f"unknown stage kind {kind!r}; known kinds: {sorted(STAGES)}")
+    return STAGES[kind].from_config(cfg, dtype=dtype, device=device)

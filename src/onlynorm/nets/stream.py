@@ -1,4 +1,10 @@
-"""``ResidualStream``: one target layer of the deep construction — branches on input blocks, a residual stream."""
+"""``ResidualStream``: one target layer of the deep construction — branches on input blocks, a residual stream.
+
+>>> import torch
+>>> stage = ResidualStream(5, 3, block=2)
+>>> stage.sizes, [b.inputs for b in stage.affine("stage 0").branches]
+([2, 2, 1], [slice(0, 2, None), slice(2, 4, None), slice(4, 5, None)])
+"""
 
 from __future__ import annotations
 
@@ -9,7 +15,9 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .linear import NormLinear
-from .stage import ModuleSeq, Stage, frozen_module, make_batchnorm, register_stage
+from .onnx_graph import OnnxGraph, add_all, batchnorm, matmul, relu_if, slice_last
+from .stage import ModuleSeq, Stage, StageLayout, frozen_module, make_batchnorm, register_stage
+from .views import BranchStreamView, BranchView, read_linear, read_norm
 
 __all__ = ["ResidualStream", "block_sizes"]
 
@@ -79,3 +87,23 @@ class ResidualStream(Stage):
             out.append(slice(start, start + k))
             start += k
         return out
+
+    def affine(self, where: str) -> BranchStreamView:
+        branches = tuple(
+            BranchView(branch.affine(f"{where} branch {t}"), read_linear(readout, f"{where} readout {t}"), part)
+            for t, (branch, readout, part) in enumerate(zip(self.branches, self.readouts, self.block_slices()))
+        )
+        gamma, beta = read_norm(self.norm, f"{where} (norm)")
+        return BranchStreamView(branches, gamma, beta, self.relu)
+
+    def lower_onnx(self, g: OnnxGraph, x: str, example: torch.Tensor) -> str:
+        terms = [
+            matmul(g, readout.weight, branch.lower_onnx(g, slice_last(g, x, part), example[..., part]))
+            for branch, readout, part in zip(self.branches, self.readouts, self.block_slices())
+        ]
+        return relu_if(g, batchnorm(g, self.norm, add_all(g, terms, "stream")), self.relu)
+
+    def layout(self) -> StageLayout:
+        return StageLayout(
+            ResidualStream, (self.in_features, self.out_features), self.relu, (("block", int(self.block)),)
+        )
