@@ -190,8 +190,8 @@ class ResidualStage(Stage):
             cfg["shortcut"] = [stage_description(s) for s in self.shortcut]
         return cfg
 
-    def stage_lists(self) -> dict[str, ModuleSeq[Stage]]:
-        return {"body": self.body, "shortcut": self.shortcut}
+    def stage_lists(self) -> dict[str, list[Stage]]:
+        return {"body": list(self.body), "shortcut": list(self.shortcut)}
 
     def depth(self) -> int:
         return max(sum(s.depth() for s in self.body), sum(s.depth() for s in self.shortcut))

@@ -4,7 +4,7 @@ modules, typed module lists)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, TypeVar
 
@@ -194,7 +194,7 @@ class Stage(nn.Module):
     def layout(self) -> StageLayout:
         return StageLayout(type(self))
 
-    def stage_lists(self) -> dict[str, Sequence[Stage]]:
+    def stage_lists(self) -> dict[str, list[Stage]]:
         """Nested stage lists by name (``{"body": ..., "shortcut": ...}``); empty for a leaf stage."""
         return {}
 
