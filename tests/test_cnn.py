@@ -212,7 +212,7 @@ def test_cnn_certificate_and_a_switched_off_channel():
     with torch.no_grad():  # β₁ of channel 0 was −min + a margin ≪ 1 + |β|: it now dips below zero on the box
         first.norm.bias[0] -= 1.0 + first.norm.bias[0].abs()
     broken = onlynorm.verify(f, g, samples=500, certify=True)
-    assert broken.certified is False and any("layer 0 (conv)" in n for n in broken.notes)
+    assert broken.certified is False and any("layer 0 (conv at stage 0)" in n for n in broken.notes)
 
 
 def test_reconstruct_help_lists_every_method_with_its_cost(capsys):

@@ -36,7 +36,7 @@ def test_plan_describes_the_built_network(method):
     net = onlynorm.random_normnet(g, method=method, seed=0, **MLP_METHODS[method])
     assert plan.num_stages == len(net.layers)
     assert [step.layer for step in plan.steps] == [0, 1]
-    plan.check(net)  # the built network follows its plan
+    plan.check(net, spec)  # the built network follows its plan
     assert construction.plan_of(net, spec) == plan  # and a network gets its plan back from its metadata
     widths = [w for s in net.layers for w in s.widths()]
     if method != "deep":

@@ -185,7 +185,7 @@ def test_broken_branch_beta_is_caught_by_the_certificate():
     with torch.no_grad():
         f.layers[0].branch_norm.bias[0] -= 100.0
     report = onlynorm.verify(f, g, samples=300, certify=True)
-    assert report.certified is False and any("layer 0 (conv)" in n for n in report.notes)
+    assert report.certified is False and any("layer 0 (conv at stage 0)" in n for n in report.notes)
 
 
 def test_paired_branches_need_no_bounds_and_a_broken_gamma_shows_in_the_certified_bound():

@@ -16,7 +16,7 @@ from onlynorm.cli.app import main
 from onlynorm.constructions import get_construction
 from onlynorm.constructions.plan import stage_at
 from onlynorm.errors import InvalidNetworkError
-from onlynorm.nets.conv_stream import ConvStream
+from onlynorm.nets import ConvStream, NormConv2d, NormLinear
 from onlynorm.nets.records import SolveRecord
 from onlynorm.targets.cnn import ConvNetSpec
 from onlynorm.targets.layers import Conv, Flatten, Linear, Pool, ReLU, ResidualBlock
@@ -77,7 +77,7 @@ def test_cnn_plan_describes_the_built_network(method):
     checked = 0
     for step, layer in zip(plan.steps, spec.weighted()):
         stages = plan.stages(net, step)
-        assert [s.kind for s in stages] == [step.kind] * len(step.stages)
+        assert [type(s) for s in stages] == [step.stage_type] * len(step.stages)
         w = layer.weight
         if name == "conv" and layer.type == "conv":
             N = w.numel()
@@ -114,7 +114,7 @@ def test_cnn_plan_of_names_the_first_mismatch():
     with pytest.raises(InvalidNetworkError, match=r"^layer 0: expected stage 0 to convolve with .*stride 2×2"):
         conv.plan_of(net, strided)
     flat = ConvNetSpec(spec.layers[:2] + spec.layers[3:], spec.in_shape)  # no residual block
-    with pytest.raises(InvalidNetworkError, match=r"^expected a op:maxpool stage at 3, found residual at 3;"):
+    with pytest.raises(InvalidNetworkError, match=r"^expected a FixedOp\(maxpool\) stage at 3 for the target's maxpool, found ResidualStage;"):
         conv.plan_of(net, flat)
     # solve_norms names it too, once the dims signature (which would catch it first) is gone
     net.meta = net.meta.replace(target_dims=None)
@@ -138,7 +138,7 @@ def test_legacy_conv_fixture_follows_its_plan():
     data = Path(__file__).parent / "data" / "v0_1"
     net, spec = NormNet.load(data / "cnn.safetensors"), load_target(data / "cnn_target.safetensors")
     plan = get_construction("conv").plan_of(net, spec)
-    assert [step.kind for step in plan.steps] == ["norm_conv2d", "norm_linear"]
+    assert [step.stage_type for step in plan.steps] == [NormConv2d, NormLinear]
     assert [stage_at(net, p) for p in plan.steps[1].paths] == [net.layers[4], net.layers[5]]
 
 

@@ -32,21 +32,28 @@ float64 rounding, so ``certified_bound`` bounds ``sup_D |f − g|`` in exact ari
 evaluation error of ``f`` (its dtype) plus ``g`` (float64). As for every certificate, underflow is assumed not to
 occur (subnormal intermediates would add an absolute ~1e-45 (float32) per operation).
 
-The network's stages are checked against the target as the walk goes — kind, geometry, ReLU placement, pooling
-parameters — so a file whose structure was edited is refused instead of certified against what it no longer is.
+The network's stages are paired with the target's layers by the one matcher (:mod:`onlynorm.nets.match`) and read
+through their affine views (:mod:`onlynorm.nets.views`: exactly the tensors and module attributes their forward
+uses; hooks, biases, other padding modes, ``eps`` or statistics that the views do not model are refused); geometry,
+ReLU placement and pooling parameters are checked against the target as the walk goes, so a file whose structure
+was edited is refused instead of certified against what it no longer is.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from ..domain import Box
-from ..errors import InvalidNetworkError
+from ..errors import InvalidNetworkError, NotCertifiableError
+from ..nets.conv import FixedOp
+from ..nets.match import Node, Realised, Skip, path_label
+from ..nets.views import UNIT_GEOMETRY, AffineView, StreamView, hook_problem
 from ..targets.cnn import ConvNetSpec, box_tensors
-from ..targets.layers import Pool, ResidualBlock
+from ..targets.layers import Pool
 from .core import U64, CertifyResult, final_result, gamma_n, unit_roundoff
 
 __all__ = ["certify_conv"]
@@ -83,8 +90,9 @@ def _up(t: torch.Tensor, n: int) -> torch.Tensor:
     return t * (1 + gamma_n(n, U64))
 
 
-def certify_conv(net, spec: ConvNetSpec, box: Box) -> CertifyResult:
-    """Certify a network built by the conv or conv_deep construction against its CNN target on ``box``.
+def certify_conv(net, spec: ConvNetSpec, box: Box, nodes: Sequence[Node]) -> CertifyResult:
+    """Certify a network built by the conv or conv_deep construction against its CNN target on ``box``;
+    ``nodes`` pair the target's layers with the network's stages (:func:`onlynorm.nets.match.match`, the plan's).
 
     >>> import torch
     >>> from torch import nn
@@ -98,55 +106,57 @@ def certify_conv(net, spec: ConvNetSpec, box: Box) -> CertifyResult:
     True
     """
     u_f = unit_roundoff(net.dtype)
-    spec = spec.to(dtype=torch.float64, device="cpu")
     lo, hi = box_tensors(spec, box, torch.float64)
     zero = torch.zeros_like(lo)
     # f receives the float64 points cast to its dtype: one rounding per coordinate (none for float64)
     cast = zero if net.dtype == torch.float64 else u_f * torch.maximum(lo.abs(), hi.abs())
     notes: list[str] = []
     walker = _Walker(u_f, notes)
-    state = walker.walk(spec.layers, list(net.layers), _State(lo, hi, zero, cast, zero.clone()), prefix="")
+    state = walker.walk(nodes, _State(lo, hi, zero, cast, zero.clone()))
     return final_result(not notes, float(state.err.max()), float((state.rf + state.rg).max()), notes)
 
 
 class _Walker:
-    """One walk over the target's layers and the network's stages (nested residual blocks included)."""
+    """One pass over the matched target layers and stages (nested residual blocks included), reading each stage
+    through its affine view (:mod:`onlynorm.nets.views`) — never its submodules."""
 
     def __init__(self, u_f: float, notes: list[str]):
         self.u_f, self.notes = u_f, notes
 
-    def walk(self, layers, stages: list, st: _State, prefix: str) -> _State:
-        pos = 0
-        for index, layer in enumerate(layers):
-            where = f"layer {prefix}{index} ({layer.type})"
-            if pos >= len(stages):
-                raise InvalidNetworkError(f"{where}: the network has {len(stages)} stages where the target needs more")
-            stage = stages[pos]
-            kind = getattr(stage, "kind", type(stage).__name__)
-            if layer.has_weights and kind == "conv_stream":
-                _check_stream(stage, layer, where)
-                st = self.affine(layer, _stream_factors(stage), st, where, paired=bool(stage.paired))
-                pos += 1
-            elif layer.has_weights:
-                if pos + 1 >= len(stages):
-                    raise InvalidNetworkError(f"{where}: expected a pair of stages, the network ends")
-                _check_pair(stage, stages[pos + 1], layer, where)
-                st = self.affine(layer, _pair_factors(stage, stages[pos + 1]), st, where, paired=False)
-                pos += 2
-            elif isinstance(layer, ResidualBlock):
-                if kind != "residual":
-                    raise InvalidNetworkError(f"{where}: expected a residual stage, found {kind}")
-                body = self.walk(layer.body, list(stage.body), st, prefix=f"{prefix}{index}.body.")
-                skip = self.walk(layer.shortcut, list(stage.shortcut), st, prefix=f"{prefix}{index}.shortcut.")
-                st = self.residual_sum(body, skip)
-                pos += 1
+    def walk(self, nodes: Sequence[Node], st: _State) -> _State:
+        for node in nodes:
+            if isinstance(node, Realised):
+                st = self.realised(node, st)
+            elif isinstance(node, Skip):
+                st = self.residual_sum(self.walk(node.body, st), self.walk(node.shortcut, st))
             else:
-                _check_op(stage, layer, where)
-                st = self.fixed(layer, st)
-                pos += 1
-        if pos != len(stages):
-            raise InvalidNetworkError(f"the network has {len(stages)} stages where the target needs {pos}")
+                _check_op(node.stage, node.layer, f"stage {path_label(node.path)} ({node.layer.type})")
+                st = self.fixed(node.layer, st)
         return st
+
+    def realised(self, node: Realised, st: _State) -> _State:
+        """A target Conv/Linear: a conv_deep stream (one stage) or a pair of stages of the conv construction."""
+        views = [
+            stage.affine(f"{node.where}, stage {path_label(path)}") for stage, path in zip(node.stages, node.paths)
+        ]
+        if node.relu:
+            raise InvalidNetworkError(f"{node.where}: expected the target's ReLU as a copied stage, found it fused")
+        if len(views) == 1 and isinstance(views[0], StreamView):
+            view = views[0]
+            _check_stream(view, node.layer, node.where)
+            A = _d(view.kernel).flatten(1) if view.flat else _d(view.kernel)
+            factors = (A, _d(view.gamma1), _d(view.beta1), _d(view.readout), _d(view.gamma2), _d(view.beta2))
+            return self.affine(node.layer, factors, st, node.where, paired=view.paired)
+        if len(views) == 2 and all(isinstance(v, AffineView) for v in views):
+            first, second = views
+            _check_pair(first, second, node.layer, node.where)
+            B = _d(second.weight).flatten(1)
+            factors = (_d(first.weight), _d(first.gamma), _d(first.beta), B, _d(second.gamma), _d(second.beta))
+            return self.affine(node.layer, factors, st, node.where, paired=False)
+        raise InvalidNetworkError(
+            f"{node.where}: the CNN certificate models a conv_stream or a pair of conv/linear stages, found "
+            f"{', '.join(type(s).__name__ for s in node.stages)}"
+        )
 
     # ------------------------------------------------------------------ parameter-free layers
     def fixed(self, layer, st: _State) -> _State:
@@ -280,79 +290,47 @@ def _d(t: torch.Tensor) -> torch.Tensor:
     return t.detach().double().cpu()
 
 
-def _geometry(conv) -> tuple:
-    return tuple(conv.stride), tuple(conv.padding), tuple(conv.dilation)
-
-
-def _check_pair(first, second, layer, where: str) -> None:
-    """Kinds, ReLU placement and geometry of a conv/linear pair must be what the certificate assumes."""
-    want = "norm_conv2d" if layer.type == "conv" else "norm_linear"
-    kinds = (getattr(first, "kind", type(first).__name__), getattr(second, "kind", type(second).__name__))
-    if kinds != (want, want):
-        raise InvalidNetworkError(f"{where}: expected a pair of {want} stages, found {kinds[0]}, {kinds[1]}")
-    if not (bool(first.relu) and not bool(second.relu)):
+def _check_pair(first: AffineView, second: AffineView, layer, where: str) -> None:
+    """Map types, ReLU placement and geometry of a conv/linear pair must be what the certificate assumes."""
+    conv = layer.type == "conv"
+    if (first.geometry is None, second.geometry is None) != (not conv, not conv):
+        raise InvalidNetworkError(
+            f"{where}: expected a pair of {'conv' if conv else 'linear'} stages for the target's {layer.type}"
+        )
+    if not (first.relu and not second.relu):
         raise InvalidNetworkError(
             f"{where}: expected ReLU after the first stage of the pair only, found relu={first.relu}, {second.relu}"
         )
-    if layer.type == "conv":
-        found = _geometry(first.conv)
-        if found != tuple(layer.geometry) or first.conv.groups != 1:
+    if conv:
+        if first.geometry != tuple(layer.geometry) or tuple(first.weight.shape[2:]) != tuple(layer.weight.shape[2:]):
             raise InvalidNetworkError(
-                f"{where}: the first conv's stride/padding/dilation {found} differ from the target's "
+                f"{where}: the first conv's stride/padding/dilation {first.geometry} differ from the target's "
                 f"{tuple(layer.geometry)}"
             )
-        c = second.conv
-        if (tuple(c.kernel_size), _geometry(c), c.groups) != ((1, 1), ((1, 1), (0, 0), (1, 1)), 1):
+        if tuple(second.weight.shape[2:]) != (1, 1) or second.geometry != UNIT_GEOMETRY:
             raise InvalidNetworkError(f"{where}: the second conv of the pair must be a plain 1×1 conv")
-        if first.conv.bias is not None or c.bias is not None:
-            raise InvalidNetworkError(f"{where}: the frozen convs of the pair must be bias-free")
-    elif first.linear.bias is not None or second.linear.bias is not None:
-        raise InvalidNetworkError(f"{where}: the frozen linear maps of the pair must be bias-free")
 
 
-def _check_stream(stage, layer, where: str) -> None:
+def _check_stream(view: StreamView, layer, where: str) -> None:
     flat = layer.type == "linear"
-    geometry = (stage.geometry["stride"], stage.geometry["padding"], stage.geometry["dilation"])
-    want = ((1, 1), (0, 0), (1, 1)) if flat else tuple(layer.geometry)
-    if bool(stage.flat) != flat or tuple(tuple(g) for g in geometry) != tuple(tuple(g) for g in want):
+    want = UNIT_GEOMETRY if flat else tuple(layer.geometry)
+    kernel_ok = tuple(view.kernel.shape[2:]) == ((1, 1) if flat else tuple(layer.weight.shape[2:]))
+    if view.flat != flat or view.geometry != want or not kernel_ok:
         raise InvalidNetworkError(
-            f"{where}: the conv_stream's geometry {geometry} (flat={stage.flat}) differs from the target's {want}"
+            f"{where}: the conv_stream's geometry {view.geometry} (flat={view.flat}) differs from the target's {want}"
         )
 
 
 def _check_op(stage, layer, where: str) -> None:
-    """A parameter-free stage must compute the target's layer (op and pooling parameters)."""
-    kind = getattr(stage, "kind", type(stage).__name__)
-    if kind != "op" or stage.op != layer.type:
-        raise InvalidNetworkError(f"{where}: expected a {layer.type} stage, found {getattr(stage, 'op', kind)}")
+    """A parameter-free stage must compute the target's layer (op and pooling parameters) with no hooks."""
+    problem = hook_problem(stage)
+    if problem is not None:
+        raise NotCertifiableError(f"{where}: {problem}, which the certificate does not model")
+    if not isinstance(stage, FixedOp) or stage.op != layer.type:
+        raise InvalidNetworkError(f"{where}: expected a {layer.type} stage, found {type(stage).__name__}")
     if isinstance(layer, Pool):
         avg = layer.mode == "avg"  # count_include_pad matters to average pooling only
         found = (tuple(stage.kernel), tuple(stage.stride), tuple(stage.padding), avg and bool(stage.count_include_pad))
         want = (tuple(layer.kernel), tuple(layer.stride), tuple(layer.padding), avg and bool(layer.count_include_pad))
         if found != want:
             raise InvalidNetworkError(f"{where}: pooling (kernel, stride, padding) {found} differs from the target's")
-
-
-def _pair_factors(first, second):
-    """``(A, γ₁, β₁, B, γ₂, β₂)`` of a conv (or linear) pair of the conv construction."""
-    lin = getattr(first, "linear", None)
-    if lin is not None:
-        A, B = _d(lin.weight), _d(second.linear.weight)
-    else:
-        A, B = _d(first.conv.weight), _d(second.conv.weight).flatten(1)
-    return A, _d(first.norm.weight), _d(first.norm.bias), B, _d(second.norm.weight), _d(second.norm.bias)
-
-
-def _stream_factors(stage):
-    """The same factors for a conv_deep stream: its grouped branches as one block-diagonal kernel."""
-    A = _d(stage.dense_branch())
-    if stage.flat:
-        A = A.flatten(1)
-    return (
-        A,
-        _d(stage.branch_norm.weight),
-        _d(stage.branch_norm.bias),
-        _d(stage.readout.weight).flatten(1),
-        _d(stage.norm.weight),
-        _d(stage.norm.bias),
-    )

@@ -16,6 +16,7 @@ from ..certify import CertifyResult
 from ..domain import Box
 from ..errors import InvalidDomainError, InvalidNetworkError, InvalidOptionError, OnlyNormError
 from ..nets.linear import NormLinear
+from ..nets.match import Node
 from ..nets.normnet import NormNet
 from ..nets.records import SolveInfo, SolveRecord
 from ..nets.stage import Stage
@@ -71,11 +72,19 @@ class Construction:
     def plan(self, target: Any, options: dict[str, Any]) -> Plan:
         raise NotImplementedError
 
+    def recorded_plan(self, net: NormNet, target: Any) -> Plan:
+        """The plan a built (or loaded) network records: from its options (unchecked; see :meth:`matched`)."""
+        return self.plan(target, self.check_options(dict(net.meta.options), getattr(target, "depth", None)))
+
+    def matched(self, net: NormNet, target: Any) -> tuple[Plan, tuple[Node, ...]]:
+        """The network's plan and the target↔stages pairing it lays out (:func:`onlynorm.nets.match.match`),
+        every realised layer checked against its step — the first difference is refused in one line."""
+        plan = self.recorded_plan(net, target)
+        return plan, plan.match(net, target)
+
     def plan_of(self, net: NormNet, target: Any) -> Plan:
-        """The plan of a built (or loaded) network: from its recorded options, checked against its stages."""
-        plan = self.plan(target, self.check_options(dict(net.meta.options), getattr(target, "depth", None)))
-        plan.check(net)
-        return plan
+        """The plan of a built (or loaded) network, checked against its stages."""
+        return self.matched(net, target)[0]
 
     # ------------------------------------------------------------------ build
     def build(self, target: Any, *, seed: int, dtype: torch.dtype, device, **options: Any) -> NormNet:

@@ -25,10 +25,13 @@ from typing import Any
 
 import torch
 
+from ..certify.cnn import certify_conv
 from ..domain import Box
 from ..errors import InvalidNetworkError
 from ..linalg import solve_khatri_rao
 from ..nets.conv import FixedOp, NormConv2d, ResidualStage
+from ..nets.linear import NormLinear
+from ..nets.match import Realised, walk_bounds, walk_nodes
 from ..nets.normnet import NormNet
 from ..nets.records import SolveRecord
 from ..nets.stage import Stage
@@ -36,9 +39,9 @@ from ..targets.cnn import ConvNetSpec, box_tensors
 from ..targets.layers import Conv, Pool, ResidualBlock
 from .base import MARGIN, Construction, Progress, begin_solve, finish_solve, frozen_init, random_norm_linear, register
 from .pair import pair_offsets, record_of, set_norms, solve_pair
-from .plan import Plan, PlanStep, StagePath, path_label
+from .plan import LayoutKey, Plan, PlanStep, StagePath
 
-__all__ = ["ConvConstruction", "build_stages", "cnn_plan", "cnn_target", "conv_geometry", "walk_plan"]
+__all__ = ["ConvConstruction", "build_stages", "cnn_plan", "cnn_target", "conv_geometry"]
 
 
 @register
@@ -73,7 +76,7 @@ class ConvConstruction(Construction):
                     shapes=((c_in, N), (N, c_out)),
                     relu=(True, False),
                     linear_regime=(0,),
-                    kind="norm_conv2d",
+                    stage_type=NormConv2d,
                     details={"type": "conv", "N": N, "geometry": (conv_geometry(layer), conv_geometry(None))},
                     at=at,
                 )
@@ -98,7 +101,7 @@ class ConvConstruction(Construction):
     @staticmethod
     def _pair(step: PlanStep, gen, dtype, device) -> list[Stage]:
         (n, N), (_, m) = step.shapes
-        if step.kind == "norm_conv2d":
+        if step.stage_type is NormConv2d:
             g = step.details["geometry"][0]
             kh, kw = g["kernel_size"]
             first = NormConv2d(
@@ -123,43 +126,42 @@ class ConvConstruction(Construction):
 
     # ------------------------------------------------------------------ solve, systems, certificate
     def solve(self, net: NormNet, target: ConvNetSpec, domain: Box, *, progress: Progress | None = None) -> NormNet:
-        plan = self.plan_of(net, target)
         spec, out, margin = begin_solve(net, target)
+        plan, nodes = self.matched(out, spec)
         lo, hi = box_tensors(spec, domain, net.dtype)
         records: list[SolveRecord] = []
 
-        def visit(layer, step: PlanStep, lo, hi) -> None:
-            first, second = plan.stages(out, step)
-            records.append(_solve_conv_pair(layer, step, first, second, lo, hi, margin))
+        def visit(node: Realised, lo, hi) -> None:
+            first, second = node.stages
+            records.append(_solve_conv_pair(node.layer, plan.steps[node.index], first, second, lo, hi, margin))
             if progress is not None:
                 progress(len(records), len(plan.steps), f"{len(records)} Khatri–Rao systems")
 
-        walk_plan(plan, spec.layers, lo.to(net.device), hi.to(net.device), visit)
+        walk_bounds(nodes, lo.to(net.device), hi.to(net.device), visit)
         return finish_solve(out, records, [], domain)
 
     def systems(self, net: NormNet, target: ConvNetSpec) -> list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Per target Conv ``A`` = the first conv's kernel as ``N × (c_in·k_h·k_w)``, ``B`` = the 1×1 conv's
         weight as ``c_out × N``, ``W`` = the target kernel as ``c_out × (c_in·k_h·k_w)``; per Linear the pair's
         weights (as the width construction). Labelled ``layer i (conv at stage 3.body.0)``."""
-        plan = self.plan_of(net, target)
+        _, nodes = self.matched(net, cnn_target(target))
         out = []
-        for step, layer in zip(plan.steps, cnn_target(target).weighted()):
-            first, second = plan.stages(net, step)
-            if step.kind == "norm_conv2d":
+        for node in walk_nodes(nodes):
+            first, second = node.stages
+            if isinstance(first, NormConv2d) and isinstance(second, NormConv2d):
                 A, B = first.conv.weight.flatten(1), second.conv.weight.flatten(1)
-            else:
+            elif isinstance(first, NormLinear) and isinstance(second, NormLinear):
                 A, B = first.linear.weight, second.linear.weight
-            W = layer.weight.flatten(1).to(dtype=net.dtype, device=net.device)
-            out.append((f"layer {step.layer} ({layer.type} at stage {path_label(step.paths[0])})", A, B, W))
+            else:  # pragma: no cover - the plan check admits only these pairs
+                raise InvalidNetworkError(f"{node.where}: expected a pair of NormConv2d or NormLinear stages")
+            W = node.layer.weight.flatten(1).to(dtype=net.dtype, device=net.device)
+            out.append((node.where, A, B, W))
         return out
 
     def certify(self, net: NormNet, target: ConvNetSpec, domain: Box):
         """Per-channel activity over every position of the box, then a distance bound; see :mod:`onlynorm.certify.cnn`."""
-        from ..certify.cnn import certify_conv
-
-        if not isinstance(target, ConvNetSpec):
-            raise InvalidNetworkError("this network was built for a CNN target; pass the same CNN as target")
-        return certify_conv(net, target, domain)
+        spec = cnn_target(target).to(dtype=torch.float64, device="cpu")
+        return certify_conv(net, spec, domain, self.matched(net, spec)[1])
 
 
 def _solve_conv_pair(layer, step: PlanStep, first, second, lo, hi, margin: float) -> SolveRecord:
@@ -170,7 +172,7 @@ def _solve_conv_pair(layer, step: PlanStep, first, second, lo, hi, margin: float
     of ``Γ (A * x)`` active at every position of the reachable input (interval bounds per position, zero padding
     included, minimised over positions): ``β₁ = −min z + slack``, ``β₂ = b − B β₁`` (:func:`pair_offsets`).
     """
-    if step.kind != "norm_conv2d":
+    if step.stage_type is not NormConv2d:
         return solve_pair(first, second, layer.weight, layer.bias, lo[0], hi[0], margin=margin, layer=step.layer)
     A4 = first.conv.weight
     A, B = A4.flatten(1), second.conv.weight.flatten(1)
@@ -214,7 +216,7 @@ def cnn_plan(method: str, target: ConvNetSpec, realise: Callable[[Any, int, Stag
     ``op:<type>`` stage. Steps come depth first, in the order of ``target.weighted()``.
     """
     steps: list[PlanStep] = []
-    layout: list[tuple[StagePath, str]] = []
+    layout: list[tuple[StagePath, LayoutKey]] = []
 
     def visit(layers, at: StagePath) -> None:
         pos = 0
@@ -222,10 +224,12 @@ def cnn_plan(method: str, target: ConvNetSpec, realise: Callable[[Any, int, Stag
             if layer.has_weights:
                 step = realise(layer, len(steps), at, pos)
                 steps.append(step)
-                layout.extend(((*at, j), step.kind) for j in step.stages)
+                layout.extend(((*at, j), (step.stage_type, None)) for j in step.stages)
                 pos += len(step.stages)
                 continue
-            layout.append(((*at, pos), "residual" if isinstance(layer, ResidualBlock) else f"op:{layer.type}"))
+            layout.append(
+                ((*at, pos), (ResidualStage, None) if isinstance(layer, ResidualBlock) else (FixedOp, layer.type))
+            )
             if isinstance(layer, ResidualBlock):
                 visit(layer.body, (*at, pos, "body"))
                 visit(layer.shortcut, (*at, pos, "shortcut"))
@@ -263,21 +267,3 @@ def build_stages(plan: Plan, layers, make_weighted: Callable[[PlanStep], list[St
         return stages
 
     return mirror(layers)
-
-
-def walk_plan(plan: Plan, layers, lo: torch.Tensor, hi: torch.Tensor, visit) -> tuple[torch.Tensor, torch.Tensor]:
-    """Walk the target's layers with the plan's steps, carrying the target's interval bounds ``[lo, hi]`` of each
-    layer's input; ``visit(layer, step, lo, hi)`` for each Conv/Linear. Returns the bounds of the output."""
-    steps = iter(plan.steps)
-
-    def walk(layers, lo, hi):
-        for layer in layers:
-            if layer.has_weights:
-                visit(layer, next(steps), lo, hi)
-            elif isinstance(layer, ResidualBlock):
-                walk(layer.body, lo, hi)
-                walk(layer.shortcut, lo, hi)
-            lo, hi = layer.bounds(lo, hi)
-        return lo, hi
-
-    return walk(layers, lo, hi)

@@ -38,10 +38,12 @@ from typing import Any
 
 import torch
 
+from ..certify.cnn import certify_conv
 from ..domain import Box
 from ..errors import InvalidNetworkError
 from ..linalg import compose, solve_khatri_rao_batched
 from ..nets.conv_stream import ConvStream, grouped_conv
+from ..nets.match import Realised, walk_bounds, walk_nodes
 from ..nets.normnet import NormNet
 from ..nets.records import SolveRecord, relative_residual
 from ..nets.stage import Stage
@@ -50,7 +52,7 @@ from ..options import OptionSpec
 from ..targets.cnn import ConvNetSpec, box_tensors
 from ..targets.layers import Conv, Linear
 from .base import MARGIN, Construction, Progress, begin_solve, finish_solve, frozen_init, register, safe_margin
-from .conv import build_stages, cnn_plan, cnn_target, conv_geometry, walk_plan
+from .conv import build_stages, cnn_plan, cnn_target, conv_geometry
 from .deep import BLOCK
 from .plan import Plan, PlanStep, StagePath, path_label, walk_network
 
@@ -107,7 +109,7 @@ class ConvDeepConstruction(Construction):
                 shapes=((c_in, c_out),),
                 relu=(False,),
                 linear_regime=() if paired else (0,),
-                kind="conv_stream",
+                stage_type=ConvStream,
                 details={
                     "type": layer.type,
                     "block": kb,
@@ -122,16 +124,14 @@ class ConvDeepConstruction(Construction):
 
         return cnn_plan(self.name, cnn_target(target), realise)
 
-    def plan_of(self, net: NormNet, target: ConvNetSpec) -> Plan:
+    def recorded_plan(self, net: NormNet, target: ConvNetSpec) -> Plan:
         """From the recorded options; a network recorded without ``paired`` (written before the option) is read
         as its stages say."""
         options = self.check_options(dict(net.meta.options))
         if options.get("paired") is None:
             streams = [s for _, s in walk_network(net) if isinstance(s, ConvStream)]
             options["paired"] = int(streams[0].paired) if streams else 1
-        plan = self.plan(target, options)
-        plan.check(net)
-        return plan
+        return self.plan(target, options)
 
     def build(self, target: ConvNetSpec, *, seed: int, dtype: torch.dtype, device, **options: Any) -> NormNet:
         # the defaults are recorded, so a loaded network's plan does not depend on today's defaults
@@ -176,22 +176,26 @@ class ConvDeepConstruction(Construction):
         return estimate_conv_bytes(target, dtype, "conv_deep", block=int(options.get("block") or 1))
 
     def solve(self, net: NormNet, target: ConvNetSpec, domain: Box, *, progress: Progress | None = None) -> NormNet:
-        plan = self.plan_of(net, target)
         _spec, out, margin = begin_solve(net, target)
         spec = target.to(dtype=torch.float64, device="cpu")  # γ, β are solved in float64, rounded once
+        plan, nodes = self.matched(out, spec)
         lo, hi = box_tensors(spec, domain, torch.float64)
         records: list[SolveRecord] = []
 
-        def visit(layer, step: PlanStep, lo, hi) -> None:
-            (stage,) = plan.stages(out, step)
-            records.append(_solve_stream(_as_conv(layer), stage, lo, hi, margin, step.layer, flat=step.details["flat"]))
+        def visit(node: Realised, lo, hi) -> None:
+            (stage,) = node.stages
+            step = plan.steps[node.index]
+            assert isinstance(stage, ConvStream)
+            records.append(
+                _solve_stream(_as_conv(node.layer), stage, lo, hi, margin, step.layer, flat=step.details["flat"])
+            )
             if progress is not None:
                 d = records[-1].details
                 progress(
                     len(records), len(plan.steps), f"layer {step.layer}: {d['blocks']} systems of size {d['size']}"
                 )
 
-        walk_plan(plan, spec.layers, lo, hi, visit)
+        walk_bounds(nodes, lo, hi, visit)
         return finish_solve(out, records, [], domain)
 
     def systems(self, net: NormNet, target: ConvNetSpec) -> list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -199,25 +203,23 @@ class ConvDeepConstruction(Construction):
         kernel as ``N_t × (k_t·k_h·k_w)``, ``B_t`` the readout's columns of its ``N_t`` channels, ``W[:, J_t]`` the
         target kernel's input channels ``J_t`` as ``c_out × (k_t·k_h·k_w)``. Labelled ``layer i block t (conv at
         stage 3.body.0)``."""
-        plan = self.plan_of(net, target)
+        _, nodes = self.matched(net, cnn_target(target))
         out = []
-        for step, layer in zip(plan.steps, cnn_target(target).weighted()):
-            (stage,) = plan.stages(net, step)
-            W = _as_conv(layer).weight.to(dtype=net.dtype, device=net.device)
+        for node in walk_nodes(nodes):
+            (stage,) = node.stages
+            assert isinstance(stage, ConvStream)
+            W = _as_conv(node.layer).weight.to(dtype=net.dtype, device=net.device)
             B = stage.readout.weight.flatten(1)
-            where = f"{layer.type} at stage {path_label(step.paths[0])}"
+            where = f"{node.layer.type} at stage {path_label(node.paths[0])}"
             for t, (units, J) in enumerate(stage.block_slices()):
-                A = (stage.branch.weight[units] if t < stage.full else stage.rest.weight).flatten(1)
-                out.append((f"layer {step.layer} block {t} ({where})", A, B[:, units], W[:, J].flatten(1)))
+                A = stage.block_kernel(t)[units if t < stage.full else slice(None)].flatten(1)
+                out.append((f"layer {node.index} block {t} ({where})", A, B[:, units], W[:, J].flatten(1)))
         return out
 
     def certify(self, net: NormNet, target: ConvNetSpec, domain: Box):
         """Per-channel activity of every branch over every position of the box, then a distance bound."""
-        from ..certify.cnn import certify_conv
-
-        if not isinstance(target, ConvNetSpec):
-            raise InvalidNetworkError("this network was built for a CNN target; pass the same CNN as target")
-        return certify_conv(net, target, domain)
+        spec = cnn_target(target).to(dtype=torch.float64, device="cpu")
+        return certify_conv(net, spec, domain, self.matched(net, spec)[1])
 
 
 def _solve_stream(conv: Conv, stage: ConvStream, lo, hi, margin: float, index: int, flat: bool) -> SolveRecord:

@@ -65,7 +65,7 @@ class DeepConstruction(Construction):
                     stages=(i,),
                     shapes=((n, m),),
                     relu=(i < target.depth - 1,),
-                    kind="residual_stream",
+                    stage_type=ResidualStream,
                     details={"block": min(k, n)},
                 )
             )

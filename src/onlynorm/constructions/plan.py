@@ -8,13 +8,17 @@ back from its metadata (``net.meta.options``) and is checked against it (:meth:`
 
 An MLP network is a flat list of stages, each owned by one step. A CNN network nests stages inside residual stages
 and copies parameter-free layers (ReLU, pooling, Flatten) that no step owns, so a CNN plan also has a ``layout``:
-every stage's :data:`StagePath` and kind, depth first, and each step says in which stage list it sits (``at``).
+every stage's :data:`StagePath` and type, depth first, and each step says in which stage list it sits (``at``).
+Checking a network against a plan is one walk: :func:`onlynorm.nets.match.match` pairs the target's layers with the
+network's stages (the plan says how many stages realise each weighted layer), then each realised layer's stages are
+compared with the step's expectations through their :meth:`~onlynorm.nets.stage.Stage.layout` entries.
 
 >>> step = PlanStep(layer=0, stages=(0, 1), shapes=((3, 6), (6, 2)), relu=(True, False), linear_regime=(0,))
 >>> plan = Plan("width", (step,))
 >>> plan.num_stages, plan.steps[0].pairs
 (2, ((0, 1),))
->>> inner = PlanStep(layer=1, stages=(0, 1), shapes=((2, 36), (36, 2)), relu=(True, False), kind="norm_conv2d",
+>>> from onlynorm.nets import NormConv2d
+>>> inner = PlanStep(layer=1, stages=(0, 1), shapes=((2, 36), (36, 2)), relu=(True, False), stage_type=NormConv2d,
 ...                  at=(3, "body"))
 >>> inner.paths, path_label(inner.paths[1])    # stages 0 and 1 of the body of the residual stage net.layers[3]
 (((3, 'body', 0), (3, 'body', 1)), '3.body.1')
@@ -22,25 +26,21 @@ every stage's :data:`StagePath` and kind, depth first, and each step says in whi
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, cast
-
-from torch import nn
+from typing import Any
 
 from ..errors import InvalidNetworkError
 from ..nets.linear import NormLinear
+from ..nets.match import Node, Realised, StagePath, match, path_label, walk_nodes
 from ..nets.normnet import NormNet
-from ..nets.stage import Stage
+from ..nets.stage import Stage, StageLayout
+from ..targets.layers import Layer
 
-__all__ = ["Plan", "PlanStep", "StagePath", "path_label", "stage_at", "walk_network"]
+__all__ = ["Plan", "PlanStep", "LayoutKey", "StagePath", "path_label", "stage_at", "walk_network"]
 
-#: where a stage sits: ``(3,)`` is ``net.layers[3]``; ``(3, "body", 0)`` stage 0 of the body (or ``"shortcut"``) of
-#: the residual stage ``net.layers[3]``
-StagePath = tuple[int | str, ...]
-
-#: stage kinds whose consecutive positions form Khatri–Rao pairs ``(first, second)``
-PAIR_KINDS = ("norm_linear", "norm_conv2d")
+#: a layout entry: the stage's type and, for a copied layer, its op (``(FixedOp, "relu")``)
+LayoutKey = tuple[type[Stage], "str | None"]
 
 
 @dataclass(frozen=True)
@@ -49,12 +49,12 @@ class PlanStep:
 
     ``stages`` are indices into the stage list ``at`` (``()``: ``net.layers``; ``(3, "body")``: the body of the
     residual stage ``net.layers[3]``); ``shapes[j]`` is ``(fan_in, fan_out)`` of stage ``stages[j]`` (channels for
-    convolutions); ``relu[j]`` whether it ends in a ReLU; ``linear_regime`` the positions ``j`` whose units must
-    all stay active on the reachable set; ``pairs`` the positions ``(j, j + 1)`` forming a Khatri–Rao system
-    (default: stage 0 with 1, 2 with 3, ...). ``kind`` is the stage kind (``norm_linear``, ``residual_stream``,
-    ``norm_conv2d`` or ``conv_stream``); ``details`` holds construction facts (the rank of a lowrank layer, the
-    block size of a deep one, ``N`` and the kernel ``geometry`` — one entry per stage, ``None`` for a linear one —
-    of a conv).
+    convolutions); ``relu[j]`` whether it ends in a ReLU; ``linear_regime``
+    the positions ``j`` whose units must all stay active on the reachable set; ``pairs`` the positions ``(j, j + 1)``
+    forming a Khatri–Rao system (stage types with ``pairs_with_next``: stage 0 with 1, 2 with 3, ...).
+    ``stage_type`` is the type of every stage of the step; ``details`` holds construction facts (the rank of a
+    lowrank layer, the block size of a deep one, ``N`` and the kernel ``geometry`` — one entry per stage, ``None``
+    for a linear one — of a conv), which the stages' layout entries must match where they carry the same key.
     """
 
     layer: int
@@ -62,13 +62,13 @@ class PlanStep:
     shapes: tuple[tuple[int, int], ...]
     relu: tuple[bool, ...]
     linear_regime: tuple[int, ...] = ()
-    kind: str = "norm_linear"
+    stage_type: type[Stage] = NormLinear
     details: dict[str, Any] = field(default_factory=dict)
     at: StagePath = ()
 
     @property
     def pairs(self) -> tuple[tuple[int, int], ...]:
-        if self.kind not in PAIR_KINDS:
+        if not self.stage_type.pairs_with_next:
             return ()
         return tuple((j, j + 1) for j in range(0, len(self.stages) - 1, 2))
 
@@ -87,13 +87,12 @@ class Plan:
     """The ordered steps of a construction for one target; see the module docstring.
 
     ``layout`` is empty for a flat network whose stages all belong to steps (the MLP constructions); a nested
-    network (CNN) lists every stage's ``(path, kind)`` depth first — residual stages as ``residual``, copied
-    layers as ``op:relu``, ``op:maxpool``, ... — so :meth:`check` can name the first stage out of place.
+    network (CNN) lists every stage's ``(path, (type, op))`` depth first.
     """
 
     method: str
     steps: tuple[PlanStep, ...]
-    layout: tuple[tuple[StagePath, str], ...] = ()
+    layout: tuple[tuple[StagePath, LayoutKey], ...] = ()
 
     @property
     def num_stages(self) -> int:
@@ -106,45 +105,32 @@ class Plan:
         """The stages of ``step`` in ``net`` (after :meth:`check`)."""
         return [stage_at(net, path) for path in step.paths]
 
-    def check(self, net: NormNet) -> None:
-        """Refuse a network whose stages do not follow this plan, naming the first difference."""
-        layers = list(net.layers)
-        if self.layout:
-            self._check_layout(net)
-        elif len(layers) != self.num_stages:
-            raise InvalidNetworkError(
-                f"expected a {self.method} network of {self.num_stages} stages for a {len(self.steps)}-layer target, "
-                f"found {len(layers)} stages ({', '.join(type(s).__name__ for s in layers[:4])}...)"
-            )
-        for step in self.steps:
-            for j, path in enumerate(step.paths):
-                _check_stage(self.method, step, j, path_label(path), stage_at(net, path))
+    def match(self, net: NormNet, target: Any) -> tuple[Node, ...]:
+        """Pair ``target``'s layers with ``net``'s stages as this plan lays them out, checking every realised layer
+        against its step (type, shapes, ReLUs, details); the first difference is refused in one line."""
+        steps = self.steps
 
-    def _check_layout(self, net: NormNet) -> None:
-        found = [(path, _kind(stage)) for path, stage in walk_network(net)]
-        for k, (path, kind) in enumerate(self.layout):
-            if k >= len(found):
+        def group(index: int, layer: Layer, stages: Sequence[Stage], pos: int) -> int:
+            if index >= len(steps):
                 raise InvalidNetworkError(
-                    f"expected a {kind} stage at {path_label(path)}, found none: the {self.method} network has "
-                    f"{len(found)} stages where the target needs {len(self.layout)}; rebuild it for this target"
+                    f"the target has more weighted layers than the {self.method} plan's {len(steps)}; rebuild the "
+                    "network for this target"
                 )
-            if found[k] != (path, kind):
-                where, what = found[k]
-                raise InvalidNetworkError(
-                    f"expected a {kind} stage at {path_label(path)}, found {what} at {path_label(where)}; "
-                    f"the {self.method} network was built for another target"
-                )
-        if len(found) > len(self.layout):
-            where, what = found[len(self.layout)]
+            return len(steps[index].stages)
+
+        nodes = match(target, list(net.layers), group)
+        realised = list(walk_nodes(nodes))
+        if len(realised) != len(steps):
             raise InvalidNetworkError(
-                f"expected {len(self.layout)} stages in the {self.method} network, found more ({what} at "
-                f"{path_label(where)}); it was built for another target"
+                f"expected a {self.method} network for a {len(steps)}-layer target, found {len(realised)} layers"
             )
+        for step, node in zip(steps, realised):
+            _check_step(self.method, step, node)
+        return nodes
 
-
-def path_label(path: StagePath) -> str:
-    """``(3, "body", 0)`` → ``"3.body.0"``; ``(2,)`` → ``"2"``."""
-    return ".".join(str(p) for p in path)
+    def check(self, net: NormNet, target: Any) -> None:
+        """Refuse a network whose stages do not follow this plan for ``target``, naming the first difference."""
+        self.match(net, target)
 
 
 def stage_at(net: NormNet, path: StagePath) -> Any:
@@ -155,83 +141,59 @@ def stage_at(net: NormNet, path: StagePath) -> Any:
     return node
 
 
-def walk_network(net: NormNet) -> Iterator[tuple[StagePath, nn.Module]]:
-    """Every stage with its path, depth first (a residual stage, then its body, then its shortcut)."""
+def walk_network(net: NormNet):
+    """Every stage with its path, depth first (a stage, then its nested stage lists)."""
 
-    def walk(stages, at: StagePath) -> Iterator[tuple[StagePath, nn.Module]]:
+    def walk(stages, at: StagePath):
         for i, stage in enumerate(stages):
             yield (*at, i), stage
-            if getattr(stage, "kind", None) == "residual":
-                yield from walk(stage.body, (*at, i, "body"))
-                yield from walk(stage.shortcut, (*at, i, "shortcut"))
+            for name, inner in stage.stage_lists().items():
+                yield from walk(inner, (*at, i, name))
 
     return walk(net.layers, ())
 
 
-def _kind(stage: nn.Module) -> str:
-    kind = str(getattr(stage, "kind", type(stage).__name__))
-    return f"op:{stage.op}" if kind == "op" else kind
-
-
-def _check_stage(method: str, step: PlanStep, j: int, where: str, stage: Stage) -> None:
-    found = _shape(stage)
-    if getattr(stage, "kind", None) != step.kind or found is None:
+def _check_step(method: str, step: PlanStep, node: Realised) -> None:
+    if node.paths != step.paths:
         raise InvalidNetworkError(
-            f"layer {step.layer}: expected a {step.kind} stage at position {where}, found "
-            f"{getattr(stage, 'kind', type(stage).__name__)}"
+            f"layer {step.layer}: expected its stages at {', '.join(map(path_label, step.paths))}, found them at "
+            f"{', '.join(map(path_label, node.paths))}; the {method} network was built for another target"
         )
-    if found != step.shapes[j]:
+    for j, stage in enumerate(node.stages):
+        _check_stage(method, step, j, path_label(node.paths[j]), stage.layout())
+
+
+def _check_stage(method: str, step: PlanStep, j: int, where: str, found: StageLayout) -> None:
+    if found.type is not step.stage_type or found.shape is None:
+        raise InvalidNetworkError(
+            f"layer {step.layer}: expected a {step.stage_type.__name__} stage at position {where}, found {found.label}"
+        )
+    if found.shape != step.shapes[j]:
         raise InvalidNetworkError(
             f"layer {step.layer}: expected stage {where} to map {step.shapes[j][0]} → {step.shapes[j][1]}, "
-            f"found {found[0]} → {found[1]}; the network was built for another target or options"
+            f"found {found.shape[0]} → {found.shape[1]}; the network was built for another target or options"
         )
-    if bool(getattr(stage, "relu", False)) != step.relu[j]:
+    if found.relu is not None and found.relu != step.relu[j]:
         raise InvalidNetworkError(
             f"layer {step.layer}: ReLU placement of stage {where} does not match the {method} "
             f"construction (expected relu={step.relu[j]})"
         )
     block = step.details.get("block")
-    if step.kind in ("residual_stream", "conv_stream") and block is not None and getattr(stage, "block", None) != block:
-        raise InvalidNetworkError(
-            f"layer {step.layer}: expected input blocks of {block}, found {getattr(stage, 'block', None)}"
-        )
+    if block is not None and found.get("block", block) != block:
+        raise InvalidNetworkError(f"layer {step.layer}: expected input blocks of {block}, found {found.get('block')}")
     geometry = step.details.get("geometry")
-    if geometry is not None and geometry[j] is not None and _geometry(stage) != geometry[j]:
+    if geometry is not None and geometry[j] is not None and found.get("geometry") != geometry[j]:
         raise InvalidNetworkError(
             f"layer {step.layer}: expected stage {where} to convolve with {_words(geometry[j])}, found "
-            f"{_words(_geometry(stage))}; the network was built for another target"
+            f"{_words(found.get('geometry'))}; the network was built for another target"
         )
     for flag in ("paired", "flat"):
         want = step.details.get(flag)
-        if step.kind == "conv_stream" and want is not None and bool(getattr(stage, flag, None)) != want:
+        if want is not None and found.get(flag, want) != want:
             raise InvalidNetworkError(
                 f"layer {step.layer}: expected stage {where} with {flag}={int(want)}, found {flag}={int(not want)}; "
                 f"the network's metadata does not match its stages"
             )
-
-
-def _shape(stage: Stage) -> tuple[int, int] | None:
-    if isinstance(stage, NormLinear):
-        return stage.linear.in_features, stage.linear.out_features
-    conv = getattr(stage, "conv", None)
-    if isinstance(conv, nn.Conv2d):
-        return conv.in_channels, conv.out_channels
-    for fan_in, fan_out in (("in_features", "out_features"), ("in_channels", "out_channels")):
-        if hasattr(stage, fan_in) and hasattr(stage, fan_out):
-            return int(getattr(stage, fan_in)), int(getattr(stage, fan_out))
-    return None
-
-
-def _geometry(stage: Stage) -> dict[str, tuple[int, ...]] | None:
-    """``kernel_size``, ``stride``, ``padding``, ``dilation`` of a conv stage (its ``conv``, or a stream's branch)."""
-    conv = getattr(stage, "conv", None)
-    if isinstance(conv, nn.Conv2d):
-        raw = {k: getattr(conv, k) for k in ("kernel_size", "stride", "padding", "dilation")}
-    elif isinstance(getattr(stage, "geometry", None), dict):
-        raw = cast(dict, stage.geometry)
-    else:
-        return None
-    return {k: tuple(int(v) for v in raw[k]) for k in ("kernel_size", "stride", "padding", "dilation")}
 
 
 def _words(geometry: dict[str, tuple[int, ...]] | None) -> str:

@@ -87,10 +87,8 @@ class SparseConstruction(WidthConstruction):
             raise InvalidOptionError("density: method 'sparse' needs density=p (0 < p ≤ 1), e.g. density=0.3")
         return pair_plan(self.name, target, pair_widths(target, None))
 
-    def plan_of(self, net: NormNet, target: MLPSpec) -> Plan:
-        plan = pair_plan(self.name, target, pair_widths(target, None))
-        plan.check(net)
-        return plan
+    def recorded_plan(self, net: NormNet, target: MLPSpec) -> Plan:
+        return pair_plan(self.name, target, pair_widths(target, None))
 
     def build_stages(
         self, plan: Plan, target: MLPSpec, gen: torch.Generator, *, dtype: torch.dtype, device, options: dict[str, Any]

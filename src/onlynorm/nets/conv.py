@@ -38,6 +38,7 @@ class NormConv2d(Stage):
     """``relu?(γ ⊙ (A * x) + β)``: a frozen bias-free ``Conv2d`` and a ``BatchNorm2d`` (per-channel γ, β)."""
 
     kind = "norm_conv2d"
+    pairs_with_next = True
     conv: nn.Conv2d
     norm: _BatchNorm
 

@@ -196,7 +196,7 @@ class ConvStream(Stage):
 
     def layout(self) -> StageLayout:
         details = (("geometry", self.geometry), ("block", self.block), ("paired", self.paired), ("flat", self.flat))
-        return StageLayout(ConvStream, (self.in_channels, self.out_channels), None, details)
+        return StageLayout(ConvStream, (self.in_channels, self.out_channels), False, details)
 
     def dense_branch(self) -> torch.Tensor:
         """The branch kernels as one ``(channels, c_in, k_h, k_w)`` block-diagonal kernel (for certificates)."""

@@ -27,6 +27,7 @@ class NormLinear(Stage):
     """``y = relu(γ ⊙ (A x) + β)`` with frozen ``A`` (``nn.Linear`` without bias) and ``γ, β`` from BatchNorm1d."""
 
     kind = "norm_linear"
+    pairs_with_next = True
     linear: nn.Linear
     norm: _BatchNorm
 

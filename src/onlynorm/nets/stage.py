@@ -174,6 +174,8 @@ class Stage(nn.Module):
     """
 
     kind: ClassVar[str] = "stage"
+    #: consecutive stages of this type form Khatri–Rao pairs ``B diag(γ) A`` (the first's map, the second's)
+    pairs_with_next: ClassVar[bool] = False
 
     def config(self) -> dict[str, Any]:  # pragma: no cover - abstract
         raise NotImplementedError
