@@ -114,7 +114,10 @@ def test_cnn_plan_of_names_the_first_mismatch():
     with pytest.raises(InvalidNetworkError, match=r"^layer 0: expected stage 0 to convolve with .*stride 2×2"):
         conv.plan_of(net, strided)
     flat = ConvNetSpec(spec.layers[:2] + spec.layers[3:], spec.in_shape)  # no residual block
-    with pytest.raises(InvalidNetworkError, match=r"^expected a FixedOp\(maxpool\) stage at 3 for the target's maxpool, found ResidualStage;"):
+    with pytest.raises(
+        InvalidNetworkError,
+        match=r"^expected a FixedOp\(maxpool\) stage at 3 for the target's maxpool, found ResidualStage;",
+    ):
         conv.plan_of(net, flat)
     # solve_norms names it too, once the dims signature (which would catch it first) is gone
     net.meta = net.meta.replace(target_dims=None)
