@@ -6,7 +6,7 @@ trust what they receive.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -21,13 +21,16 @@ from .nets.normnet import NormNet
 from .options import check_device, check_dtype, check_seed
 from .targets.mlp import MLPSpec, as_target
 
+if TYPE_CHECKING:  # for the annotations only: this module imports cnn lazily, where it is used
+    from .cnn import ConvNetSpec
+
 __all__ = ["random_normnet", "solve_norms", "reconstruct"]
 
 InShape = tuple[int, int, int]
 
 
 def random_normnet(
-    target: MLPSpec | nn.Module,
+    target: MLPSpec | ConvNetSpec | nn.Module,
     method: str = "width",
     seed: int = 0,
     *,
@@ -59,7 +62,11 @@ def random_normnet(
 
 
 def solve_norms(
-    frozen: NormNet, target: MLPSpec | nn.Module, domain: Box | tuple | None = None, *, progress: Progress | None = None
+    frozen: NormNet,
+    target: MLPSpec | ConvNetSpec | nn.Module,
+    domain: Box | tuple | None = None,
+    *,
+    progress: Progress | None = None,
 ) -> NormNet:
     """Solve only the ``γ, β`` of ``frozen`` so that it computes ``target`` on ``domain`` (default ``[-1, 1]^n``).
 
@@ -94,7 +101,7 @@ def solve_norms(
 
 
 def reconstruct(
-    target: MLPSpec | nn.Module,
+    target: MLPSpec | ConvNetSpec | nn.Module,
     method: str = "width",
     domain: Box | tuple | None = None,
     seed: int = 0,

@@ -25,11 +25,13 @@ For a target conv ``c_in → c_out`` with a ``k_h×k_w`` kernel and ``P`` output
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 
-from ..targets.layers import Conv, Linear, ResidualBlock
+from ..targets.cnn import ConvNetSpec
+from ..targets.layers import Conv, Layer, Linear, ResidualBlock
 
 __all__ = [
     "LayerCost",
@@ -53,11 +55,11 @@ class LayerCost:
     positions: int  # output H'·W' (1 for Linear)
 
 
-def layer_costs(spec) -> list[LayerCost]:
+def layer_costs(spec: ConvNetSpec) -> list[LayerCost]:
     """One :class:`LayerCost` per Conv/Linear of ``spec`` (output sizes from one shape pass of the target)."""
     out: list[LayerCost] = []
 
-    def run(layers, x):
+    def run(layers: Iterable[Layer], x: torch.Tensor) -> torch.Tensor:
         for layer in layers:
             if isinstance(layer, ResidualBlock):
                 y = run(layer.body, x)
@@ -78,7 +80,7 @@ def layer_costs(spec) -> list[LayerCost]:
     return out
 
 
-def estimate_conv_bytes(spec, dtype: torch.dtype, method: str, block: int = 1, batch: int = 1) -> int:
+def estimate_conv_bytes(spec: ConvNetSpec, dtype: torch.dtype, method: str, block: int = 1, batch: int = 1) -> int:
     """Peak bytes of building, solving and evaluating (``batch`` images at a time) by ``method``."""
     item = torch.empty((), dtype=dtype).element_size()
     frozen, act, solve = 0, 0, 0
@@ -97,18 +99,18 @@ def estimate_conv_bytes(spec, dtype: torch.dtype, method: str, block: int = 1, b
     return frozen * item + max(solve, act * item * batch)
 
 
-def activation_bytes_per_image(spec, dtype: torch.dtype) -> int:
+def activation_bytes_per_image(spec: ConvNetSpec, dtype: torch.dtype) -> int:
     """Bytes one image needs in a conv/conv_deep network of ``spec``: ``3·C·P`` values at the widest layer."""
     item = torch.empty((), dtype=dtype).element_size()
     widest = max((3 * c.c_out * c.c_in * c.kernel * c.positions for c in layer_costs(spec)), default=1)
     return widest * item
 
 
-def batch_size_for(spec, dtype: torch.dtype, budget: int = 1 << 30) -> int:
+def batch_size_for(spec: ConvNetSpec, dtype: torch.dtype, budget: int = 1 << 30) -> int:
     """Images per batch so one batch's activations stay within ``budget`` bytes (at least 1)."""
     return max(1, budget // max(1, activation_bytes_per_image(spec, dtype)))
 
 
-def conv_estimates(spec, dtype: torch.dtype) -> dict[str, int]:
+def conv_estimates(spec: ConvNetSpec, dtype: torch.dtype) -> dict[str, int]:
     """Estimated peak bytes of each CNN construction, keyed by the ``method=`` a user passes."""
     return {"width": estimate_conv_bytes(spec, dtype, "conv"), "deep": estimate_conv_bytes(spec, dtype, "conv_deep")}

@@ -18,9 +18,11 @@ import json
 import resource
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .._io import atomic_path
 from ..api import reconstruct
@@ -33,6 +35,9 @@ from ..verify import verify
 from .digits import fit_classifier, load_digits_split
 from .report import print_rows, print_table
 from .resnet_models import resnet18, resnet20
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 IN_SHAPE = (3, 32, 32)
 
@@ -48,7 +53,7 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def train_resnet20(seed: int, epochs: int):
+def train_resnet20(seed: int, epochs: int) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     Xtr, ytr, Xte, yte = load_digits_split(seed)
     Xtr, Xte = digits_as_cifar(Xtr.float()), digits_as_cifar(Xte.float())
     torch.manual_seed(seed)
@@ -56,7 +61,7 @@ def train_resnet20(seed: int, epochs: int):
     return model.double().eval(), Xte.double(), yte
 
 
-def resnet18_figure(console, seed: int = 0) -> dict:
+def resnet18_figure(console: Console | None, seed: int = 0) -> dict[str, Any]:
     """Memory each construction would need for a ResNet-18 at 224×224; reconstruct or refuse (timed)."""
     torch.manual_seed(seed)
     t0 = time.perf_counter()
@@ -66,7 +71,7 @@ def resnet18_figure(console, seed: int = 0) -> dict:
         name: conv_estimates(spec, dtype) for name, dtype in (("float64", torch.float64), ("float32", torch.float32))
     }
     limit, source = memory_limit()
-    doc: dict = {
+    doc: dict[str, Any] = {
         "parameters": spec.num_parameters,
         "limit_bytes": limit,
         "limit_source": source,
@@ -102,7 +107,7 @@ def resnet18_figure(console, seed: int = 0) -> dict:
 def run(
     seed: int = 0,
     json_path: Path | None = None,
-    console=None,
+    console: Console | None = None,
     *,
     epochs: int = 2,
     samples: int = 64,
@@ -125,6 +130,7 @@ def run(
         logits = torch.cat([net(Xte[i : i + batch]) for i in range(0, Xte.shape[0], batch)])
         target_logits = target(Xte)
     s = net.summary()
+    peak = peak_rss_bytes()
     doc = {
         "target_accuracy": float((target_logits.argmax(1) == yte).double().mean()),
         "reconstructed_accuracy": float((logits.argmax(1) == yte).double().mean()),
@@ -140,7 +146,7 @@ def run(
         "verify_seconds": verify_seconds,
         "verify_cpu_seconds": verify_cpu,
         "train_seconds": train_seconds,
-        "peak_rss_bytes": peak_rss_bytes(),
+        "peak_rss_bytes": peak,
         "threads": torch.get_num_threads(),
         "block": block,
         "summary": s.as_dict(),
@@ -178,7 +184,7 @@ def run(
                 "solve time (build + solve)",
                 f"{solve_seconds:.1f} s wall, {solve_cpu:.1f} s CPU, {torch.get_num_threads()} threads",
             ),
-            ("peak memory (process)", format_bytes(doc["peak_rss_bytes"])),
+            ("peak memory (process)", format_bytes(peak)),
             ("normalization layers / max width", f"{s.depth} / {s.max_width:,}"),
             (f"max relative error, {samples} images of the box", f"{report.max_rel_error:.2e}"),
             (

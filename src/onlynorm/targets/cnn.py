@@ -25,10 +25,11 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import _io
 from ..domain import Box
@@ -49,7 +50,7 @@ __all__ = [
 _SUPPORTED = "Conv2d, BatchNorm1d/2d (folded), ReLU, MaxPool2d, AvgPool2d, Flatten, Linear, Residual"
 
 
-def is_cnn_module(module: nn.Module) -> bool:
+def is_cnn_module(module: nn.Module) -> TypeGuard[nn.Sequential]:
     """True when a Sequential contains anything beyond Linear/ReLU/Dropout/Identity that we support."""
     if not isinstance(module, nn.Sequential):
         return False
@@ -78,7 +79,7 @@ _PLAIN = (
 _TRACED = (nn.AdaptiveAvgPool2d, nn.Dropout2d, nn.AlphaDropout)
 
 
-def is_plain_sequential(module: nn.Module) -> bool:
+def is_plain_sequential(module: nn.Module) -> TypeGuard[nn.Sequential]:
     """An ``nn.Sequential`` read layer by layer (:func:`parse_sequential`); anything else is traced by torch.fx."""
     return isinstance(module, nn.Sequential) and all(isinstance(m, _PLAIN) for m in module)
 
@@ -95,7 +96,7 @@ def needs_tracing(module: nn.Module) -> bool:
 
 
 def fold_batchnorm(
-    weight: torch.Tensor, bias: torch.Tensor | None, bn: nn.modules.batchnorm._BatchNorm, where: str
+    weight: torch.Tensor, bias: torch.Tensor | None, bn: _BatchNorm, where: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(W', b')`` of a Conv2d/Linear followed by an eval-mode BatchNorm (formula in the module docstring)."""
     if bn.training or bn.running_mean is None or bn.running_var is None:
@@ -109,7 +110,7 @@ def fold_batchnorm(
     return w.detach(), ((b - bn.running_mean) * scale + shift).detach()
 
 
-def conv_layer(m: nn.Conv2d, bn: nn.modules.batchnorm._BatchNorm | None, where: str) -> Conv:
+def conv_layer(m: nn.Conv2d, bn: _BatchNorm | None, where: str) -> Conv:
     """A typed :class:`Conv` from an ``nn.Conv2d`` (and the BatchNorm2d folded into it, if any)."""
     if m.groups != 1 or m.padding_mode != "zeros" or isinstance(m.padding, str):
         raise InvalidTargetError(
@@ -124,7 +125,7 @@ def conv_layer(m: nn.Conv2d, bn: nn.modules.batchnorm._BatchNorm | None, where: 
     )
 
 
-def linear_layer(m: nn.Linear, bn: nn.modules.batchnorm._BatchNorm | None, where: str) -> Linear:
+def linear_layer(m: nn.Linear, bn: _BatchNorm | None, where: str) -> Linear:
     w, b = m.weight.detach(), (None if m.bias is None else m.bias.detach())
     if bn is not None:
         w, b = fold_batchnorm(w, b, bn, where)
@@ -145,10 +146,11 @@ def pool_layer(m: nn.Module, where: str) -> Pool:
     )
 
 
-def parse_sequential(seq: nn.Module, prefix: str = "") -> tuple[Layer, ...]:
+def parse_sequential(seq: nn.Sequential, prefix: str = "") -> tuple[Layer, ...]:
     """Typed layers of an ``nn.Sequential`` CNN (BatchNorm folded into the Conv2d/Linear before it)."""
     mods = list(seq)
     out: list[Layer] = []
+    bn: _BatchNorm | None
     i = 0
     while i < len(mods):
         m, where = mods[i], f"layer {prefix}{i} ({type(mods[i]).__name__})"
@@ -207,7 +209,12 @@ class ConvNetSpec:
         if needs_tracing(module):
             from .fx import layers_from_fx
 
-            return cls(layers_from_fx(module, tuple(in_shape)), in_shape)
+            return cls(layers_from_fx(module, in_shape), in_shape)
+        if not isinstance(module, nn.Sequential):  # an nn.Linear: not traced, and not a CNN
+            raise InvalidTargetError(
+                f"{type(module).__name__} is not a CNN target; expected an nn.Sequential of {_SUPPORTED}, "
+                "or a model torch.fx can trace"
+            )
         return cls(parse_sequential(module), in_shape)
 
     def _validate(self) -> int:
@@ -237,9 +244,9 @@ class ConvNetSpec:
     def in_features(self) -> int:
         return self.in_shape[0] * self.in_shape[1] * self.in_shape[2]
 
-    def weighted(self) -> list[Any]:
+    def weighted(self) -> list[Conv | Linear]:
         """The Conv and Linear layers, depth first."""
-        return [layer for layer in walk(self.layers) if layer.has_weights]
+        return [layer for layer in walk(self.layers) if isinstance(layer, (Conv, Linear))]
 
     @property
     def dims(self) -> list[int]:
@@ -254,7 +261,7 @@ class ConvNetSpec:
     def dtype(self) -> torch.dtype:
         return self.weighted()[0].weight.dtype
 
-    def to(self, dtype=None, device=None) -> ConvNetSpec:
+    def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> ConvNetSpec:
         return ConvNetSpec(
             tuple(layer.map_tensors(lambda t: t.to(dtype=dtype, device=device)) for layer in self.layers), self.in_shape
         )
@@ -282,7 +289,7 @@ class ConvNetSpec:
         _io.write_tensors(path, tensors, metadata=doc)
 
     @classmethod
-    def from_document(cls, doc: dict, tensors: dict[str, torch.Tensor], source: str) -> ConvNetSpec:
+    def from_document(cls, doc: dict[str, Any], tensors: dict[str, torch.Tensor], source: str) -> ConvNetSpec:
         try:
             layers = tuple(layer_from_json(d, tensors) for d in doc["layers"])
             return cls(layers, tuple(doc["in_shape"]))
@@ -296,6 +303,6 @@ class ConvNetSpec:
         return f"ConvNetSpec(in_shape={self.in_shape}, layers={[layer.type for layer in self.layers]})"
 
 
-def box_tensors(spec: ConvNetSpec, box: Box, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def box_tensors(spec: ConvNetSpec, box: Box, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """The input box as ``(1, c, H, W)`` lower and upper bound images."""
     return (box.low.to(dtype).reshape(1, *spec.in_shape), box.high.to(dtype).reshape(1, *spec.in_shape))

@@ -34,7 +34,9 @@ Anything else is refused with one line naming the node, its op and what is suppo
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -71,22 +73,41 @@ def _refuse(node: fx.Node, what: str, why: str = "is not supported") -> InvalidT
     return InvalidTargetError(f"node {node.name!r} ({node.op} {what}) {why}; supported: {SUPPORTED}")
 
 
-def _name(target) -> str:
+def _name(target: object) -> str:
     return getattr(target, "__name__", None) or str(target)
 
 
 class _Shapes(fx.Interpreter):
     """Runs the traced model once, recording each tensor node's shape in ``node.meta["onlynorm_shape"]``."""
 
-    def run_node(self, n: fx.Node):
+    def run_node(self, n: fx.Node) -> Any:
         result = super().run_node(n)
         if isinstance(result, torch.Tensor):
             n.meta["onlynorm_shape"] = tuple(result.shape)
         return result
 
 
-def _shape(node) -> tuple[int, ...] | None:
+def _shape(node: object) -> tuple[int, ...] | None:
     return node.meta.get("onlynorm_shape") if isinstance(node, fx.Node) else None
+
+
+def _pool_module(fn: Callable[..., Any], node: fx.Node) -> nn.AvgPool2d | nn.MaxPool2d:
+    """The module of a ``F.avg_pool2d``/``F.max_pool2d`` call whose arguments after the input are constants (the
+    constructor checks them as torch does)."""
+    args: tuple[Any, ...] = node.args[1:]
+    kwargs: dict[str, Any] = dict(node.kwargs)
+    return nn.AvgPool2d(*args, **kwargs) if fn is F.avg_pool2d else nn.MaxPool2d(*args, **kwargs)
+
+
+def _output_size(node: fx.Node, output_size: object) -> tuple[int | None, int | None]:
+    """The ``(oh, ow)`` of an adaptive pooling's ``output_size``: an int, or a pair of ints/``None`` (keep that dim)."""
+    if isinstance(output_size, int):
+        return output_size, output_size
+    if isinstance(output_size, (tuple, list)) and len(output_size) == 2:
+        oh, ow = output_size
+        if (oh is None or isinstance(oh, int)) and (ow is None or isinstance(ow, int)):
+            return oh, ow
+    raise _refuse(node, "adaptive_avg_pool2d", f"has output size {output_size!r}; expected an int or a pair of ints")
 
 
 def layers_from_fx(model: nn.Module, in_shape: tuple[int, int, int]) -> tuple[Layer, ...]:
@@ -118,9 +139,9 @@ def layers_from_fx(model: nn.Module, in_shape: tuple[int, int, int]) -> tuple[La
 
 
 class _Reader:
-    def __init__(self, gm: fx.GraphModule):
+    def __init__(self, gm: fx.GraphModule) -> None:
         self.gm = gm
-        self.modules = dict(gm.named_modules())
+        self.modules: dict[str, nn.Module] = dict(gm.named_modules())
         self.values: dict[str, _Value] = {}
         self.full: dict[str, tuple[Layer, ...]] = {}
         self.placeholders = 0
@@ -136,7 +157,7 @@ class _Reader:
         raise InvalidTargetError("the traced model has no output")  # pragma: no cover
 
     # ------------------------------------------------------------------ bookkeeping
-    def _get(self, arg, user: fx.Node) -> _Value:
+    def _get(self, arg: object, user: fx.Node) -> _Value:
         if not isinstance(arg, fx.Node) or arg.name not in self.values:
             raise _refuse(user, _name(user.target), f"reads {arg!r}, which is not a tensor of the network")
         value = self.values[arg.name]
@@ -154,9 +175,13 @@ class _Reader:
             value = _Value(node.name, ())
         self.values[node.name] = value
 
+    def _module(self, node: fx.Node) -> nn.Module | None:
+        """The submodule a ``call_module`` node calls (its target is the submodule's qualified name)."""
+        return self.modules.get(node.target) if isinstance(node.target, str) else None
+
     def _is_relu(self, node: fx.Node) -> bool:
         if node.op == "call_module":
-            return isinstance(self.modules.get(node.target), nn.ReLU)
+            return isinstance(self._module(node), nn.ReLU)
         if node.op == "call_function":
             return node.target in _RELU_FUNCS
         return node.op == "call_method" and node.target in ("relu", "relu_")
@@ -186,7 +211,7 @@ class _Reader:
         x = self._get(node.args[0] if node.args else None, node)
         if layer is None:  # identity at inference
             self._set(node, x)
-        elif layer == "bn":
+        elif isinstance(layer, str):  # "bn"
             self._fold(node, x)
         else:
             self._set(node, _Value(x.anchor, x.layers + (layer,)))
@@ -217,10 +242,12 @@ class _Reader:
         self.values[node.name] = _Value(a.anchor, (), pending_add=(a.anchor, body, shortcut))
 
     def _fold(self, node: fx.Node, x: _Value) -> None:
-        bn = self.modules[node.target]
+        bn = self._module(node)
         last = x.layers[-1] if x.layers else None
-        pairs = ((nn.BatchNorm2d, Conv), (nn.BatchNorm1d, Linear))
-        if not any(isinstance(bn, b) and isinstance(last, layer) for b, layer in pairs):
+        if not (
+            (isinstance(bn, nn.BatchNorm2d) and isinstance(last, Conv))
+            or (isinstance(bn, nn.BatchNorm1d) and isinstance(last, Linear))
+        ):
             raise _refuse(
                 node,
                 f"call_module {type(bn).__name__}",
@@ -229,11 +256,11 @@ class _Reader:
         w, b = fold_batchnorm(last.weight, last.bias, bn, f"node {node.name!r} ({type(bn).__name__})")
         self._set(node, _Value(x.anchor, x.layers[:-1] + (replace(last, weight=w, bias=b),)))
 
-    def _layer(self, node: fx.Node):
+    def _layer(self, node: fx.Node) -> Layer | Literal["bn"] | None:
         """The typed layer of a one-input node, ``None`` for an identity, ``"bn"`` for a BatchNorm to fold."""
         where = f"node {node.name!r}"
         if node.op == "call_module":
-            m = self.modules[node.target]
+            m = self._module(node)
             what = f"call_module {type(m).__name__}"
             if isinstance(m, nn.Conv2d):
                 try:
@@ -266,8 +293,7 @@ class _Reader:
             if fn in (F.avg_pool2d, F.max_pool2d):
                 if any(isinstance(a, fx.Node) for a in list(node.args[1:]) + list(node.kwargs.values())):
                     raise _refuse(node, what, "takes its window from the traced tensor; give a constant size")
-                module = (nn.AvgPool2d if fn is F.avg_pool2d else nn.MaxPool2d)(*node.args[1:], **node.kwargs)
-                return pool_layer(module, where)
+                return pool_layer(_pool_module(fn, node), where)
             raise _refuse(node, what)
         if node.op == "call_method":
             what = f"call_method {node.target}"
@@ -287,15 +313,15 @@ class _Reader:
             raise _refuse(node, what)
         raise _refuse(node, f"{node.op} {_name(node.target)}")
 
-    def _flatten(self, node: fx.Node, start, end) -> Flatten:
+    def _flatten(self, node: fx.Node, start: object, end: object) -> Flatten:
         src = _shape(node.args[0])
         if start != 1 or end not in (-1, (len(src) - 1) if src else -1):
             raise _refuse(node, "flatten", f"flattens dims {start}..{end}; only flattening from dim 1 is supported")
         return Flatten()
 
-    def _adaptive(self, node: fx.Node, output_size) -> Pool:
+    def _adaptive(self, node: fx.Node, output_size: object) -> Pool:
         src = _shape(node.args[0])
-        oh, ow = (output_size, output_size) if isinstance(output_size, int) else tuple(output_size)
+        oh, ow = _output_size(node, output_size)
         if src is None or len(src) != 4:
             raise _refuse(node, "adaptive_avg_pool2d", "has an unknown input shape")
         H, W = src[2], src[3]

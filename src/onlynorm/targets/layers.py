@@ -21,7 +21,7 @@ projection shortcut is any chain of layers (typically a strided conv with BatchN
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
@@ -55,9 +55,11 @@ def pair(v: Any) -> Pair:
 
 
 class Layer:
-    """Base of the typed CNN layers (``type`` is the JSON tag)."""
+    """Base of the typed CNN layers (``type`` is the JSON tag: a class constant, or a property for :class:`Pool`)."""
 
-    type: ClassVar[str] = ""
+    @property
+    def type(self) -> str:
+        return ""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -109,7 +111,14 @@ class Conv(Layer):
         """``weight * x`` with this layer's geometry and no bias (any kernel of the same size)."""
         return F.conv2d(x, weight, None, self.stride, self.padding, self.dilation, groups)
 
-    def bounds(self, lo, hi, weight: torch.Tensor | None = None, use_bias: bool = True, groups: int = 1):
+    def bounds(
+        self,
+        lo: torch.Tensor,
+        hi: torch.Tensor,
+        weight: torch.Tensor | None = None,
+        use_bias: bool = True,
+        groups: int = 1,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         w = self.weight if weight is None else weight
         pos, neg = w.clamp(min=0), w.clamp(max=0)
         zmin = self.apply(lo, pos, groups) + self.apply(hi, neg, groups)
@@ -118,10 +127,10 @@ class Conv(Layer):
             zmin, zmax = zmin + self.bias.reshape(1, -1, 1, 1), zmax + self.bias.reshape(1, -1, 1, 1)
         return zmin, zmax
 
-    def map_tensors(self, fn):
+    def map_tensors(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Conv:
         return replace(self, weight=fn(self.weight), bias=fn(self.bias))
 
-    def describe(self, prefix, tensors):
+    def describe(self, prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
         tensors[f"{prefix}weight"], tensors[f"{prefix}bias"] = self.weight, self.bias
         return {
             "type": self.type,
@@ -145,10 +154,10 @@ class Linear(Layer):
     def has_weights(self) -> bool:
         return True
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
 
-    def bounds(self, lo, hi):
+    def bounds(self, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         pos, neg = self.weight.clamp(min=0), self.weight.clamp(max=0)
         return F.linear(lo, pos) + F.linear(hi, neg) + self.bias, F.linear(hi, pos) + F.linear(lo, neg) + self.bias
 
@@ -156,10 +165,10 @@ class Linear(Layer):
         """The same map as a 1×1 conv on a ``(n, 1, 1)`` image."""
         return Conv(self.weight[:, :, None, None], self.bias)
 
-    def map_tensors(self, fn):
+    def map_tensors(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Linear:
         return replace(self, weight=fn(self.weight), bias=fn(self.bias))
 
-    def describe(self, prefix, tensors):
+    def describe(self, prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
         tensors[f"{prefix}weight"], tensors[f"{prefix}bias"] = self.weight, self.bias
         return {"type": self.type, "weight": f"{prefix}weight", "bias": f"{prefix}bias"}
 
@@ -168,10 +177,10 @@ class Linear(Layer):
 class ReLU(Layer):
     type: ClassVar[str] = "relu"
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.relu(x)
 
-    def error_map(self, t):
+    def error_map(self, t: torch.Tensor) -> torch.Tensor:
         return t
 
 
@@ -186,16 +195,21 @@ class Pool(Layer):
     count_include_pad: bool = True
 
     @property
-    def type(self) -> str:  # type: ignore[override]
+    def type(self) -> str:
         return f"{self.mode}pool"
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "max":
             return F.max_pool2d(x, self.kernel, self.stride, self.padding)
         return F.avg_pool2d(x, self.kernel, self.stride, self.padding, count_include_pad=self.count_include_pad)
 
-    def describe(self, prefix, tensors):
-        d = {"type": self.type, "kernel": list(self.kernel), "stride": list(self.stride), "padding": list(self.padding)}
+    def describe(self, prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "type": self.type,
+            "kernel": list(self.kernel),
+            "stride": list(self.stride),
+            "padding": list(self.padding),
+        }
         if self.mode == "avg":
             d["count_include_pad"] = self.count_include_pad
         return d
@@ -205,7 +219,7 @@ class Pool(Layer):
 class Flatten(Layer):
     type: ClassVar[str] = "flatten"
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.flatten(1)
 
 
@@ -217,25 +231,25 @@ class ResidualBlock(Layer):
     shortcut: tuple[Layer, ...] = field(default=())
     type: ClassVar[str] = "residual"
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.relu(run_layers(self.body, x) + run_layers(self.shortcut, x))
 
-    def bounds(self, lo, hi):
+    def bounds(self, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         blo, bhi = bounds_layers(self.body, lo, hi)
         slo, shi = bounds_layers(self.shortcut, lo, hi)
         return (blo + slo).clamp(min=0), (bhi + shi).clamp(min=0)
 
-    def children(self):
+    def children(self) -> tuple[Layer, ...]:
         return self.body + self.shortcut
 
-    def map_tensors(self, fn):
+    def map_tensors(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> ResidualBlock:
         return replace(
             self,
             body=tuple(l.map_tensors(fn) for l in self.body),
             shortcut=tuple(l.map_tensors(fn) for l in self.shortcut),
         )
 
-    def describe(self, prefix, tensors):
+    def describe(self, prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
         d: dict[str, Any] = {
             "type": self.type,
             "block": [l.describe(f"{prefix}block.{i}.", tensors) for i, l in enumerate(self.body)],
@@ -245,19 +259,19 @@ class ResidualBlock(Layer):
         return d
 
 
-def run_layers(layers, x: torch.Tensor) -> torch.Tensor:
+def run_layers(layers: Iterable[Layer], x: torch.Tensor) -> torch.Tensor:
     for layer in layers:
         x = layer.forward(x)
     return x
 
 
-def bounds_layers(layers, lo: torch.Tensor, hi: torch.Tensor):
+def bounds_layers(layers: Iterable[Layer], lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     for layer in layers:
         lo, hi = layer.bounds(lo, hi)
     return lo, hi
 
 
-def walk(layers) -> Iterator[Layer]:
+def walk(layers: Iterable[Layer]) -> Iterator[Layer]:
     """Every layer, depth first (a residual block, then its body, then its shortcut)."""
     for layer in layers:
         yield layer
@@ -267,7 +281,7 @@ def walk(layers) -> Iterator[Layer]:
 _TYPES = ("conv", "linear", "relu", "maxpool", "avgpool", "flatten", "residual")
 
 
-def layer_from_json(d: dict, tensors: dict[str, torch.Tensor]) -> Layer:
+def layer_from_json(d: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Layer:
     """Rebuild one layer from its JSON record (raises ``ValueError``/``KeyError`` on malformed records)."""
     kind = d.get("type")
     if kind not in _TYPES:
