@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from .errors import SingularSystemError
+from .records import relative_residual
 
 __all__ = [
     "khatri_rao",
@@ -79,7 +80,8 @@ class KRSolution:
     """Result of solving ``B diag(γ) A ≈ W``.
 
     ``residual`` is ``max |B Γ A − W|`` (absolute, entrywise) and ``relative_residual`` is
-    ``‖B Γ A − W‖_F / ‖W‖_F``; ``exact`` says the system was square and nonsingular (or consistent).
+    ``‖B Γ A − W‖_F / ‖W‖_F`` (``‖B Γ A − W‖_F`` when ``W = 0``), both from :func:`onlynorm.records.relative_residual`;
+    ``exact`` says the system was square and nonsingular (or consistent).
     ``precision`` tells how the square case was solved: ``"mixed"`` (float32 LU + float64 refinement, ``steps``
     refinement steps) or ``"float64"`` (plain LU; the fallback when refinement stalls).
     """
@@ -265,10 +267,9 @@ def solve_khatri_rao(
             max_refinement=max_refinement,
         )
         rounded = sol.gamma.to(W.dtype)
-        err = compose(B.double(), rounded.double(), A.double()) - W.double()
-        scale = float(torch.linalg.norm(W.double()))
-        sol.gamma, sol.residual = rounded, float(err.abs().max())
-        sol.relative_residual = float(torch.linalg.norm(err)) / scale if scale > 0 else sol.residual
+        realised = compose(B.double(), rounded.double(), A.double())
+        sol.gamma = rounded
+        sol.residual, sol.relative_residual = relative_residual(realised, W.double())
         return sol
     rhs = vec(W)
     where = "" if layer is None else f"layer {layer}: "
@@ -299,10 +300,7 @@ def solve_khatri_rao(
         driver = "gelsd" if M.device.type == "cpu" else None
         gamma = torch.linalg.lstsq(M, rhs.unsqueeze(-1), driver=driver).solution.squeeze(-1)
         kind = "least-squares" if N < m * n else "min-norm"
-    err = compose(B, gamma, A) - W
-    residual = float(err.abs().max())
-    scale = float(torch.linalg.norm(W))
-    relative = float(torch.linalg.norm(err)) / scale if scale > 0 else residual
+    residual, relative = relative_residual(compose(B, gamma, A), W)
     if kind != "square":
         # decided by the residual, for both shapes: a wide system with rank-deficient frozen weights (brought by
         # the user) can miss W just like a tall one
