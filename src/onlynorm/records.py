@@ -9,8 +9,8 @@
 * :class:`NetMeta` — what a :class:`~onlynorm.normnet.NormNet` knows about itself (method, seed, options, target
   dims, image shape, solve info, fit report); saved as JSON next to the weights.
 
-Files written by onlynorm 0.1 (plain dictionaries of the same keys) load unchanged: :meth:`NetMeta.from_dict`
-reads them and validates every field's JSON type, so a tampered file is refused with the field named.
+The JSON form is a plain dictionary of the same keys: :meth:`NetMeta.from_dict` reads it and validates every
+field's JSON type, so a tampered file is refused with the field named.
 
 >>> rec = SolveRecord(layer=0, kind="square", residual=1e-15, relative_residual=2e-16, exact=True)
 >>> meta = NetMeta(method="width", seed=0, target_dims=[3, 2])
@@ -321,8 +321,8 @@ class NetMeta(Mapping):
     ``in_shape`` (image targets), ``solve`` (a :class:`SolveInfo` once solved), ``fit`` (a :class:`FitReport` once
     :func:`onlynorm.fit_norms` tuned it) and ``extra`` (keys other tools add, kept as they are).
 
-    A read-only mapping view (``meta["seed"]``, ``meta.get("solve")``) serves code and files written against 0.1's
-    dictionary: it yields exactly what :meth:`to_dict` writes.
+    A mapping view (``meta["seed"]``, ``meta.get("solve")``) reads the JSON form: it yields exactly what
+    :meth:`to_dict` writes.
     """
 
     method: str | None = None
@@ -348,7 +348,7 @@ class NetMeta(Mapping):
 
     @classmethod
     def from_dict(cls, d: Any, source: str = "network") -> NetMeta:
-        """Read (and type-check) a metadata dictionary; 0.1's files have this very layout."""
+        """Read (and type-check) a metadata dictionary: the layout :meth:`to_dict` writes."""
         if d is None:
             return cls()
         if isinstance(d, NetMeta):
@@ -394,12 +394,12 @@ class NetMeta(Mapping):
         d["options"], d["extra"] = dict(d["options"]), dict(d["extra"])
         return NetMeta(**d)
 
-    # ------------------------------------------------------------------ mapping view (0.1 layout)
+    # ------------------------------------------------------------------ mapping view (the JSON layout)
     def __getitem__(self, key: str) -> Any:
         return self.to_dict()[key]
 
     def __setitem__(self, key: str, value: Any) -> None:
-        """``meta[key] = value`` as 0.1 code wrote it: a typed field (validated) or an extra key."""
+        """``meta[key] = value``: a typed field (validated) or an extra key."""
         if key in _META_FIELDS:
             typed = NetMeta.from_dict({key: value}, "meta")
             setattr(self, key, getattr(typed, key))
