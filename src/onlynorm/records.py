@@ -111,8 +111,8 @@ class SolveRecord:
         if rcond is not None and not _number(rcond):
             raise _bad(source, "solve.layers[].rcond", "a number or null", rcond)
         precision = d.get("precision")
-        if isinstance(precision, list):  # 0.1's lowrank wrote one precision per factor
-            precision = "+".join(map(str, precision))
+        if precision is not None and not isinstance(precision, str):
+            raise _bad(source, "solve.layers[].precision", "a string or null", precision)
         return cls(
             layer=d["layer"],
             kind=str(d.get("kind", "")),
@@ -120,7 +120,7 @@ class SolveRecord:
             relative_residual=float(d["relative_residual"]),
             exact=d["exact"],
             rcond=None if rcond is None else float(rcond),
-            precision=None if precision is None else str(precision),
+            precision=precision,
             steps=d.get("steps") if isinstance(d.get("steps"), int) else None,
             details={k: v for k, v in d.items() if k not in known},
         )
