@@ -38,7 +38,7 @@ bench: $(STAMP)
 	$(PY) -m pytest -q -n 2 -m heavy
 	$(MAKE) bench-cnn
 
-# Real architectures (issue 12): conv deep vs conv width on one layer, then the ResNet-20 / ResNet-18 demo.
+# Real architectures: conv deep vs conv width on one layer, then the ResNet-20 / ResNet-18 demo.
 bench-cnn: $(STAMP)
 	$(PY) benchmarks/conv_deep.py --json docs/results/bench-conv-deep.json
 	$(VENV)/bin/onlynorm demo --resnet --json docs/results/demo-resnet.json

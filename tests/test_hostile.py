@@ -191,6 +191,11 @@ def network_corpus(d: Path) -> dict[str, tuple[Path, str]]:
     variant("notes a number", lambda d_: d_["meta"]["solve"].__setitem__("notes", 3), "solve.notes")
     variant("solve a list", lambda d_: d_["meta"].__setitem__("solve", [1]), "'solve' must be an object")
     variant("layers not a list", lambda d_: d_["meta"]["solve"].__setitem__("layers", "x"), "solve.layers")
+    variant(
+        "precision a list",
+        lambda d_: d_["meta"]["solve"]["layers"][0].__setitem__("precision", ["mixed", "float64"]),
+        "solve.layers[].precision",
+    )
     variant("architecture a string", lambda d_: d_.__setitem__("architecture", "deep"), "architecture")
     variant("unknown stage kind", lambda d_: d_["architecture"][0].__setitem__("kind", "wormhole"), "unknown stage")
     variant("wrong version", lambda d_: d_.__setitem__("version", 99), "version")

@@ -15,6 +15,7 @@ from onlynorm.linalg import (
     khatri_rao_reference,
     khatri_rao_system,
     kr_pattern,
+    relative_residual,
     solve_khatri_rao,
     structural_rank,
     vec,
@@ -107,3 +108,38 @@ def test_structural_rank_bounds_the_rank_of_every_matrix_with_the_pattern():
         assert np.array_equal(pattern.toarray() != 0, dense_pattern.numpy())
         generic = khatri_rao_system(A_mask * _rand(m * n, n, seed=trial), B_mask * _rand(m, m * n, seed=trial + 99))
         assert int(torch.linalg.matrix_rank(generic)) <= structural_rank(pattern) <= m * n
+
+
+@pytest.mark.parametrize(
+    "m, n, N, dtype, precision",
+    [
+        (2, 3, 6, torch.float64, "auto"),  # square, mixed precision
+        (2, 3, 6, torch.float64, "float64"),  # square, plain float64 LU
+        (2, 3, 6, torch.float32, "auto"),  # solved in float64, γ rounded to float32
+        (4, 5, 9, torch.float64, "auto"),  # least squares
+        (2, 3, 15, torch.float64, "auto"),  # minimum norm
+    ],
+)
+@pytest.mark.parametrize("zero_target", [False, True])
+def test_solve_residuals_are_the_records_definition(m, n, N, dtype, precision, zero_target):
+    A, B = _rand(N, n, seed=12).to(dtype), _rand(m, N, seed=13).to(dtype)
+    W = torch.zeros(m, n, dtype=dtype) if zero_target else _rand(m, n, seed=14).to(dtype)
+    sol = solve_khatri_rao(A, B, W, precision=precision)
+    realised = compose(B.double(), sol.gamma.double(), A.double())
+    assert (sol.residual, sol.relative_residual) == relative_residual(realised, W.double())
+    if zero_target:  # γ = 0 realises W = 0 exactly: no error, and no division by ‖W‖ = 0
+        assert sol.exact and sol.residual == 0.0 and sol.relative_residual == 0.0
+
+
+def test_zero_target_realised_inexactly_reports_the_absolute_frobenius_error(monkeypatch):
+    # γ = 0 realises W = 0 exactly, so the inexact case is simulated: the realised weight carries an error E
+    import onlynorm.linalg as linalg
+
+    m, n, N = 2, 3, 4  # least squares: compose is used only for the realised weight
+    error = torch.zeros(m, n, dtype=torch.float64)
+    error[0, 0], error[1, 2] = 3e-3, -4e-3
+    exact_compose = linalg.compose
+    monkeypatch.setattr(linalg, "compose", lambda B, gamma, A: exact_compose(B, gamma, A) + error)
+    sol = solve_khatri_rao(_rand(N, n, seed=15), _rand(m, N, seed=16), torch.zeros(m, n, dtype=torch.float64))
+    assert relative_residual(error, torch.zeros(m, n, dtype=torch.float64)) == (4e-3, 5e-3)
+    assert (sol.residual, sol.relative_residual) == (4e-3, 5e-3)  # ‖E‖_F, not max |E|, and no division by 0

@@ -25,6 +25,7 @@ from .errors import SingularSystemError
 
 __all__ = [
     "khatri_rao",
+    "relative_residual",
     "khatri_rao_reference",
     "khatri_rao_system",
     "compose",
@@ -74,12 +75,28 @@ def vec(W: torch.Tensor) -> torch.Tensor:
     return W.transpose(-1, -2).reshape(*W.shape[:-2], -1)
 
 
+def relative_residual(realised: torch.Tensor, target: torch.Tensor) -> tuple[float, float]:
+    """``(max |Ŵ − W|, ‖Ŵ − W‖_F / ‖W‖_F)`` — the one definition of a solve's error (absolute if ``W = 0``).
+
+    >>> W = torch.eye(2, dtype=torch.float64)
+    >>> absolute, relative = relative_residual(W + 1e-3, W)
+    >>> round(absolute, 12), round(relative, 12)          # max |ΔW| and √4·1e-3 / √2
+    (0.001, 0.001414213562)
+    """
+    err = (realised - target).to(torch.float64)
+    absolute = float(err.abs().max()) if err.numel() else 0.0
+    scale = float(torch.linalg.norm(target.to(torch.float64)))
+    frob = float(torch.linalg.norm(err))
+    return absolute, (frob / scale if scale > 0 else frob)
+
+
 @dataclass
 class KRSolution:
     """Result of solving ``B diag(γ) A ≈ W``.
 
     ``residual`` is ``max |B Γ A − W|`` (absolute, entrywise) and ``relative_residual`` is
-    ``‖B Γ A − W‖_F / ‖W‖_F``; ``exact`` says the system was square and nonsingular (or consistent).
+    ``‖B Γ A − W‖_F / ‖W‖_F`` (``‖B Γ A − W‖_F`` when ``W = 0``), both from :func:`relative_residual`;
+    ``exact`` says the system was square and nonsingular (or consistent).
     ``precision`` tells how the square case was solved: ``"mixed"`` (float32 LU + float64 refinement, ``steps``
     refinement steps) or ``"float64"`` (plain LU; the fallback when refinement stalls).
     """
@@ -209,11 +226,16 @@ def _float64_lu_solve(A, B, rhs, where: str, layer, rcond_tol) -> tuple[torch.Te
     return torch.linalg.lu_solve(LU, pivots, rhs.unsqueeze(-1)).squeeze(-1), rcond
 
 
+def _lstsq(M: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """The minimum-norm least-squares γ of ``M γ ≈ rhs`` (SVD-based ``gelsd`` on the CPU: rank-deficient ``M`` is
+    handled, not just full-rank tall or wide ones)."""
+    driver = "gelsd" if M.device.type == "cpu" else None
+    return torch.linalg.lstsq(M, rhs.unsqueeze(-1), driver=driver).solution.squeeze(-1)
+
+
 def consistent_solution(A: torch.Tensor, B: torch.Tensor, W: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor | None:
     """The minimum-norm γ of ``B diag(γ) A = W`` if it reaches ``W`` to ``1e3·eps`` relative, else ``None``."""
-    M = khatri_rao_system(A, B)
-    driver = "gelsd" if M.device.type == "cpu" else None
-    gamma = torch.linalg.lstsq(M, rhs.unsqueeze(-1), driver=driver).solution.squeeze(-1)
+    gamma = _lstsq(khatri_rao_system(A, B), rhs)
     scale = float(torch.linalg.norm(W))
     err = float(torch.linalg.norm(compose(B, gamma, A) - W))
     return gamma if err <= 1e3 * torch.finfo(W.dtype).eps * max(scale, 1e-300) else None
@@ -253,60 +275,26 @@ def solve_khatri_rao(
     if precision not in {"auto", "float64"}:
         raise ValueError(f"solve_khatri_rao: precision must be 'auto' or 'float64', found {precision!r}")
     if W.dtype != torch.float64:
-        # lower-precision networks still get γ solved in float64 (then rounded once): the solve costs the same
-        # and γ is as accurate as the network's dtype can hold
-        sol = solve_khatri_rao(
-            A.double(),
-            B.double(),
-            W.double(),
-            layer=layer,
-            rcond_tol=rcond_tol,
-            precision=precision,
-            max_refinement=max_refinement,
+        return _solve_in_float64_and_round(
+            A, B, W, layer=layer, rcond_tol=rcond_tol, precision=precision, max_refinement=max_refinement
         )
-        rounded = sol.gamma.to(W.dtype)
-        err = compose(B.double(), rounded.double(), A.double()) - W.double()
-        scale = float(torch.linalg.norm(W.double()))
-        sol.gamma, sol.residual = rounded, float(err.abs().max())
-        sol.relative_residual = float(torch.linalg.norm(err)) / scale if scale > 0 else sol.residual
-        return sol
     rhs = vec(W)
     where = "" if layer is None else f"layer {layer}: "
     rcond, steps, used = None, 0, "float64"
     if N == m * n:
-        kind, exact = "square", True
-        gamma: torch.Tensor | None = None
-        if precision == "auto":
-            lu = _LowPrecisionLU(khatri_rao_system_transposed(A, B, torch.float32))
-            if lu.rcond > 0:
-                candidate, steps, converged = _refine(A, B, rhs, lu, max_refinement)
-                if converged:
-                    gamma, rcond, used = candidate, lu.rcond, "mixed"
-            del lu
-        if gamma is None:
-            try:
-                gamma, rcond = _float64_lu_solve(A, B, rhs, where, layer, rcond_tol)
-            except SingularSystemError:
-                # A singular system can still reach this particular W (W in the range of M, e.g. a target that
-                # shares directions with the frozen weights): then the minimum-norm γ is exact, not an
-                # approximation. Anything else stays a refusal.
-                gamma = consistent_solution(A, B, W, rhs)
-                if gamma is None:
-                    raise
-                kind, rcond = "singular-consistent", 0.0
+        kind = "square"
+        gamma, rcond, steps = (None, None, 0) if precision == "float64" else _mixed_solve(A, B, rhs, max_refinement)
+        if gamma is not None:
+            used = "mixed"
+        else:
+            gamma, rcond, kind = _float64_solve_or_consistent(A, B, W, rhs, where, layer, rcond_tol)
     else:
-        M = khatri_rao_system(A, B)
-        driver = "gelsd" if M.device.type == "cpu" else None
-        gamma = torch.linalg.lstsq(M, rhs.unsqueeze(-1), driver=driver).solution.squeeze(-1)
+        gamma = _lstsq(khatri_rao_system(A, B), rhs)
         kind = "least-squares" if N < m * n else "min-norm"
-    err = compose(B, gamma, A) - W
-    residual = float(err.abs().max())
-    scale = float(torch.linalg.norm(W))
-    relative = float(torch.linalg.norm(err)) / scale if scale > 0 else residual
-    if kind != "square":
-        # decided by the residual, for both shapes: a wide system with rank-deficient frozen weights (brought by
-        # the user) can miss W just like a tall one
-        exact = relative <= 1e3 * torch.finfo(W.dtype).eps
+    residual, relative = relative_residual(compose(B, gamma, A), W)
+    # a non-square kind is exact when the residual says so, for both shapes: a wide system with rank-deficient
+    # frozen weights (brought by the user) can miss W just like a tall one
+    exact = kind == "square" or relative <= 1e3 * torch.finfo(W.dtype).eps
     if not np.isfinite(residual):
         raise SingularSystemError(
             f"{where}Khatri–Rao solve of size {N} produced non-finite γ; the system is singular "
@@ -324,6 +312,49 @@ def solve_khatri_rao(
         precision=used,
         steps=steps,
     )
+
+
+def _solve_in_float64_and_round(A, B, W, **options) -> KRSolution:
+    """:func:`solve_khatri_rao` for a lower-precision ``W``: γ is solved in float64 and rounded once to ``W``'s
+    dtype — the solve costs the same and γ is as accurate as the network's dtype can hold. The residuals are those
+    of the rounded γ (composed in float64), so they describe the γ the network will hold."""
+    sol = solve_khatri_rao(A.double(), B.double(), W.double(), **options)
+    rounded = sol.gamma.to(W.dtype)
+    realised = compose(B.double(), rounded.double(), A.double())
+    sol.gamma = rounded
+    sol.residual, sol.relative_residual = relative_residual(realised, W.double())
+    return sol
+
+
+def _mixed_solve(A, B, rhs, max_refinement: int) -> tuple[torch.Tensor | None, float | None, int]:
+    """A square system by float32 LU refined to float64 accuracy: ``(γ, pivot ratio, refinement steps)``.
+
+    ``γ`` and the ratio are ``None`` when the float32 LU has a zero pivot or refinement stalls (a very
+    ill-conditioned ``M``): the caller then factors in float64. The float32 factor is freed on return, before that
+    float64 factor is allocated.
+    """
+    lu = _LowPrecisionLU(khatri_rao_system_transposed(A, B, torch.float32))
+    if not lu.rcond > 0:
+        return None, None, 0
+    gamma, steps, converged = _refine(A, B, rhs, lu, max_refinement)
+    return (gamma, lu.rcond, steps) if converged else (None, None, steps)
+
+
+def _float64_solve_or_consistent(A, B, W, rhs, where: str, layer, rcond_tol) -> tuple[torch.Tensor, float, str]:
+    """A square system by float64 LU: ``(γ, pivot ratio, kind)``, kind ``"square"``.
+
+    A singular system can still reach this particular ``W`` (``W`` in the range of ``M``, e.g. a target that shares
+    directions with the frozen weights): then the minimum-norm γ is exact, not an approximation, and is returned
+    with kind ``"singular-consistent"`` and ratio 0. Anything else stays a refusal (:class:`SingularSystemError`).
+    """
+    try:
+        gamma, rcond = _float64_lu_solve(A, B, rhs, where, layer, rcond_tol)
+        return gamma, rcond, "square"
+    except SingularSystemError:
+        consistent = consistent_solution(A, B, W, rhs)
+        if consistent is None:
+            raise
+        return consistent, 0.0, "singular-consistent"
 
 
 def kr_pattern(A_mask: torch.Tensor | np.ndarray, B_mask: torch.Tensor | np.ndarray):

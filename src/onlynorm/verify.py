@@ -16,6 +16,7 @@ from torch import nn
 
 from .certify import certifiability_problems, not_certifiable
 from .constructions import get_construction
+from .constructions.conv_memory import batch_size_for
 from .constructions.memory import format_bytes, memory_limit
 from .domain import Box, resolve_domain
 from .errors import InvalidNetworkError
@@ -143,13 +144,7 @@ def verify(
     >>> report.passed, report.max_rel_error < 1e-12
     (True, True)
     """
-    if not isinstance(net, nn.Module):
-        raise InvalidNetworkError(f"expected a torch module (a NormNet) to verify, found {type(net).__name__}")
-    if certify and not isinstance(net, NormNet):
-        raise InvalidNetworkError(
-            f"certify=True needs a NormNet built by onlynorm (its construction knows what to prove), found "
-            f"{type(net).__name__}; verify it without certify, or rebuild it with onlynorm.reconstruct"
-        )
+    _check_network(net, certify)
     sklearn_model = target if is_sklearn_mlp(target) else None
     spec = as_target(target, net.in_shape if isinstance(net, NormNet) else None)
     samples = check_scalar(samples, "samples", int, min_val=1)
@@ -158,23 +153,8 @@ def verify(
         tolerance = check_scalar(tolerance, "tolerance", float, min_val=0.0)
     if batch_size is not None:
         batch_size = check_scalar(batch_size, "batch_size", int, min_val=1)
-    limit, source = memory_limit()
-    if samples * spec.in_features * 8 > limit // 2:  # the sample points are held at once; batches stream
-        raise InvalidNetworkError(
-            f"samples: {samples:,} points of {spec.in_features} coordinates need "
-            f"{format_bytes(samples * spec.in_features * 8)}, over half the memory limit {format_bytes(limit)} "
-            f"({source}); use fewer samples (certify=True proves the whole box without sampling it)"
-        )
-    net_in = getattr(net, "in_features", None)
-    if net_in is not None and net_in != spec.in_features:
-        raise InvalidNetworkError(
-            f"input dimension mismatch: the network takes {net_in} features but the target takes "
-            f"{spec.in_features}; verify a network against the target it was built for"
-        )
-    if isinstance(net, NormNet) and net.target_dims is not None and net.target_dims != spec.dims:
-        raise InvalidNetworkError(
-            f"the network was built for a target of dims {net.target_dims}, found a target of dims {spec.dims}"
-        )
+    _check_samples_fit_memory(samples, spec.in_features)
+    _check_built_for(net, spec)
     if domain is None and isinstance(net, NormNet) and net.meta.solve is not None:
         domain = net.meta.solve.domain
     box = resolve_domain(domain, spec.in_features)
@@ -183,39 +163,20 @@ def verify(
     device = param.device if param is not None else torch.device("cpu")
     tol = default_tolerance(dtype) if tolerance is None else float(tolerance)
     g64 = spec.to(dtype=torch.float64, device=device)
-    if batch_size is None and isinstance(net, NormNet) and getattr(spec, "in_shape", None) is not None:
-        from .constructions.conv_memory import batch_size_for
-
-        batch_size = min(samples, batch_size_for(spec, dtype, 512 << 20))
     if batch_size is None:
-        widest = max([p.shape[0] for p in net.parameters() if p.ndim >= 1] + [spec.in_features])
-        batch_size = max(256, min(samples, (32 << 20) // (8 * widest)))  # ~32 MB of activations per chunk
+        batch_size = _default_batch_size(net, spec, samples, dtype)
     x_all = box.sample(samples, seed=seed)
-    was_training = net.training
-    net.eval()
-    max_err = torch.zeros((), dtype=torch.float64)
-    max_g = torch.zeros((), dtype=torch.float64)
-    outputs = []  # kept only for a scikit-learn target's predict comparison
-    try:
-        with torch.no_grad():
-            for start in range(0, samples, batch_size):
-                x = x_all[start : start + batch_size].to(device)
-                if getattr(spec, "in_shape", None) is not None:  # CNN: flat box samples → images
-                    x = x.reshape(x.shape[0], *spec.in_shape)
-                fx = net(x.to(dtype)).to(torch.float64)
-                gx = g64(x)
-                if fx.shape != gx.shape:
-                    raise InvalidNetworkError(
-                        f"output shape mismatch: network gives {tuple(fx.shape[1:])}, target {tuple(gx.shape[1:])}"
-                    )
-                max_err = torch.maximum(max_err, (fx - gx).abs().max().cpu())
-                max_g = torch.maximum(max_g, gx.abs().max().cpu())
-                if sklearn_model is not None:
-                    outputs.append(fx.cpu())
-    finally:
-        net.train(was_training)
-    max_abs, max_target = float(max_err), float(max_g)
-    if not torch.isfinite(max_err):
+    max_abs, max_target, outputs = _sampled_errors(
+        net,
+        g64,
+        x_all,
+        getattr(spec, "in_shape", None),
+        batch_size,
+        dtype,
+        device,
+        keep_outputs=sklearn_model is not None,
+    )
+    if not math.isfinite(max_abs):
         rel = float("inf")
     else:
         rel = max_abs / max_target if max_target > 0 else max_abs
@@ -235,24 +196,120 @@ def verify(
         _compare_sklearn(report, sklearn_model, x_all, torch.cat(outputs))
     if certify:
         assert isinstance(net, NormNet)
-        if net.meta.method is None:
-            raise InvalidNetworkError(
-                "certify=True: the network records no construction method (a hand-built "
-                "network); solve it with onlynorm.solve_norms first"
-            )
-        net.eval()
-        try:
-            # one gate for every construction: the certificate covers the network as it evaluates, so statistics
-            # that are not the fixed inference form (or non-finite parameters) are refused, never half-certified
-            problems = certifiability_problems(net)
-            result = not_certifiable(problems) if problems else get_construction(net.method).certify(net, spec, box)
-        finally:
-            net.train(was_training)
-        report.certified = result.certified
-        report.certified_bound = result.bound
-        report.rounding_bound = result.rounding_bound
-        report.notes += list(result.notes)
+        _certify(report, net, spec, box)
     return report
+
+
+def _check_network(net: nn.Module, certify: bool) -> None:
+    """Refuse what is not a module at all, and ``certify=True`` for a module onlynorm did not build: only a
+    NormNet's construction knows what to prove."""
+    if not isinstance(net, nn.Module):
+        raise InvalidNetworkError(f"expected a torch module (a NormNet) to verify, found {type(net).__name__}")
+    if certify and not isinstance(net, NormNet):
+        raise InvalidNetworkError(
+            f"certify=True needs a NormNet built by onlynorm (its construction knows what to prove), found "
+            f"{type(net).__name__}; verify it without certify, or rebuild it with onlynorm.reconstruct"
+        )
+
+
+def _check_samples_fit_memory(samples: int, in_features: int) -> None:
+    """Refuse, before drawing them, sample points that would take over half the memory limit: they are held at
+    once (only the network's activations are streamed in batches)."""
+    limit, source = memory_limit()
+    if samples * in_features * 8 > limit // 2:
+        raise InvalidNetworkError(
+            f"samples: {samples:,} points of {in_features} coordinates need "
+            f"{format_bytes(samples * in_features * 8)}, over half the memory limit {format_bytes(limit)} "
+            f"({source}); use fewer samples (certify=True proves the whole box without sampling it)"
+        )
+
+
+def _check_built_for(net: nn.Module, spec) -> None:
+    """Refuse a network whose input width, or recorded target dims, do not match the target's: comparing them
+    would fail with a shape error, or silently compare two unrelated functions."""
+    net_in = getattr(net, "in_features", None)
+    if net_in is not None and net_in != spec.in_features:
+        raise InvalidNetworkError(
+            f"input dimension mismatch: the network takes {net_in} features but the target takes "
+            f"{spec.in_features}; verify a network against the target it was built for"
+        )
+    if isinstance(net, NormNet) and net.target_dims is not None and net.target_dims != spec.dims:
+        raise InvalidNetworkError(
+            f"the network was built for a target of dims {net.target_dims}, found a target of dims {spec.dims}"
+        )
+
+
+def _default_batch_size(net: nn.Module, spec, samples: int, dtype: torch.dtype) -> int:
+    """Points per forward pass when none is given: image networks stream so a batch's activations stay near
+    512 MB; others take about 32 MB of activations per batch (at least 256 points)."""
+    if isinstance(net, NormNet) and getattr(spec, "in_shape", None) is not None:
+        return min(samples, batch_size_for(spec, dtype, 512 << 20))
+    widest = max([p.shape[0] for p in net.parameters() if p.ndim >= 1] + [spec.in_features])
+    return max(256, min(samples, (32 << 20) // (8 * widest)))
+
+
+def _sampled_errors(
+    net: nn.Module,
+    g64,
+    x_all: torch.Tensor,
+    in_shape,
+    batch_size: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    *,
+    keep_outputs: bool,
+) -> tuple[float, float, list[torch.Tensor]]:
+    """``(max |f − g|, max |g|, outputs)`` over the sample points, batch by batch: ``f`` (the network, in eval
+    mode and its own dtype) and ``g64`` (the target in float64) see the same points on ``device``, reshaped to images when the
+    target takes ``in_shape`` images. ``outputs`` holds ``f``'s outputs only if ``keep_outputs`` (a scikit-learn
+    target's predict comparison needs them). The network's training flag is restored afterwards."""
+    was_training = net.training
+    net.eval()
+    max_err = torch.zeros((), dtype=torch.float64)
+    max_g = torch.zeros((), dtype=torch.float64)
+    outputs = []
+    try:
+        with torch.no_grad():
+            for start in range(0, x_all.shape[0], batch_size):
+                x = x_all[start : start + batch_size].to(device)
+                if in_shape is not None:  # CNN: flat box samples → images
+                    x = x.reshape(x.shape[0], *in_shape)
+                fx = net(x.to(dtype)).to(torch.float64)
+                gx = g64(x)
+                if fx.shape != gx.shape:
+                    raise InvalidNetworkError(
+                        f"output shape mismatch: network gives {tuple(fx.shape[1:])}, target {tuple(gx.shape[1:])}"
+                    )
+                max_err = torch.maximum(max_err, (fx - gx).abs().max().cpu())
+                max_g = torch.maximum(max_g, gx.abs().max().cpu())
+                if keep_outputs:
+                    outputs.append(fx.cpu())
+    finally:
+        net.train(was_training)
+    return float(max_err), float(max_g), outputs
+
+
+def _certify(report: VerifyReport, net: NormNet, spec, box: Box) -> None:
+    """Prove (or refute) the bound on the whole box with the network's own construction, filling the report's
+    certificate fields. The network is certified in eval mode and left in the mode it was in."""
+    if net.meta.method is None:
+        raise InvalidNetworkError(
+            "certify=True: the network records no construction method (a hand-built "
+            "network); solve it with onlynorm.solve_norms first"
+        )
+    was_training = net.training
+    net.eval()
+    try:
+        # one gate for every construction: the certificate covers the network as it evaluates, so statistics
+        # that are not the fixed inference form (or non-finite parameters) are refused, never half-certified
+        problems = certifiability_problems(net)
+        result = not_certifiable(problems) if problems else get_construction(net.method).certify(net, spec, box)
+    finally:
+        net.train(was_training)
+    report.certified = result.certified
+    report.certified_bound = result.bound
+    report.rounding_bound = result.rounding_bound
+    report.notes += list(result.notes)
 
 
 def _compare_sklearn(report: VerifyReport, model, x: torch.Tensor, outputs: torch.Tensor) -> None:

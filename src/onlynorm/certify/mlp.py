@@ -21,8 +21,8 @@ Floating-point evaluation of ``f`` and ``g`` is bounded separately (``rounding_b
 error bound of dot products, ``|fl(a·x) − a·x| ≤ γ_n |a|·|x|`` with ``γ_n = n·u / (1 − n·u)`` (``u`` of the network's
 dtype for ``f``). The error ``δ`` that ``f`` carries into a block is propagated through the block's *exact* composed
 map: on the linear regime the block is affine, so ``block(x̃) − block(x) = P (x̃ − x)`` and contributes ``|P| δ`` —
-``|P| ≈ |W|`` — instead of ``|B| |Γ A| δ``, which would lose every cancellation of the Khatri–Rao factors (0.1 did
-that: bounds of 1e-4 where 1e-12 is observed). The rounding made inside the block (``local``) is bounded stage by
+``|P| ≈ |W|`` — instead of ``|B| |Γ A| δ``, which would lose every cancellation of the Khatri–Rao factors (bounds of
+1e-4 where 1e-12 is observed). The rounding made inside the block (``local``) is bounded stage by
 stage at the computed inputs, and the activity proof leaves room for both, so the computed network follows the
 linear branch as well.
 """

@@ -41,11 +41,11 @@ import torch
 from ..certify.cnn import certify_conv
 from ..domain import Box
 from ..errors import InvalidNetworkError
-from ..linalg import compose, solve_khatri_rao_batched
+from ..linalg import compose, relative_residual, solve_khatri_rao_batched
 from ..nets.conv_stream import ConvStream, grouped_conv
 from ..nets.match import Realised, walk_bounds, walk_nodes
 from ..nets.normnet import NormNet
-from ..nets.records import SolveRecord, relative_residual
+from ..nets.records import SolveRecord
 from ..nets.stage import Stage
 from ..nets.stream import block_sizes
 from ..options import OptionSpec

@@ -27,9 +27,9 @@ import torch
 
 from ..certify import CertifyResult, certify_residual_streams
 from ..domain import Box, affine_bounds, interval_bounds
-from ..linalg import compose, solve_khatri_rao_batched
+from ..linalg import compose, relative_residual, solve_khatri_rao_batched
 from ..nets.normnet import NormNet
-from ..nets.records import SolveRecord, relative_residual
+from ..nets.records import SolveRecord
 from ..nets.stage import Stage
 from ..nets.stream import ResidualStream
 from ..options import OptionSpec

@@ -28,9 +28,9 @@ import torch
 
 from ..certify import CertifyResult, certify_blocks
 from ..domain import Box, affine_bounds, interval_bounds
-from ..linalg import compose, solve_khatri_rao
+from ..linalg import compose, relative_residual, solve_khatri_rao
 from ..nets.normnet import NormNet
-from ..nets.records import SolveRecord, relative_residual
+from ..nets.records import SolveRecord
 from ..options import OptionSpec
 from ..targets.mlp import MLPSpec
 from .base import (

@@ -1,8 +1,8 @@
 """Sparse random networks: the width construction with i.i.d. Bernoulli(``p``) masks on every frozen
 weight matrix. The masks are part of the frozen network — zeros stay zero.
 
-Whether a layer's Khatri–Rao system ``Aᵀ ⊙ B`` is invertible now depends (with probability one) only on the
-sparsity pattern. Its *structural rank* (maximum bipartite matching of the pattern) is checked before the LU: a
+With masks, whether a layer's Khatri–Rao system ``Aᵀ ⊙ B`` is invertible depends (with probability one) only on
+the sparsity pattern. Its *structural rank* (maximum bipartite matching of the pattern) is checked before the LU: a
 pattern-singular system can never be solved, whatever the values, and is reported with the layer, the rank
 deficit and a denser ``p`` to try. The paper shows ``p = Θ(√(log d / d))`` suffices with high probability, so the
 frozen network has ``Õ(d²√d)`` nonzeros — ``O(√d)`` times the target's ``d²`` parameters. Measured, the 50%
@@ -94,8 +94,8 @@ class SparseConstruction(WidthConstruction):
         self, plan: Plan, target: MLPSpec, gen: torch.Generator, *, dtype: torch.dtype, device, options: dict[str, Any]
     ) -> list[Stage]:
         """The width stages, each frozen weight masked by Bernoulli(p); ``1/√p`` keeps the variance of the dense
-        ``N(0, 1/fan_in)`` init. Per pair, both weights are drawn before both masks (one generator stream, so a
-        seed gives the networks 0.1 gave)."""
+        ``N(0, 1/fan_in)`` init. Per pair, both weights are drawn before both masks, from one generator stream:
+        that order is part of what a seed means, and changing it would change every seeded network."""
         p = float(options["density"])
         stages: list[Stage] = []
         for step in plan.steps:

@@ -97,6 +97,8 @@ def run(
     epochs: int = 150,
     png_path: Path | None = None,
 ) -> bool:
+    """Run the demo (the module docstring's three steps), print its table, write the JSON document and the figure;
+    ``True`` when the closed form agrees with the target on every test image and passes :func:`verify` on the box."""
     start_all = time.perf_counter()
     Xtr, ytr, Xte, yte = load_digits_split(seed)
     t0 = time.perf_counter()
@@ -117,40 +119,13 @@ def run(
     box_report = verify(exact, spec, box, samples=20_000, seed=seed)
 
     results = {"closed form (solve γ, β)": {**exact_m, "seconds": exact_seconds}}
-    for name, data, loss in (
-        ("GD norm-only, distill logits", (Xtr, target_logits_tr), nn.functional.mse_loss),
-        ("GD norm-only, labels", (Xtr, ytr), nn.functional.cross_entropy),
-    ):
-        net = frozen.clone()
-        t0 = time.perf_counter()
-        train_norm_only(
-            net, data, steps=steps, batch_size=128, lr=1e-2, loss=loss, seed=seed, progress=console is not None
+    results.update(
+        _norm_only_gradient_descent(
+            frozen, (Xtr, ytr, target_logits_tr), (Xte, yte, target_logits_te), steps, seed, console is not None
         )
-        results[name] = {**_metrics(net, target_logits_te, Xte, yte), "seconds": time.perf_counter() - t0}
+    )
     tuned = sum(p.numel() for p in exact.norm_parameters())
-    header = ["network", "test acc", "agreement", "max |Δlogit|", "tuned", "seconds"]
-    table = [
-        [
-            "target MLP " + "→".join(map(str, spec.dims)),
-            f"{target_accuracy:.3f}",
-            "1.000",
-            "0",
-            f"{spec.num_parameters:,} (all)",
-            f"{target_seconds:.1f}",
-        ]
-    ]
-    for name, m in results.items():
-        table.append(
-            [
-                name,
-                f"{m['accuracy']:.3f}",
-                f"{m['agreement']:.3f}",
-                f"{m['max_abs_error']:.2e}",
-                f"{tuned:,} γ/β",
-                f"{m['seconds']:.1f}",
-            ]
-        )
-    print_table(console, "digits: closed form vs gradient descent on the same norm parameters", header, table)
+    _print_comparison(console, spec, target_accuracy, target_seconds, results, tuned)
     s = exact.summary()
     print_rows(
         console,
@@ -184,6 +159,60 @@ def run(
         "gd_seconds": distill["seconds"],
         "seconds": time.perf_counter() - start_all,
     }
+    _write_outputs(doc, json_path, png_path, console)
+    return exact_m["agreement"] == 1.0 and box_report.passed
+
+
+def _norm_only_gradient_descent(frozen, train, test, steps: int, seed: int, progress: bool) -> dict[str, dict]:
+    """The baselines: Adam on the γ, β of copies of the same frozen network, (a) distilling the target's logits
+    (MSE) and (b) on the labels (cross-entropy), with the same steps; each run's test metrics and seconds.
+
+    ``train`` is ``(X, labels, target logits)`` on the training images, ``test`` the same on the test images."""
+    Xtr, ytr, target_logits_tr = train
+    Xte, yte, target_logits_te = test
+    results = {}
+    for name, data, loss in (
+        ("GD norm-only, distill logits", (Xtr, target_logits_tr), nn.functional.mse_loss),
+        ("GD norm-only, labels", (Xtr, ytr), nn.functional.cross_entropy),
+    ):
+        net = frozen.clone()
+        t0 = time.perf_counter()
+        train_norm_only(net, data, steps=steps, batch_size=128, lr=1e-2, loss=loss, seed=seed, progress=progress)
+        results[name] = {**_metrics(net, target_logits_te, Xte, yte), "seconds": time.perf_counter() - t0}
+    return results
+
+
+def _print_comparison(console, spec: MLPSpec, target_accuracy: float, target_seconds: float, results, tuned: int):
+    """The demo's table: the target, then each network of ``results`` — test accuracy, agreement with the target,
+    max logit difference, parameters tuned and seconds."""
+    header = ["network", "test acc", "agreement", "max |Δlogit|", "tuned", "seconds"]
+    table = [
+        [
+            "target MLP " + "→".join(map(str, spec.dims)),
+            f"{target_accuracy:.3f}",
+            "1.000",
+            "0",
+            f"{spec.num_parameters:,} (all)",
+            f"{target_seconds:.1f}",
+        ]
+    ]
+    for name, m in results.items():
+        table.append(
+            [
+                name,
+                f"{m['accuracy']:.3f}",
+                f"{m['agreement']:.3f}",
+                f"{m['max_abs_error']:.2e}",
+                f"{tuned:,} γ/β",
+                f"{m['seconds']:.1f}",
+            ]
+        )
+    print_table(console, "digits: closed form vs gradient descent on the same norm parameters", header, table)
+
+
+def _write_outputs(doc: dict, json_path: Path | None, png_path: Path | None, console) -> None:
+    """Write the results document (if ``json_path``) and the figure: at ``png_path``, else next to the JSON, else
+    at ``DEFAULT_PNG``."""
     if json_path is not None:
         with atomic_path(json_path) as tmp:
             tmp.write_text(json.dumps(doc, indent=2))
@@ -191,7 +220,6 @@ def run(
     Path(png).parent.mkdir(parents=True, exist_ok=True)
     _plot(Path(png), doc)
     print_rows(console, "figure", [("written", str(png))])
-    return exact_m["agreement"] == 1.0 and box_report.passed
 
 
 def _plot(path: Path, doc: dict) -> None:

@@ -1,4 +1,4 @@
-"""The baseline: today's :func:`onlynorm.train_norm_only` (Adam on γ, β with fixed statistics).
+"""The baseline: :func:`onlynorm.train_norm_only` (Adam on γ, β with fixed statistics).
 
 A box is sampled afresh every step (uniformly, as ``train_norm_only`` does); a tensor of inputs is used through
 mini-batches of the training part. Defaults: 3,000 steps of batch 256, learning rate 5e-3 (as in the gd-vs-exact

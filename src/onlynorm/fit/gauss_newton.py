@@ -119,30 +119,26 @@ def fit_gauss_newton(
 
 
 def _run(net, data, spec, deadline, max_iterations, rows, memory_budget, seed, progress, patience) -> Phase:
+    """The Levenberg–Marquardt loop: cycle through the blocks of the plan, take each damped step that lowers the
+    training loss, keep the parameters with the lowest held-out error, stop at convergence, ``patience`` or the
+    deadline; returns the phase record (the network holds the kept parameters)."""
     start = time.perf_counter()
     before = data.held_out_error(net)
     every = NormFunction(net)
-    with torch.no_grad():
-        outputs = net(data.x_train[:1]).reshape(1, -1).shape[1]
-    if rows is None:  # enough equations for the parameters, not more: the normal matrix costs rows·m·P²
-        rows = max(1024, (16 * every.size) // max(1, outputs))
-    rows = min(rows, data.x_train.shape[0])
-    gen = torch.Generator().manual_seed(seed)
-    pick = torch.randperm(data.x_train.shape[0], generator=gen)[:rows].to(data.x_train.device)
+    outputs, rows, pick = _training_rows(net, data, every.size, rows, seed)
     budget = memory_budget if memory_budget is not None else memory_limit(net.device)[0] // 4
     sizes = dict(zip(every.names, every.sizes))
     plan, layout = plan_blocks(parameter_blocks(net, spec), sizes, rows, outputs, budget)
     fns = [(NormFunction(net, names), r) for names, r in plan]
     lambdas = [LAMBDA_START] * len(fns)
     history = [before]
-    held = before
     accepted = rejected = evaluations = 0
     largest = 0
     mode_used = set()
     last_step = 0.0
     stalled = 0
     b = -1
-    best_held, best_theta = held, every.vector().clone()
+    best_held, best_theta = before, every.vector().clone()
     kept = 0
     while accepted < max_iterations:
         step_start = time.perf_counter()
@@ -153,41 +149,18 @@ def _run(net, data, spec, deadline, max_iterations, rows, memory_budget, seed, p
         x, y = data.x_train[pick[:r]], data.y_train[pick[:r]]
         scale = float(torch.linalg.vector_norm(y.to(torch.float64))) or 1.0
         theta = fn.vector().to(torch.float64)
-        with torch.no_grad():
-            res = (fn(theta.to(fn.params[0].dtype), x) - y).reshape(-1).to(torch.float64) / scale
-        loss = float(res @ res)
         mode = choose_mode(fn.size, outputs)
         mode_used.add(mode)
-        J = fn.jacobian(theta, x, mode=mode).to(torch.float64) / scale
+        loss, JtJ, g = _normal_equations(fn, theta, x, y, scale, mode)
         largest = max(largest, jacobian_bytes(r, outputs, fn.size))
-        JtJ, g = J.T @ J, J.T @ res
-        del J
-        diag = JtJ.diagonal().clamp_min(1e-12 * float(JtJ.diagonal().max().clamp_min(1e-300)))
-        improved = False
-        while lambdas[b] <= LAMBDA_MAX:
-            evaluations += 1
-            try:
-                L = torch.linalg.cholesky(JtJ + torch.diag(lambdas[b] * diag))
-                delta = torch.cholesky_solve(-g.unsqueeze(1), L)[:, 0]
-            except RuntimeError:  # not positive definite in floating point: damp more
-                lambdas[b] *= 4
-                continue
-            cand = (theta + delta).to(fn.params[0].dtype)
-            with torch.no_grad():
-                new_res = (fn(cand, x) - y).reshape(-1).to(torch.float64) / scale
-                new_loss = float(new_res @ new_res)
-            if torch.isfinite(torch.tensor(new_loss)) and new_loss < loss:
-                fn.assign(cand)
-                new_held = data.held_out_error(net)
-                improved = True
-                lambdas[b] = max(lambdas[b] / 3, 1e-9)
-                if new_held < best_held:
-                    best_held, best_theta = new_held, every.vector().clone()
-                    kept += 1
-                break
-            rejected += 1
-            lambdas[b] *= 4
-        if improved:
+        cand, lambdas[b], tried, refused = _damped_step(fn, x, y, scale, theta, loss, JtJ, g, lambdas[b])
+        evaluations, rejected = evaluations + tried, rejected + refused
+        if cand is not None:
+            fn.assign(cand)
+            new_held = data.held_out_error(net)
+            if new_held < best_held:
+                best_held, best_theta = new_held, every.vector().clone()
+                kept += 1
             accepted += 1
             history.append(best_held)
             stalled = 0 if new_held <= best_held else stalled + 1
@@ -200,7 +173,6 @@ def _run(net, data, spec, deadline, max_iterations, rows, memory_budget, seed, p
         if best_held < 1e-13 or stalled >= patience * len(fns):
             break
     every.assign(best_theta)
-    held = best_held
     notes = []
     if layout != "full":
         notes.append(
@@ -210,7 +182,7 @@ def _run(net, data, spec, deadline, max_iterations, rows, memory_budget, seed, p
     return Phase(
         "gauss-newton",
         before,
-        held,
+        best_held,
         time.perf_counter() - start,
         accepted,
         notes=notes,
@@ -227,3 +199,60 @@ def _run(net, data, spec, deadline, max_iterations, rows, memory_budget, seed, p
             "memory_budget_bytes": budget,
         },
     )
+
+
+def _training_rows(net: NormNet, data: FitData, parameters: int, rows: int | None, seed: int):
+    """``(outputs per sample, rows, row indices)``: the training rows the steps use, a fixed random subset drawn
+    with ``seed``. By default enough equations for the parameters, not more — the normal matrix costs
+    ``rows·m·P²`` — and never more rows than the training set has."""
+    with torch.no_grad():
+        outputs = net(data.x_train[:1]).reshape(1, -1).shape[1]
+    if rows is None:
+        rows = max(1024, (16 * parameters) // max(1, outputs))
+    rows = min(rows, data.x_train.shape[0])
+    gen = torch.Generator().manual_seed(seed)
+    pick = torch.randperm(data.x_train.shape[0], generator=gen)[:rows].to(data.x_train.device)
+    return outputs, rows, pick
+
+
+def _scaled_residual(fn: NormFunction, theta: torch.Tensor, x, y, scale: float) -> torch.Tensor:
+    """``r(θ) = vec(f(x; θ) − y) / scale`` in float64 (``θ`` in the network's dtype), without an autograd graph."""
+    with torch.no_grad():
+        return (fn(theta, x) - y).reshape(-1).to(torch.float64) / scale
+
+
+def _normal_equations(fn: NormFunction, theta: torch.Tensor, x, y, scale: float, mode: str):
+    """``(‖r‖², JᵀJ, Jᵀr)`` at ``θ`` (float64), the Jacobian formed in ``mode`` and freed before returning: only
+    the ``P × P`` matrix outlives the call."""
+    res = _scaled_residual(fn, theta.to(fn.params[0].dtype), x, y, scale)
+    J = fn.jacobian(theta, x, mode=mode).to(torch.float64) / scale
+    JtJ, g = J.T @ J, J.T @ res
+    del J
+    return float(res @ res), JtJ, g
+
+
+def _damped_step(fn: NormFunction, x, y, scale: float, theta, loss: float, JtJ, g, lam: float):
+    """One Levenberg–Marquardt step from the normal equations at ``θ``: solve ``(JᵀJ + λ diag(JᵀJ)) δ = −Jᵀr``,
+    growing ``λ`` ×4 until ``θ + δ`` lowers the training loss ``loss`` or ``λ`` passes ``LAMBDA_MAX``.
+
+    Returns ``(θ + δ in the network's dtype, or None if no λ helped; the λ for the next step — a third of the one
+    that worked; evaluations; rejected candidates)``. The network is not changed.
+    """
+    diag = JtJ.diagonal().clamp_min(1e-12 * float(JtJ.diagonal().max().clamp_min(1e-300)))
+    evaluations = rejected = 0
+    while lam <= LAMBDA_MAX:
+        evaluations += 1
+        try:
+            L = torch.linalg.cholesky(JtJ + torch.diag(lam * diag))
+            delta = torch.cholesky_solve(-g.unsqueeze(1), L)[:, 0]
+        except RuntimeError:  # not positive definite in floating point: damp more
+            lam *= 4
+            continue
+        cand = (theta + delta).to(fn.params[0].dtype)
+        new_res = _scaled_residual(fn, cand, x, y, scale)
+        new_loss = float(new_res @ new_res)
+        if torch.isfinite(torch.tensor(new_loss)) and new_loss < loss:
+            return cand, max(lam / 3, 1e-9), evaluations, rejected
+        rejected += 1
+        lam *= 4
+    return None, lam, evaluations, rejected

@@ -73,7 +73,7 @@ class NormFunction:
 
         Measured as the sum of every stage's output size on one sample (a conv stage's output counts all of its
         ``C·H·W`` positions), doubled for the BatchNorm's and ReLU's temporaries; never below the MLP rule of thumb
-        ``4 · widest · stages`` the estimate used to be (which ignored positions and so undercounted CNNs ~10×)::
+        ``4 · widest · stages`` (which ignores positions: alone, it would undercount a CNN's ~10×)::
 
             floats = input + max(2 · Σ_stages numel(stage output), 4 · widest · stages)
         """

@@ -1,7 +1,7 @@
 """Typed records of how a network was made and solved, with a JSON round trip.
 
 * :class:`SolveRecord` — one solved system (or group of systems) of one target layer. Its ``relative_residual``
-  has ONE definition for every construction, ``‖Ŵ − W‖_F / ‖W‖_F`` (:func:`relative_residual`), and ``residual``
+  has ONE definition for every construction, ``‖Ŵ − W‖_F / ‖W‖_F`` (:func:`onlynorm.linalg.relative_residual`), and ``residual``
   is ``max |Ŵ − W|`` (absolute, entrywise), where ``Ŵ`` is the weight the frozen network realises.
 * :class:`SolveInfo` — all records of a solve, whether every layer is exact, notes, and the box.
 * :class:`Phase`, :class:`FitReport` — what :func:`onlynorm.fit_norms` did (per method run: held-out error
@@ -9,8 +9,8 @@
 * :class:`NetMeta` — what a :class:`~onlynorm.nets.normnet.NormNet` knows about itself (method, seed, options, target
   dims, image shape, solve info, fit report); saved as JSON next to the weights.
 
-Files written by onlynorm 0.1 (plain dictionaries of the same keys) load unchanged: :meth:`NetMeta.from_dict`
-reads them and validates every field's JSON type, so a tampered file is refused with the field named.
+The JSON form is a plain dictionary of the same keys: :meth:`NetMeta.from_dict` reads it and validates every
+field's JSON type, so a tampered file is refused with the field named.
 
 >>> rec = SolveRecord(layer=0, kind="square", residual=1e-15, relative_residual=2e-16, exact=True)
 >>> meta = NetMeta(method="width", seed=0, target_dims=[3, 2])
@@ -24,27 +24,10 @@ from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-import torch
-
 from ..domain import Box
 from ..errors import FileFormatError, InvalidDomainError
 
-__all__ = ["SolveRecord", "SolveInfo", "Phase", "FitReport", "NetMeta", "relative_residual"]
-
-
-def relative_residual(realised: torch.Tensor, target: torch.Tensor) -> tuple[float, float]:
-    """``(max |Ŵ − W|, ‖Ŵ − W‖_F / ‖W‖_F)`` — the one definition of a solve's error (absolute if ``W = 0``).
-
-    >>> W = torch.eye(2, dtype=torch.float64)
-    >>> absolute, relative = relative_residual(W + 1e-3, W)
-    >>> round(absolute, 12), round(relative, 12)          # max |ΔW| and √4·1e-3 / √2
-    (0.001, 0.001414213562)
-    """
-    err = (realised - target).to(torch.float64)
-    absolute = float(err.abs().max()) if err.numel() else 0.0
-    scale = float(torch.linalg.norm(target.to(torch.float64)))
-    frob = float(torch.linalg.norm(err))
-    return absolute, (frob / scale if scale > 0 else frob)
+__all__ = ["SolveRecord", "SolveInfo", "Phase", "FitReport", "NetMeta"]
 
 
 def _bad(source: str, what: str, expected: str, found: Any) -> FileFormatError:
@@ -111,8 +94,8 @@ class SolveRecord:
         if rcond is not None and not _number(rcond):
             raise _bad(source, "solve.layers[].rcond", "a number or null", rcond)
         precision = d.get("precision")
-        if isinstance(precision, list):  # 0.1's lowrank wrote one precision per factor
-            precision = "+".join(map(str, precision))
+        if precision is not None and not isinstance(precision, str):
+            raise _bad(source, "solve.layers[].precision", "a string or null", precision)
         return cls(
             layer=d["layer"],
             kind=str(d.get("kind", "")),
@@ -120,7 +103,7 @@ class SolveRecord:
             relative_residual=float(d["relative_residual"]),
             exact=d["exact"],
             rcond=None if rcond is None else float(rcond),
-            precision=None if precision is None else str(precision),
+            precision=precision,
             steps=d.get("steps") if isinstance(d.get("steps"), int) else None,
             details={k: v for k, v in d.items() if k not in known},
         )
@@ -321,8 +304,8 @@ class NetMeta(Mapping):
     ``in_shape`` (image targets), ``solve`` (a :class:`SolveInfo` once solved), ``fit`` (a :class:`FitReport` once
     :func:`onlynorm.fit_norms` tuned it) and ``extra`` (keys other tools add, kept as they are).
 
-    A read-only mapping view (``meta["seed"]``, ``meta.get("solve")``) serves code and files written against 0.1's
-    dictionary: it yields exactly what :meth:`to_dict` writes.
+    A mapping view (``meta["seed"]``, ``meta.get("solve")``) reads the JSON form: it yields exactly what
+    :meth:`to_dict` writes.
     """
 
     method: str | None = None
@@ -348,7 +331,7 @@ class NetMeta(Mapping):
 
     @classmethod
     def from_dict(cls, d: Any, source: str = "network") -> NetMeta:
-        """Read (and type-check) a metadata dictionary; 0.1's files have this very layout."""
+        """Read (and type-check) a metadata dictionary: the layout :meth:`to_dict` writes."""
         if d is None:
             return cls()
         if isinstance(d, NetMeta):
@@ -394,12 +377,12 @@ class NetMeta(Mapping):
         d["options"], d["extra"] = dict(d["options"]), dict(d["extra"])
         return NetMeta(**d)
 
-    # ------------------------------------------------------------------ mapping view (0.1 layout)
+    # ------------------------------------------------------------------ mapping view (the JSON layout)
     def __getitem__(self, key: str) -> Any:
         return self.to_dict()[key]
 
     def __setitem__(self, key: str, value: Any) -> None:
-        """``meta[key] = value`` as 0.1 code wrote it: a typed field (validated) or an extra key."""
+        """``meta[key] = value``: a typed field (validated) or an extra key."""
         if key in _META_FIELDS:
             typed = NetMeta.from_dict({key: value}, "meta")
             setattr(self, key, getattr(typed, key))
