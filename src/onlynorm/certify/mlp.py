@@ -29,13 +29,16 @@ linear branch as well.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 
 from ..domain import Box
 from ..errors import InvalidNetworkError
-from ..nets.linear import NormLinear
+from ..nets.match import Node, path_label, walk_nodes
 from ..nets.normnet import NormNet
+from ..nets.views import AffineView
 from ..targets.mlp import MLPSpec
 from .core import U_XP, XP, CertifyResult, affine_interval, final_result, gamma_n, to_xp, unit_roundoff
 
@@ -49,9 +52,11 @@ def start_rounding(net: NormNet, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
     return unit_roundoff(net.dtype) * np.maximum(np.abs(lo), np.abs(hi)).astype(np.float64)
 
 
-def certify_blocks(net: NormNet, spec: MLPSpec, box: Box, blocks: list[list[int]]) -> CertifyResult:
-    """Certify a chain of :class:`NormLinear` blocks (``blocks[i]`` = stage indices realising target layer i)."""
+def certify_blocks(net: NormNet, spec: MLPSpec, box: Box, nodes: Sequence[Node]) -> CertifyResult:
+    """Certify a chain of blocks of linear stages: ``nodes`` (:func:`onlynorm.nets.match.match`) pair each target
+    layer with the stages realising it, each read through its affine view."""
     u_f = unit_roundoff(net.dtype)
+    blocks = list(walk_nodes(nodes))
     if len(blocks) != spec.depth:
         raise InvalidNetworkError(f"expected {spec.depth} blocks for a {spec.depth}-layer target, found {len(blocks)}")
     lo, hi = to_xp(box.low), to_xp(box.high)
@@ -60,11 +65,12 @@ def certify_blocks(net: NormNet, spec: MLPSpec, box: Box, blocks: list[list[int]
     round_g = np.zeros(lo.shape)  # rounding of g's float64 evaluation so far
     notes: list[str] = []
     certified = True
-    for i, (indices, W_t, b_t) in enumerate(zip(blocks, spec.weights, spec.biases)):
-        stages = [net.layers[j] for j in indices]
-        if not all(isinstance(s, NormLinear) for s in stages):
+    for i, (node, W_t, b_t) in enumerate(zip(blocks, spec.weights, spec.biases)):
+        stages = [stage.affine(f"layer {i}, stage {path_label(path)}") for stage, path in zip(node.stages, node.paths)]
+        indices = [path_label(path) for path in node.paths]
+        if not all(isinstance(s, AffineView) and s.geometry is None for s in stages):
             raise InvalidNetworkError(
-                f"layer {i}: certification expects NormLinear stages, found {[type(s).__name__ for s in stages]}"
+                f"layer {i}: certification expects linear stages, found {[type(s).__name__ for s in node.stages]}"
             )
         W, b = to_xp(W_t), to_xp(b_t)
         mag_in = np.maximum(np.abs(lo), np.abs(hi))
@@ -80,8 +86,8 @@ def certify_blocks(net: NormNet, spec: MLPSpec, box: Box, blocks: list[list[int]
         local = np.zeros(n)
         prop = delta
         for k, stage in enumerate(stages):
-            GA = to_xp(stage.norm.weight).reshape(-1, 1) * to_xp(stage.linear.weight)
-            beta = to_xp(stage.norm.bias)
+            GA = to_xp(stage.gamma).reshape(-1, 1) * to_xp(stage.weight)
+            beta = to_xp(stage.beta)
             GA_abs = np.abs(GA)
             width_in = GA.shape[1]
             P_abs = GA_abs @ P_abs

@@ -7,10 +7,15 @@ composed in extended precision; the distance to ``g`` then follows as for blocks
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 from ..domain import Box
+from ..errors import InvalidNetworkError
+from ..nets.match import Node, Realised, walk_nodes
 from ..nets.normnet import NormNet
+from ..nets.views import BranchStreamView
 from ..targets.mlp import MLPSpec
 from .core import U_XP, XP, CertifyResult, affine_interval, gamma_n, to_xp, unit_roundoff
 from .mlp import certify_result, propagate_distance, start_rounding
@@ -18,7 +23,7 @@ from .mlp import certify_result, propagate_distance, start_rounding
 __all__ = ["certify_residual_streams"]
 
 
-def certify_residual_streams(net: NormNet, spec: MLPSpec, box: Box, stages: list) -> CertifyResult:
+def certify_residual_streams(net: NormNet, spec: MLPSpec, box: Box, nodes: Sequence[Node]) -> CertifyResult:
     """Certify the deep construction: every branch unit ``Γ_t A_t x_{J_t} + β_t`` is proven positive on the box
     (one interval step per branch), so each layer computes ``relu(γ_out ⊙ Σ_t B_t (Γ_t A_t x_{J_t} + β_t) + β_out)``,
     an affine map ``P x + q`` composed in extended precision; the distance to ``g`` then follows as for blocks."""
@@ -29,11 +34,12 @@ def certify_residual_streams(net: NormNet, spec: MLPSpec, box: Box, stages: list
     round_g = np.zeros(lo.shape)
     notes: list[str] = []
     certified = True
-    for i, (stage, W_t, b_t) in enumerate(zip(stages, spec.weights, spec.biases)):
+    streams = [_stream_view(node) for node in walk_nodes(nodes)]
+    for i, (stage, W_t, b_t) in enumerate(zip(streams, spec.weights, spec.biases)):
         W, b = to_xp(W_t), to_xp(b_t)
         m, n = W.shape
         mag_in = np.maximum(np.abs(lo), np.abs(hi))
-        g_out, b_out = to_xp(stage.norm.weight), to_xp(stage.norm.bias)
+        g_out, b_out = to_xp(stage.gamma), to_xp(stage.beta)
         P = np.zeros((m, n), dtype=XP)
         P_err = np.zeros_like(P)
         s_offset = np.zeros(m, dtype=XP)
@@ -41,10 +47,13 @@ def certify_residual_streams(net: NormNet, spec: MLPSpec, box: Box, stages: list
         s_mag = np.zeros(m, dtype=XP)  # bound on |s| for rounding (at the computed inputs)
         round_s = np.zeros(m)  # rounding made in this layer (f's incoming error: |P| δ below)
         delta = round_f
-        for t, (branch, readout, J) in enumerate(zip(stage.branches, stage.readouts, stage.block_slices())):
-            GA = to_xp(branch.norm.weight).reshape(-1, 1) * to_xp(branch.linear.weight)
-            beta = to_xp(branch.norm.bias)
-            Bt = to_xp(readout.weight)
+        for t, part in enumerate(stage.branches):
+            branch, J = part.branch, part.inputs
+            if not branch.relu or branch.geometry is not None:
+                raise InvalidNetworkError(f"layer {i}, block {t}: expected a linear branch ending in a ReLU")
+            GA = to_xp(branch.gamma).reshape(-1, 1) * to_xp(branch.weight)
+            beta = to_xp(branch.beta)
+            Bt = to_xp(part.readout)
             k = GA.shape[1]
             u_lo, u_hi = affine_interval(GA, lo[J], hi[J], beta)
             GA64 = np.abs(GA).astype(np.float64)
@@ -68,7 +77,7 @@ def certify_residual_streams(net: NormNet, spec: MLPSpec, box: Box, stages: list
             u_mag = np.maximum(np.abs(u_lo), np.abs(u_hi)) + (prop_u + round_u).astype(XP)
             s_mag += np.abs(Bt) @ u_mag
             round_s = round_s + np.abs(Bt).astype(np.float64) @ round_u
-        n_terms = stage.branches[0].linear.out_features + len(stage.branches) + 2
+        n_terms = stage.branches[0].branch.weight.shape[0] + len(stage.branches) + 2
         round_s = round_s + gamma_n(n_terms, u_f) * s_mag.astype(np.float64)
         P = g_out.reshape(-1, 1) * P
         P_err = np.abs(g_out).reshape(-1, 1) * P_err + gamma_n(1, U_XP) * np.abs(P)
@@ -85,3 +94,13 @@ def certify_residual_streams(net: NormNet, spec: MLPSpec, box: Box, stages: list
         if i < spec.depth - 1:
             lo, hi = np.maximum(lo, 0), np.maximum(hi, 0)
     return certify_result(certified, err, round_f, round_g, notes)
+
+
+def _stream_view(node: Realised) -> BranchStreamView:
+    view = node.stages[0].affine(node.where) if len(node.stages) == 1 else None
+    if not isinstance(view, BranchStreamView):
+        raise InvalidNetworkError(
+            f"{node.where}: the deep certificate expects one residual stream per layer, found "
+            f"{', '.join(type(s).__name__ for s in node.stages)}"
+        )
+    return view

@@ -163,4 +163,4 @@ class DeepConstruction(Construction):
         return finish_solve(out, records, [], domain)
 
     def certify(self, net: NormNet, target: MLPSpec, domain: Box) -> CertifyResult:
-        return certify_residual_streams(net, target, domain, self._stages(net, target))
+        return certify_residual_streams(net, target, domain, self.matched(net, target)[1])

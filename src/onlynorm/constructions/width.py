@@ -105,8 +105,7 @@ class WidthConstruction(Construction):
 
     def certify(self, net: NormNet, target: MLPSpec, domain: Box) -> CertifyResult:
         """Every first-of-pair unit is proven active on the box; see :mod:`onlynorm.certify`."""
-        plan = self.plan_of(net, target)
-        return certify_blocks(net, target, domain, [list(step.stages) for step in plan.steps])
+        return certify_blocks(net, target, domain, self.matched(net, target)[1])
 
     def estimate_bytes(self, target: MLPSpec, dtype: torch.dtype, **options: Any) -> int:
         """Peak of the solve: the largest ``(m·n) × N`` system in float64 (the in-place LU fallback; the usual
