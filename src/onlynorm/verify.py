@@ -19,8 +19,9 @@ from .constructions import get_construction
 from .constructions.conv_memory import batch_size_for
 from .constructions.memory import format_bytes, memory_limit
 from .domain import Box, resolve_domain
-from .errors import InvalidNetworkError
+from .errors import InvalidNetworkError, NotCertifiableError
 from .nets.normnet import NormNet
+from .nets.stage import inference_form
 from .options import check_scalar, check_seed
 from .targets.mlp import MLPSpec, as_target
 from .targets.sklearn import compare_predictions, is_sklearn_mlp
@@ -262,13 +263,11 @@ def _sampled_errors(
     """``(max |f − g|, max |g|, outputs)`` over the sample points, batch by batch: ``f`` (the network, in eval
     mode and its own dtype) and ``g64`` (the target in float64) see the same points on ``device``, reshaped to images when the
     target takes ``in_shape`` images. ``outputs`` holds ``f``'s outputs only if ``keep_outputs`` (a scikit-learn
-    target's predict comparison needs them). The network's training flag is restored afterwards."""
-    was_training = net.training
-    net.eval()
+    target's predict comparison needs them). The network is left exactly as it was (modes and eps included)."""
     max_err = torch.zeros((), dtype=torch.float64)
     max_g = torch.zeros((), dtype=torch.float64)
     outputs = []
-    try:
+    with inference_form(net):
         with torch.no_grad():
             for start in range(0, x_all.shape[0], batch_size):
                 x = x_all[start : start + batch_size].to(device)
@@ -284,8 +283,6 @@ def _sampled_errors(
                 max_g = torch.maximum(max_g, gx.abs().max().cpu())
                 if keep_outputs:
                     outputs.append(fx.cpu())
-    finally:
-        net.train(was_training)
     return float(max_err), float(max_g), outputs
 
 
@@ -297,15 +294,15 @@ def _certify(report: VerifyReport, net: NormNet, spec, box: Box) -> None:
             "certify=True: the network records no construction method (a hand-built "
             "network); solve it with onlynorm.solve_norms first"
         )
-    was_training = net.training
-    net.eval()
-    try:
+    with inference_form(net):
         # one gate for every construction: the certificate covers the network as it evaluates, so statistics
-        # that are not the fixed inference form (or non-finite parameters) are refused, never half-certified
+        # that are not the fixed inference form, module state the views do not model (hooks, subclasses, biases,
+        # eps) or non-finite parameters are refused, never half-certified
         problems = certifiability_problems(net)
-        result = not_certifiable(problems) if problems else get_construction(net.method).certify(net, spec, box)
-    finally:
-        net.train(was_training)
+        try:
+            result = not_certifiable(problems) if problems else get_construction(net.method).certify(net, spec, box)
+        except NotCertifiableError as exc:
+            result = not_certifiable([str(exc)])
     report.certified = result.certified
     report.certified_bound = result.bound
     report.rounding_bound = result.rounding_bound

@@ -26,6 +26,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..nets.normnet import NormNet
+from ..nets.stage import STAGES, ModuleSeq
+from ..nets.views import hook_problem
+
 __all__ = [
     "CertifyResult",
     "gamma_n",
@@ -35,6 +39,7 @@ __all__ = [
     "to_xp",
     "affine_interval",
     "certifiability_problems",
+    "structure_problems",
     "not_certifiable",
     "final_result",
 ]
@@ -84,7 +89,7 @@ def certifiability_problems(net: nn.Module) -> list[str]:
     """Why ``net`` cannot be certified as it is (empty when it can): non-finite parameters or buffers, BatchNorm
     layers that are not the fixed inference form ``γ z + β`` (running mean 0, running var 1, eps 0, running
     statistics tracked, not training)."""
-    problems: list[str] = []
+    problems: list[str] = structure_problems(net)
     for name, t in list(net.named_parameters()) + list(net.named_buffers()):
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             problems.append(f"{name} holds NaN/Inf values")
@@ -105,6 +110,25 @@ def certifiability_problems(net: nn.Module) -> list[str]:
             problems.append(
                 f"{where}.running_var is not 1 (max |var − 1| {float((m.running_var - 1).abs().max()):.3g})"
             )
+    return problems
+
+
+def structure_problems(net: nn.Module) -> list[str]:
+    """Modules whose forward the certificate cannot know: a type other than the network, its stage types and
+    torch's own Linear/Conv2d/BatchNorm (a subclass may override ``forward``), hooks, a replaced ``forward``."""
+    allowed = (NormNet, ModuleSeq, nn.ModuleList, nn.Linear, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d)
+    stage_types = set(STAGES.values())
+    problems: list[str] = []
+    for name, m in net.named_modules():
+        where = name or "the network"
+        if type(m) not in allowed and type(m) not in stage_types:
+            problems.append(
+                f"{where} is a {type(m).__name__}, not one of the module types the certificate models (a subclass "
+                "may change forward)"
+            )
+        problem = hook_problem(m)
+        if problem is not None:
+            problems.append(f"{where}: {problem}")
     return problems
 
 

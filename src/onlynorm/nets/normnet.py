@@ -8,7 +8,9 @@ mean 0, running variance 1 and ``eps = 0``, so it computes exactly ``BN(z) = γ 
 statistics and the network would stop computing the target. ``NormNet.train()`` therefore switches the module
 flag but keeps every BatchNorm in inference mode, so gradient training of ``γ, β`` (``train_norm_only``) stays in
 the closed form's setting. Set ``net.batch_statistics = True`` first to opt into batch statistics deliberately
-(BatchNorm then uses ``eps = 1e-5``, as torch requires; ``eval()`` restores the exact ``eps = 0`` form).
+(a BatchNorm at ``eps = 0`` then uses ``eps = 1e-5``, as batch statistics need; ``eval()`` gives it back its
+``eps = 0``). ``train``/``eval`` never change any other ``eps``: a network's function in inference form does not
+depend on the mode it was last in.
 
 Stages are registered by ``kind`` so a saved network is rebuilt from a JSON architecture description plus a
 safetensors state dict — never from pickled code.
@@ -35,7 +37,7 @@ from .. import _io
 from ..errors import FileFormatError, InvalidNetworkError
 from .onnx import export_onnx
 from .records import NetMeta
-from .stage import STAGES, ModuleSeq, Stage, check_sizes, dtype_name
+from .stage import RAISED_EPS, STAGES, ModuleSeq, Stage, check_sizes, dtype_name
 
 FORMAT = "onlynorm.normnet"
 NORMSET_FORMAT = "onlynorm.normset"
@@ -149,9 +151,16 @@ class NormNet(nn.Module):
         use_batch = mode and self.batch_statistics
         for m in self.norm_modules():
             m.train(use_batch)
-            # torch refuses eps = 0 with batch statistics (a constant unit has zero variance); the exact
-            # inference form keeps eps = 0 so γ is not perturbed.
-            m.eps = BATCH_STATISTICS_EPS if use_batch else 0.0
+            # Batch statistics need eps > 0 (a constant unit has zero variance): a BatchNorm at eps = 0 gets
+            # BATCH_STATISTICS_EPS while it normalises by batch statistics and its 0 back afterwards. Any other eps
+            # is the user's and is never touched, so eval() changes no function (and a certificate reads it).
+            raised = bool(getattr(m, RAISED_EPS, False))
+            if use_batch and not raised and m.eps == 0.0:
+                m.eps = BATCH_STATISTICS_EPS
+                setattr(m, RAISED_EPS, True)
+            elif not use_batch and raised:
+                m.eps = 0.0
+                setattr(m, RAISED_EPS, False)
         return self
 
     # ------------------------------------------------------------------ parameter access

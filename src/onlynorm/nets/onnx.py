@@ -33,7 +33,7 @@ from .. import _io
 from .._version import __version__
 from ..errors import InvalidNetworkError
 from .onnx_graph import OnnxGraph, onnx_module
-from .stage import Stage
+from .stage import Stage, inference_form
 from .views import hook_problem
 
 __all__ = ["export_onnx", "build_model", "OPSET"]
@@ -79,15 +79,10 @@ def build_model(net: Any, *, lower_conv: bool | None = None) -> Any:
         )
     in_dims = _input_dims(net)
     g = OnnxGraph(net.dtype, net.dtype == torch.float64 if lower_conv is None else bool(lower_conv))
-    was_training = net.training
-    net.eval()  # inference form: fixed statistics
-    try:
+    with inference_form(net), torch.no_grad():  # fixed statistics; the network is left as it was
         h, value = "input", torch.zeros(1, *in_dims[1:], dtype=net.dtype, device=net.device)
-        with torch.no_grad():
-            for stage in net.layers:
-                h, value = stage.lower_onnx(g, h, value), stage(value)
-    finally:
-        net.train(was_training)
+        for stage in net.layers:
+            h, value = stage.lower_onnx(g, h, value), stage(value)
     g.nodes.append(onnx.helper.make_node("Identity", [h], ["output"], name="output"))
     graph = onnx.helper.make_graph(
         g.nodes,

@@ -5,6 +5,7 @@ modules, typed module lists)."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, TypeVar
 
@@ -25,9 +26,13 @@ __all__ = [
     "frozen_module",
     "conv2d_config",
     "normalize",
+    "inference_form",
     "ModuleSeq",
     "dtype_name",
 ]
+
+#: set on a BatchNorm whose eps NormNet.train() raised from 0 for batch statistics (eval() gives it back its 0)
+RAISED_EPS = "_onlynorm_raised_eps"
 
 #: stage types by their file-format ``kind`` (filled by ``@register_stage``; read by network files only)
 STAGES: dict[str, type[Stage]] = {}
@@ -90,6 +95,31 @@ def normalize(norm: _BatchNorm, z: torch.Tensor, *, inplace: bool = False) -> to
     shift = norm.bias - norm.running_mean * scale
     scale, shift = scale.reshape(shape), shift.reshape(shape)
     return z.mul_(scale).add_(shift) if inplace else z * scale + shift
+
+
+@contextmanager
+def inference_form(module: nn.Module) -> Iterator[nn.Module]:
+    """``module`` in eval mode for the duration of the block, then every submodule's own training flag and ``eps``
+    exactly as they were: evaluating or exporting a network never changes it (not even its modes).
+
+    >>> net = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2)).train()
+    >>> with inference_form(net):
+    ...     net[1].training
+    False
+    >>> net[1].training
+    True
+    """
+    saved = [(m, m.training, getattr(m, "eps", None), getattr(m, RAISED_EPS, None)) for m in module.modules()]
+    module.eval()
+    try:
+        yield module
+    finally:
+        for m, training, eps, raised in saved:
+            m.training = training
+            if eps is not None:
+                m.eps = eps
+            if raised is not None:
+                setattr(m, RAISED_EPS, raised)
 
 
 def conv2d_config(conv: nn.Conv2d) -> dict[str, Any]:
