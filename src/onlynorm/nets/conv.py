@@ -191,6 +191,9 @@ class ResidualStage(Stage):
             cfg["shortcut"] = [stage_description(s) for s in self.shortcut]
         return cfg
 
+    def layout(self) -> StageLayout:
+        return StageLayout(ResidualStage)  # its stages are laid out in the plan by their own entries
+
     def stage_lists(self) -> dict[str, list[Stage]]:
         return {"body": list(self.body), "shortcut": list(self.shortcut)}
 

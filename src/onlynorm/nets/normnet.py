@@ -203,11 +203,14 @@ class NormNet(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(iter(self.parameters())).dtype
+        """The dtype of the network's tensors (float64 for a network of parameter-free stages only)."""
+        first = next(iter(self.parameters()), None)
+        return first.dtype if first is not None else torch.float64
 
     @property
     def device(self) -> torch.device:
-        return next(iter(self.parameters())).device
+        first = next(iter(self.parameters()), None)
+        return first.device if first is not None else torch.device("cpu")
 
     @property
     def is_solved(self) -> bool:

@@ -84,14 +84,17 @@ def batchnorm(g: OnnxGraph, bn: _BatchNorm, x: str) -> str:
             "ONNX export writes BatchNorm in inference form; found one normalising by batch statistics — call "
             "net.eval() (or set net.batch_statistics = False) before exporting"
         )
+    # ONNX's epsilon attribute is a float32: eps goes into the variance instead, added in the network's own
+    # dtype exactly as torch adds it (sqrt(var + eps)), and epsilon = 0 — so float64 stays exact.
+    variance = bn.running_var + bn.eps if bn.eps else bn.running_var
     inputs = [
         x,
         g.const("gamma", bn.weight),
         g.const("beta", bn.bias),
         g.const("running_mean", bn.running_mean),
-        g.const("running_var", bn.running_var),
+        g.const("running_var", variance),
     ]
-    return g.node("BatchNormalization", inputs, "norm", epsilon=float(bn.eps))
+    return g.node("BatchNormalization", inputs, "norm", epsilon=0.0)
 
 
 def matmul(g: OnnxGraph, weight: torch.Tensor, x: str) -> str:

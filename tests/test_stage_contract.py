@@ -1,0 +1,312 @@
+"""The stage contract: every stage type computes one function (every grad mode), exports what it computes, and the
+certificate reads exactly the modules torch runs — each bug class of a stage meaning written in several places is
+tested here by type, over every registered stage type."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+import onlynorm
+from onlynorm.errors import InvalidNetworkError, NotCertifiableError
+from onlynorm.nets import (
+    STAGES,
+    ConvStream,
+    FixedOp,
+    NormConv2d,
+    NormLinear,
+    NormNet,
+    PretrainedConv2d,
+    PretrainedLinear,
+    ResidualStage,
+    ResidualStream,
+    Stage,
+)
+from onlynorm.nets.onnx import build_model
+
+from .conftest import random_mlp
+
+IMAGE = (3, 5, 5)
+
+
+def _image_stages() -> dict[str, tuple[list[Stage], tuple[int, ...]]]:
+    """One small network per stage type (and variant), with its input shape (without the batch)."""
+    return {
+        "norm_linear": ([NormLinear(4, 6), NormLinear(6, 3, relu=False)], (4,)),
+        "norm_conv2d": ([NormConv2d(3, 4, (3, 3), stride=(2, 1), padding=(1, 0), dilation=(1, 2))], IMAGE),
+        "maxpool": ([NormConv2d(3, 3), FixedOp("maxpool", kernel=[2, 2], stride=[1, 1], padding=[1, 1])], IMAGE),
+        "avgpool": (
+            [
+                NormConv2d(3, 3),
+                FixedOp("avgpool", kernel=[3, 3], stride=[2, 2], padding=[1, 1], count_include_pad=False),
+            ],
+            IMAGE,
+        ),
+        "relu+flatten": ([NormConv2d(3, 3, relu=False), FixedOp("relu"), FixedOp("flatten")], IMAGE),
+        "residual-identity": ([ResidualStage([NormConv2d(3, 3, (3, 3), padding=(1, 1))])], IMAGE),
+        "residual-projection": (
+            [
+                ResidualStage(
+                    [NormConv2d(3, 4, (3, 3), stride=(2, 2), padding=(1, 1)), NormConv2d(4, 4, relu=False)],
+                    [NormConv2d(3, 4, (1, 1), stride=(2, 2), relu=False)],
+                )
+            ],
+            IMAGE,
+        ),
+        "residual_stream": ([ResidualStream(5, 3, block=2), ResidualStream(3, 2, block=3, relu=False)], (5,)),
+        "conv_stream": ([ConvStream(3, 2, (3, 3), padding=(1, 1), block=2)], IMAGE),
+        "conv_stream-paired": ([ConvStream(3, 4, (2, 2), stride=(2, 2), block=3, paired=True)], IMAGE),
+        "conv_stream-flat": ([ConvStream(5, 3, block=2, flat=True, paired=True)], (5,)),
+        "pretrained_linear": ([PretrainedLinear(4, 3)], (4,)),
+        "pretrained_conv2d": ([PretrainedConv2d(3, 2, (3, 3), padding=(1, 1))], IMAGE),
+    }
+
+
+CASES = sorted(_image_stages())
+
+
+def _randomised(case: str, seed: int, *, inference_form: bool = False) -> tuple[NormNet, tuple[int, ...]]:
+    """The case's network with every parameter and buffer drawn at random — BatchNorm statistics and eps too
+    (what an edited file holds), unless ``inference_form`` keeps BN(z) = γ z + β."""
+    stages, shape = _image_stages()[case]
+    meta = {"method": "custom", "target_dims": [shape[0], 1]} if len(shape) == 1 else {"in_shape": list(shape)}
+    net = NormNet(stages, meta=meta)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype))
+        for m in net.modules():
+            if isinstance(m, _BatchNorm) and not inference_form:
+                assert m.running_mean is not None and m.running_var is not None
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=gen, dtype=torch.float64))
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen, dtype=torch.float64) + 0.5)
+                m.eps = 0.01
+    return net, shape
+
+
+def test_every_registered_stage_type_is_covered_and_defines_the_contract():
+    covered = {type(s) for stages, _ in _image_stages().values() for top in stages for s in top.modules()}
+    assert set(STAGES.values()) <= covered  # a new stage type must be added to the cases above
+    for cls in STAGES.values():
+        for method in ("lower_onnx", "layout", "config"):
+            assert getattr(cls, method) is not getattr(Stage, method), f"{cls.__name__} lacks {method}"
+        assert cls.layout(_any_instance(cls)).type is cls
+
+
+def _any_instance(cls: type[Stage]) -> Stage:
+    for stages, _ in _image_stages().values():
+        for top in stages:
+            for s in top.modules():
+                if type(s) is cls:
+                    return s
+    raise AssertionError(cls)
+
+
+@pytest.mark.parametrize("case", CASES)
+@given(seed=st.integers(0, 2**16), batch=st.integers(1, 4))
+@settings(max_examples=8, deadline=None)
+def test_one_function_in_every_grad_mode(case, seed, batch):
+    """Same bits with and without autograd, with arbitrary (edited) BatchNorm statistics and eps — the fast
+    in-place path and the autograd path are one function."""
+    net, shape = _randomised(case, seed)
+    x = torch.randn(batch, *shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed + 1))
+    with torch.no_grad():
+        quiet = net(x.clone())
+    with torch.enable_grad():
+        tracked = net(x.clone().requires_grad_(True))
+    with torch.inference_mode():
+        inferred = net(x.clone())
+    assert torch.equal(quiet, tracked.detach()) and torch.equal(quiet, inferred)
+    assert torch.isfinite(quiet).all()
+
+
+def _run_onnx(net: NormNet, x: torch.Tensor, tmp_path, lower: bool) -> np.ndarray:
+    path = tmp_path / "net.onnx"
+    onlynorm.nets.onnx.export_onnx(net, path, lower_conv=lower)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {"input": x.numpy()})[0]
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_export_computes_what_torch_computes(case, dtype, tmp_path):
+    """Every stage type (projection shortcuts, streams, pretrained layers with running statistics and eps)."""
+    net, shape = _randomised(case, seed=3)
+    net = net.to(dtype)
+    x = torch.randn(5, *shape, dtype=dtype, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        want = net(x).numpy()
+    got = _run_onnx(net, x, tmp_path, lower=dtype == torch.float64)
+    scale = max(1.0, float(np.abs(want).max()))
+    tol = 1e-12 if dtype == torch.float64 else 1e-4
+    assert got.shape == want.shape and float(np.abs(got - want).max()) <= tol * scale
+
+
+def test_a_stage_type_without_a_lowering_or_a_view_is_refused_not_skipped():
+    class Doubling(Stage):
+        kind = "test_doubling"
+
+        def forward(self, x):
+            return 2 * x
+
+        def config(self):
+            return {}
+
+    net = NormNet([NormLinear(3, 3), Doubling()], meta={"method": "custom", "target_dims": [3, 3]})
+    with pytest.raises(InvalidNetworkError, match="Doubling stage has no ONNX lowering"):
+        build_model(net)
+    with pytest.raises(NotCertifiableError, match="no model of a Doubling stage"):
+        Doubling().affine("stage 1")
+
+
+def test_export_refuses_hooks():
+    net = onlynorm.reconstruct(random_mlp([3, 4, 2], seed=0))
+    handle = next(m for m in net.modules() if isinstance(m, nn.Linear)).register_forward_hook(lambda m, i, o: o + 1)
+    try:
+        with pytest.raises(InvalidNetworkError, match="forward hooks"):
+            build_model(net)
+    finally:
+        handle.remove()
+    build_model(net)  # without the hook it exports
+
+
+# ---------------------------------------------------------------------- the certificate reads what torch runs
+def _first(net: nn.Module, cls: type[nn.Module]) -> nn.Module:
+    return next(m for m in net.modules() if type(m) is cls)
+
+
+class _LoudLinear(nn.Linear):
+    def forward(self, x):
+        return super().forward(x) * 1.5
+
+
+def _hook(net):
+    _first(net, nn.Linear).register_forward_hook(lambda m, i, o: o * 1.5)
+
+
+def _pre_hook(net):
+    _first(net, NormLinear).register_forward_pre_hook(lambda m, args: (args[0] + 0.5,))
+
+
+def _bias(net):
+    lin = _first(net, nn.Linear)
+    lin.bias = nn.Parameter(torch.full((lin.out_features,), 0.5, dtype=lin.weight.dtype), requires_grad=False)
+
+
+def _eps(net):
+    _first(net, nn.BatchNorm1d).eps = 0.3
+
+
+def _subclass(net):
+    stage = _first(net, NormLinear)
+    old = stage.linear
+    new = _LoudLinear(old.in_features, old.out_features, bias=False, dtype=old.weight.dtype)
+    new.weight = old.weight
+    stage.linear = new
+
+
+def _instance_forward(net):
+    stage = _first(net, NormLinear)
+    original = stage.forward
+    stage.forward = lambda x: original(x) * 1.5
+
+
+def _circular(net):
+    _first(net, nn.Conv2d).padding_mode = "circular"
+
+
+def _conv_bias(net):
+    conv = _first(net, nn.Conv2d)
+    conv.bias = nn.Parameter(torch.full((conv.out_channels,), 0.5, dtype=conv.weight.dtype), requires_grad=False)
+
+
+MLP_TAMPERS = {
+    "forward hook": _hook,
+    "forward pre-hook": _pre_hook,
+    "bias on a frozen Linear": _bias,
+    "BatchNorm eps": _eps,
+    "subclassed Linear": _subclass,
+    "instance forward": _instance_forward,
+}
+CNN_TAMPERS = {"circular padding": _circular, "bias on a frozen Conv2d": _conv_bias, "BatchNorm eps": _eps}
+
+
+def _cnn():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 4 * 4, 3)).double()
+
+
+@pytest.mark.parametrize("method", ["width", "deep", "lowrank"])
+@pytest.mark.parametrize("tamper", sorted(MLP_TAMPERS))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_the_certificate_refuses_module_state_it_does_not_model_mlp(method, tamper, dtype):
+    g = random_mlp([3, 5, 2], seed=1)
+    f = onlynorm.reconstruct(g, method=method, dtype=dtype, seed=0)
+    assert onlynorm.verify(f, g, samples=2000, certify=True).certified  # untampered: proven
+    MLP_TAMPERS[tamper](f)
+    _refused(f, g, dtype)
+
+
+@pytest.mark.parametrize("method", ["conv", "deep"])
+@pytest.mark.parametrize("tamper", sorted(CNN_TAMPERS))
+def test_the_certificate_refuses_module_state_it_does_not_model_cnn(method, tamper):
+    g = _cnn()
+    options = {"paired": 0} if method == "deep" else {}
+    f = onlynorm.reconstruct(g, in_shape=(1, 4, 4), method=method, **options)
+    if tamper == "BatchNorm eps":
+        _first(f, nn.BatchNorm2d).eps = 0.3
+    else:
+        CNN_TAMPERS[tamper](f)
+    try:
+        _refused(f, g, torch.float64, in_shape=(1, 4, 4))
+    except InvalidNetworkError as exc:  # a stream refuses to run with state its forward does not evaluate
+        assert method == "deep" and "conv_stream" in str(exc) and tamper != "BatchNorm eps"
+
+
+def _refused(f: NormNet, g: nn.Module, dtype: torch.dtype, in_shape=None) -> None:
+    """The tampered network really computes something else, and the certificate does not claim it."""
+    before = {k: v.clone() for k, v in f.state_dict().items()}
+    eps_before = [m.eps for m in f.modules() if isinstance(m, _BatchNorm)]
+    x = torch.rand(256, *(in_shape or (g[0].in_features,)), dtype=torch.float64) * 2 - 1
+    with torch.no_grad():
+        true_error = float((f(x.to(dtype)).double() - g(x)).abs().max())
+    assert true_error > 1e-3
+    report = onlynorm.verify(f, g, samples=500, certify=True)
+    assert report.certified is False and report.proven is False and not report.ok
+    assert any("not certifiable" in n for n in report.notes), report.notes
+    # verify changed nothing: weights, buffers, eps
+    assert all(torch.equal(before[k], v) for k, v in f.state_dict().items())
+    assert [m.eps for m in f.modules() if isinstance(m, _BatchNorm)] == eps_before
+
+
+def test_verify_leaves_eps_and_modes_alone():
+    """The reproduced case: eps = 1e-2 on every BatchNorm; verify used to reset it to 0 and certify 1.4e-12."""
+    g = random_mlp([10, 20, 20, 3], seed=3)
+    f = onlynorm.reconstruct(g, seed=0)
+    for m in f.modules():
+        if isinstance(m, _BatchNorm):
+            m.eps = 1e-2
+    f.train()
+    report = onlynorm.verify(f, g, samples=2000, certify=True)
+    assert report.max_abs_error > 1e-3 and report.certified is False
+    assert f.training and all(m.eps == 1e-2 for m in f.modules() if isinstance(m, _BatchNorm))
+    f.eval()
+    assert all(m.eps == 1e-2 for m in f.modules() if isinstance(m, _BatchNorm))
+
+
+def test_batch_statistics_mode_gives_back_the_exact_eps():
+    f = onlynorm.reconstruct(random_mlp([3, 4, 2], seed=0))
+    f.batch_statistics = True
+    f.train()
+    assert all(m.eps > 0 and m.training for m in f.norm_modules())
+    with onlynorm.nets.stage.inference_form(f):
+        assert all(not m.training for m in f.norm_modules())
+    assert all(m.eps > 0 and m.training for m in f.norm_modules())  # restored exactly, eps included
+    f.eval()
+    assert all(m.eps == 0.0 and not m.training for m in f.norm_modules())
