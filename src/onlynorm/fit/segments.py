@@ -1,4 +1,4 @@
-"""Walk a NormNet next to its target, layer by layer: which frozen stages stand in for which target layer.
+"""Which frozen stages stand in for which target layer, for the layer-wise fit (read off the one matcher).
 
 Three kinds of :class:`Segment`:
 
@@ -15,19 +15,17 @@ layer-wise method refuses them and ``auto`` goes straight to Gauss–Newton.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from ..errors import InvalidNetworkError
-from ..nets.conv import FixedOp, NormConv2d
+from ..nets.conv import NormConv2d
 from ..nets.linear import NormLinear
+from ..nets.match import Copied, Realised, Skip, match, target_layers
 from ..nets.normnet import NormNet
 from ..nets.pretrained import PretrainedStage
-from ..targets.cnn import ConvNetSpec
-from ..targets.layers import Conv, Layer, Linear, ReLU
-from ..targets.mlp import MLPSpec
+from ..targets.layers import Layer, Linear
 
 __all__ = ["Segment", "segments", "target_records"]
 
@@ -46,87 +44,55 @@ class Segment:
 
 def target_records(spec) -> list[Layer]:
     """The target as a flat list of typed layers (an MLP becomes Linear/ReLU layers)."""
-    if isinstance(spec, ConvNetSpec):
-        return list(spec.layers)
-    if isinstance(spec, MLPSpec):
-        out: list[Layer] = []
-        for i, (w, b) in enumerate(zip(spec.weights, spec.biases)):
-            out.append(Linear(w, b))
-            if i < spec.depth - 1:
-                out.append(ReLU())
-        return out
-    raise InvalidNetworkError(f"expected an MLP or CNN target, found {type(spec).__name__}")
+    return list(target_layers(spec))
 
 
 def segments(net: NormNet, spec) -> list[Segment]:
-    """Pair the network's stages with the target's layers; :class:`InvalidNetworkError` if they do not match."""
-    records = target_records(spec)
-    stages = list(net.layers)
+    """Pair the network's stages with the target's layers through the one matcher
+    (:func:`onlynorm.nets.match.match`: a pretrained stage stands for one layer, construction stages come in
+    pairs); :class:`InvalidNetworkError` if they do not match."""
+
+    def group(index: int, layer: Layer, stages, pos: int) -> int:
+        return 1 if pos < len(stages) and isinstance(stages[pos], PretrainedStage) else 2
+
     out: list[Segment] = []
-    pos, skip_relu = 0, False
-
-    def take() -> Any:
-        nonlocal pos
-        if pos >= len(stages):
+    for node in match(spec, list(net.layers), group):
+        if isinstance(node, Skip):
             raise InvalidNetworkError(
-                f"the frozen network has {len(stages)} stages, fewer than the target's layers "
-                "need; the layer-wise method needs a network built for this target "
-                "(or with_norms of a model of the same architecture)"
-            )
-        pos += 1
-        return stages[pos - 1]
-
-    for rec in records:
-        kind = rec.type
-        if skip_relu and kind != "relu":
-            raise InvalidNetworkError("a pair of the frozen network ends in a ReLU where the target has none")
-        if kind in ("linear", "conv"):
-            assert isinstance(rec, (Linear, Conv))
-            first = take()
-            if isinstance(first, PretrainedStage):
-                if first.layer.weight.shape[0] != rec.weight.shape[0]:
-                    raise InvalidNetworkError(
-                        f"pretrained layer {first.layer} has {first.layer.weight.shape[0]} outputs, the target layer "
-                        f"{rec.weight.shape[0]}; the layer-wise start needs the same architecture"
-                    )
-                out.append(Segment("unit", rec, [first]))
-                continue
-            second = take()
-            pair_types = (NormLinear,) if kind == "linear" else (NormConv2d,)
-            if not (isinstance(first, pair_types) and isinstance(second, pair_types)):
-                raise InvalidNetworkError(
-                    f"expected a pair of {pair_types[0].__name__} stages for a target {kind} "
-                    f"layer, found {type(first).__name__}, {type(second).__name__}"
-                )
-            if _out_features(second) != rec.weight.shape[0] or _in_features(first) != rec.weight[0].numel():
-                raise InvalidNetworkError(
-                    f"a pair of shapes {_in_features(first)} → {_out_features(second)} cannot "
-                    f"stand for a target layer of weight {tuple(rec.weight.shape)}"
-                )
-            skip_relu = bool(second.relu)
-            out.append(Segment("pair", rec, [first, second], relu_after=skip_relu))
-        elif kind == "relu" and skip_relu:
-            skip_relu = False
-        elif kind in ("relu", "maxpool", "avgpool", "flatten"):
-            stage = take()
-            if not isinstance(stage, FixedOp) or stage.op != kind:
-                raise InvalidNetworkError(
-                    f"expected a {kind} stage for the target's {kind}, found {type(stage).__name__}"
-                )
-            out.append(Segment("op", rec, [stage]))
-        else:
-            raise InvalidNetworkError(
-                f"the layer-wise method does not support target layers of type {kind!r} "
+                "the layer-wise method does not support target layers of type 'residual' "
                 "(residual blocks); use method='gauss-newton' or 'adam'"
             )
-    if skip_relu:
-        raise InvalidNetworkError("the frozen network's last pair ends in a ReLU where the target has none")
-    if pos != len(stages):
-        raise InvalidNetworkError(
-            f"the frozen network has {len(stages)} stages, the target's layers use {pos}; "
-            "the layer-wise method needs a network built for this target"
-        )
+        if isinstance(node, Copied):
+            out.append(Segment("op", node.layer, [node.stage]))
+            continue
+        out.append(_realised_segment(node))
     return out
+
+
+def _realised_segment(node: Realised) -> Segment:
+    rec = node.layer
+    if len(node.stages) == 1:
+        (unit,) = node.stages
+        assert isinstance(unit, PretrainedStage)
+        if unit.layer.weight.shape[0] != rec.weight.shape[0]:
+            raise InvalidNetworkError(
+                f"pretrained layer {unit.layer} has {unit.layer.weight.shape[0]} outputs, the target layer "
+                f"{rec.weight.shape[0]}; the layer-wise start needs the same architecture"
+            )
+        return Segment("unit", rec, [unit])
+    first, second = node.stages
+    pair_type = NormLinear if isinstance(rec, Linear) else NormConv2d
+    if not (isinstance(first, pair_type) and isinstance(second, pair_type)):
+        raise InvalidNetworkError(
+            f"expected a pair of {pair_type.__name__} stages for a target {rec.type} "
+            f"layer, found {type(first).__name__}, {type(second).__name__}"
+        )
+    if _out_features(second) != rec.weight.shape[0] or _in_features(first) != rec.weight[0].numel():
+        raise InvalidNetworkError(
+            f"a pair of shapes {_in_features(first)} → {_out_features(second)} cannot "
+            f"stand for a target layer of weight {tuple(rec.weight.shape)}"
+        )
+    return Segment("pair", rec, [first, second], relu_after=node.relu)
 
 
 def _in_features(stage) -> int:
