@@ -11,7 +11,7 @@ from torch import nn
 import onlynorm
 from onlynorm import Box, InvalidNetworkError, InvalidTargetError, NormNet
 from onlynorm.targets.cnn import ConvNetSpec
-from onlynorm.targets.mlp import load_target
+from onlynorm.targets.convert import load_target
 from onlynorm.targets.residual import Residual
 
 from .conftest import random_mlp

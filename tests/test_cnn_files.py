@@ -12,7 +12,7 @@ import onlynorm
 from onlynorm import Box, FileFormatError, InvalidNetworkError
 from onlynorm._io import read_tensors, write_tensors
 from onlynorm.targets.cnn import ConvNetSpec
-from onlynorm.targets.mlp import load_target
+from onlynorm.targets.convert import load_target
 from onlynorm.targets.residual import Residual
 
 

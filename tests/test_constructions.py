@@ -26,7 +26,7 @@ def cases(draw, max_width=6, max_depth=3):
 
 
 def _rel_error(f, g, box, n=3000, seed=0):
-    spec = onlynorm.targets.mlp.as_target(g)
+    spec = onlynorm.targets.as_target(g)
     x = box.expand(spec.in_features).sample(n, seed=seed)
     with torch.no_grad():
         gx, fx = spec(x), f(x)

@@ -153,7 +153,7 @@ def test_typed_metadata_refuses_tampered_fields(tmp_path):
 @pytest.mark.parametrize("method", ["width", "deep", "lowrank", "sparse"])
 def test_files_written_by_0_1_still_load_and_verify(method):
     net = NormNet.load(DATA / f"{method}.safetensors")
-    target = onlynorm.targets.mlp.load_target(DATA / "target.safetensors")
+    target = onlynorm.targets.load_target(DATA / "target.safetensors")
     assert net.method == method and net.meta.solve is not None and net.meta.solve.exact
     report = onlynorm.verify(net, target, samples=2000, certify=True)
     assert report.ok and report.certified and net.meta.solve.domain.to_dict()["high"] == [2.0] * 3
@@ -161,7 +161,7 @@ def test_files_written_by_0_1_still_load_and_verify(method):
 
 def test_cnn_files_and_norm_sets_written_by_0_1_still_load():
     net = NormNet.load(DATA / "cnn.safetensors")
-    target = onlynorm.targets.mlp.load_target(DATA / "cnn_target.safetensors")
+    target = onlynorm.targets.load_target(DATA / "cnn_target.safetensors")
     assert onlynorm.verify(net, target, samples=500).passed
     sparse = NormNet.load(DATA / "sparse.safetensors")
     before = {k: v.clone() for k, v in sparse.norm_state().items()}

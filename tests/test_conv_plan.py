@@ -136,7 +136,7 @@ def test_conv_deep_plan_of_names_a_block_mismatch():
 def test_legacy_conv_fixture_follows_its_plan():
     from pathlib import Path
 
-    from onlynorm.targets.mlp import load_target
+    from onlynorm.targets.convert import load_target
 
     data = Path(__file__).parent / "data" / "v0_1"
     net, spec = NormNet.load(data / "cnn.safetensors"), load_target(data / "cnn_target.safetensors")

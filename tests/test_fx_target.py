@@ -13,8 +13,8 @@ import onlynorm
 from onlynorm import InvalidTargetError, MemoryBudgetError
 from onlynorm.constructions.memory import set_memory_limit
 from onlynorm.targets.cnn import ConvNetSpec
+from onlynorm.targets.convert import as_target, load_target
 from onlynorm.targets.layers import Conv, Pool, ResidualBlock, walk
-from onlynorm.targets.mlp import as_target, load_target
 
 
 # --------------------------------------------------------------------------- models, as users write them

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from onlynorm import FileFormatError, InvalidTargetError, MLPSpec
-from onlynorm.targets.mlp import as_target
+from onlynorm.targets.convert import as_target
 
 from .conftest import random_mlp
 

@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from .errors import FileFormatError
 
@@ -111,7 +113,6 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 def write_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
     """Write ``tensors`` (and a JSON ``metadata`` document) to a safetensors file, atomically."""
-    from safetensors.torch import save_file
 
     meta = None if metadata is None else {METADATA_KEY: json.dumps(metadata, sort_keys=True)}
     # safetensors refuses non-contiguous or shared-storage tensors; clone to be safe (they are small).
@@ -144,7 +145,6 @@ def read_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
 
 
 def _read_safetensors(p: Path) -> tuple[dict[str, torch.Tensor], dict | None]:
-    from safetensors import safe_open
 
     try:
         tensors: dict[str, torch.Tensor] = {}

@@ -6,7 +6,7 @@ trust what they receive.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
@@ -19,10 +19,9 @@ from .errors import InvalidNetworkError, InvalidOptionError
 from .nets.linear import NormLinear
 from .nets.normnet import NormNet
 from .options import check_device, check_dtype, check_seed
-from .targets.mlp import MLPSpec, as_target
-
-if TYPE_CHECKING:  # for the annotations only: this module imports cnn lazily, where it is used
-    from .cnn import ConvNetSpec
+from .targets.cnn import ConvNetSpec
+from .targets.convert import as_target
+from .targets.mlp import MLPSpec
 
 __all__ = ["random_normnet", "solve_norms", "reconstruct"]
 
@@ -148,8 +147,6 @@ def _in_shape(in_shape: Any) -> InShape | None:
 
 def _method_for(spec, method: str) -> str:
     """CNN targets use the conv construction (the width construction generalised to convolutions)."""
-    from .targets.cnn import ConvNetSpec
-
     if not isinstance(method, str):
         raise InvalidOptionError(f"method: expected a string such as 'width', found {method!r}")
     if isinstance(spec, ConvNetSpec):

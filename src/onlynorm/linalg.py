@@ -16,10 +16,14 @@ torch.Size([6, 6])
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
+import scipy.linalg
+import scipy.sparse as sp
 import torch
+from scipy.sparse.csgraph import structural_rank as _srank
 
 from .errors import SingularSystemError
 
@@ -141,10 +145,6 @@ class _LowPrecisionLU:
     def __init__(self, Mt: torch.Tensor):
         self.device = Mt.device
         if Mt.device.type == "cpu":
-            import warnings
-
-            import scipy.linalg
-
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # exactly singular → zero pivot, judged by the caller
                 self._lu, self._piv = scipy.linalg.lu_factor(Mt.numpy().T, overwrite_a=True, check_finite=False)
@@ -156,8 +156,6 @@ class _LowPrecisionLU:
     def solve(self, r: torch.Tensor) -> torch.Tensor:
         r32 = r.to(torch.float32)
         if self.device.type == "cpu":
-            import scipy.linalg
-
             x = scipy.linalg.lu_solve((self._lu, self._piv), r32.numpy(), check_finite=False)
             return torch.from_numpy(x)
         return torch.linalg.lu_solve(self._lu, self._piv, r32.unsqueeze(-1)).squeeze(-1)
@@ -202,10 +200,6 @@ def _float64_lu_solve(A, B, rhs, where: str, layer, rcond_tol) -> tuple[torch.Te
     N = A.shape[0]
     Mt = khatri_rao_system_transposed(A, B, torch.float64)
     if Mt.device.type == "cpu":  # factor in place: peak memory is the float64 matrix itself
-        import warnings
-
-        import scipy.linalg
-
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             lu, piv = scipy.linalg.lu_factor(Mt.numpy().T, overwrite_a=True, check_finite=False)
@@ -362,7 +356,6 @@ def kr_pattern(A_mask: torch.Tensor | np.ndarray, B_mask: torch.Tensor | np.ndar
 
     Built column by column from the nonzeros of ``A[k, :]`` and ``B[:, k]``: ``O(nnz)`` time and memory.
     """
-    import scipy.sparse as sp
 
     A_np = np.asarray(A_mask.cpu() if isinstance(A_mask, torch.Tensor) else A_mask) != 0
     B_np = np.asarray(B_mask.cpu() if isinstance(B_mask, torch.Tensor) else B_mask) != 0
@@ -390,8 +383,6 @@ def structural_rank(pattern) -> int:
     determinant" argument), so ``structural_rank(kr_pattern(A, B)) < m·n`` proves the system singular for every
     choice of the nonzero values.
     """
-    import scipy.sparse as sp
-    from scipy.sparse.csgraph import structural_rank as _srank
 
     if isinstance(pattern, torch.Tensor):
         pattern = pattern.detach().cpu().numpy()
@@ -408,9 +399,6 @@ def _lu_solve_each(M: torch.Tensor, rhs: torch.Tensor) -> tuple[torch.Tensor, to
     ``torch.set_num_threads(...)`` a batched LU of e.g. 192 matrices of 192×192 silently returns garbage pivots
     with ``info = 0``. One LAPACK call per system costs microseconds of overhead and is always right.
     """
-    import warnings
-
-    import scipy.linalg
 
     gammas = torch.empty(rhs.shape, dtype=M.dtype)
     rconds = torch.empty(M.shape[0], dtype=M.dtype)

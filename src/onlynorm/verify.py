@@ -23,7 +23,8 @@ from .errors import InvalidNetworkError, NotCertifiableError
 from .nets.normnet import NormNet
 from .nets.stage import inference_form
 from .options import check_scalar, check_seed
-from .targets.mlp import MLPSpec, as_target
+from .targets.convert import as_target
+from .targets.mlp import MLPSpec
 from .targets.sklearn import compare_predictions, is_sklearn_mlp
 
 __all__ = ["VerifyReport", "verify", "default_tolerance"]

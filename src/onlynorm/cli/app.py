@@ -123,7 +123,7 @@ def reconstruct(
     import torch
 
     from .. import api
-    from ..targets.mlp import load_target
+    from ..targets.convert import load_target
 
     check_output_path(out, inputs=(target,))
     spec = load_target(target)
@@ -219,7 +219,7 @@ def verify(
 ) -> None:
     """Compare NET with TARGET; exit 0 when within tolerance (and, with --certify, proven within it), 1 when not."""
     from ..nets.normnet import NormNet
-    from ..targets.mlp import load_target
+    from ..targets.convert import load_target
     from ..verify import verify as run_verify
 
     network = NormNet.load(net)
@@ -248,7 +248,7 @@ def capacity(
     """Can NET's frozen weights express TARGET? Rank and condition of every Khatri–Rao system; exit 1 if not."""
     from ..constructions.capacity import capacity as run_capacity
     from ..nets.normnet import NormNet
-    from ..targets.mlp import load_target
+    from ..targets.convert import load_target
 
     report = run_capacity(NormNet.load(net), load_target(target))
     print_rows(console, f"capacity of {net.name} for {target.name} ({report.method})", report.rows())

@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+import scipy.linalg
 import torch
 from torch import nn
 
@@ -27,7 +28,8 @@ from ..errors import InvalidNetworkError
 from ..linalg import khatri_rao_system, kr_pattern, structural_rank, vec
 from ..nets.normnet import NormNet
 from ..targets.cnn import ConvNetSpec
-from ..targets.mlp import MLPSpec, as_target
+from ..targets.convert import as_target
+from ..targets.mlp import MLPSpec
 from . import get_construction
 
 __all__ = ["capacity", "CapacityReport", "SystemCapacity"]
@@ -83,7 +85,6 @@ def capacity(frozen: NormNet, target: MLPSpec | ConvNetSpec | nn.Module) -> Capa
     A CNN target (a ``ConvNetSpec``, or the model itself: its image shape is read from ``frozen``) has one system
     per Conv/Linear layer (``conv``), or per layer and input block (``conv_deep``).
     """
-    import scipy.linalg
 
     if not isinstance(frozen, NormNet):
         raise InvalidNetworkError(f"expected a NormNet, found {type(frozen).__name__}")

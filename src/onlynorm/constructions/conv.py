@@ -38,6 +38,7 @@ from ..nets.stage import Stage
 from ..targets.cnn import ConvNetSpec, box_tensors
 from ..targets.layers import Conv, Pool, ResidualBlock
 from .base import MARGIN, Construction, Progress, begin_solve, finish_solve, frozen_init, random_norm_linear, register
+from .conv_memory import estimate_conv_bytes
 from .pair import pair_offsets, record_of, set_norms, solve_pair
 from .plan import LayoutKey, Plan, PlanStep, StagePath
 
@@ -119,8 +120,6 @@ class ConvConstruction(Construction):
         ]
 
     def estimate_bytes(self, target, dtype, **options) -> int:
-        from .conv_memory import estimate_conv_bytes
-
         self.plan(cnn_target(target), self.check_options(options))  # refuses a target the plan cannot realise
         return estimate_conv_bytes(target, dtype, "conv")
 

@@ -53,6 +53,7 @@ from ..targets.cnn import ConvNetSpec, box_tensors
 from ..targets.layers import Conv, Linear
 from .base import MARGIN, Construction, Progress, begin_solve, finish_solve, frozen_init, register, safe_margin
 from .conv import build_stages, cnn_plan, cnn_target, conv_geometry
+from .conv_memory import estimate_conv_bytes
 from .deep import BLOCK
 from .plan import Plan, PlanStep, StagePath, path_label, walk_network
 
@@ -170,8 +171,6 @@ class ConvDeepConstruction(Construction):
         return build_stages(plan, target.layers, stream, dtype, device)
 
     def estimate_bytes(self, target, dtype, **options) -> int:
-        from .conv_memory import estimate_conv_bytes
-
         self.plan(cnn_target(target), self.check_options(options))  # refuses a target the plan cannot realise
         return estimate_conv_bytes(target, dtype, "conv_deep", block=int(options.get("block") or 1))
 

@@ -19,6 +19,7 @@ import re
 import torch
 
 from ..errors import MemoryBudgetError, OnlyNormError
+from .base import available_methods, get_construction
 
 __all__ = ["check_memory", "memory_limit", "set_memory_limit", "available_bytes", "parse_bytes", "format_bytes"]
 
@@ -103,8 +104,6 @@ def check_memory(construction, spec, *, dtype: torch.dtype, device=None, options
 def cheaper_constructions(construction, spec, dtype: torch.dtype, limit: int) -> list[tuple[str, int]]:
     """The other constructions applicable to ``spec`` (with default options) that fit in ``limit``, cheapest
     first, with their estimates: what the refusal suggests — only what would work."""
-    from . import available_methods, get_construction
-
     kind = "cnn" if getattr(spec, "in_shape", None) is not None else "mlp"
     out = []
     for name in available_methods():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -35,8 +36,6 @@ def run(seed: int = 0, json_path: Path | None = None, console=None) -> bool:
     print_rows(console, f"built-in target {DIMS} on [0, 2]^6, solved in {seconds:.2f} s", net.summary().rows())
     print_rows(console, "verification", report.rows())
     if json_path is not None:
-        import json
-
         doc = {"target_dims": DIMS, "seconds": seconds, "summary": net.summary().as_dict(), "verify": report.as_dict()}
         with atomic_path(json_path) as tmp:
             tmp.write_text(json.dumps(doc, indent=2))

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
 from torch import nn
 
 from .._io import atomic_path
@@ -35,8 +37,6 @@ DEFAULT_PNG = Path("runs/demo/digits.png")
 
 def load_digits_split(seed: int):
     """Digits scaled to ``[0, 1]`` (pixel / 16) and a stratified 70/30 split, as float64 tensors."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
 
     data = load_digits()
     X = data.data.astype(np.float64) / 16.0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from rich.table import Table
+
 
 def print_rows(console, title: str, rows: list[tuple[str, str]]) -> None:
     if console is None:
@@ -10,7 +12,6 @@ def print_rows(console, title: str, rows: list[tuple[str, str]]) -> None:
         for k, v in rows:
             print(f"  {k:<{width}}  {v}")
         return
-    from rich.table import Table
 
     table = Table(title=title, show_header=False, title_justify="left")
     table.add_column(style="bold")
@@ -28,7 +29,6 @@ def print_table(console, title: str, header: list[str], rows: list[list[str]]) -
         for r in [header, *rows]:
             print("  " + "  ".join(f"{str(c):<{w}}" for c, w in zip(r, widths)))
         return
-    from rich.table import Table
 
     table = Table(title=title, title_justify="left")
     for i, h in enumerate(header):

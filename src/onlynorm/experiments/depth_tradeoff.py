@@ -12,11 +12,12 @@ import time
 import numpy as np
 import torch
 
+import onlynorm
+
 from .runner import ExperimentResult, run_trials, trial_seed
 
 
 def trial(d: int, k: int, seed: int) -> dict:
-    import onlynorm
 
     gen = torch.Generator().manual_seed(seed)
     spec = onlynorm.MLPSpec(

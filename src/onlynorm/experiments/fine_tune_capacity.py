@@ -27,6 +27,10 @@ import numpy as np
 import torch
 from torch import nn
 
+import onlynorm
+from onlynorm.demos.digits import fit_classifier, load_digits_split
+from onlynorm.fit.data import relative_rms
+
 from .runner import ExperimentResult, run_trials, trial_seed
 
 TASKS = ["even/odd", "≥ 5", "permuted"]
@@ -108,9 +112,6 @@ def _model(arch: str, width: int, seed: int) -> nn.Sequential:
 def trial(
     task: str, width: int, factor: int, epochs: int, tune_epochs: int, adam_steps: int, seed: int, arch: str = "mlp"
 ) -> dict:
-    import onlynorm
-    from onlynorm.demos.digits import fit_classifier, load_digits_split
-    from onlynorm.fit.data import relative_rms
 
     Xtr, ytr, Xte, yte = load_digits_split(seed)
     in_shape = IN_SHAPE if arch == "cnn" else None

@@ -14,6 +14,9 @@ import time
 import numpy as np
 import torch
 
+import onlynorm
+from onlynorm import Box
+
 from .runner import ExperimentResult, run_trials, trial_seed
 
 RATIOS = [0.25, 0.5, 1.0, 2.0]
@@ -27,8 +30,6 @@ def _errors(net, spec, x) -> tuple[float, float]:
 
 
 def trial(ratio: float, d: int, depth: int, steps: int, seed: int) -> dict:
-    import onlynorm
-    from onlynorm import Box
 
     gen = torch.Generator().manual_seed(seed)
     dims = [d] * (depth + 1)

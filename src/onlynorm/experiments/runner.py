@@ -20,6 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from joblib import Parallel, delayed, parallel_config, register_parallel_backend
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from torch import nn
+
+import onlynorm
 
 from .._io import atomic_path
 from ..errors import MissingDependencyError, OnlyNormError
@@ -52,10 +58,6 @@ def _init_worker() -> None:
     global _WARM
     if _WARM:
         return
-    import torch
-    from torch import nn
-
-    import onlynorm
 
     torch.set_num_threads(1)
     onlynorm.reconstruct(nn.Linear(2, 2).double())
@@ -72,12 +74,10 @@ def run_trials(
     fn: Callable[..., Any], trials: list[dict], *, console=None, description: str = "trials", n_jobs: int | None = None
 ) -> list[Any]:
     """Run ``fn(**t)`` for every ``t`` in ``trials`` in parallel; results in the order of ``trials``."""
-    from joblib import Parallel, delayed
 
     jobs = default_jobs() if n_jobs is None else n_jobs
     if not trials:
         return []
-    import torch
 
     # The sequential path runs the trials in *this* process: _init_worker's single-thread setting must not stick
     # in the caller's session (timings are single-threaded per trial either way, as every table says).
@@ -87,7 +87,6 @@ def run_trials(
         if client is not None and n_jobs != 1:
             # joblib's dask backend: each trial is a task; a task on a worker that dies is rescheduled by the
             # scheduler onto another worker (up to distributed.scheduler.allowed-failures times), never dropped.
-            from joblib import parallel_config
 
             with parallel_config(backend=_dask_backend(), client=client):
                 parallel = Parallel(n_jobs=-1, batch_size=1, return_as="generator")
@@ -103,7 +102,6 @@ def run_trials(
 def _collect(outputs, total: int, console, description: str) -> list[Any]:
     if console is None:
         return list(outputs)
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     results = []
     with Progress(
@@ -124,7 +122,6 @@ def _collect(outputs, total: int, console, description: str) -> list[Any]:
 def _dask_backend() -> str:
     """joblib's dask backend, except that a cluster with a single worker thread still receives the trials
     (joblib runs a one-job ``Parallel`` in the calling process, which would silently bypass the cluster)."""
-    from joblib import register_parallel_backend
     from joblib._dask import DaskDistributedBackend  # joblib's own dask backend (joblib is pinned)
 
     class ClusterBackend(DaskDistributedBackend):

@@ -15,6 +15,9 @@ from typing import Any
 import numpy as np
 import torch
 
+import onlynorm
+
+from ..targets.mlp import MLPSpec
 from .runner import ExperimentResult, run_trials, trial_seed
 
 RANK = 4
@@ -25,7 +28,6 @@ COND_MAX_SYSTEM = 2400  # pivoted QR beyond this size costs more than the experi
 
 
 def _target(method: str, d: int, seed: int):
-    from ..targets.mlp import MLPSpec
 
     g = torch.Generator().manual_seed(seed)
     if method == "lowrank":
@@ -40,7 +42,6 @@ def _target(method: str, d: int, seed: int):
 
 
 def trial(method: str, d: int, seed: int) -> dict:
-    import onlynorm
 
     spec = _target(method, d, seed)
     options: dict[str, Any] = {"block": 1} if method == "deep" else {}

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from sklearn.linear_model import LogisticRegression
 
 from ..linalg import kr_pattern, structural_rank
 from .runner import ExperimentResult, run_trials, trial_seed
@@ -46,7 +47,6 @@ def trial(d: int, p: float, seed: int, numeric: bool) -> dict:
 
 def fit_threshold(ps: np.ndarray, ok: np.ndarray, rng: np.random.Generator, boots: int = 200):
     """50% point of a logistic fit of ``ok`` on ``log p``, with a 90% bootstrap interval (NaN if degenerate)."""
-    from sklearn.linear_model import LogisticRegression
 
     def one(x, y):
         if y.min() == y.max():

@@ -19,6 +19,10 @@ import time
 import numpy as np
 import torch
 
+import onlynorm
+from onlynorm import Box
+from onlynorm.fit.data import relative_rms
+
 from .runner import ExperimentResult, run_trials, trial_seed
 
 RATIOS = [1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0, 2.0]
@@ -26,7 +30,6 @@ METHODS = ["closed form", "layerwise", "gauss-newton", "auto", "adam-3000", "ada
 
 
 def random_target(d: int, depth: int, seed: int):
-    import onlynorm
 
     gen = torch.Generator().manual_seed(seed)
     dims = [d] * (depth + 1)
@@ -37,9 +40,6 @@ def random_target(d: int, depth: int, seed: int):
 
 
 def trial(d: int, depth: int, ratio: float, adam_steps: int, seed: int) -> dict:
-    import onlynorm
-    from onlynorm import Box
-    from onlynorm.fit.data import relative_rms
 
     spec = random_target(d, depth, seed)
     box = Box(-1.0, 1.0, dim=d)

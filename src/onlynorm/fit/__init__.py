@@ -37,8 +37,12 @@ from ..constructions.base import Progress
 from ..errors import InvalidNetworkError, OnlyNormError, SingularSystemError
 from ..nets.normnet import NormNet
 from ..nets.pretrained import PretrainedConv2d, PretrainedLinear
-from ..targets.mlp import as_target
+from ..targets.convert import as_target
+from .adam import fit_adam
 from .data import FitData, prepare_data, relative_rms
+from .exact import check_capacity, exact_applicable, fit_exact
+from .gauss_newton import fit_gauss_newton
+from .layerwise import fit_layerwise
 from .pretrained import with_norms
 from .report import FitReport, Phase
 
@@ -133,18 +137,12 @@ def _fit(frozen, spec, data, method, budget_seconds, seed, progress, steps, memo
         initial_error=fit_data.held_out_error(net),
     )
     if method == "exact":
-        from .exact import check_capacity, fit_exact
-
         check_capacity(net, spec)
         net, phase = fit_exact(net, spec, fit_data, progress=progress)
         report.phases.append(phase)
     elif method == "layerwise":
-        from .layerwise import fit_layerwise
-
         report.phases.append(fit_layerwise(net, spec, fit_data, progress=progress))
     elif method == "gauss-newton":
-        from .gauss_newton import fit_gauss_newton
-
         report.phases.append(
             fit_gauss_newton(
                 net,
@@ -158,8 +156,6 @@ def _fit(frozen, spec, data, method, budget_seconds, seed, progress, steps, memo
             )
         )
     elif method == "adam":
-        from .adam import fit_adam
-
         report.phases.append(
             fit_adam(net, spec, fit_data, steps=steps or ADAM_STEPS, budget_seconds=budget_seconds, seed=seed)
         )
@@ -173,10 +169,6 @@ def _fit(frozen, spec, data, method, budget_seconds, seed, progress, steps, memo
 def _auto(
     net: NormNet, spec, data: FitData, report: FitReport, deadline, memory_budget, seed, progress, steps: int
 ) -> NormNet:
-    from .exact import exact_applicable, fit_exact
-    from .gauss_newton import fit_gauss_newton
-    from .layerwise import fit_layerwise
-
     if exact_applicable(net, spec):
         try:
             solved, phase = fit_exact(net, spec, data, progress=progress)

@@ -12,6 +12,7 @@ import time
 
 from ..api import solve_norms
 from ..constructions import available_methods, get_construction
+from ..constructions.capacity import capacity
 from ..errors import OnlyNormError
 from ..nets.normnet import NormNet
 from .data import FitData
@@ -33,8 +34,6 @@ def exact_applicable(net: NormNet, spec) -> bool:
 
 def check_capacity(net: NormNet, spec) -> None:
     """Raise :class:`OnlyNormError` unless :func:`onlynorm.capacity` says ``net`` can express ``spec``."""
-    from ..constructions.capacity import capacity
-
     if net.meta.get("method", "width") not in available_methods():
         raise OnlyNormError(
             f"method='exact': a {net.meta.get('method')!r} network has no closed form; use "

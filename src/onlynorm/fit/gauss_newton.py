@@ -37,6 +37,7 @@ from ..nets.normnet import NormNet
 from .data import FitData
 from .jacobian import NormFunction, choose_mode, jacobian_bytes
 from .report import Phase
+from .segments import segments
 
 __all__ = ["fit_gauss_newton", "parameter_blocks", "plan_blocks"]
 
@@ -53,8 +54,6 @@ def parameter_blocks(net: NormNet, spec=None) -> list[list[str]]:
     group = {i: i for i in set(stage_of.values())}
     if spec is not None:
         try:
-            from .segments import segments
-
             index = {id(s): i for i, s in enumerate(net.layers)}
             for seg in segments(net, spec):
                 ids = [index[id(s)] for s in seg.stages]

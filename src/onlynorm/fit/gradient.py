@@ -19,12 +19,15 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
 from ..domain import Box
 from ..errors import InvalidOptionError, OnlyNormError
+from ..options import check_scalar, check_seed
 
 __all__ = ["norm_parameters", "norm_modules", "train_norm_only", "TrainHistory", "NORM_TYPES"]
 
@@ -130,8 +133,6 @@ def train_norm_only(
     for a NormNet this sets ``net.batch_statistics``). Stops after ``steps`` or ``time_budget`` seconds. The model is
     left in ``eval()`` mode. Returns a :class:`TrainHistory`.
     """
-    from ..options import check_scalar, check_seed
-
     if statistics not in {"fixed", "batch"}:
         raise InvalidOptionError(f"statistics: expected 'fixed' or 'batch', found {statistics!r}")
     steps = check_scalar(steps, "steps", int, min_val=1)
@@ -198,8 +199,6 @@ def train_norm_only(
 
 class _RichBar:
     def __init__(self, total: int):
-        from rich.console import Console
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
         self._p = Progress(
             TextColumn("norm-only training"),

@@ -24,6 +24,8 @@ safetensors state dict — never from pickled code.
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -332,8 +334,6 @@ class NormNet(nn.Module):
     # ------------------------------------------------------------------ norm sets
     def fingerprint(self) -> str:
         """SHA-256 of the architecture and every frozen tensor: identifies the frozen network a norm set fits."""
-        import hashlib
-        import json
 
         h = hashlib.sha256(json.dumps(self.architecture(), sort_keys=True).encode())
         skip = set(self.norm_state())

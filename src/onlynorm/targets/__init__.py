@@ -3,7 +3,8 @@
 entry point that turns any of them into a spec (:func:`as_target`) or reads one from a file (:func:`load_target`)."""
 
 from .cnn import ConvNetSpec
-from .mlp import MLPSpec, as_target, load_target
+from .convert import as_target, load_target
+from .mlp import MLPSpec
 from .residual import Residual
 from .sklearn import spec_from_sklearn
 

@@ -43,8 +43,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ..errors import InvalidTargetError
-from .cnn import conv_layer, fold_batchnorm, linear_layer, pool_layer
 from .layers import Conv, Flatten, Layer, Linear, Pool, ReLU, ResidualBlock
+from .parse import conv_layer, fold_batchnorm, linear_layer, pool_layer
 
 __all__ = ["layers_from_fx", "SUPPORTED"]
 

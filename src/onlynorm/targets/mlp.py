@@ -16,7 +16,6 @@ import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -24,10 +23,7 @@ from torch import nn
 from .. import _io
 from ..errors import InvalidTargetError
 
-if TYPE_CHECKING:  # for the annotation only: this module imports cnn lazily, where it is used
-    from .cnn import ConvNetSpec
-
-__all__ = ["MLPSpec", "as_target", "load_target"]
+__all__ = ["MLPSpec"]
 
 # Layers that are the identity at inference and may sit anywhere in a target Sequential.
 _INFERENCE_IDENTITY = (nn.Identity, nn.Dropout)
@@ -250,56 +246,3 @@ class MLPSpec:
 def _pad(seq: Sequence, n: int) -> list:
     seq = list(seq)
     return seq + [None] * (n - len(seq)) if len(seq) <= n else seq[:n]
-
-
-def as_target(target: MLPSpec | ConvNetSpec | nn.Module, in_shape: tuple[int, int, int] | None = None):
-    """Accept an ``MLPSpec``, a ``ConvNetSpec``, an ``nn.Sequential``, or a fitted scikit-learn
-    ``MLPClassifier``/``MLPRegressor`` with ``activation="relu"``.
-
-    A Sequential of Linear/ReLU layers (eval-mode BatchNorm1d after a Linear is folded in) becomes an
-    ``MLPSpec``; one with convolutions, pooling, Flatten or ``Residual`` blocks becomes a ``ConvNetSpec`` and
-    needs ``in_shape=(c, H, W)``. Any other model (custom blocks, ResNets) is traced by ``torch.fx`` when
-    ``in_shape`` is given (:mod:`onlynorm.targets.fx`). A scikit-learn MLP becomes the ``MLPSpec`` of its
-    pre-output-activation map (see :mod:`onlynorm.targets.sklearn`).
-    """
-    from .cnn import ConvNetSpec, is_cnn_module, needs_tracing, parse_sequential
-    from .sklearn import is_sklearn_mlp, spec_from_sklearn
-
-    if isinstance(target, (MLPSpec, ConvNetSpec)):
-        return target
-    if is_sklearn_mlp(target):
-        return spec_from_sklearn(target)
-    if isinstance(target, nn.Module):
-        if in_shape is not None and needs_tracing(target):
-            return ConvNetSpec.from_module(target, in_shape)  # any other model: traced by onlynorm.targets.fx
-        if is_cnn_module(target):
-            records = parse_sequential(target)
-            if all(r.type in ("linear", "relu") for r in records):  # an MLP with folded BatchNorm1d
-                seq = nn.Sequential(*[_linear(r) if r.type == "linear" else nn.ReLU() for r in records])
-                return MLPSpec.from_module(seq)
-            return ConvNetSpec.from_module(target, in_shape)
-        return MLPSpec.from_module(target)
-    raise InvalidTargetError(
-        f"expected an MLPSpec, a ConvNetSpec, an nn.Sequential or a fitted scikit-learn MLPClassifier/MLPRegressor, "
-        f"found {type(target).__name__}"
-    )
-
-
-def _linear(record) -> nn.Linear:
-    w = record.weight
-    lin = nn.Linear(w.shape[1], w.shape[0], dtype=w.dtype)
-    with torch.no_grad():
-        lin.weight.copy_(w)
-        lin.bias.copy_(record.bias)
-    return lin
-
-
-def load_target(path: str | os.PathLike):
-    """Load a target file for the CLI: an MLP state_dict (safetensors or ``.pt``), or a CNN saved by
-    ``ConvNetSpec.save`` (safetensors with its JSON architecture description)."""
-    tensors, meta = _io.read_tensors(path)
-    if meta is not None and meta.get("kind") == "cnn-target":
-        from .cnn import ConvNetSpec
-
-        return ConvNetSpec.from_document(meta, tensors, source=str(path))
-    return MLPSpec.from_state_dict(tensors, source=str(path))
