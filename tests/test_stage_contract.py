@@ -310,3 +310,40 @@ def test_batch_statistics_mode_gives_back_the_exact_eps():
     assert all(m.eps > 0 and m.training for m in f.norm_modules())  # restored exactly, eps included
     f.eval()
     assert all(m.eps == 0.0 and not m.training for m in f.norm_modules())
+
+
+# ---------------------------------------------------------------------- the plan flows
+@pytest.mark.parametrize(
+    "method, target, options",
+    [
+        ("width", lambda: random_mlp([3, 4, 2], seed=0), {}),
+        ("deep", lambda: random_mlp([3, 4, 2], seed=0), {"block": 2}),
+        ("lowrank", lambda: random_mlp([3, 4, 2], seed=0), {}),
+        ("conv", _cnn, {"in_shape": (1, 4, 4)}),
+        ("deep", _cnn, {"in_shape": (1, 4, 4)}),
+    ],
+)
+def test_reconstruct_validates_and_plans_once(method, target, options, monkeypatch):
+    """One target conversion, one option check, one plan per reconstruct, handed to the memory guard, the build
+    and the solve (counted by wrapping the real methods: every call still runs)."""
+    from onlynorm import api
+    from onlynorm.constructions import base
+
+    calls = {"plan": 0, "check_options": 0, "as_target": 0}
+
+    def counted(name, fn):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(api, "as_target", counted("as_target", api.as_target))
+    for cls in {type(c) for c in map(base.get_construction, base.available_methods())}:
+        if "plan" in vars(cls):
+            monkeypatch.setattr(cls, "plan", counted("plan", vars(cls)["plan"]))
+    monkeypatch.setattr(base.Construction, "check_options", counted("check_options", base.Construction.check_options))
+    g = target()
+    f = onlynorm.reconstruct(g, method=method, **options)
+    assert calls == {"plan": 1, "check_options": 1, "as_target": 1}, calls
+    assert f.is_solved

@@ -6,14 +6,16 @@ trust what they receive.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from .constructions import get_construction
-from .constructions.base import Progress
+from .constructions.base import Construction, Progress
 from .constructions.memory import check_memory
+from .constructions.plan import Plan
 from .domain import Box, resolve_domain
 from .errors import InvalidNetworkError, InvalidOptionError
 from .nets.linear import NormLinear
@@ -52,12 +54,10 @@ def random_normnet(
     [(6,), (6,)]
     """
     spec = as_target(target, _in_shape(in_shape))
-    seed = check_seed(seed)
-    dtype, device = check_dtype(dtype), check_device(device)
-    construction = get_construction(_method_for(spec, method))
-    options = construction.check_options(options, getattr(spec, "depth", None))
-    check_memory(construction, spec, dtype=dtype, device=device, options=options)
-    return construction.build(spec, seed=seed, dtype=dtype, device=device, **options)
+    build = _Build.of(spec, method, seed, dtype, device, options)
+    return build.construction.build(
+        spec, seed=build.seed, dtype=build.dtype, device=build.device, plan=build.plan, **build.options
+    )
 
 
 def solve_norms(
@@ -77,6 +77,10 @@ def solve_norms(
             f"expected a NormNet (from onlynorm.random_normnet or NormNet.load), found {type(frozen).__name__}"
         )
     spec = as_target(target, frozen.in_shape)
+    return _solve(frozen, spec, resolve_domain(domain, spec.in_features), progress)
+
+
+def _solve(frozen: NormNet, spec: MLPSpec | ConvNetSpec, box: Box, progress: Progress | None) -> NormNet:
     dims = frozen.target_dims
     if dims is not None and list(dims) != spec.dims:
         raise InvalidNetworkError(
@@ -95,7 +99,6 @@ def solve_norms(
             target_dims=frozen.meta.target_dims or spec.dims,
             target_parameters=frozen.meta.target_parameters or spec.num_parameters,
         )
-    box = resolve_domain(domain, spec.in_features)
     return get_construction(frozen.meta.method or "width").solve(frozen, spec, box, progress=progress)
 
 
@@ -125,10 +128,38 @@ def reconstruct(
     """
     if in_shape is None and isinstance(domain, Box) and domain.shape is not None:
         in_shape = domain.shape  # type: ignore[assignment]
-    spec = as_target(target, _in_shape(in_shape))
-    box = resolve_domain(domain, spec.in_features)  # validate before any work
-    net = random_normnet(spec, method=method, seed=seed, dtype=dtype, device=device, **options)
-    return solve_norms(net, spec, box, progress=progress)
+    spec = as_target(target, _in_shape(in_shape))  # validated once: target, domain, options, plan
+    box = resolve_domain(domain, spec.in_features)
+    build = _Build.of(spec, method, seed, dtype, device, options)
+    construction = build.construction
+    net = construction.build(
+        spec, seed=build.seed, dtype=build.dtype, device=build.device, plan=build.plan, **build.options
+    )
+    return construction.solve(net, spec, box, progress=progress, plan=build.plan)
+
+
+@dataclass(frozen=True)
+class _Build:
+    """Everything a build needs, validated once at the public boundary: the construction, its checked options, its
+    plan for the target (worked out once and handed to the memory guard, the build and the solve), seed, dtype,
+    device."""
+
+    construction: Construction
+    options: dict[str, Any]
+    plan: Plan
+    seed: int
+    dtype: torch.dtype
+    device: torch.device | str | None
+
+    @classmethod
+    def of(cls, spec, method: str, seed: int, dtype, device, options: dict[str, Any]) -> _Build:
+        seed = check_seed(seed)
+        dtype, device = check_dtype(dtype), check_device(device)
+        construction = get_construction(_method_for(spec, method))
+        options = construction.check_options(options, getattr(spec, "depth", None))
+        plan = construction.plan(spec, options)
+        check_memory(construction, spec, dtype=dtype, device=device, options=options, plan=plan)
+        return cls(construction, options, plan, seed, dtype, device)
 
 
 def _in_shape(in_shape: Any) -> InShape | None:

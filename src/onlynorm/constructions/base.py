@@ -76,10 +76,11 @@ class Construction:
         """The plan a built (or loaded) network records: from its options (unchecked; see :meth:`matched`)."""
         return self.plan(target, self.check_options(dict(net.meta.options), getattr(target, "depth", None)))
 
-    def matched(self, net: NormNet, target: Any) -> tuple[Plan, tuple[Node, ...]]:
-        """The network's plan and the target↔stages pairing it lays out (:func:`onlynorm.nets.match.match`),
-        every realised layer checked against its step — the first difference is refused in one line."""
-        plan = self.recorded_plan(net, target)
+    def matched(self, net: NormNet, target: Any, plan: Plan | None = None) -> tuple[Plan, tuple[Node, ...]]:
+        """The network's plan (``plan`` when the caller already has it, else the one its metadata records) and the
+        target↔stages pairing it lays out (:func:`onlynorm.nets.match.match`), every realised layer checked
+        against its step — the first difference is refused in one line."""
+        plan = plan if plan is not None else self.recorded_plan(net, target)
         return plan, plan.match(net, target)
 
     def plan_of(self, net: NormNet, target: Any) -> Plan:
@@ -87,10 +88,14 @@ class Construction:
         return self.matched(net, target)[0]
 
     # ------------------------------------------------------------------ build
-    def build(self, target: Any, *, seed: int, dtype: torch.dtype, device, **options: Any) -> NormNet:
-        """A frozen random network for ``target`` (norms at identity), drawn from ``seed``."""
-        options = self.check_options(options, getattr(target, "depth", None))
-        plan = self.plan(target, options)
+    def build(
+        self, target: Any, *, seed: int, dtype: torch.dtype, device, plan: Plan | None = None, **options: Any
+    ) -> NormNet:
+        """A frozen random network for ``target`` (norms at identity), drawn from ``seed``; ``plan`` (with
+        ``options`` already validated) when the caller has worked it out."""
+        if plan is None:
+            options = self.check_options(options, getattr(target, "depth", None))
+            plan = self.plan(target, options)
         gen = torch.Generator().manual_seed(int(seed))
         stages = self.build_stages(plan, target, gen, dtype=dtype, device=device, options=options)
         return NormNet(stages, meta=base_meta(self.name, target, seed, options))
@@ -105,7 +110,10 @@ class Construction:
         ]
 
     # ------------------------------------------------------------------ solve, systems, certificate, memory
-    def solve(self, net: NormNet, target: Any, domain: Box, *, progress: Progress | None = None) -> NormNet:
+    def solve(
+        self, net: NormNet, target: Any, domain: Box, *, progress: Progress | None = None, plan: Plan | None = None
+    ) -> NormNet:
+        """Only ``γ, β`` of a copy of ``net``; ``plan``: the network's plan when the caller has it."""
         raise NotImplementedError
 
     def certify(self, net: NormNet, target: Any, domain: Box) -> CertifyResult:
@@ -116,7 +124,7 @@ class Construction:
         """The Khatri–Rao systems ``(label, A, B, W)`` with ``B diag(γ) A = W`` that ``solve`` must satisfy."""
         raise OnlyNormError(f"method {self.name!r} does not expose its systems")
 
-    def estimate_bytes(self, target: Any, dtype: torch.dtype, **options: Any) -> int:
+    def estimate_bytes(self, target: Any, dtype: torch.dtype, *, plan: Plan | None = None, **options: Any) -> int:
         """Peak bytes the solve will need (0 if unknown); used by the memory guard before allocating."""
         return 0
 

@@ -119,14 +119,23 @@ class ConvConstruction(Construction):
             random_norm_linear(N, m, False, gen, dtype=dtype, device=device),
         ]
 
-    def estimate_bytes(self, target, dtype, **options) -> int:
-        self.plan(cnn_target(target), self.check_options(options))  # refuses a target the plan cannot realise
+    def estimate_bytes(self, target, dtype, *, plan: Plan | None = None, **options) -> int:
+        if plan is None:  # refuses a target the plan cannot realise
+            self.plan(cnn_target(target), self.check_options(options))
         return estimate_conv_bytes(target, dtype, "conv")
 
     # ------------------------------------------------------------------ solve, systems, certificate
-    def solve(self, net: NormNet, target: ConvNetSpec, domain: Box, *, progress: Progress | None = None) -> NormNet:
+    def solve(
+        self,
+        net: NormNet,
+        target: ConvNetSpec,
+        domain: Box,
+        *,
+        progress: Progress | None = None,
+        plan: Plan | None = None,
+    ) -> NormNet:
         spec, out, margin = begin_solve(net, target)
-        plan, nodes = self.matched(out, spec)
+        plan, nodes = self.matched(out, spec, plan)
         lo, hi = box_tensors(spec, domain, net.dtype)
         records: list[SolveRecord] = []
 

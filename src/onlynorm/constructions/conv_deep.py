@@ -55,7 +55,7 @@ from .base import MARGIN, Construction, Progress, begin_solve, finish_solve, fro
 from .conv import build_stages, cnn_plan, cnn_target, conv_geometry
 from .conv_memory import estimate_conv_bytes
 from .deep import BLOCK
-from .plan import Plan, PlanStep, StagePath, path_label, walk_network
+from .plan import Plan, PlanStep, StagePath, path_label
 
 __all__ = ["ConvDeepConstruction"]
 
@@ -125,21 +125,13 @@ class ConvDeepConstruction(Construction):
 
         return cnn_plan(self.name, cnn_target(target), realise)
 
-    def recorded_plan(self, net: NormNet, target: ConvNetSpec) -> Plan:
-        """From the recorded options; a network recorded without ``paired`` (written before the option) is read
-        as its stages say."""
-        options = self.check_options(dict(net.meta.options))
-        if options.get("paired") is None:
-            streams = [s for _, s in walk_network(net) if isinstance(s, ConvStream)]
-            options["paired"] = int(streams[0].paired) if streams else 1
-        return self.plan(target, options)
-
-    def build(self, target: ConvNetSpec, *, seed: int, dtype: torch.dtype, device, **options: Any) -> NormNet:
-        # the defaults are recorded, so a loaded network's plan does not depend on today's defaults
-        options = self.check_options(options)
+    def check_options(self, options: dict[str, Any], depth: int | None = None) -> dict[str, Any]:
+        """The declared checks, then the defaults written in (``block = 1``, ``paired = 1``): they are recorded
+        with the network, so a loaded network's plan does not depend on today's defaults."""
+        options = super().check_options(options, depth)
         options["block"] = int(options.get("block") or 1)
         options["paired"] = int(1 if options.get("paired") is None else options["paired"])
-        return super().build(target, seed=seed, dtype=dtype, device=device, **options)
+        return options
 
     def build_stages(
         self, plan: Plan, target: ConvNetSpec, gen: torch.Generator, *, dtype: torch.dtype, device, options
@@ -170,14 +162,23 @@ class ConvDeepConstruction(Construction):
 
         return build_stages(plan, target.layers, stream, dtype, device)
 
-    def estimate_bytes(self, target, dtype, **options) -> int:
-        self.plan(cnn_target(target), self.check_options(options))  # refuses a target the plan cannot realise
+    def estimate_bytes(self, target, dtype, *, plan: Plan | None = None, **options) -> int:
+        if plan is None:  # refuses a target the plan cannot realise
+            self.plan(cnn_target(target), self.check_options(options))
         return estimate_conv_bytes(target, dtype, "conv_deep", block=int(options.get("block") or 1))
 
-    def solve(self, net: NormNet, target: ConvNetSpec, domain: Box, *, progress: Progress | None = None) -> NormNet:
+    def solve(
+        self,
+        net: NormNet,
+        target: ConvNetSpec,
+        domain: Box,
+        *,
+        progress: Progress | None = None,
+        plan: Plan | None = None,
+    ) -> NormNet:
         _spec, out, margin = begin_solve(net, target)
         spec = target.to(dtype=torch.float64, device="cpu")  # γ, β are solved in float64, rounded once
-        plan, nodes = self.matched(out, spec)
+        plan, nodes = self.matched(out, spec, plan)
         lo, hi = box_tensors(spec, domain, torch.float64)
         records: list[SolveRecord] = []
 

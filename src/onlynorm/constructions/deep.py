@@ -28,6 +28,7 @@ import torch
 from ..certify import CertifyResult, certify_residual_streams
 from ..domain import Box, affine_bounds, interval_bounds
 from ..linalg import compose, relative_residual, solve_khatri_rao_batched
+from ..nets.match import walk_nodes
 from ..nets.normnet import NormNet
 from ..nets.records import SolveRecord
 from ..nets.stage import Stage
@@ -91,16 +92,22 @@ class DeepConstruction(Construction):
             stages.append(stage)
         return stages
 
-    def estimate_bytes(self, target: MLPSpec, dtype: torch.dtype, **options: Any) -> int:
-        plan = self.plan(target, options)
+    def estimate_bytes(self, target: MLPSpec, dtype: torch.dtype, *, plan: Plan | None = None, **options: Any) -> int:
+        plan = plan if plan is not None else self.plan(target, options)
         item = torch.empty((), dtype=dtype).element_size()
         network = sum(2 * w.shape[0] ** 2 * w.shape[1] for w in target.weights) * item
         largest = max((w.shape[0] * step.details["block"]) ** 2 for w, step in zip(target.weights, plan.steps)) * 8
         return network + max(largest, min(256 << 20, largest * max(w.shape[1] for w in target.weights))) * 2
 
-    def _stages(self, net: NormNet, target: MLPSpec) -> list[ResidualStream]:
-        plan = self.plan_of(net, target)
-        return [net.layers[step.stages[0]] for step in plan.steps]
+    def _stages(self, net: NormNet, target: MLPSpec, plan: Plan | None = None) -> list[ResidualStream]:
+        """The residual stream of every target layer, read off the matcher."""
+        _, nodes = self.matched(net, target, plan)
+        streams: list[ResidualStream] = []
+        for node in walk_nodes(nodes):
+            stage = node.stages[0]
+            assert isinstance(stage, ResidualStream)  # the plan check admits only streams
+            streams.append(stage)
+        return streams
 
     def systems(self, net: NormNet, target: MLPSpec):
         out = []
@@ -109,12 +116,13 @@ class DeepConstruction(Construction):
                 out.append((f"layer {i} block {t}", branch.linear.weight, readout.weight, W[:, J].to(net.dtype)))
         return out
 
-    def solve(self, net: NormNet, target: MLPSpec, domain: Box, *, progress: Progress | None = None) -> NormNet:
-        self.plan_of(net, target)
+    def solve(
+        self, net: NormNet, target: MLPSpec, domain: Box, *, progress: Progress | None = None, plan: Plan | None = None
+    ) -> NormNet:
         spec, out, margin = begin_solve(net, target)
         boxes = interval_bounds(spec, domain)
         records = []
-        stages = self._stages(out, target)
+        stages = self._stages(out, spec, plan)
         for i, (stage, W, b) in enumerate(zip(stages, spec.weights, spec.biases)):
             lo, hi = boxes[i]
             slices = stage.block_slices()

@@ -127,8 +127,8 @@ class LowRankConstruction(Construction):
         net.meta["ranks"] = layer_ranks(target, net.meta.options.get("rank"))
         return net
 
-    def estimate_bytes(self, target: MLPSpec, dtype: torch.dtype, **options: Any) -> int:
-        plan = self.plan(target, options)
+    def estimate_bytes(self, target: MLPSpec, dtype: torch.dtype, *, plan: Plan | None = None, **options: Any) -> int:
+        plan = plan if plan is not None else self.plan(target, options)
         sizes = [max(step.widths[0], step.widths[2]) for step in plan.steps]
         return max(s * s for s in sizes) * 8 + sum(2 * s * max(w.shape) for s, w in zip(sizes, target.weights)) * 8
 
@@ -144,8 +144,10 @@ class LowRankConstruction(Construction):
             ]
         return out
 
-    def solve(self, net: NormNet, target: MLPSpec, domain: Box, *, progress: Progress | None = None) -> NormNet:
-        plan = self.plan_of(net, target)
+    def solve(
+        self, net: NormNet, target: MLPSpec, domain: Box, *, progress: Progress | None = None, plan: Plan | None = None
+    ) -> NormNet:
+        plan = self.matched(net, target, plan)[0]
         spec, out, margin = begin_solve(net, target)
         boxes = interval_bounds(spec, domain)
         records, notes = [], []

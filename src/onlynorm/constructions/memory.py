@@ -80,9 +80,10 @@ def memory_limit(device: torch.device | str | None = None) -> tuple[int, str]:
     return int(0.9 * available_bytes(device)), "90% of available memory"
 
 
-def check_memory(construction, spec, *, dtype: torch.dtype, device=None, options: dict) -> None:
-    """Raise :class:`MemoryBudgetError` if ``construction`` would need more than the budget (no allocation)."""
-    need = int(construction.estimate_bytes(spec, dtype, **options))
+def check_memory(construction, spec, *, dtype: torch.dtype, device=None, options: dict, plan=None) -> None:
+    """Raise :class:`MemoryBudgetError` if ``construction`` would need more than the budget (no allocation);
+    ``plan``: the construction's plan for ``spec`` when the caller has it."""
+    need = int(construction.estimate_bytes(spec, dtype, plan=plan, **options))
     if need <= 0:
         return
     limit, source = memory_limit(device)

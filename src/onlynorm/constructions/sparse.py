@@ -121,9 +121,9 @@ class SparseConstruction(WidthConstruction):
         if rank < size and consistent_solution(A, B, W, vec(W)) is None:
             raise self._singular(net, layer, rank, "for every choice of values (its sparsity pattern)")
 
-    def solve(self, net: NormNet, target: MLPSpec, domain, *, progress=None) -> NormNet:
+    def solve(self, net: NormNet, target: MLPSpec, domain, *, progress=None, plan=None) -> NormNet:
         try:
-            return super().solve(net, target, domain, progress=progress)
+            return super().solve(net, target, domain, progress=progress, plan=plan)
         except SparsePatternError:
             raise
         except SingularSystemError as exc:  # numerically singular although structurally fine

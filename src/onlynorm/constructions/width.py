@@ -107,10 +107,10 @@ class WidthConstruction(Construction):
         """Every first-of-pair unit is proven active on the box; see :mod:`onlynorm.certify`."""
         return certify_blocks(net, target, domain, self.matched(net, target)[1])
 
-    def estimate_bytes(self, target: MLPSpec, dtype: torch.dtype, **options: Any) -> int:
+    def estimate_bytes(self, target: MLPSpec, dtype: torch.dtype, *, plan: Plan | None = None, **options: Any) -> int:
         """Peak of the solve: the largest ``(m·n) × N`` system in float64 (the in-place LU fallback; the usual
         mixed-precision path needs half), twice for least squares (LAPACK's copy), plus the frozen network."""
-        plan = self.plan(target, options)
+        plan = plan if plan is not None else self.plan(target, options)
         item = torch.empty((), dtype=dtype).element_size()
         network = sum(a * b for step in plan.steps for a, b in step.shapes) * item
         systems = [
@@ -119,8 +119,10 @@ class WidthConstruction(Construction):
         ]
         return max(systems) + network
 
-    def solve(self, net: NormNet, target: MLPSpec, domain: Box, *, progress: Progress | None = None) -> NormNet:
-        plan = self.plan_of(net, target)
+    def solve(
+        self, net: NormNet, target: MLPSpec, domain: Box, *, progress: Progress | None = None, plan: Plan | None = None
+    ) -> NormNet:
+        plan = self.matched(net, target, plan)[0]
         spec, out, margin = begin_solve(net, target)
         boxes = interval_bounds(spec, domain)
         records, notes = [], []
