@@ -4,6 +4,10 @@ tested here by type, over every registered stage type."""
 
 from __future__ import annotations
 
+import re
+import textwrap
+from pathlib import Path
+
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -347,3 +351,52 @@ def test_reconstruct_validates_and_plans_once(method, target, options, monkeypat
     f = onlynorm.reconstruct(g, method=method, **options)
     assert calls == {"plan": 1, "check_options": 1, "as_target": 1}, calls
     assert f.is_solved
+
+
+def test_the_architecture_guide_example_stage_type_works(tmp_path):
+    """docs/ARCHITECTURE.md's worked example of adding a stage type, executed as written: one class and one
+    registration line give a stage that loads, exports and is read by the certificate's view."""
+    from onlynorm.nets import stage as stage_module
+    from onlynorm.nets.onnx_graph import batchnorm, linear, relu_if
+    from onlynorm.nets.stage import StageLayout, frozen_module, make_batchnorm, normalize, register_stage
+    from onlynorm.nets.views import AffineView, read_linear, read_norm
+
+    doc = (Path(__file__).parent.parent / "docs" / "ARCHITECTURE.md").read_text()
+    found = re.search(r"```python\n( *@register_stage[^\n]*\n *class ScaledLinear.*?) *```", doc, re.S)
+    assert found is not None, "the worked example is gone from docs/ARCHITECTURE.md"
+    source = found.group(1)
+    namespace = dict(
+        torch=torch,
+        nn=nn,
+        Stage=Stage,
+        StageLayout=StageLayout,
+        register_stage=register_stage,
+        frozen_module=frozen_module,
+        make_batchnorm=make_batchnorm,
+        normalize=normalize,
+        AffineView=AffineView,
+        read_linear=read_linear,
+        read_norm=read_norm,
+        linear=linear,
+        batchnorm=batchnorm,
+        relu_if=relu_if,
+    )
+    exec(compile(textwrap.dedent(source), "ARCHITECTURE.md", "exec"), namespace)
+    cls = namespace["ScaledLinear"]
+    try:
+        stage = cls(3, 2, scale=0.5, relu=False)
+        with torch.no_grad():
+            stage.linear.weight.copy_(torch.randn(2, 3, dtype=torch.float64))
+            stage.norm.weight.copy_(torch.tensor([2.0, -1.0], dtype=torch.float64))
+        net = NormNet([stage], meta={"method": "custom", "target_dims": [3, 2]})
+        x = torch.randn(4, 3, dtype=torch.float64)
+        view = stage.affine("stage 0")
+        assert torch.allclose(net(x), x @ (view.gamma[:, None] * view.weight).T + view.beta, atol=1e-14)
+        with torch.enable_grad():
+            assert torch.equal(net(x), net(x.clone().requires_grad_(True)).detach())
+        net.save(tmp_path / "scaled.safetensors")
+        assert torch.equal(NormNet.load(tmp_path / "scaled.safetensors")(x), net(x))
+        got = _run_onnx(net, x, tmp_path, lower=True)
+        assert np.abs(got - net(x).detach().numpy()).max() < 1e-14
+    finally:
+        stage_module.STAGES.pop("scaled_linear", None)
