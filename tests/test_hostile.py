@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 import onlynorm
 from onlynorm import _io
@@ -401,3 +402,26 @@ def test_the_console_command_is_the_launcher():
 
     (script,) = [e for e in entry_points(group="console_scripts") if e.name == "onlynorm"]
     assert script.value == "onlynorm_launcher:main"
+
+
+def test_export_refuses_its_own_input_and_a_read_only_output(tmp_path, capsys):
+    """`export --onnx` onto the network file it reads, or onto a read-only file: exit 2, one line, nothing
+    replaced; a writable file it replaces keeps its permissions."""
+    import stat
+
+    net_path = tmp_path / "net.safetensors"
+    onlynorm.reconstruct(nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1)).double()).save(net_path)
+    before = net_path.read_bytes()
+    _assert_refused(*_run(["export", str(net_path), "--onnx", str(net_path)], capsys), contains="is the input file")
+    assert net_path.read_bytes() == before
+    protected = tmp_path / "protected.onnx"
+    protected.write_bytes(b"keep")
+    protected.chmod(0o444)
+    _assert_refused(*_run(["export", str(net_path), "--onnx", str(protected)], capsys), contains="read-only")
+    assert protected.read_bytes() == b"keep" and stat.S_IMODE(protected.stat().st_mode) == 0o444
+    shared = tmp_path / "shared.onnx"
+    shared.write_bytes(b"old")
+    shared.chmod(0o640)
+    code, err = _run(["export", str(net_path), "--onnx", str(shared)], capsys)
+    assert code == 0, err
+    assert shared.read_bytes() != b"old" and stat.S_IMODE(shared.stat().st_mode) == 0o640

@@ -34,7 +34,7 @@ def _umask() -> int:
 def check_output_path(path: str | os.PathLike, *, inputs: tuple[str | os.PathLike, ...] = ()) -> Path:
     """Refuse, before any work, an output path that cannot or must not be written: an empty name, a directory, a
     missing or unwritable parent, a special file (FIFO, device, socket — only regular files are ever replaced),
-    or one of the run's own ``inputs``.
+    a read-only file, or one of the run's own ``inputs``.
 
     >>> check_output_path("")
     Traceback (most recent call last):
@@ -53,6 +53,12 @@ def check_output_path(path: str | os.PathLike, *, inputs: tuple[str | os.PathLik
         raise FileFormatError(
             f"output path {str(final)!r} exists and is not a regular file (a FIFO, device or "
             "socket); onlynorm only replaces regular files — choose another name"
+        )
+    # by its mode bits, not os.access: root may write anything, but a file nobody may write was protected on purpose
+    if final.is_file() and not (final.stat().st_mode & 0o222 and os.access(final, os.W_OK)):
+        raise FileFormatError(
+            f"output path {str(final)!r} exists and is read-only; onlynorm does not replace a file you protected — "
+            "choose another name or make it writable"
         )
     parent = final.parent
     if not parent.is_dir():
@@ -100,7 +106,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent or ".")
     os.close(fd)
     tmp = Path(tmp_name)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; an output file gets the usual permissions
+    # mkstemp makes 0600: a new output file gets the usual permissions, a replaced one keeps its own
+    os.chmod(tmp, final.stat().st_mode & 0o7777 if final.is_file() else 0o666 & ~_umask())
     try:
         yield tmp
         if final.exists() and not final.is_file():  # became special while we worked: never replace it

@@ -263,10 +263,11 @@ def export(
         ..., "--onnx", help="Where to write the ONNX file (needs the onnx extra: pip install onlynorm\\[onnx])."
     ),
 ) -> None:
-    """Export NET as ONNX: MatMul/Conv, BatchNormalization (epsilon 0), Relu, pooling; float64 or float32."""
+    """Export NET as ONNX: MatMul/Conv, BatchNormalization, Relu, pooling; float64 or float32."""
     from ..nets.normnet import NormNet
     from ..nets.onnx import export_onnx
 
+    check_output_path(onnx, inputs=(net,))
     info = export_onnx(NormNet.load(net), onnx)
     print_rows(
         console,
