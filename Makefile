@@ -20,11 +20,13 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/onlynorm demo
 
-# Lint and types first: a finding fails the run like a failing test.
+# Lint, types and structure (module/function size, import cycles) first: a finding fails the run like a failing test.
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks scripts
 	$(VENV)/bin/ruff format --check src tests benchmarks scripts
 	$(VENV)/bin/mypy
+	$(PY) scripts/check_size.py src
+	$(PY) scripts/check_imports.py src/onlynorm
 
 test: lint
 	$(PY) -m pytest -q -n 2 -m "not heavy"

@@ -3,7 +3,7 @@
 A function counts from its first decorator to its last line (docstring included); a module counts all its lines.
 Exits 1 when anything is over the limits, so it can gate a lint run::
 
-    python scripts/check_size.py src --exclude src/onlynorm/normnet.py
+    python scripts/check_size.py src
 """
 
 from __future__ import annotations
