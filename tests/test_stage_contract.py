@@ -309,7 +309,7 @@ def test_batch_statistics_mode_gives_back_the_exact_eps():
     f.batch_statistics = True
     f.train()
     assert all(m.eps > 0 and m.training for m in f.norm_modules())
-    with onlynorm.nets.stage.inference_form(f):
+    with onlynorm.nets.modules.inference_form(f):
         assert all(not m.training for m in f.norm_modules())
     assert all(m.eps > 0 and m.training for m in f.norm_modules())  # restored exactly, eps included
     f.eval()
@@ -357,8 +357,9 @@ def test_the_architecture_guide_example_stage_type_works(tmp_path):
     """docs/ARCHITECTURE.md's worked example of adding a stage type, executed as written: one class and one
     registration line give a stage that loads, exports and is read by the certificate's view."""
     from onlynorm.nets import stage as stage_module
+    from onlynorm.nets.modules import frozen_module, make_batchnorm, normalize
     from onlynorm.nets.onnx_graph import batchnorm, linear, relu_if
-    from onlynorm.nets.stage import StageLayout, frozen_module, make_batchnorm, normalize, register_stage
+    from onlynorm.nets.stage import StageLayout, register_stage
     from onlynorm.nets.views import AffineView, read_linear, read_norm
 
     doc = (Path(__file__).parent.parent / "docs" / "ARCHITECTURE.md").read_text()

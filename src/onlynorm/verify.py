@@ -20,8 +20,8 @@ from .constructions.conv_memory import batch_size_for
 from .constructions.memory import format_bytes, memory_limit
 from .domain import Box, resolve_domain
 from .errors import InvalidNetworkError, NotCertifiableError
+from .nets.modules import inference_form
 from .nets.normnet import NormNet
-from .nets.stage import inference_form
 from .options import check_scalar, check_seed
 from .targets.convert import as_target
 from .targets.mlp import MLPSpec

@@ -26,8 +26,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..nets.modules import ModuleSeq
 from ..nets.normnet import NormNet
-from ..nets.stage import STAGES, ModuleSeq
+from ..nets.stage import STAGES
 from ..nets.views import hook_problem
 
 __all__ = [

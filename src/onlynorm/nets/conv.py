@@ -16,18 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .modules import ModuleSeq, conv2d_config, frozen_module, make_batchnorm
 from .onnx_graph import OnnxGraph, add_all, batchnorm, conv, pad, relu_if, windows
-from .stage import (
-    ModuleSeq,
-    Stage,
-    StageLayout,
-    conv2d_config,
-    frozen_module,
-    make_batchnorm,
-    register_stage,
-    stage_description,
-    stage_from_description,
-)
+from .stage import Stage, StageLayout, register_stage, stage_description, stage_from_description
 from .views import AffineView, read_conv, read_norm
 
 __all__ = ["NormConv2d", "FixedOp", "ResidualStage"]

@@ -11,8 +11,9 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..errors import InvalidNetworkError
+from .modules import frozen_module, make_batchnorm, normalize
 from .onnx_graph import OnnxGraph, batchnorm, conv, conv_kernel
-from .stage import Stage, StageLayout, frozen_module, make_batchnorm, normalize, register_stage
+from .stage import Stage, StageLayout, register_stage
 from .stream import block_sizes
 from .views import StreamView, read_conv, read_norm
 

@@ -15,8 +15,9 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .modules import frozen_module, make_batchnorm
 from .onnx_graph import OnnxGraph, batchnorm, linear, relu_if
-from .stage import Stage, StageLayout, frozen_module, make_batchnorm, register_stage
+from .stage import Stage, StageLayout, register_stage
 from .views import AffineView, read_linear, read_norm
 
 __all__ = ["NormLinear"]

@@ -37,9 +37,10 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import _io
 from ..errors import FileFormatError, InvalidNetworkError
+from .modules import RAISED_EPS, ModuleSeq
 from .onnx import export_onnx
 from .records import NetMeta
-from .stage import RAISED_EPS, STAGES, ModuleSeq, Stage, check_sizes, dtype_name
+from .stage import STAGES, Stage, check_sizes, dtype_name
 
 FORMAT = "onlynorm.normnet"
 NORMSET_FORMAT = "onlynorm.normset"

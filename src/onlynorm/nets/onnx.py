@@ -32,8 +32,9 @@ from torch import nn
 from .. import _io
 from .._version import __version__
 from ..errors import InvalidNetworkError
+from .modules import inference_form
 from .onnx_graph import OnnxGraph, onnx_module
-from .stage import Stage, inference_form
+from .stage import Stage
 from .views import hook_problem
 
 __all__ = ["export_onnx", "build_model", "OPSET"]

@@ -9,8 +9,9 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .modules import conv2d_config, make_batchnorm
 from .onnx_graph import OnnxGraph, batchnorm, conv, linear
-from .stage import Stage, StageLayout, conv2d_config, make_batchnorm, register_stage
+from .stage import Stage, StageLayout, register_stage
 
 __all__ = ["PretrainedStage", "PretrainedLinear", "PretrainedConv2d", "norm_stats"]
 

@@ -15,8 +15,9 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .linear import NormLinear
+from .modules import ModuleSeq, frozen_module, make_batchnorm
 from .onnx_graph import OnnxGraph, add_all, batchnorm, matmul, relu_if, slice_last
-from .stage import ModuleSeq, Stage, StageLayout, frozen_module, make_batchnorm, register_stage
+from .stage import Stage, StageLayout, register_stage
 from .views import BranchStreamView, BranchView, read_linear, read_norm
 
 __all__ = ["ResidualStream", "block_sizes"]
