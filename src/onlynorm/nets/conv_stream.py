@@ -103,11 +103,19 @@ class ConvStream(Stage):
 
     def branch_pre(self, x: torch.Tensor) -> torch.Tensor:
         """``A * x`` for every block at once (before the branch BatchNorm)."""
+        shared = (self.branch.stride, self.branch.padding, self.branch.dilation)
         for module in (self.branch, self.rest):
-            if module is not None and (module.padding_mode != "zeros" or module.bias is not None):
+            if module is None:
+                continue
+            if module.padding_mode != "zeros" or module.bias is not None:
                 raise InvalidNetworkError(
                     f"conv_stream: the branch convs are evaluated bias-free with zero padding; found "
                     f"padding_mode={module.padding_mode!r}, bias={module.bias is not None}"
+                )
+            if (module.stride, module.padding, module.dilation) != shared:
+                raise InvalidNetworkError(
+                    f"conv_stream: every block convolves with the branch's stride/padding/dilation {shared}; found "
+                    f"{(module.stride, module.padding, module.dilation)} on the last block"
                 )
         split = self.full * self.block
         g = self.geometry
