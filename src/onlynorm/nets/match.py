@@ -25,6 +25,7 @@ line naming the first layer and stage that differ.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -115,8 +116,7 @@ def target_layers(target: MLPSpec | ConvNetSpec) -> tuple[Layer, ...]:
 
 def match(target: MLPSpec | ConvNetSpec, stages: Sequence[Stage], group: Group) -> tuple[Node, ...]:
     """Pair ``target``'s layers with ``stages`` (a network's ``layers``); see the module docstring."""
-    counter = iter(range(1 << 62))
-    return _match(target_layers(target), list(stages), (), group, counter)
+    return _match(target_layers(target), list(stages), (), group, itertools.count())
 
 
 def _match(layers, stages: list[Stage], at: StagePath, group: Group, counter: Iterator[int]) -> tuple[Node, ...]:
