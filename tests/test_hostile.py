@@ -401,3 +401,185 @@ def test_the_console_command_is_the_launcher():
 
     (script,) = [e for e in entry_points(group="console_scripts") if e.name == "onlynorm"]
     assert script.value == "onlynorm_launcher:main"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Issue 18, CLI and API contract: every refusal is exactly one line (no blank line either), exit 2, nothing written.
+
+
+def _assert_exactly_one_line(code: int, err: str, *, contains: str = "") -> None:
+    assert code == 2, err
+    assert err.endswith("\n") and err.count("\n") == 1, f"expected exactly one line on stderr, found:\n{err!r}"
+    assert err.startswith("error: ") and "\x1b" not in err and "Traceback" not in err, repr(err)
+    assert contains.lower() in err.lower(), err
+
+
+def _cnn_model(in_shape=(1, 4, 4)) -> torch.nn.Sequential:
+    torch.manual_seed(0)
+    side = in_shape[1] - 2
+    return (
+        torch.nn.Sequential(
+            torch.nn.Conv2d(in_shape[0], 2, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(2 * side**2, 2)
+        )
+        .double()
+        .eval()
+    )
+
+
+def input_file_corpus(d: Path) -> dict[str, tuple[Path, str]]:
+    """Target files of issue 18: name → (file, a word the one-line message must contain)."""
+    from safetensors.torch import save_file
+
+    good = {k: v.clone() for k, v in random_mlp([3, 4, 2], seed=0).state_dict().items()}
+    save_file({k: v.to(torch.float8_e4m3fn) for k, v in good.items()}, str(d / "float8.safetensors"))
+    save_file({**good, "0.bias": good["0.bias"] > 0}, str(d / "bool_bias.safetensors"))
+    torch.save({**good, "2.bias": good["2.bias"].to(torch.int32)}, d / "int_bias.pt")
+    with open(d / "plain_pickle.pt", "wb") as fh:  # a pickle that is not a torch file: torch warns, then refuses
+        import pickle
+
+        pickle.dump({"0.weight": [[1.0]]}, fh, protocol=4)
+    torch.save(random_mlp([3, 4, 2], seed=0), d / "whole_model.pt")  # torch's refusal has ANSI bold markers
+    tensors = {
+        "0.weight": torch.randn(2, 1, 3, 3, dtype=torch.float64).to(torch.float8_e5m2),
+        "0.bias": torch.zeros(2, dtype=torch.float64),
+        "3.weight": torch.randn(2, 8, dtype=torch.float64),
+        "3.bias": torch.zeros(2, dtype=torch.float64),
+    }
+    layers = [CONV, {"type": "relu"}, {"type": "flatten"}, {"type": "linear", "weight": "3.weight", "bias": "3.bias"}]
+    _safetensors_with_meta(d / "cnn_float8.safetensors", tensors, _cnn_doc(layers))
+    tensors["0.weight"], tensors["0.bias"] = torch.randn(2, 1, 3, 3, dtype=torch.float64), torch.ones(2) > 0
+    _safetensors_with_meta(d / "cnn_bool_bias.safetensors", tensors, _cnn_doc(layers))
+    return {
+        "float8 weights": (d / "float8.safetensors", "float8_e4m3fn"),
+        "bool bias": (d / "bool_bias.safetensors", "dtype bool"),
+        "int bias (.pt)": (d / "int_bias.pt", "dtype int32"),
+        "plain pickle .pt": (d / "plain_pickle.pt", "weights-only"),
+        "whole model .pt": (d / "whole_model.pt", "weights-only"),
+        "cnn float8 weights": (d / "cnn_float8.safetensors", "float8_e5m2"),
+        "cnn bool bias": (d / "cnn_bool_bias.safetensors", "dtype bool"),
+        "input name over 255 bytes": (d / ("t" * 300 + ".safetensors"), "255"),
+    }
+
+
+@pytest.mark.parametrize("command", ["reconstruct"])
+def test_issue18_target_files_get_exactly_one_line(tmp_path, capsys, command):
+    cases = input_file_corpus(tmp_path)
+    out = tmp_path / "out.safetensors"
+    failures = []
+    for name, (path, word) in cases.items():
+        code, err = _run([command, str(path), "--out", str(out)], capsys)
+        try:
+            _assert_exactly_one_line(code, err, contains=word)
+            assert not out.exists()
+        except AssertionError as exc:
+            failures.append(f"{name}: {exc}")
+    assert not failures, "\n".join(failures)
+
+
+def test_issue18_torch_load_warnings_are_silenced(tmp_path):
+    """A plain pickle makes torch warn about its protocol before refusing; onlynorm's own torch.load says nothing
+    but its one-line refusal (the warning would print above the error)."""
+    import warnings
+
+    path, _ = input_file_corpus(tmp_path)["plain pickle .pt"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(onlynorm.FileFormatError, match="weights-only"):
+            _io.read_tensors(path)
+    assert [str(w.message) for w in caught] == []
+
+
+@pytest.mark.parametrize(
+    "argv, word",
+    [
+        (["reconstruct", "{d}/plain_pickle.pt", "--out", "{d}/o.safetensors"], "weights-only"),
+        (["reconstruct", "{d}/whole_model.pt", "--out", "{d}/o.safetensors"], "weights-only"),
+    ],
+)
+def test_issue18_console_command_prints_one_line_to_a_pipe(tmp_path, argv, word):
+    """As the console command runs, stderr a pipe (not a terminal): no warning lines, no ANSI codes, no traceback
+    from a half-made Dask Client's ``__del__`` at exit."""
+    input_file_corpus(tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-c", "import onlynorm_launcher; onlynorm_launcher.main()"]
+        + [a.format(d=tmp_path) for a in argv],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    _assert_exactly_one_line(proc.returncode, proc.stderr, contains=word)
+    assert not (tmp_path / "o.safetensors").exists() and not (tmp_path / "r").exists()
+
+
+def test_issue18_long_output_names(tmp_path, capsys):
+    """A name over the file system's limit is refused before any work; one at the limit is written (the temporary
+    file beside it must fit too)."""
+    target = tmp_path / "g.safetensors"
+    onlynorm.MLPSpec.from_module(random_mlp([3, 4, 2], seed=0)).save(target)
+    code, err = _run(["reconstruct", str(target), "--out", str(tmp_path / ("o" * 300 + ".safetensors"))], capsys)
+    _assert_exactly_one_line(code, err, contains="255")
+    at_limit = tmp_path / ("o" * (255 - len(".safetensors")) + ".safetensors")
+    code, _err = _run(["reconstruct", str(target), "--out", str(at_limit)], capsys)
+    assert code == 0 and at_limit.is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["g.safetensors", at_limit.name])
+
+
+@pytest.mark.parametrize("path", [123, None, 1.5, b"net.safetensors", ["net.safetensors"]])
+def test_issue18_non_path_arguments_are_file_format_errors(path, tmp_path):
+    net = onlynorm.reconstruct(random_mlp([3, 4, 2], seed=0), seed=0)
+    for call in (
+        lambda: onlynorm.NormNet.load(path),
+        lambda: onlynorm.MLPSpec.load(path),
+        lambda: onlynorm.targets.load_target(path),
+        lambda: net.load_norms(path),
+        lambda: net.save(path),
+        lambda: net.save_norms(path),
+    ):
+        with pytest.raises(onlynorm.FileFormatError, match="expected a file name"):
+            call()
+
+
+def _meta_copy(model: torch.nn.Module) -> torch.nn.Module:
+    import copy
+
+    return copy.deepcopy(model).to("meta")
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda g: onlynorm.reconstruct(_meta_copy(g)),
+        lambda g: onlynorm.random_normnet(_meta_copy(g)),
+        lambda g: onlynorm.MLPSpec.from_module(_meta_copy(g)),
+        lambda g: onlynorm.verify(onlynorm.reconstruct(g, seed=0), _meta_copy(g), samples=10),
+        lambda g: onlynorm.capacity(onlynorm.reconstruct(g, seed=0), _meta_copy(g)),
+        lambda g: onlynorm.fit_norms(onlynorm.random_normnet(g), _meta_copy(g), onlynorm.Box(-1, 1)),
+        lambda g: onlynorm.solve_norms(onlynorm.random_normnet(g), _meta_copy(g), onlynorm.Box(-1, 1)),
+        lambda g: onlynorm.reconstruct(_meta_copy(_cnn_model()), in_shape=(1, 4, 4)),
+    ],
+    ids=["reconstruct", "random_normnet", "MLPSpec", "verify", "capacity", "fit_norms", "solve_norms", "cnn"],
+)
+def test_issue18_meta_device_targets_are_refused(call):
+    with pytest.raises(onlynorm.InvalidTargetError, match="meta device"):
+        call(random_mlp([3, 4, 2], seed=0))
+
+
+@pytest.mark.parametrize(
+    "layer, key, value, word",
+    [
+        (0, "bias", torch.ones(4, dtype=torch.bool), "dtype bool"),
+        (1, "bias", torch.ones(2, dtype=torch.int64), "dtype int64"),
+        (0, "weight", torch.ones(4, 3).to(torch.float8_e4m3fn), "float8_e4m3fn"),
+        (1, "weight", torch.ones(2, 4).to(torch.float8_e5m2), "float8_e5m2"),
+    ],
+)
+def test_issue18_target_tensors_must_be_floating_point(layer, key, value, word):
+    g = random_mlp([3, 4, 2], seed=0)
+    weights, biases = [g[0].weight, g[2].weight], [g[0].bias, g[2].bias]
+    (weights if key == "weight" else biases)[layer] = value
+    with pytest.raises(onlynorm.InvalidTargetError, match=f"layer {layer}: {key}: .*{word}"):
+        onlynorm.MLPSpec(tuple(weights), tuple(biases))
+    module = random_mlp([3, 4, 2], seed=0)
+    setattr(module[2 * layer], key, torch.nn.Parameter(value, requires_grad=False))
+    with pytest.raises(onlynorm.InvalidTargetError, match=word):
+        onlynorm.reconstruct(module)

@@ -375,24 +375,33 @@ def main(argv: list[str] | None = None) -> None:
         )
     except RecursionError:
         _fail("error: the input is nested too deeply to process; expected a flatter architecture description", 2)
+    except OSError as exc:  # the file system refused (name too long, permission, disk full): the input, not a bug
+        if exc.errno is None:
+            _internal(exc)
+        where = f": {exc.filename!r:.120}" if exc.filename else ""
+        _fail(f"error: cannot access a file{where} ({exc.strerror or exc}); check the path and the disk", 2)
     except Exception as exc:  # an onlynorm bug, not the user's input: one line, unless debugging
-        if os.environ.get("ONLYNORM_DEBUG"):
-            raise
-        first = str(exc).splitlines()[0] if str(exc) else ""
-        _fail(
-            f"internal error: {type(exc).__name__}: {first} (set ONLYNORM_DEBUG=1 for a traceback and please "
-            "report it)",
-            3,
-        )
+        _internal(exc)
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def _internal(exc: BaseException) -> None:
+    if os.environ.get("ONLYNORM_DEBUG"):
+        raise exc
+    first = str(exc).splitlines()[0] if str(exc) else ""
+    _fail(
+        f"internal error: {type(exc).__name__}: {first} (set ONLYNORM_DEBUG=1 for a traceback and please report it)", 3
+    )
 
 
 def _fail(message: str, code: int) -> None:
     from rich.file_proxy import FileProxy
 
+    from .._io import plain_text
+
     stream = sys.stderr
     while isinstance(stream, FileProxy):  # an interrupted rich progress bar can leave stderr redirected into it
         stream = stream.rich_proxied_file
-    print(" ".join(message.split()), file=stream, flush=True)  # one line, whatever the message held
+    print(plain_text(message), file=stream, flush=True)  # one line without escape codes, whatever the message held
     sys.exit(code)

@@ -34,7 +34,20 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .. import _io
 from ..domain import Box
 from ..errors import FileFormatError, InvalidTargetError
-from .layers import Conv, Flatten, Layer, Linear, Pool, ReLU, ResidualBlock, layer_from_json, pair, run_layers, walk
+from .layers import (
+    Conv,
+    Flatten,
+    Layer,
+    Linear,
+    Pool,
+    ReLU,
+    ResidualBlock,
+    check_target_tensor,
+    layer_from_json,
+    pair,
+    run_layers,
+    walk,
+)
 from .residual import Residual
 
 __all__ = [
@@ -223,8 +236,7 @@ class ConvNetSpec:
             for key in ("weight", "bias"):
                 t = getattr(layer, key, None)
                 if t is not None:
-                    if not torch.isfinite(t).all():
-                        raise InvalidTargetError(f"{layer.type} layer: {key} has NaN/Inf values; expected finite")
+                    check_target_tensor(t, f"{layer.type} layer: {key}")
                     dtype = dtype or t.dtype
         try:
             with torch.no_grad():

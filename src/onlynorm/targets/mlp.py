@@ -23,11 +23,12 @@ from torch import nn
 
 from .. import _io
 from ..errors import InvalidTargetError
+from .layers import check_target_tensor
 
 if TYPE_CHECKING:  # for the annotation only: this module imports cnn lazily, where it is used
     from .cnn import ConvNetSpec
 
-__all__ = ["MLPSpec", "as_target", "load_target"]
+__all__ = ["MLPSpec", "as_target", "load_target", "read_target", "RELU_ASSUMED"]
 
 # Layers that are the identity at inference and may sit anywhere in a target Sequential.
 _INFERENCE_IDENTITY = (nn.Identity, nn.Dropout)
@@ -59,8 +60,6 @@ class MLPSpec:
         for i, (w, b) in enumerate(zip(weights, biases)):
             if w.ndim != 2:
                 raise InvalidTargetError(f"layer {i}: expected a 2-D weight (out, in), found shape {tuple(w.shape)}")
-            if not w.is_floating_point():
-                raise InvalidTargetError(f"layer {i}: expected a floating-point weight, found dtype {w.dtype}")
             if w.shape[0] == 0 or w.shape[1] == 0:
                 raise InvalidTargetError(f"layer {i}: weight has an empty dimension, shape {tuple(w.shape)}")
             if b.shape != (w.shape[0],):
@@ -74,12 +73,7 @@ class MLPSpec:
                     f"but layer {i} expects {w.shape[1]} inputs (weight shape {tuple(w.shape)})"
                 )
             for name, t in (("weight", w), ("bias", b)):
-                if not torch.isfinite(t).all():
-                    bad = int((~torch.isfinite(t)).sum())
-                    raise InvalidTargetError(
-                        f"layer {i}: {name} has {bad} non-finite value(s) (NaN or Inf); expected finite numbers — "
-                        "check the training run that produced this target"
-                    )
+                check_target_tensor(t, f"layer {i}: {name}")
         object.__setattr__(self, "weights", weights)
         object.__setattr__(self, "biases", biases)
 
@@ -297,9 +291,26 @@ def _linear(record) -> nn.Linear:
 def load_target(path: str | os.PathLike):
     """Load a target file for the CLI: an MLP state_dict (safetensors or ``.pt``), or a CNN saved by
     ``ConvNetSpec.save`` (safetensors with its JSON architecture description)."""
+    return read_target(path)[0]
+
+
+#: what the CLI says when it reads a bare state_dict: its weights carry no activation function
+RELU_ASSUMED = (
+    "note: {name} is a bare state_dict, which records no activation function; it is read as a ReLU MLP (ReLU after "
+    "every Linear but the last). A Tanh/GELU/... model is NOT this network — save targets with "
+    "onlynorm.MLPSpec.from_module(model).save(path), which refuses other activations"
+)
+
+
+def read_target(path: str | os.PathLike):
+    """``(target, relu_assumed)``: the target of :func:`load_target`, and whether the file is a bare state_dict
+    (no onlynorm metadata), whose activation is *assumed* to be ReLU — a state_dict records only weights, so a Tanh
+    model's state_dict reads as the ReLU network with the same weights. Files written by :meth:`MLPSpec.save`
+    (which only accepts ReLU models) or ``ConvNetSpec.save`` record what they are."""
     tensors, meta = _io.read_tensors(path)
     if meta is not None and meta.get("kind") == "cnn-target":
         from .cnn import ConvNetSpec
 
-        return ConvNetSpec.from_document(meta, tensors, source=str(path))
-    return MLPSpec.from_state_dict(tensors, source=str(path))
+        return ConvNetSpec.from_document(meta, tensors, source=str(path)), False
+    assumed = meta is None or meta.get("kind") != "mlp-target"
+    return MLPSpec.from_state_dict(tensors, source=str(path)), assumed
