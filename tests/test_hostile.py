@@ -583,3 +583,128 @@ def test_issue18_target_tensors_must_be_floating_point(layer, key, value, word):
     setattr(module[2 * layer], key, torch.nn.Parameter(value, requires_grad=False))
     with pytest.raises(onlynorm.InvalidTargetError, match=word):
         onlynorm.reconstruct(module)
+
+
+def issue18_network_corpus(d: Path) -> dict[str, tuple[Path, str]]:
+    """Network files with recorded options or tensors tampered: name → (file, a word the message must contain)."""
+    g = random_mlp([3, 4, 2], seed=0)
+    cases = {}
+    for method in ("width", "deep"):
+        net = onlynorm.reconstruct(g, method=method, seed=0)
+        net.save(d / f"{method}.safetensors")
+        tensors, doc = _io.read_tensors(d / f"{method}.safetensors")
+        gamma = next(k for k in tensors if k.endswith("norm.weight"))
+        frozen = next(k for k in tensors if k.endswith(".weight") and "norm" not in k)
+        for name, edit, word in (
+            ("margin a string", lambda t, m: m["meta"]["options"].__setitem__("margin", "abc"), "meta.options.margin"),
+            ("margin negative", lambda t, m: m["meta"]["options"].__setitem__("margin", -1.0), "meta.options.margin"),
+            ("margin a list", lambda t, m: m["meta"]["options"].__setitem__("margin", [1e-3]), "meta.options.margin"),
+            ("unknown option", lambda t, m: m["meta"]["options"].__setitem__("colour", 3), "meta.options"),
+            ("float8 gamma", lambda t, m, k=gamma: t.__setitem__(k, t[k].to(torch.float8_e4m3fn)), "float8_e4m3fn"),
+            ("float16 gamma", lambda t, m, k=gamma: t.__setitem__(k, t[k].half()), "float16"),
+            ("float32 frozen weight", lambda t, m, k=frozen: t.__setitem__(k, t[k].float()), "float32"),
+        ):
+            t2, doc2 = dict(tensors), json.loads(json.dumps(doc))
+            edit(t2, doc2)
+            path = d / f"{method}_{name.replace(' ', '_')}.safetensors"
+            _io.write_tensors(path, t2, metadata=doc2)
+            cases[f"{method}: {name}"] = (path, word)
+    doc2 = json.loads(json.dumps(doc))  # the last network is the deep one
+    doc2["meta"]["options"]["block"] = "two"
+    _io.write_tensors(d / "deep_block_string.safetensors", tensors, metadata=doc2)
+    cases["deep: block a string"] = (d / "deep_block_string.safetensors", "meta.options.block")
+    return cases
+
+
+def test_issue18_tampered_network_files_get_exactly_one_line(tmp_path, capsys):
+    cases = issue18_network_corpus(tmp_path)
+    onlynorm.MLPSpec.from_module(random_mlp([3, 4, 2], seed=0)).save(tmp_path / "g.safetensors")
+    g = str(tmp_path / "g.safetensors")
+    failures = []
+    for name, (path, word) in cases.items():
+        for argv in (
+            ["verify", str(path), g, "--samples", "10"],
+            ["capacity", str(path), g],
+            ["fit", str(path), g, "--out", str(tmp_path / "o.safetensors"), "--budget", "1"],
+        ):
+            code, err = _run(argv, capsys)
+            try:
+                _assert_exactly_one_line(code, err, contains=word)
+                assert not (tmp_path / "o.safetensors").exists()
+            except AssertionError as exc:
+                failures.append(f"{name} ({argv[0]}): {exc}")
+    assert not failures, "\n".join(failures)
+
+
+def test_issue18_options_set_in_memory_are_checked_when_solving():
+    g = random_mlp([3, 4, 2], seed=0)
+    frozen = onlynorm.random_normnet(g, seed=0)
+    frozen.meta.options["margin"] = "abc"
+    with pytest.raises(onlynorm.InvalidOptionError, match="margin: expected a number"):
+        onlynorm.solve_norms(frozen, g, onlynorm.Box(-1, 1))
+
+
+def _cnn_network_files(d: Path, in_shape, method: str, edits: dict) -> tuple[Path, dict[str, Path]]:
+    spec = onlynorm.ConvNetSpec.from_module(_cnn_model(in_shape), in_shape=in_shape)
+    spec.save(d / "cnn_target.safetensors")
+    net = onlynorm.reconstruct(spec, method=method, seed=0, domain=onlynorm.Box(0.0, 1.0))
+    net.save(d / "cnn_net.safetensors")
+    tensors, doc = _io.read_tensors(d / "cnn_net.safetensors")
+    files = {}
+    for name, (field, value) in edits.items():
+        doc2 = json.loads(json.dumps(doc))
+        doc2["architecture"][0][field] = value
+        files[name] = d / f"cnn_{name}.safetensors"
+        _io.write_tensors(files[name], tensors, metadata=doc2)
+    return d / "cnn_target.safetensors", files
+
+
+@pytest.mark.parametrize("method", ["width", "deep"])
+def test_issue18_cnn_geometry_edited_in_a_network_file(tmp_path, capsys, method):
+    """A stride (padding, dilation) edited in a CNN network's architecture JSON. Where the stages no longer chain,
+    loading refuses it; where they still chain (a 3×3 conv on a 3×3 image: stride changes nothing), every command
+    that relies on the plan refuses it naming the geometry, and the sampled check passes because the function
+    really is the target's."""
+    edits = {"stride": ("stride", [2, 2]), "padding": ("padding", [1, 1]), "dilation": ("dilation", [2, 2])}
+    out = tmp_path / "o.safetensors"
+    target, files = _cnn_network_files(tmp_path, (1, 6, 6), method, edits)
+    for path in files.values():
+        for argv in (
+            ["verify", str(path), str(target), "--samples", "20"],
+            ["verify", str(path), str(target), "--samples", "20", "--certify"],
+            ["capacity", str(path), str(target)],
+            ["fit", str(path), str(target), "--out", str(out), "--budget", "1"],
+            ["export", str(path), "--onnx", str(tmp_path / "o.onnx")],
+        ):
+            code, err = _run(argv, capsys)
+            _assert_exactly_one_line(code, err, contains="do not chain")
+            assert not out.exists() and not (tmp_path / "o.onnx").exists()
+    target, files = _cnn_network_files(tmp_path, (1, 3, 3), method, {"stride": ("stride", [2, 2])})
+    for argv in (
+        ["verify", str(files["stride"]), str(target), "--samples", "20", "--certify"],
+        ["capacity", str(files["stride"]), str(target)],
+        ["fit", str(files["stride"]), str(target), "--out", str(out), "--method", "exact"],
+    ):
+        code, err = _run(argv, capsys)
+        _assert_exactly_one_line(code, err, contains="stride 2×2")
+        assert not out.exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.bfloat16])
+def test_issue18_load_norms_refuses_another_dtype(tmp_path, dtype):
+    """A norm set in another dtype would be rounded (float64 → float16) or silently widened: refused, and the
+    network is left as it was."""
+    g = random_mlp([3, 4, 2], seed=0)
+    net = onlynorm.reconstruct(g, seed=0)
+    net.save_norms(tmp_path / "norms.safetensors")
+    tensors, doc = _io.read_tensors(tmp_path / "norms.safetensors")
+    _io.write_tensors(tmp_path / "other.safetensors", {k: v.to(dtype) for k, v in tensors.items()}, metadata=doc)
+    target = onlynorm.random_normnet(g, seed=0)
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    with pytest.raises(
+        onlynorm.InvalidNetworkError, match=f"dtype {str(dtype).removeprefix('torch.')}, expected float64"
+    ):
+        target.load_norms(tmp_path / "other.safetensors")
+    assert all(torch.equal(before[k], v) for k, v in target.state_dict().items())
+    target.load_norms(tmp_path / "norms.safetensors")  # the float64 set itself loads, exactly
+    assert all(torch.equal(a, b) for a, b in zip(target.norm_parameters(), net.norm_parameters()))

@@ -67,32 +67,42 @@ def _domain(low: float | None, high: float | None, stored=None):
 
 
 class _LayerProgress:
-    """A transient rich progress bar fed by the constructions' ``progress(done, total, message)`` callback."""
+    """A transient rich progress bar fed by the constructions' ``progress(done, total, message)`` callback; nothing
+    at all when stderr is not a terminal (a transient bar still leaves an empty line there, before any error)."""
 
     def __init__(self, description: str):
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-        self._progress = Progress(
-            TextColumn("[progress.description]{task.description}"),
-            BarColumn(),
-            TextColumn("{task.completed}/{task.total}"),
-            TimeElapsedColumn(),
-            console=err_console,
-            transient=True,
+        self._progress = (
+            Progress(
+                TextColumn("[progress.description]{task.description}"),
+                BarColumn(),
+                TextColumn("{task.completed}/{task.total}"),
+                TimeElapsedColumn(),
+                console=err_console,
+                transient=True,
+            )
+            if err_console.is_terminal
+            else None
         )
         self._description = description
         self._task = TaskID(0)
 
     def __enter__(self) -> _LayerProgress:
-        self._progress.__enter__()
-        self._task = self._progress.add_task(self._description, total=None)
+        if self._progress is not None:
+            self._progress.__enter__()
+            self._task = self._progress.add_task(self._description, total=None)
         return self
 
     def __exit__(self, *exc) -> None:
-        self._progress.__exit__(*exc)
+        if self._progress is not None:
+            self._progress.__exit__(*exc)
 
     def __call__(self, done: int, total: int, message: str) -> None:
-        self._progress.update(self._task, completed=done, total=total, description=f"{self._description}: {message}")
+        if self._progress is not None:
+            self._progress.update(
+                self._task, completed=done, total=total, description=f"{self._description}: {message}"
+            )
 
 
 def _reconstruct_help() -> str:

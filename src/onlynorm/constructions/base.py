@@ -7,6 +7,7 @@ instead: ``solve`` only reads frozen weights and writes normalization parameters
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
@@ -250,6 +251,8 @@ def begin_solve(net: NormNet, target) -> tuple[Any, NormNet, float]:
     check_frozen_finite(net)
     spec = target.to(dtype=net.dtype, device=net.device)
     margin = net.meta.options.get("margin")
+    if margin is not None:  # recorded options are data: a tampered value is named, not converted
+        margin = dataclasses.replace(MARGIN, name="meta.options.margin").check(margin)
     return spec, net.clone(), float(default_margin(net.dtype) if margin is None else margin)
 
 

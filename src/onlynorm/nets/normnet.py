@@ -266,6 +266,7 @@ class NormNet(nn.Module):
                 f"{source}: unsupported dtype {doc.get('dtype')!r}; expected one of {sorted(_DTYPES)}"
             )
         meta = NetMeta.from_dict(doc.get("meta"), source)  # typed: a tampered field is named
+        _check_recorded_options(meta, source)
         architecture = doc.get("architecture")
         if not isinstance(architecture, list) or not all(isinstance(c, dict) for c in architecture):
             raise FileFormatError(
@@ -307,10 +308,18 @@ class NormNet(nn.Module):
             raise FileFormatError(
                 f"{source}: weights do not match the described architecture ({detail}); re-create the file"
             )
+        _check_chains(net, dtype, source)
         for k, v in tensors.items():
-            if not v.is_floating_point() and not k.endswith("num_batches_tracked"):
+            if k.endswith("num_batches_tracked"):
+                continue
+            if not v.is_floating_point():
                 raise FileFormatError(f"{source}: tensor {k!r} has dtype {v.dtype}, expected a floating dtype")
-            if v.is_floating_point() and not torch.isfinite(v).all():
+            if v.dtype != dtype:  # loading would convert it silently (float8, float16 values in a float64 network)
+                raise FileFormatError(
+                    f"{source}: tensor {k!r} has dtype {dtype_name(v.dtype)}, expected {dtype_name(dtype)} (the dtype "
+                    "the file declares); the file is corrupt — re-create it"
+                )
+            if not torch.isfinite(v).all():
                 raise FileFormatError(f"{source}: tensor {k!r} holds NaN/Inf values; the file is corrupt")
         net.to_empty(device=device if device is not None else "cpu")
         net.load_state_dict({k: v.to(device=device) for k, v in tensors.items()}, strict=True)
@@ -386,6 +395,12 @@ class NormNet(nn.Module):
                     f"norm set {str(path)!r}: {name} has dtype {tensors[name].dtype}, expected "
                     f"{dtype_name(self.dtype)}; the file is corrupt — re-save it"
                 )
+            if tensors[name].dtype != self.dtype:  # copying would round (float64 → float16) or widen silently
+                raise InvalidNetworkError(
+                    f"norm set {str(path)!r}: {name} has dtype {dtype_name(tensors[name].dtype)}, expected "
+                    f"{dtype_name(self.dtype)} (this network's dtype); load a norm set saved from a "
+                    f"{dtype_name(self.dtype)} network, or convert the network first"
+                )
             if not torch.isfinite(tensors[name]).all():
                 raise FileFormatError(f"norm set {str(path)!r}: {name} holds NaN/Inf values")
         stored = doc.get("meta") or {}
@@ -411,3 +426,37 @@ class NormNet(nn.Module):
     def clone(self) -> NormNet:
         """A deep copy (the frozen weights are copied too, so the two networks are independent)."""
         return copy.deepcopy(self)
+
+
+def _check_recorded_options(meta: NetMeta, source: str) -> None:
+    """Type-check the construction options a network file records against the construction's declarations, so a
+    tampered value (``"margin": "abc"``) is refused on load, in one line naming the field."""
+    from ..constructions import available_methods, get_construction
+    from ..errors import InvalidOptionError
+
+    if meta.method is None or meta.method not in available_methods():
+        return  # a network without a construction (with_norms) or from a newer version: nothing declared to check
+    try:
+        get_construction(meta.method).check_options(dict(meta.options))
+    except InvalidOptionError as exc:
+        message = str(exc)
+        named = message.split(":", 1)[0].split("[", 1)[0] in meta.options  # "margin: expected ..., found 'abc'"
+        raise FileFormatError(f"{source}: meta.options{'.' if named else ': '}{message}; re-create the file") from None
+
+
+def _check_chains(net: NormNet, dtype: torch.dtype, source: str) -> None:
+    """Run the described stages on an input of the recorded shape on the meta device (shapes only, no values): a
+    tampered geometry (a stride, padding or dilation edited in the architecture) whose stages no longer chain is
+    refused here, in one line, instead of failing somewhere inside a later forward pass."""
+    shape = net.in_shape or ((net.in_features,) if net.in_features is not None else None)
+    if shape is None:
+        return
+    try:
+        with torch.no_grad():
+            net(torch.empty((1, *shape), dtype=dtype, device="meta"))
+    except (RuntimeError, ValueError, IndexError, InvalidNetworkError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise FileFormatError(
+            f"{source}: the described stages do not chain for inputs of shape {tuple(shape)} ({first[:160]}); the "
+            "architecture was edited or the file is corrupt — re-create it"
+        ) from None
