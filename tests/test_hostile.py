@@ -247,6 +247,8 @@ def files(tmp_path):
         (["verify", "{n}", "{g}", "--samples", str(10**13)], "samples"),
         (["verify", "{n}", "{g}", "--samples", "many"], "samples"),
         (["experiment", "scaling", "--seed", "-1", "--out", "{d}/runs"], "seed"),
+        (["fit", "{n}", "{g}", "--out", "{d}/o.safetensors", "--seed", "-1"], "--seed"),
+        (["fit", "{n}", "{g}", "--out", "{d}/o.safetensors", "--seed", str(2**70)], "--seed"),
         (["experiment", "nonsense", "--out", "{d}/runs"], "experiment"),
         # output paths
         (["reconstruct", "{g}", "--out", "{d}"], "is a directory"),
@@ -708,3 +710,120 @@ def test_issue18_load_norms_refuses_another_dtype(tmp_path, dtype):
     assert all(torch.equal(before[k], v) for k, v in target.state_dict().items())
     target.load_norms(tmp_path / "norms.safetensors")  # the float64 set itself loads, exactly
     assert all(torch.equal(a, b) for a, b in zip(target.norm_parameters(), net.norm_parameters()))
+
+
+FIT_METHODS = ["auto", "exact", "layerwise", "gauss-newton", "adam"]
+DTYPES = [torch.float32, torch.float64]
+
+
+@pytest.mark.parametrize("net_dtype", DTYPES, ids=["net32", "net64"])
+@pytest.mark.parametrize("target_dtype", DTYPES, ids=["target32", "target64"])
+@pytest.mark.parametrize("method", FIT_METHODS)
+def test_issue18_fit_norms_with_float32_and_float64(method, target_dtype, net_dtype):
+    """Every fit_norms method with float32 and float64 targets (a trained model saved as safetensors is float32)
+    and float32 and float64 frozen networks: the fit runs, keeps the network's dtype and does not get worse."""
+    g = random_mlp([3, 4, 2], seed=0, dtype=target_dtype)
+    hidden = None if method == "exact" else [4, 4]  # exact needs the theorem's width; the others fit below it
+    frozen = onlynorm.random_normnet(g, seed=0, dtype=net_dtype, **({} if hidden is None else {"hidden": hidden}))
+    net, report = onlynorm.fit_norms(frozen, g, onlynorm.Box(-1, 1), method=method, steps=5, samples=64)
+    assert net.dtype == net_dtype and report.method == method
+    assert all(p.dtype == net_dtype for p in net.parameters())
+    assert torch.isfinite(torch.tensor(report.final_error)) and report.final_error <= report.initial_error
+    if method == "exact":
+        assert report.final_error < (1e-9 if net_dtype == torch.float64 else 1e-4)
+
+
+@pytest.mark.parametrize("net_dtype", ["float32", "float64"])
+@pytest.mark.parametrize("target_dtype", DTYPES, ids=["target32", "target64"])
+@pytest.mark.parametrize("method", ["auto", "layerwise"])
+def test_issue18_fit_cli_with_float32_and_float64(tmp_path, capsys, method, target_dtype, net_dtype):
+    g = random_mlp([3, 4, 2], seed=0, dtype=target_dtype)
+    onlynorm.MLPSpec.from_module(g).save(tmp_path / "g.safetensors")
+    frozen, out = tmp_path / "frozen.safetensors", tmp_path / "fitted.safetensors"
+    onlynorm.random_normnet(g, hidden=[4, 4], dtype=getattr(torch, net_dtype)).save(frozen)
+    argv = ["fit", str(frozen), str(tmp_path / "g.safetensors"), "--method", method, "--budget", "1", "--out", str(out)]
+    code, err = _run(argv, capsys)
+    assert code == 0 and err == "", err
+    assert onlynorm.NormNet.load(out).dtype == getattr(torch, net_dtype)
+
+
+@pytest.mark.parametrize(
+    "kwargs, word",
+    [
+        ({"seed": -1}, "seed"),
+        ({"seed": "a"}, "seed"),
+        ({"seed": 1.5}, "seed"),
+        ({"method": "newton"}, "method"),
+        ({"method": None}, "method"),
+        ({"budget_seconds": -1}, "budget_seconds"),
+        ({"budget_seconds": float("nan")}, "budget_seconds"),
+        ({"budget_seconds": "5"}, "budget_seconds"),
+        ({"steps": 0}, "steps"),
+        ({"steps": True}, "steps"),
+        ({"samples": 2}, "samples"),
+        ({"memory_budget": 0}, "memory_budget"),
+        ({"memory_budget": "1GB"}, "memory_budget"),
+        ({"progress": 3}, "progress"),
+    ],
+)
+def test_issue18_fit_norms_bad_options_are_invalid_option_errors(kwargs, word):
+    g = random_mlp([3, 4, 2], seed=0)
+    with pytest.raises(onlynorm.InvalidOptionError, match=word):
+        onlynorm.fit_norms(onlynorm.random_normnet(g, hidden=[4, 4]), g, onlynorm.Box(-1, 1), **kwargs)
+
+
+@pytest.mark.parametrize(
+    "data, error",
+    [
+        (torch.zeros(0, 3, dtype=torch.float64), onlynorm.InvalidDomainError),
+        (torch.zeros(0, dtype=torch.float64), onlynorm.InvalidDomainError),
+        (torch.zeros(0, 0, dtype=torch.float64), onlynorm.InvalidDomainError),
+        (torch.zeros(5, 3, dtype=torch.float64), onlynorm.InvalidDomainError),
+        ([[0.0, 1.0, 2.0]], onlynorm.InvalidOptionError),
+    ],
+    ids=["0 rows", "0-d empty", "0x0", "5 rows", "a list"],
+)
+def test_issue18_fit_norms_empty_data(data, error):
+    g = random_mlp([3, 4, 2], seed=0)
+    with pytest.raises(error, match="data"):
+        onlynorm.fit_norms(onlynorm.random_normnet(g, hidden=[4, 4]), g, data)
+
+
+@pytest.mark.parametrize("shape", [(0, 3), (0,), (0, 0)])
+def test_issue18_fit_cli_empty_data(tmp_path, capsys, shape):
+    from safetensors.torch import save_file
+
+    g = random_mlp([3, 4, 2], seed=0)
+    onlynorm.MLPSpec.from_module(g).save(tmp_path / "g.safetensors")
+    onlynorm.random_normnet(g, hidden=[4, 4]).save(tmp_path / "frozen.safetensors")
+    save_file({"x": torch.zeros(shape, dtype=torch.float64)}, str(tmp_path / "x.safetensors"))
+    out = tmp_path / "o.safetensors"
+    argv = ["fit", str(tmp_path / "frozen.safetensors"), str(tmp_path / "g.safetensors"), "--out", str(out)]
+    code, err = _run(argv + ["--data", str(tmp_path / "x.safetensors")], capsys)
+    _assert_exactly_one_line(code, err, contains="data")
+    assert not out.exists()
+
+
+def test_issue18_cnn_network_with_mlp_target_and_the_reverse(tmp_path, capsys):
+    spec = onlynorm.ConvNetSpec.from_module(_cnn_model(), in_shape=(1, 4, 4))
+    g = random_mlp([3, 4, 2], seed=0)
+    spec.save(tmp_path / "cnn.safetensors")
+    onlynorm.MLPSpec.from_module(g).save(tmp_path / "mlp.safetensors")
+    for method in ("width", "deep"):
+        onlynorm.random_normnet(spec, method=method).save(tmp_path / f"cnn_{method}_net.safetensors")
+        onlynorm.random_normnet(g, method=method).save(tmp_path / f"mlp_{method}_net.safetensors")
+    out = tmp_path / "o.safetensors"
+    for method in ("width", "deep"):
+        for net, target, word in (
+            (f"cnn_{method}_net", "mlp", "expected a CNN target"),
+            (f"mlp_{method}_net", "cnn", "expected an MLP target"),
+        ):
+            files = [str(tmp_path / f"{net}.safetensors"), str(tmp_path / f"{target}.safetensors")]
+            for argv in (["fit", *files, "--out", str(out), "--budget", "1"], ["capacity", *files]):
+                code, err = _run(argv, capsys)
+                _assert_exactly_one_line(code, err, contains=word)
+                assert not out.exists()
+            net_obj, target_obj = onlynorm.NormNet.load(files[0]), onlynorm.targets.load_target(files[1])
+            for call in (onlynorm.capacity, lambda n, t: onlynorm.fit_norms(n, t, onlynorm.Box(-1, 1))):
+                with pytest.raises(onlynorm.InvalidNetworkError, match=word):
+                    call(net_obj, target_obj)

@@ -194,8 +194,10 @@ def fit(
     """Fit only the BatchNorm γ, β of FROZEN to TARGET — exact where the network can express it, the best
     approximation otherwise; prints the report (held-out error per phase)."""
     from ..demos.report import print_table
+    from ..options import check_seed
     from .fit import load_fit_data, run_fit
 
+    check_seed(seed, "--seed")
     check_output_path(out, inputs=tuple(p for p in (frozen, target, data) if p is not None))
     net, report = run_fit(
         frozen,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .. import _io
 from ..domain import Box
-from ..errors import FileFormatError, OnlyNormError
+from ..errors import FileFormatError, InvalidOptionError
 
 __all__ = ["load_fit_data", "run_fit"]
 
@@ -19,7 +19,9 @@ def load_fit_data(data: Path | None, low: float | None, high: float | None):
     """A tensor read from ``data`` or the box ``[low, high]`` (default ``[-1, 1]``)."""
     if data is not None:
         if low is not None or high is not None:
-            raise OnlyNormError("expected either --data or --low/--high, found both; the data file defines the inputs")
+            raise InvalidOptionError(
+                "expected either --data or --low/--high, found both; the data file defines the inputs"
+            )
         if Path(data).suffix.lower() != ".safetensors":
             raise FileFormatError(
                 f"--data: expected a .safetensors file holding one tensor of inputs, found "

@@ -37,6 +37,7 @@ __all__ = [
     "DEFAULT_MARGIN",
     "DEFAULT_MARGIN_REDUCED",
     "default_margin",
+    "check_target_kind",
 ]
 
 #: ``progress(done, total, message)`` is called after each solved layer (used by the CLI's progress bar).
@@ -275,3 +276,22 @@ def check_frozen_finite(net: NormNet) -> None:
             raise InvalidNetworkError(
                 "the frozen network has NaN/Inf weights; expected finite frozen weights — re-initialise them"
             )
+
+
+def check_target_kind(net: NormNet, target: Any) -> None:
+    """Refuse a CNN network with an MLP target and the reverse (:class:`InvalidNetworkError`, one line): an image
+    network's inputs are ``(c, H, W)``, an MLP network's are flat, and neither can be matched to the other's layers.
+    """
+    image_target = getattr(target, "in_shape", None) is not None
+    if net.in_shape is not None and not image_target:
+        raise InvalidNetworkError(
+            f"the network takes images of shape {tuple(net.in_shape)} (it was built for a CNN target), found an MLP "
+            f"target (dims {getattr(target, 'dims', '?')}); expected a CNN target — pass the CNN it was built for, or a "
+            "network built for this MLP"
+        )
+    if net.in_shape is None and image_target:
+        raise InvalidNetworkError(
+            f"the network takes flat inputs (it was built for an MLP target), found a CNN target with input shape "
+            f"{tuple(target.in_shape)}; expected an MLP target — pass the MLP it was built for, or build a network for "
+            "this CNN (onlynorm.random_normnet(target, in_shape=...) or `onlynorm init`)"
+        )

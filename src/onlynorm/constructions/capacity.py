@@ -29,6 +29,7 @@ from ..nets.normnet import NormNet
 from ..targets.cnn import ConvNetSpec
 from ..targets.mlp import MLPSpec, as_target
 from . import get_construction
+from .base import check_target_kind
 
 __all__ = ["capacity", "CapacityReport", "SystemCapacity"]
 
@@ -88,6 +89,7 @@ def capacity(frozen: NormNet, target: MLPSpec | ConvNetSpec | nn.Module) -> Capa
     if not isinstance(frozen, NormNet):
         raise InvalidNetworkError(f"expected a NormNet, found {type(frozen).__name__}")
     spec = as_target(target, frozen.in_shape)
+    check_target_kind(frozen, spec)
     method = frozen.meta.method or "width"
     report = CapacityReport(method=method)
     for label, A, B, W in get_construction(method).systems(frozen, spec):
