@@ -496,6 +496,14 @@ def test_issue18_torch_load_warnings_are_silenced(tmp_path):
     [
         (["reconstruct", "{d}/plain_pickle.pt", "--out", "{d}/o.safetensors"], "weights-only"),
         (["reconstruct", "{d}/whole_model.pt", "--out", "{d}/o.safetensors"], "weights-only"),
+        (
+            ["experiment", "scaling", "--quick", "--backend", "dask", "--scheduler", "not a url", "--out", "{d}/r"],
+            "--scheduler",
+        ),
+        (
+            ["experiment", "scaling", "--quick", "--backend", "dask", "--scheduler", "foo://x:1", "--out", "{d}/r"],
+            "--scheduler",
+        ),
     ],
 )
 def test_issue18_console_command_prints_one_line_to_a_pipe(tmp_path, argv, word):
