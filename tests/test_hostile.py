@@ -249,6 +249,14 @@ def files(tmp_path):
         (["experiment", "scaling", "--seed", "-1", "--out", "{d}/runs"], "seed"),
         (["fit", "{n}", "{g}", "--out", "{d}/o.safetensors", "--seed", "-1"], "--seed"),
         (["fit", "{n}", "{g}", "--out", "{d}/o.safetensors", "--seed", str(2**70)], "--seed"),
+        (["init", "{g}", "--out", "{d}/o.safetensors", "--seed", "-1"], "--seed"),
+        (["init", "{g}", "--out", "{d}/o.safetensors", "--dtype", "int8"], "--dtype"),
+        (["init", "{g}", "--out", "{d}/o.safetensors", "--method", "bogus"], "method"),
+        (["init", "{g}", "--out", "{d}/o.safetensors", "--hidden", "2.5"], "--hidden"),
+        (["init", "{g}", "--out", "{d}/o.safetensors", "--method", "deep", "--block", "0"], "block"),
+        (["init", "{g}", "--out", "{g}"], "input file"),
+        (["init", "{g}", "--out", "{d}"], "is a directory"),
+        (["init", "{g}"], "missing option"),
         (["experiment", "nonsense", "--out", "{d}/runs"], "experiment"),
         # output paths
         (["reconstruct", "{g}", "--out", "{d}"], "is a directory"),
@@ -463,7 +471,7 @@ def input_file_corpus(d: Path) -> dict[str, tuple[Path, str]]:
     }
 
 
-@pytest.mark.parametrize("command", ["reconstruct"])
+@pytest.mark.parametrize("command", ["reconstruct", "init"])
 def test_issue18_target_files_get_exactly_one_line(tmp_path, capsys, command):
     cases = input_file_corpus(tmp_path)
     out = tmp_path / "out.safetensors"
@@ -835,3 +843,79 @@ def test_issue18_cnn_network_with_mlp_target_and_the_reverse(tmp_path, capsys):
             for call in (onlynorm.capacity, lambda n, t: onlynorm.fit_norms(n, t, onlynorm.Box(-1, 1))):
                 with pytest.raises(onlynorm.InvalidNetworkError, match=word):
                     call(net_obj, target_obj)
+
+
+def test_issue18_a_bare_state_dict_says_it_is_read_as_relu(tmp_path, capsys):
+    """A state_dict records no activation: a Tanh model's reads as the ReLU network with its weights. The CLI says
+    so on stdout for a bare state_dict, and says nothing for a file MLPSpec.save wrote (it refuses non-ReLU models).
+    """
+    from safetensors.torch import save_file
+
+    tanh = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)).double()
+    save_file(tanh.state_dict(), str(tmp_path / "tanh.safetensors"))
+    torch.save(tanh.state_dict(), tmp_path / "tanh.pt")
+    with pytest.raises(onlynorm.InvalidTargetError, match="Tanh"):
+        onlynorm.MLPSpec.from_module(tanh)
+    onlynorm.MLPSpec.from_module(random_mlp([3, 4, 2], seed=0)).save(tmp_path / "relu.safetensors")
+    for name, noted in (("tanh.safetensors", True), ("tanh.pt", True), ("relu.safetensors", False)):
+        out = tmp_path / f"{name}.net.safetensors"
+        with pytest.raises(SystemExit) as info:
+            main(["reconstruct", str(tmp_path / name), "--out", str(out)])
+        captured = capsys.readouterr()
+        assert info.value.code == 0 and captured.err == "", captured.err
+        note = [line for line in captured.out.splitlines() if line.startswith("note:")]
+        assert (note != []) == noted, captured.out
+        if noted:
+            assert len(note) == 1 and name in note[0] and "ReLU" in note[0] and "no activation" in note[0]
+
+
+def test_issue18_init_fit_verify_from_the_command_line(tmp_path, capsys):
+    """`onlynorm init` writes the frozen random network (norms at identity) that `fit` takes, without Python."""
+    g = random_mlp([3, 4, 2], seed=0).float()  # as trained: float32
+    onlynorm.MLPSpec.from_module(g).save(tmp_path / "g.safetensors")
+    target, frozen, fitted = (tmp_path / n for n in ("g.safetensors", "frozen.safetensors", "fitted.safetensors"))
+    code, err = _run(["init", str(target), "--seed", "3", "--out", str(frozen)], capsys)
+    assert code == 0 and err == "", err
+    net = onlynorm.NormNet.load(frozen)
+    assert net.dtype == torch.float64 and net.meta.method == "width" and net.meta.seed == 3 and net.meta.solve is None
+    assert all(bool((p == (1.0 if i % 2 == 0 else 0.0)).all()) for i, p in enumerate(net.norm_parameters()))
+    expected = onlynorm.random_normnet(onlynorm.MLPSpec.from_module(g), seed=3)
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), expected.state_dict().values()))
+    code, err = _run(["fit", str(frozen), str(target), "--low", "0", "--high", "1", "--out", str(fitted)], capsys)
+    assert code == 0 and err == "", err
+    with pytest.raises(SystemExit) as info:
+        main(["verify", str(fitted), str(target), "--samples", "2000", "--low", "0", "--high", "1"])
+    assert info.value.code == 0, capsys.readouterr()
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize(
+    "args, check",
+    [
+        (["--method", "deep", "--block", "2"], lambda n: n.meta.method == "deep" and n.meta.options["block"] == 2),
+        (["--method", "lowrank", "--rank", "2"], lambda n: n.meta.method == "lowrank"),
+        (
+            ["--hidden", "4,6", "--dtype", "float32"],
+            lambda n: n.dtype == torch.float32 and n.meta.options["hidden"] == [4, 6],
+        ),
+        (["--method", "sparse", "--density", "0.5"], lambda n: n.meta.method == "sparse"),
+    ],
+)
+def test_issue18_init_takes_the_construction_options(tmp_path, capsys, args, check):
+    onlynorm.MLPSpec.from_module(random_mlp([3, 4, 2], seed=0)).save(tmp_path / "g.safetensors")
+    code, err = _run(["init", str(tmp_path / "g.safetensors"), *args, "--out", str(tmp_path / "f.safetensors")], capsys)
+    assert code == 0 and err == "", err
+    assert check(onlynorm.NormNet.load(tmp_path / "f.safetensors"))
+
+
+@pytest.mark.parametrize("method", ["width", "deep"])
+def test_issue18_init_then_fit_a_cnn(tmp_path, capsys, method):
+    onlynorm.ConvNetSpec.from_module(_cnn_model(), in_shape=(1, 4, 4)).save(tmp_path / "cnn.safetensors")
+    frozen, fitted = tmp_path / "frozen.safetensors", tmp_path / "fitted.safetensors"
+    code, err = _run(["init", str(tmp_path / "cnn.safetensors"), "--method", method, "--out", str(frozen)], capsys)
+    assert code == 0 and err == "", err
+    assert onlynorm.NormNet.load(frozen).in_shape == (1, 4, 4)
+    argv = ["fit", str(frozen), str(tmp_path / "cnn.safetensors"), "--low", "0", "--high", "1", "--out", str(fitted)]
+    code, err = _run(argv + ["--budget", "5"], capsys)
+    assert code == 0 and err == "", err
+    assert onlynorm.NormNet.load(fitted).meta.fit.final_error < 1e-9

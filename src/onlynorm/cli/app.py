@@ -105,6 +105,16 @@ class _LayerProgress:
             )
 
 
+def load_target(path: Path):
+    """The target in ``path``; a bare state_dict gets a note on stdout that its activation is assumed to be ReLU."""
+    from ..targets.mlp import RELU_ASSUMED, read_target
+
+    spec, relu_assumed = read_target(path)
+    if relu_assumed:
+        console.print(RELU_ASSUMED.format(name=Path(path).name), highlight=False, soft_wrap=True, markup=False)
+    return spec
+
+
 def _reconstruct_help() -> str:
     from ..constructions import available_methods, get_construction
 
@@ -130,22 +140,66 @@ def reconstruct(
     dtype: str = typer.Option("float64", help="float64 (default, exact to ~1e-13) or float32."),
     **options: str | None,
 ) -> None:
-    import torch
-
     from .. import api
-    from ..targets.mlp import load_target
 
     check_output_path(out, inputs=(target,))
     spec = load_target(target)
-    torch_dtype = {"float64": torch.float64, "float32": torch.float32}.get(dtype)
-    if torch_dtype is None:
-        raise InvalidOptionError(f"--dtype: expected float64 or float32, found {dtype!r}")
-    given = {name: _option_specs()[name].parse_text(text) for name, text in options.items() if text is not None}
+    torch_dtype = _torch_dtype(dtype)
+    given = _given_options(options)
     box = _domain(low, high)
     with _LayerProgress(f"solving ({method})") as progress:
         net = api.reconstruct(spec, method=method, domain=box, seed=seed, dtype=torch_dtype, progress=progress, **given)
     net.save(out)
     print_rows(console, f"reconstructed {target.name} → {out}", net.summary().rows())
+
+
+def _torch_dtype(dtype: str):
+    import torch
+
+    torch_dtype = {"float64": torch.float64, "float32": torch.float32}.get(dtype)
+    if torch_dtype is None:
+        raise InvalidOptionError(f"--dtype: expected float64 or float32, found {dtype!r}")
+    return torch_dtype
+
+
+def _given_options(options: dict[str, str | None]) -> dict:
+    """The construction options given on the command line, parsed and checked by their declarations."""
+    return {name: _option_specs()[name].parse_text(text) for name, text in options.items() if text is not None}
+
+
+def _init_help() -> str:
+    from ..constructions import available_methods, get_construction
+
+    lines = [
+        "Write the frozen random network for TARGET by --method, with its norms at identity (γ = 1, β = 0) — the "
+        "FROZEN input of `onlynorm fit` (or `onlynorm capacity`). Nothing is solved.",
+        "Methods (--method):",
+    ]
+    lines += [f"* {name}: {get_construction(name).cost}" for name in available_methods()]
+    return "\n\n".join(lines)
+
+
+def init(
+    target: Path = typer.Argument(
+        ..., help="Target: safetensors (or .pt) state_dict of nn.Sequential(Linear, ReLU, ...), or a CNN file."
+    ),
+    out: Path = typer.Option(..., "--out", "-o", help="Where to write the frozen network (.safetensors)."),
+    method: str = typer.Option("width", help="Construction whose frozen network to draw (see above)."),
+    seed: int = typer.Option(0, help="Seed of the frozen random weights (0 ≤ seed < 2⁶⁴)."),
+    dtype: str = typer.Option("float64", help="float64 (default) or float32."),
+    **options: str | None,
+) -> None:
+    from .. import api
+    from ..options import check_seed
+
+    check_seed(seed, "--seed")
+    check_output_path(out, inputs=(target,))
+    torch_dtype = _torch_dtype(dtype)
+    given = _given_options(options)
+    spec = load_target(target)
+    net = api.random_normnet(spec, method=method, seed=seed, dtype=torch_dtype, **given)
+    net.save(out)
+    print_rows(console, f"frozen network for {target.name} → {out} (norms at identity)", net.summary().rows())
 
 
 def _option_specs() -> dict:
@@ -173,6 +227,7 @@ def _with_option_flags(fn):
 
 
 reconstruct = app.command(help=_reconstruct_help())(_with_option_flags(reconstruct))
+init = app.command(help=_init_help())(_with_option_flags(init))
 
 
 @app.command()
@@ -231,7 +286,6 @@ def verify(
 ) -> None:
     """Compare NET with TARGET; exit 0 when within tolerance (and, with --certify, proven within it), 1 when not."""
     from ..nets.normnet import NormNet
-    from ..targets.mlp import load_target
     from ..verify import verify as run_verify
 
     network = NormNet.load(net)
@@ -260,7 +314,6 @@ def capacity(
     """Can NET's frozen weights express TARGET? Rank and condition of every Khatri–Rao system; exit 1 if not."""
     from ..constructions.capacity import capacity as run_capacity
     from ..nets.normnet import NormNet
-    from ..targets.mlp import load_target
 
     report = run_capacity(NormNet.load(net), load_target(target))
     print_rows(console, f"capacity of {net.name} for {target.name} ({report.method})", report.rows())

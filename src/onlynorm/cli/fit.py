@@ -40,7 +40,7 @@ def load_fit_data(data: Path | None, low: float | None, high: float | None):
 def run_fit(frozen: Path, target: Path, data, *, method: str, budget: float | None, seed: int, progress_factory):
     from ..fit import fit_norms
     from ..nets.normnet import NormNet
-    from ..targets.mlp import load_target
+    from .app import load_target
 
     net = NormNet.load(frozen)
     spec = load_target(target)
