@@ -919,3 +919,12 @@ def test_issue18_init_then_fit_a_cnn(tmp_path, capsys, method):
     code, err = _run(argv + ["--budget", "5"], capsys)
     assert code == 0 and err == "", err
     assert onlynorm.NormNet.load(fitted).meta.fit.final_error < 1e-9
+
+
+@pytest.mark.parametrize("seed", [0, 2**63, 2**64 - 1])
+def test_issue18_fit_norms_takes_every_valid_seed(seed):
+    """Every seed check_seed accepts works (the held-out points' seed is derived from it and wrapped into range)."""
+    g = random_mlp([3, 4, 2], seed=0)
+    frozen = onlynorm.random_normnet(g, hidden=[4, 4])
+    net, report = onlynorm.fit_norms(frozen, g, onlynorm.Box(-1, 1), seed=seed, method="layerwise", samples=16)
+    assert report.final_error <= report.initial_error

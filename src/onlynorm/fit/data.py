@@ -72,7 +72,7 @@ def prepare_data(
     if isinstance(data, Box):
         box = data.expand(n_in)
         x_train = box.sample(train_samples, seed=seed, dtype=dtype, device=device)
-        x_held = box.sample(held_samples, seed=seed + 7919, dtype=dtype, device=device)
+        x_held = box.sample(held_samples, seed=(seed + 7919) % 2**64, dtype=dtype, device=device)  # seeds < 2⁶⁴
         source = "box"
     elif isinstance(data, torch.Tensor):
         x = _check_tensor(data, n_in, getattr(spec, "in_shape", None) or frozen.in_shape)
