@@ -316,10 +316,10 @@ def test_cli_verify_low_alone_keeps_the_stored_high(tmp_path, capsys):
             ]
         )
     assert info.value.code == 0, capsys.readouterr().err
-    from onlynorm.cli.app import _domain
+    from onlynorm.cli.common import domain_from_options
 
     stored = Box(0.0, 4.0, dim=2)
-    assert _domain(1.0, None, stored).high.tolist() == [4.0, 4.0]
+    assert domain_from_options(1.0, None, stored).high.tolist() == [4.0, 4.0]
 
 
 def test_memory_refusal_for_cnn_targets_suggests_only_what_works():

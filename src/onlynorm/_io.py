@@ -9,7 +9,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import tempfile
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,10 +21,69 @@ from safetensors.torch import save_file
 
 from .errors import FileFormatError
 
-__all__ = ["atomic_path", "read_tensors", "write_tensors", "check_output_path", "check_output_dir", "METADATA_KEY"]
+__all__ = [
+    "atomic_path",
+    "read_tensors",
+    "write_tensors",
+    "check_output_path",
+    "check_output_dir",
+    "as_path",
+    "plain_text",
+    "METADATA_KEY",
+]
 
 #: safetensors metadata is a flat ``str -> str`` map; onlynorm stores one JSON document under this key.
 METADATA_KEY = "onlynorm"
+
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[@-_]")
+
+
+def plain_text(text: str) -> str:
+    """``text`` without ANSI escape sequences (torch's messages embed bold markers), on one line.
+
+    >>> plain_text("do this \x1b[1monly if\x1b[0m you trust\\nit")
+    'do this only if you trust it'
+    """
+    return " ".join(_ANSI.sub("", text).split())
+
+
+def as_path(path: object, what: str = "path") -> Path:
+    """``path`` as a :class:`~pathlib.Path`, refusing what is not a file name (``NormNet.load(123)``) and names no
+    file system can hold (a component over 255 bytes: ``ENAMETOOLONG``) with :class:`FileFormatError`.
+
+    >>> as_path(123)
+    Traceback (most recent call last):
+    ...
+    onlynorm.errors.FileFormatError: path: expected a file name (str or os.PathLike), found 123 (int)
+    """
+    if isinstance(path, bytes) or not isinstance(path, (str, os.PathLike)):
+        raise FileFormatError(
+            f"{what}: expected a file name (str or os.PathLike), found {path!r:.80} ({type(path).__name__})"
+        )
+    try:
+        p = Path(path)
+    except TypeError:  # an os.PathLike whose __fspath__ returns bytes or something else
+        raise FileFormatError(f"{what}: expected a file name (str or os.PathLike), found {path!r:.80}") from None
+    limit = _name_max(p)
+    for part in p.parts:
+        if len(os.fsencode(part)) > limit:
+            raise FileFormatError(
+                f"{what}: file name component {part[:40]!r}… is {len(os.fsencode(part))} bytes long, expected at most "
+                f"{limit} (the file system's limit); choose a shorter name"
+            )
+    return p
+
+
+def _name_max(p: Path) -> int:
+    """The longest file name component the file system holding ``p`` accepts (255 where it cannot be asked)."""
+    probe = p.parent
+    while True:
+        try:
+            return int(os.pathconf(probe if str(probe) else ".", "PC_NAME_MAX"))
+        except (OSError, ValueError):
+            if probe == probe.parent:
+                return 255
+            probe = probe.parent
 
 
 def _umask() -> int:
@@ -41,9 +102,9 @@ def check_output_path(path: str | os.PathLike, *, inputs: tuple[str | os.PathLik
     ...
     onlynorm.errors.FileFormatError: output path: expected a file name, found an empty string
     """
-    if str(path) in ("", "."):
+    if isinstance(path, (str, os.PathLike)) and str(path) in ("", "."):
         raise FileFormatError("output path: expected a file name, found an empty string")
-    final = Path(path)
+    final = as_path(path, "output path")
     if final.is_dir():
         raise FileFormatError(
             f"output path {str(final)!r} is a directory; expected a file name such as "
@@ -76,9 +137,9 @@ def check_output_path(path: str | os.PathLike, *, inputs: tuple[str | os.PathLik
 
 def check_output_dir(path: str | os.PathLike) -> Path:
     """An output *directory*: existing or creatable, and not a file (checked before the work, not after)."""
-    if str(path) == "":
+    if isinstance(path, (str, os.PathLike)) and str(path) == "":
         raise FileFormatError("output directory: expected a directory name, found an empty string")
-    out = Path(path)
+    out = as_path(path, "output directory")
     if out.exists() and not out.is_dir():
         raise FileFormatError(f"output directory {str(out)!r} exists and is not a directory; choose another --out")
     existing = out
@@ -103,7 +164,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     b'data'
     """
     final = check_output_path(path)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent or ".")
+    # the temporary name is longer than the final one: shorten it so a final name near the limit still fits
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name[:64]}.", suffix=".tmp", dir=final.parent or ".")
     os.close(fd)
     tmp = Path(tmp_name)
     # mkstemp makes 0600: a new output file gets the usual permissions, a replaced one keeps its own
@@ -135,7 +197,7 @@ def read_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
     ``.pt``/``.pth``/``.bin`` are read with ``torch.load(weights_only=True)`` and must hold a flat ``str -> Tensor``
     dict (a ``state_dict``); they carry no metadata.
     """
-    p = Path(path)
+    p = as_path(path)
     if not p.is_file():
         raise FileFormatError(f"file {str(p)!r} not found; expected a .safetensors (or .pt state_dict) file")
     suffix = p.suffix.lower()
@@ -160,7 +222,7 @@ def _read_safetensors(p: Path) -> tuple[dict[str, torch.Tensor], dict | None]:
             for key in f.keys():
                 tensors[key] = f.get_tensor(key)
     except Exception as exc:  # safetensors raises several unrelated types for corrupt headers
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        first = plain_text(str(exc).splitlines()[0]) if str(exc) else type(exc).__name__
         raise FileFormatError(
             f"{str(p)!r} is not a readable safetensors file ({first}); expected a file written by "
             "safetensors.torch.save_file or onlynorm"
@@ -180,9 +242,11 @@ def _read_safetensors(p: Path) -> tuple[dict[str, torch.Tensor], dict | None]:
 
 def _read_torch_state_dict(p: Path) -> dict[str, torch.Tensor]:
     try:
-        obj = torch.load(str(p), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols before refusing: the refusal says it
+            warnings.simplefilter("ignore", UserWarning)
+            obj = torch.load(str(p), map_location="cpu", weights_only=True)
     except Exception as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        first = plain_text(str(exc).splitlines()[0]) if str(exc) else type(exc).__name__
         raise FileFormatError(
             f"{str(p)!r} is not a loadable weights-only torch file ({first[:200]}); expected a state_dict saved "
             "with torch.save(model.state_dict(), path)"

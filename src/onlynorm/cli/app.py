@@ -7,19 +7,35 @@ Set ``ONLYNORM_DEBUG=1`` to see tracebacks of unexpected errors.
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import os
 import signal
 import sys
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+import torch
 import typer
-from rich.console import Console
-from rich.progress import TaskID
+from rich.file_proxy import FileProxy
+from typer._click.exceptions import ClickException
+from typer.exceptions import Abort
+from typer.main import get_command
 
-from .._io import check_output_dir, check_output_path
-from ..demos.report import print_rows
+from .. import api
+from .._io import check_output_dir, check_output_path, plain_text
+from .._version import __version__
+from ..constructions import available_methods, get_construction
+from ..constructions.capacity import capacity as run_capacity
+from ..demos.report import print_rows, print_table
 from ..errors import InvalidOptionError, OnlyNormError
+from ..experiments import run_experiment
+from ..nets.normnet import NormNet
+from ..nets.onnx import export_onnx
+from ..options import check_seed
+from ..verify import verify as run_verify
+from .common import LayerProgress, console, domain_from_options, err_console, load_target
+from .fit import load_fit_data, run_fit
 
 app = typer.Typer(
     add_completion=False,
@@ -28,18 +44,14 @@ app = typer.Typer(
     help="Reconstruct ReLU networks exactly by tuning only the BatchNorm γ, β of a frozen random "
     "network; verify and certify the result.",
 )
-console = Console()
-err_console = Console(stderr=True)
 
 
 def _version(value: bool) -> None:
     if value:
-        from importlib.metadata import PackageNotFoundError, version
-
         try:
             number = version("onlynorm")
         except PackageNotFoundError:  # running from a source tree that was never installed
-            from .._version import __version__ as number
+            number = __version__
         print(f"onlynorm {number}")
         raise typer.Exit()
 
@@ -54,49 +66,7 @@ def _options(
     certify the result."""
 
 
-def _domain(low: float | None, high: float | None, stored=None):
-    """The box from ``--low/--high``; a bound not given comes from ``stored`` (the box a network was solved on)
-    if there is one, else from the default ``[-1, 1]``."""
-    from ..domain import Box
-
-    if low is None and high is None:
-        return stored
-    if stored is not None:
-        return Box(stored.low if low is None else low, stored.high if high is None else high)
-    return Box(-1.0 if low is None else low, 1.0 if high is None else high)
-
-
-class _LayerProgress:
-    """A transient rich progress bar fed by the constructions' ``progress(done, total, message)`` callback."""
-
-    def __init__(self, description: str):
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-        self._progress = Progress(
-            TextColumn("[progress.description]{task.description}"),
-            BarColumn(),
-            TextColumn("{task.completed}/{task.total}"),
-            TimeElapsedColumn(),
-            console=err_console,
-            transient=True,
-        )
-        self._description = description
-        self._task = TaskID(0)
-
-    def __enter__(self) -> _LayerProgress:
-        self._progress.__enter__()
-        self._task = self._progress.add_task(self._description, total=None)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._progress.__exit__(*exc)
-
-    def __call__(self, done: int, total: int, message: str) -> None:
-        self._progress.update(self._task, completed=done, total=total, description=f"{self._description}: {message}")
-
-
 def _reconstruct_help() -> str:
-    from ..constructions import available_methods, get_construction
 
     lines = [
         "Build a frozen random network and solve its BatchNorm γ, β so it computes TARGET on the box.",
@@ -120,27 +90,65 @@ def reconstruct(
     dtype: str = typer.Option("float64", help="float64 (default, exact to ~1e-13) or float32."),
     **options: str | None,
 ) -> None:
-    import torch
-
-    from .. import api
-    from ..targets.convert import load_target
 
     check_output_path(out, inputs=(target,))
     spec = load_target(target)
-    torch_dtype = {"float64": torch.float64, "float32": torch.float32}.get(dtype)
-    if torch_dtype is None:
-        raise InvalidOptionError(f"--dtype: expected float64 or float32, found {dtype!r}")
-    given = {name: _option_specs()[name].parse_text(text) for name, text in options.items() if text is not None}
-    box = _domain(low, high)
-    with _LayerProgress(f"solving ({method})") as progress:
+    torch_dtype = _torch_dtype(dtype)
+    given = _given_options(options)
+    box = domain_from_options(low, high)
+    with LayerProgress(f"solving ({method})") as progress:
         net = api.reconstruct(spec, method=method, domain=box, seed=seed, dtype=torch_dtype, progress=progress, **given)
     net.save(out)
     print_rows(console, f"reconstructed {target.name} → {out}", net.summary().rows())
 
 
+def _torch_dtype(dtype: str):
+
+    torch_dtype = {"float64": torch.float64, "float32": torch.float32}.get(dtype)
+    if torch_dtype is None:
+        raise InvalidOptionError(f"--dtype: expected float64 or float32, found {dtype!r}")
+    return torch_dtype
+
+
+def _given_options(options: dict[str, str | None]) -> dict:
+    """The construction options given on the command line, parsed and checked by their declarations."""
+    return {name: _option_specs()[name].parse_text(text) for name, text in options.items() if text is not None}
+
+
+def _init_help() -> str:
+
+    lines = [
+        "Write the frozen random network for TARGET by --method, with its norms at identity (γ = 1, β = 0) — the "
+        "FROZEN input of `onlynorm fit` (or `onlynorm capacity`). Nothing is solved.",
+        "Methods (--method):",
+    ]
+    lines += [f"* {name}: {get_construction(name).cost}" for name in available_methods()]
+    return "\n\n".join(lines)
+
+
+def init(
+    target: Path = typer.Argument(
+        ..., help="Target: safetensors (or .pt) state_dict of nn.Sequential(Linear, ReLU, ...), or a CNN file."
+    ),
+    out: Path = typer.Option(..., "--out", "-o", help="Where to write the frozen network (.safetensors)."),
+    method: str = typer.Option("width", help="Construction whose frozen network to draw (see above)."),
+    seed: int = typer.Option(0, help="Seed of the frozen random weights (0 ≤ seed < 2⁶⁴)."),
+    dtype: str = typer.Option("float64", help="float64 (default) or float32."),
+    **options: str | None,
+) -> None:
+
+    check_seed(seed, "--seed")
+    check_output_path(out, inputs=(target,))
+    torch_dtype = _torch_dtype(dtype)
+    given = _given_options(options)
+    spec = load_target(target)
+    net = api.random_normnet(spec, method=method, seed=seed, dtype=torch_dtype, **given)
+    net.save(out)
+    print_rows(console, f"frozen network for {target.name} → {out} (norms at identity)", net.summary().rows())
+
+
 def _option_specs() -> dict:
     """Every construction's declared options by name (one declaration: the API validates against the same)."""
-    from ..constructions import available_methods, get_construction
 
     specs: dict = {}
     for name in available_methods():
@@ -151,7 +159,6 @@ def _option_specs() -> dict:
 
 def _with_option_flags(fn):
     """Give ``fn`` one ``--NAME`` flag per declared construction option (typer reads ``__signature__``)."""
-    from ..constructions import available_methods, get_construction
 
     params = [p for p in inspect.signature(fn).parameters.values() if p.kind != inspect.Parameter.VAR_KEYWORD]
     for name, spec in _option_specs().items():
@@ -163,6 +170,7 @@ def _with_option_flags(fn):
 
 
 reconstruct = app.command(help=_reconstruct_help())(_with_option_flags(reconstruct))
+init = app.command(help=_init_help())(_with_option_flags(init))
 
 
 @app.command()
@@ -183,9 +191,8 @@ def fit(
 ) -> None:
     """Fit only the BatchNorm γ, β of FROZEN to TARGET — exact where the network can express it, the best
     approximation otherwise; prints the report (held-out error per phase)."""
-    from ..demos.report import print_table
-    from .fit import load_fit_data, run_fit
 
+    check_seed(seed, "--seed")
     check_output_path(out, inputs=tuple(p for p in (frozen, target, data) if p is not None))
     net, report = run_fit(
         frozen,
@@ -194,7 +201,7 @@ def fit(
         method=method,
         budget=budget,
         seed=seed,
-        progress_factory=_LayerProgress,
+        progress_factory=LayerProgress,
     )
     net.save(out)
     header, rows = report.table()
@@ -218,9 +225,6 @@ def verify(
     ),
 ) -> None:
     """Compare NET with TARGET; exit 0 when within tolerance (and, with --certify, proven within it), 1 when not."""
-    from ..nets.normnet import NormNet
-    from ..targets.convert import load_target
-    from ..verify import verify as run_verify
 
     network = NormNet.load(net)
     spec = load_target(target)
@@ -228,7 +232,7 @@ def verify(
     report = run_verify(
         network,
         spec,
-        domain=_domain(low, high, stored),
+        domain=domain_from_options(low, high, stored),
         samples=samples,
         seed=seed,
         tolerance=tolerance,
@@ -246,9 +250,6 @@ def capacity(
     target: Path = typer.Argument(..., help="Target file (an MLP, or a CNN saved by ConvNetSpec.save)."),
 ) -> None:
     """Can NET's frozen weights express TARGET? Rank and condition of every Khatri–Rao system; exit 1 if not."""
-    from ..constructions.capacity import capacity as run_capacity
-    from ..nets.normnet import NormNet
-    from ..targets.convert import load_target
 
     report = run_capacity(NormNet.load(net), load_target(target))
     print_rows(console, f"capacity of {net.name} for {target.name} ({report.method})", report.rows())
@@ -264,8 +265,6 @@ def export(
     ),
 ) -> None:
     """Export NET as ONNX: MatMul/Conv, BatchNormalization, Relu, pooling; float64 or float32."""
-    from ..nets.normnet import NormNet
-    from ..nets.onnx import export_onnx
 
     check_output_path(onnx, inputs=(net,))
     info = export_onnx(NormNet.load(net), onnx)
@@ -301,7 +300,6 @@ def demo(
 ) -> None:
     """The main job: on scikit-learn's digits, reconstruct a trained MLP exactly by solving only BatchNorm γ, β
     of a random frozen network, next to gradient-trained norms of the same network."""
-    import importlib
 
     if builtin + tasks + cnn + resnet > 1:
         raise OnlyNormError("choose at most one of --builtin, --tasks, --cnn, --resnet")
@@ -329,8 +327,6 @@ def experiment(
     ),
 ) -> None:
     """Run one experiment of the theory; writes results.json, PNG figures and summary.md into OUT."""
-    from ..experiments import run_experiment
-    from ..options import check_seed
 
     check_seed(seed, "--seed")
     if out is not None:
@@ -352,9 +348,6 @@ def _terminate(signum, frame):  # pragma: no cover - exercised by a subprocess t
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: every refusal is one line on stderr and exit 2 — OnlyNormError, usage errors, memory;
     Ctrl-C / SIGTERM exit 130 / 143 quietly, leaving no partial file. Unexpected errors: one line, exit 3."""
-    from typer._click.exceptions import ClickException
-    from typer.exceptions import Abort
-    from typer.main import get_command
 
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
@@ -376,24 +369,30 @@ def main(argv: list[str] | None = None) -> None:
         )
     except RecursionError:
         _fail("error: the input is nested too deeply to process; expected a flatter architecture description", 2)
+    except OSError as exc:  # the file system refused (name too long, permission, disk full): the input, not a bug
+        if exc.errno is None:
+            _internal(exc)
+        where = f": {exc.filename!r:.120}" if exc.filename else ""
+        _fail(f"error: cannot access a file{where} ({exc.strerror or exc}); check the path and the disk", 2)
     except Exception as exc:  # an onlynorm bug, not the user's input: one line, unless debugging
-        if os.environ.get("ONLYNORM_DEBUG"):
-            raise
-        first = str(exc).splitlines()[0] if str(exc) else ""
-        _fail(
-            f"internal error: {type(exc).__name__}: {first} (set ONLYNORM_DEBUG=1 for a traceback and please "
-            "report it)",
-            3,
-        )
+        _internal(exc)
     finally:
         signal.signal(signal.SIGTERM, previous)
 
 
+def _internal(exc: BaseException) -> None:
+    if os.environ.get("ONLYNORM_DEBUG"):
+        raise exc
+    first = str(exc).splitlines()[0] if str(exc) else ""
+    _fail(
+        f"internal error: {type(exc).__name__}: {first} (set ONLYNORM_DEBUG=1 for a traceback and please report it)", 3
+    )
+
+
 def _fail(message: str, code: int) -> None:
-    from rich.file_proxy import FileProxy
 
     stream = sys.stderr
     while isinstance(stream, FileProxy):  # an interrupted rich progress bar can leave stderr redirected into it
         stream = stream.rich_proxied_file
-    print(" ".join(message.split()), file=stream, flush=True)  # one line, whatever the message held
+    print(plain_text(message), file=stream, flush=True)  # one line without escape codes, whatever the message held
     sys.exit(code)

@@ -1,4 +1,4 @@
-"""File handling behind ``onlynorm fit`` (kept out of ``cli.py``): read the data option and run the fit.
+"""File handling behind ``onlynorm fit``: read the data option and run the fit.
 
 ``--data`` is a safetensors file holding exactly one tensor of inputs (nothing is unpickled); otherwise the box
 ``[--low, --high]`` is sampled.
@@ -10,7 +10,10 @@ from pathlib import Path
 
 from .. import _io
 from ..domain import Box
-from ..errors import FileFormatError, OnlyNormError
+from ..errors import FileFormatError, InvalidOptionError
+from ..fit import fit_norms
+from ..nets.normnet import NormNet
+from .common import load_target
 
 __all__ = ["load_fit_data", "run_fit"]
 
@@ -19,7 +22,9 @@ def load_fit_data(data: Path | None, low: float | None, high: float | None):
     """A tensor read from ``data`` or the box ``[low, high]`` (default ``[-1, 1]``)."""
     if data is not None:
         if low is not None or high is not None:
-            raise OnlyNormError("expected either --data or --low/--high, found both; the data file defines the inputs")
+            raise InvalidOptionError(
+                "expected either --data or --low/--high, found both; the data file defines the inputs"
+            )
         if Path(data).suffix.lower() != ".safetensors":
             raise FileFormatError(
                 f"--data: expected a .safetensors file holding one tensor of inputs, found "
@@ -36,9 +41,6 @@ def load_fit_data(data: Path | None, low: float | None, high: float | None):
 
 
 def run_fit(frozen: Path, target: Path, data, *, method: str, budget: float | None, seed: int, progress_factory):
-    from ..fit import fit_norms
-    from ..nets.normnet import NormNet
-    from ..targets.convert import load_target
 
     net = NormNet.load(frozen)
     spec = load_target(target)

@@ -7,6 +7,7 @@ instead: ``solve`` only reads frozen weights and writes normalization parameters
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
@@ -14,11 +15,11 @@ import torch
 
 from ..certify import CertifyResult
 from ..domain import Box
-from ..errors import InvalidDomainError, InvalidNetworkError, InvalidOptionError, OnlyNormError
+from ..errors import FileFormatError, InvalidDomainError, InvalidNetworkError, InvalidOptionError, OnlyNormError
 from ..nets.linear import NormLinear
 from ..nets.match import Node
-from ..nets.normnet import NormNet
-from ..nets.records import SolveInfo, SolveRecord
+from ..nets.normnet import NormNet, register_meta_check
+from ..nets.records import NetMeta, SolveInfo, SolveRecord
 from ..nets.stage import Stage
 from ..options import OptionSpec, check_options
 from .plan import Plan
@@ -36,6 +37,7 @@ __all__ = [
     "DEFAULT_MARGIN",
     "DEFAULT_MARGIN_REDUCED",
     "default_margin",
+    "check_target_kind",
 ]
 
 #: ``progress(done, total, message)`` is called after each solved layer (used by the CLI's progress bar).
@@ -258,6 +260,8 @@ def begin_solve(net: NormNet, target) -> tuple[Any, NormNet, float]:
     check_frozen_finite(net)
     spec = target.to(dtype=net.dtype, device=net.device)
     margin = net.meta.options.get("margin")
+    if margin is not None:  # recorded options are data: a tampered value is named, not converted
+        margin = dataclasses.replace(MARGIN, name="meta.options.margin").check(margin)
     return spec, net.clone(), float(default_margin(net.dtype) if margin is None else margin)
 
 
@@ -280,3 +284,36 @@ def check_frozen_finite(net: NormNet) -> None:
             raise InvalidNetworkError(
                 "the frozen network has NaN/Inf weights; expected finite frozen weights — re-initialise them"
             )
+
+
+def check_target_kind(net: NormNet, target: Any) -> None:
+    """Refuse a CNN network with an MLP target and the reverse (:class:`InvalidNetworkError`, one line): an image
+    network's inputs are ``(c, H, W)``, an MLP network's are flat, and neither can be matched to the other's layers.
+    """
+    image_target = getattr(target, "in_shape", None) is not None
+    if net.in_shape is not None and not image_target:
+        raise InvalidNetworkError(
+            f"the network takes images of shape {tuple(net.in_shape)} (it was built for a CNN target), found an MLP "
+            f"target (dims {getattr(target, 'dims', '?')}); expected a CNN target — pass the CNN it was built for, or a "
+            "network built for this MLP"
+        )
+    if net.in_shape is None and image_target:
+        raise InvalidNetworkError(
+            f"the network takes flat inputs (it was built for an MLP target), found a CNN target with input shape "
+            f"{tuple(target.in_shape)}; expected an MLP target — pass the MLP it was built for, or build a network for "
+            "this CNN (onlynorm.random_normnet(target, in_shape=...) or `onlynorm init`)"
+        )
+
+
+@register_meta_check
+def check_recorded_options(meta: NetMeta, source: str) -> None:
+    """Type-check the construction options a network file records against the construction's declarations, so a
+    tampered value (``"margin": "abc"``) is refused on load, in one line naming the field."""
+    if meta.method is None or meta.method not in available_methods():
+        return  # a network without a construction (with_norms) or from a newer version: nothing declared to check
+    try:
+        get_construction(meta.method).check_options(dict(meta.options))
+    except InvalidOptionError as exc:
+        message = str(exc)
+        named = message.split(":", 1)[0].split("[", 1)[0] in meta.options  # "margin: expected ..., found 'abc'"
+        raise FileFormatError(f"{source}: meta.options{'.' if named else ': '}{message}; re-create the file") from None

@@ -31,6 +31,7 @@ from ..targets.cnn import ConvNetSpec
 from ..targets.convert import as_target
 from ..targets.mlp import MLPSpec
 from . import get_construction
+from .base import check_target_kind
 
 __all__ = ["capacity", "CapacityReport", "SystemCapacity"]
 
@@ -89,6 +90,7 @@ def capacity(frozen: NormNet, target: MLPSpec | ConvNetSpec | nn.Module) -> Capa
     if not isinstance(frozen, NormNet):
         raise InvalidNetworkError(f"expected a NormNet, found {type(frozen).__name__}")
     spec = as_target(target, frozen.in_shape)
+    check_target_kind(frozen, spec)
     method = frozen.meta.method or "width"
     report = CapacityReport(method=method)
     for label, A, B, W in get_construction(method).systems(frozen, spec):

@@ -188,6 +188,21 @@ def use_backend(backend: str = "local", scheduler: str | None = None):
             _CLIENT.reset(token)
 
 
+def _check_scheduler_address(scheduler: str) -> None:
+    """Refuse an address that is not ``[scheme://]HOST:PORT`` *before* a ``Client`` exists: a ``Client`` whose
+    constructor fails on a malformed address prints a traceback from its ``__del__`` when it is collected."""
+    from distributed.comm import get_address_host_port
+
+    try:
+        get_address_host_port(scheduler)
+    except (ValueError, TypeError) as exc:
+        raise OnlyNormError(
+            f"--scheduler: expected a reachable Dask scheduler address like tcp://HOST:8786, found {scheduler!r}, "
+            f"which is not an address ({str(exc).splitlines()[0][:120]}); start one with `dask scheduler` and pass "
+            "the address it prints"
+        ) from None
+
+
 @contextlib.contextmanager
 def _dask_client(scheduler: str | None):
     try:
@@ -199,6 +214,7 @@ def _dask_client(scheduler: str | None):
         ) from None
     cluster = None
     if scheduler:
+        _check_scheduler_address(scheduler)
         try:
             client = Client(scheduler, timeout="10s", set_as_default=False)
         except (OSError, TimeoutError, ValueError, TypeError) as exc:

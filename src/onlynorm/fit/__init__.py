@@ -26,17 +26,17 @@ for a pretrained network). Methods:
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..constructions.base import Progress
-from ..errors import InvalidNetworkError, OnlyNormError, SingularSystemError
+from ..constructions.base import Progress, check_target_kind
+from ..errors import InvalidNetworkError, InvalidOptionError, SingularSystemError
 from ..nets.normnet import NormNet
 from ..nets.pretrained import PretrainedConv2d, PretrainedLinear
+from ..options import check_scalar, check_seed
 from ..targets.convert import as_target
 from .adam import fit_adam
 from .data import FitData, prepare_data, relative_rms
@@ -62,6 +62,8 @@ METHODS = ("auto", "exact", "layerwise", "gauss-newton", "adam")
 #: held-out relative RMS at or below which a float64 fit counts as exact
 EXACT_TOLERANCE = 1e-9
 ADAM_STEPS, GN_STEPS = 3000, 300
+#: fewest points sampled from a box
+MIN_SAMPLES = 8
 
 
 def fit_norms(
@@ -89,21 +91,32 @@ def fit_norms(
             f"expected a NormNet (onlynorm.random_normnet, NormNet.load or "
             f"onlynorm.with_norms(model)), found {type(frozen).__name__}"
         )
-    if method not in METHODS:
-        raise OnlyNormError(f"method: expected one of {', '.join(METHODS)}, found {method!r}")
-    if budget_seconds is not None and not (
-        isinstance(budget_seconds, (int, float)) and budget_seconds > 0 and math.isfinite(budget_seconds)
-    ):
-        raise OnlyNormError(f"budget_seconds: expected a positive number of seconds or None, found {budget_seconds!r}")
-    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
-        raise OnlyNormError(f"steps: expected a positive integer or None, found {steps!r}")
-    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 8:
-        raise OnlyNormError(f"samples: expected an integer >= 8, found {samples!r}")
+    seed, steps, samples, memory_budget = _check_arguments(method, budget_seconds, seed, steps, samples, memory_budget)
+    if progress is not None and not callable(progress):
+        raise InvalidOptionError(
+            f"progress: expected None or a callable progress(done, total, message), found {progress!r}"
+        )
     spec = as_target(
         target if not isinstance(target, nn.Module) or frozen.in_shape is None else target, frozen.in_shape
     )
+    check_target_kind(frozen, spec)
+    # one dtype and device throughout: the network's (a float32 target from a trained model is exact in float64)
+    spec = spec.to(dtype=frozen.dtype, device=frozen.device)
     with _threads_for(frozen):
         return _fit(frozen, spec, data, method, budget_seconds, seed, progress, steps, memory_budget, samples)
+
+
+def _check_arguments(method, budget_seconds, seed, steps, samples, memory_budget):
+    """Validate the options of :func:`fit_norms` (:class:`InvalidOptionError`, like every other entry point)."""
+    if not isinstance(method, str) or method not in METHODS:
+        raise InvalidOptionError(f"method: expected one of {', '.join(METHODS)}, found {method!r}")
+    if budget_seconds is not None:
+        check_scalar(budget_seconds, "budget_seconds", float, min_val=0.0, include_min=False)
+    seed = check_seed(seed)
+    steps = None if steps is None else check_scalar(steps, "steps", int, min_val=1)
+    samples = check_scalar(samples, "samples", int, min_val=MIN_SAMPLES)
+    memory_budget = None if memory_budget is None else check_scalar(memory_budget, "memory_budget", int, min_val=1)
+    return seed, steps, samples, memory_budget
 
 
 #: below this width every tensor op is tiny and extra threads only add start-up and contention

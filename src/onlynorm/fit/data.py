@@ -12,12 +12,13 @@ The function error every phase reports is the **relative RMS** on the held-out p
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from ..domain import Box
-from ..errors import InvalidNetworkError, OnlyNormError
+from ..errors import InvalidDomainError, InvalidNetworkError, InvalidOptionError
 from ..nets.normnet import NormNet
 from ..nets.stage import dtype_name
 
@@ -71,7 +72,7 @@ def prepare_data(
     if isinstance(data, Box):
         box = data.expand(n_in)
         x_train = box.sample(train_samples, seed=seed, dtype=dtype, device=device)
-        x_held = box.sample(held_samples, seed=seed + 7919, dtype=dtype, device=device)
+        x_held = box.sample(held_samples, seed=(seed + 7919) % 2**64, dtype=dtype, device=device)  # seeds < 2⁶⁴
         source = "box"
     elif isinstance(data, torch.Tensor):
         x = _check_tensor(data, n_in, getattr(spec, "in_shape", None) or frozen.in_shape)
@@ -84,7 +85,7 @@ def prepare_data(
         box = Box(lo - pad * (hi <= lo), hi + pad * (hi <= lo))  # widen constant coordinates only
         source = "tensor"
     else:
-        raise OnlyNormError(
+        raise InvalidOptionError(
             f"data: expected an onlynorm.Box to sample or a tensor of inputs of shape (n, {n_in}), "
             f"found {type(data).__name__}; pass Box(low, high) or your inputs as a torch tensor"
         )
@@ -106,25 +107,25 @@ def _check_tensor(data: torch.Tensor, n_in: int, in_shape) -> torch.Tensor:
     shapes = [f"(n, {n_in})"] + ([f"(n, {', '.join(map(str, in_shape))})"] if in_shape else [])
     expected = " or ".join(shapes)
     if not data.is_floating_point():
-        raise OnlyNormError(
+        raise InvalidDomainError(
             f"data: expected floating-point inputs of shape {expected}, found dtype "
             f"{dtype_name(data.dtype)}; convert with data.double()"
         )
     if (
         data.ndim < 2
-        or data[0].numel() != n_in
+        or math.prod(data.shape[1:]) != n_in
         or (data.ndim > 2 and in_shape and tuple(data.shape[1:]) != tuple(in_shape))
     ):
-        raise OnlyNormError(
+        raise InvalidDomainError(
             f"data: expected inputs of shape {expected} (one row per example), found shape "
             f"{tuple(data.shape)}; reshape your inputs or fit a network for this input width"
         )
     if data.shape[0] < MIN_ROWS:
-        raise OnlyNormError(
+        raise InvalidDomainError(
             f"data: expected at least {MIN_ROWS} input rows (a training and a held-out part), found "
             f"{data.shape[0]}; pass more inputs or a Box to sample"
         )
     if not torch.isfinite(data).all():
         bad = int((~torch.isfinite(data)).any(dim=tuple(range(1, data.ndim))).sum())
-        raise OnlyNormError(f"data: expected finite inputs, found NaN/Inf in {bad} row(s); drop or repair them")
+        raise InvalidDomainError(f"data: expected finite inputs, found NaN/Inf in {bad} row(s); drop or repair them")
     return data

@@ -27,7 +27,7 @@ import copy
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -47,6 +47,18 @@ NORMSET_FORMAT = "onlynorm.normset"
 #: eps used only while training with batch statistics (opt-in); inference always uses eps = 0
 BATCH_STATISTICS_EPS = 1e-5
 FORMAT_VERSION = 1
+
+#: checks a loaded network's metadata must pass, registered by the layers that wrote it (the constructions check
+#: their recorded options), so a tampered field is refused on load without this module importing them
+META_CHECKS: list[Callable[[NetMeta, str], None]] = []
+
+
+def register_meta_check(check: Callable[[NetMeta, str], None]) -> Callable[[NetMeta, str], None]:
+    """Run ``check(meta, source)`` on every network loaded from now on (it raises :class:`FileFormatError`)."""
+    META_CHECKS.append(check)
+    return check
+
+
 #: what a norm set carries of its network's metadata (how its γ, β were solved, and for which target)
 _NORMSET_META = ("target_dims", "target_parameters", "solve", "method", "options")
 
@@ -281,6 +293,8 @@ class NormNet(nn.Module):
                 f"{source}: unsupported dtype {doc.get('dtype')!r}; expected one of {sorted(_DTYPES)}"
             )
         meta = NetMeta.from_dict(doc.get("meta"), source)  # typed: a tampered field is named
+        for check in META_CHECKS:  # the layers above check what they recorded (the constructions: options)
+            check(meta, source)
         architecture = doc.get("architecture")
         if not isinstance(architecture, list) or not all(isinstance(c, dict) for c in architecture):
             raise FileFormatError(
@@ -322,10 +336,18 @@ class NormNet(nn.Module):
             raise FileFormatError(
                 f"{source}: weights do not match the described architecture ({detail}); re-create the file"
             )
+        _check_chains(net, dtype, source)
         for k, v in tensors.items():
-            if not v.is_floating_point() and not k.endswith("num_batches_tracked"):
+            if k.endswith("num_batches_tracked"):
+                continue
+            if not v.is_floating_point():
                 raise FileFormatError(f"{source}: tensor {k!r} has dtype {v.dtype}, expected a floating dtype")
-            if v.is_floating_point() and not torch.isfinite(v).all():
+            if v.dtype != dtype:  # loading would convert it silently (float8, float16 values in a float64 network)
+                raise FileFormatError(
+                    f"{source}: tensor {k!r} has dtype {dtype_name(v.dtype)}, expected {dtype_name(dtype)} (the dtype "
+                    "the file declares); the file is corrupt — re-create it"
+                )
+            if not torch.isfinite(v).all():
                 raise FileFormatError(f"{source}: tensor {k!r} holds NaN/Inf values; the file is corrupt")
         net.to_empty(device=device if device is not None else "cpu")
         net.load_state_dict({k: v.to(device=device) for k, v in tensors.items()}, strict=True)
@@ -399,6 +421,12 @@ class NormNet(nn.Module):
                     f"norm set {str(path)!r}: {name} has dtype {tensors[name].dtype}, expected "
                     f"{dtype_name(self.dtype)}; the file is corrupt — re-save it"
                 )
+            if tensors[name].dtype != self.dtype:  # copying would round (float64 → float16) or widen silently
+                raise InvalidNetworkError(
+                    f"norm set {str(path)!r}: {name} has dtype {dtype_name(tensors[name].dtype)}, expected "
+                    f"{dtype_name(self.dtype)} (this network's dtype); load a norm set saved from a "
+                    f"{dtype_name(self.dtype)} network, or convert the network first"
+                )
             if not torch.isfinite(tensors[name]).all():
                 raise FileFormatError(f"norm set {str(path)!r}: {name} holds NaN/Inf values")
         stored = doc.get("meta") or {}
@@ -424,3 +452,21 @@ class NormNet(nn.Module):
     def clone(self) -> NormNet:
         """A deep copy (the frozen weights are copied too, so the two networks are independent)."""
         return copy.deepcopy(self)
+
+
+def _check_chains(net: NormNet, dtype: torch.dtype, source: str) -> None:
+    """Run the described stages on an input of the recorded shape on the meta device (shapes only, no values): a
+    tampered geometry (a stride, padding or dilation edited in the architecture) whose stages no longer chain is
+    refused here, in one line, instead of failing somewhere inside a later forward pass."""
+    shape = net.in_shape or ((net.in_features,) if net.in_features is not None else None)
+    if shape is None:
+        return
+    try:
+        with torch.no_grad():
+            net(torch.empty((1, *shape), dtype=dtype, device="meta"))
+    except (RuntimeError, ValueError, IndexError, InvalidNetworkError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise FileFormatError(
+            f"{source}: the described stages do not chain for inputs of shape {tuple(shape)} ({first[:160]}); the "
+            "architecture was edited or the file is corrupt — re-create it"
+        ) from None

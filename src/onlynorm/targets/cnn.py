@@ -34,7 +34,7 @@ from .. import _io
 from ..domain import Box
 from ..errors import FileFormatError, InvalidTargetError
 from .fx import layers_from_fx
-from .layers import Conv, Layer, Linear, layer_from_json, run_layers, walk
+from .layers import Conv, Layer, Linear, check_target_tensor, layer_from_json, run_layers, walk
 from .parse import SUPPORTED, needs_tracing, parse_sequential
 
 __all__ = ["ConvNetSpec", "box_tensors"]
@@ -80,8 +80,7 @@ class ConvNetSpec:
             for key in ("weight", "bias"):
                 t = getattr(layer, key, None)
                 if t is not None:
-                    if not torch.isfinite(t).all():
-                        raise InvalidTargetError(f"{layer.type} layer: {key} has NaN/Inf values; expected finite")
+                    check_target_tensor(t, f"{layer.type} layer: {key}")
                     dtype = dtype or t.dtype
         try:
             with torch.no_grad():

@@ -20,7 +20,7 @@ from .mlp import MLPSpec
 from .parse import is_cnn_module, needs_tracing, parse_sequential
 from .sklearn import is_sklearn_mlp, spec_from_sklearn
 
-__all__ = ["as_target", "load_target"]
+__all__ = ["as_target", "load_target", "read_target", "RELU_ASSUMED"]
 
 
 def as_target(target: MLPSpec | ConvNetSpec | nn.Module, in_shape: tuple[int, int, int] | None = None):
@@ -65,7 +65,24 @@ def _linear(record) -> nn.Linear:
 def load_target(path: str | os.PathLike):
     """Load a target file for the CLI: an MLP state_dict (safetensors or ``.pt``), or a CNN saved by
     ``ConvNetSpec.save`` (safetensors with its JSON architecture description)."""
+    return read_target(path)[0]
+
+
+#: what the CLI says when it reads a bare state_dict: its weights carry no activation function
+RELU_ASSUMED = (
+    "note: {name} is a bare state_dict, which records no activation function; it is read as a ReLU MLP (ReLU after "
+    "every Linear but the last). A Tanh/GELU/... model is NOT this network — save targets with "
+    "onlynorm.MLPSpec.from_module(model).save(path), which refuses other activations"
+)
+
+
+def read_target(path: str | os.PathLike):
+    """``(target, relu_assumed)``: the target of :func:`load_target`, and whether the file is a bare state_dict
+    (no onlynorm metadata), whose activation is *assumed* to be ReLU — a state_dict records only weights, so a Tanh
+    model's state_dict reads as the ReLU network with the same weights. Files written by :meth:`MLPSpec.save`
+    (which only accepts ReLU models) or ``ConvNetSpec.save`` record what they are."""
     tensors, meta = _io.read_tensors(path)
     if meta is not None and meta.get("kind") == "cnn-target":
-        return ConvNetSpec.from_document(meta, tensors, source=str(path))
-    return MLPSpec.from_state_dict(tensors, source=str(path))
+        return ConvNetSpec.from_document(meta, tensors, source=str(path)), False
+    assumed = meta is None or meta.get("kind") != "mlp-target"
+    return MLPSpec.from_state_dict(tensors, source=str(path)), assumed

@@ -28,7 +28,11 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
+from ..errors import InvalidTargetError
+
 __all__ = [
+    "TARGET_DTYPES",
+    "check_target_tensor",
     "Layer",
     "Conv",
     "Linear",
@@ -44,6 +48,40 @@ __all__ = [
 ]
 
 Pair = tuple[int, int]
+
+#: the dtypes a target's weights and biases may have (float8 formats have no arithmetic to evaluate them with)
+TARGET_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_target_tensor(t: torch.Tensor, where: str) -> None:
+    """Refuse a target weight or bias that holds no usable values: on the meta device, not dense, not one of
+    :data:`TARGET_DTYPES` (a bool or integer bias, float8), or NaN/Inf — :class:`InvalidTargetError`, one line.
+
+    >>> check_target_tensor(torch.ones(2, dtype=torch.bool), "layer 0: bias")
+    Traceback (most recent call last):
+    ...
+    onlynorm.errors.InvalidTargetError: layer 0: bias: expected a floating-point tensor (float16, bfloat16, float32 or float64), found dtype bool; convert it with .double()
+    """
+    if t.device.type == "meta":
+        raise InvalidTargetError(
+            f"{where}: expected a tensor with values, found one on the meta device (shapes only); load the weights "
+            "first, e.g. model.to_empty(device='cpu') then model.load_state_dict(...)"
+        )
+    if t.layout != torch.strided:
+        raise InvalidTargetError(
+            f"{where}: expected a dense tensor, found layout {t.layout}; convert it with .to_dense()"
+        )
+    if t.dtype not in TARGET_DTYPES:
+        raise InvalidTargetError(
+            f"{where}: expected a floating-point tensor (float16, bfloat16, float32 or float64), found dtype "
+            f"{str(t.dtype).removeprefix('torch.')}; convert it with .double()"
+        )
+    if not torch.isfinite(t).all():
+        bad = int((~torch.isfinite(t)).sum())
+        raise InvalidTargetError(
+            f"{where} has {bad} non-finite value(s) (NaN or Inf); expected finite numbers — check the training run "
+            "that produced this target"
+        )
 
 
 def pair(v: Any) -> Pair:

@@ -22,6 +22,7 @@ from torch import nn
 
 from .. import _io
 from ..errors import InvalidTargetError
+from .layers import check_target_tensor
 
 __all__ = ["MLPSpec"]
 
@@ -55,8 +56,6 @@ class MLPSpec:
         for i, (w, b) in enumerate(zip(weights, biases)):
             if w.ndim != 2:
                 raise InvalidTargetError(f"layer {i}: expected a 2-D weight (out, in), found shape {tuple(w.shape)}")
-            if not w.is_floating_point():
-                raise InvalidTargetError(f"layer {i}: expected a floating-point weight, found dtype {w.dtype}")
             if w.shape[0] == 0 or w.shape[1] == 0:
                 raise InvalidTargetError(f"layer {i}: weight has an empty dimension, shape {tuple(w.shape)}")
             if b.shape != (w.shape[0],):
@@ -70,12 +69,7 @@ class MLPSpec:
                     f"but layer {i} expects {w.shape[1]} inputs (weight shape {tuple(w.shape)})"
                 )
             for name, t in (("weight", w), ("bias", b)):
-                if not torch.isfinite(t).all():
-                    bad = int((~torch.isfinite(t)).sum())
-                    raise InvalidTargetError(
-                        f"layer {i}: {name} has {bad} non-finite value(s) (NaN or Inf); expected finite numbers — "
-                        "check the training run that produced this target"
-                    )
+                check_target_tensor(t, f"layer {i}: {name}")
         object.__setattr__(self, "weights", weights)
         object.__setattr__(self, "biases", biases)
 
