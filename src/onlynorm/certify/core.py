@@ -37,6 +37,7 @@ __all__ = [
     "certifiability_problems",
     "not_certifiable",
     "final_result",
+    "Overflow",
 ]
 
 #: extended precision used by the certificate's own arithmetic, and its unit roundoff
@@ -106,6 +107,67 @@ def certifiability_problems(net: nn.Module) -> list[str]:
                 f"{where}.running_var is not 1 (max |var − 1| {float((m.running_var - 1).abs().max()):.3g})"
             )
     return problems
+
+
+class Overflow:
+    """The rounding model's range condition: ``|fl(x) − x| ≤ u|x|`` holds only while every result stays below the
+    format's largest finite number. Each check receives an upper bound of the magnitudes an evaluation handles —
+    of a dot product's terms and partial sums (``Σ|a_i||x_i|`` bounds both, in any order), of a scaling, of an
+    offset added — in ``f``'s dtype (:meth:`check`) or float64 for ``g`` (:meth:`check_g`). A bound that may
+    reach the range (with room for rounding) means the evaluation may overflow to ``inf``: it is *not* a bound,
+    and the certificate does not hold (:attr:`hit`, with a note)."""
+
+    def __init__(self, dtype: torch.dtype):
+        info = torch.finfo(dtype)
+        self.dtype, self.u = dtype, unit_roundoff(dtype)
+        #: an absolute error per rounded product or scaling that underflows (or is flushed to zero)
+        self.eta = float(info.tiny)
+        self.limit_f = float(info.max) * (1 - 4 * info.eps)
+        self.limit_g = float(torch.finfo(torch.float64).max) * (1 - 4 * U64)
+        self.worst_f = 0.0
+        self.worst_g = 0.0
+
+    def check(self, terms, gamma=None, beta=None) -> None:
+        """A stage of ``f``: ``terms`` bounds ``|A||x̃|`` (the products and partial sums of ``A x̃``); then
+        ``γ ⊙ (A x̃) + β``."""
+        worst = np.asarray(terms, dtype=np.float64)
+        if gamma is not None:
+            worst = np.maximum(worst, np.asarray(gamma, dtype=np.float64) * worst)
+        if beta is not None:
+            worst = worst + np.asarray(beta, dtype=np.float64)
+        self.worst_f = max(self.worst_f, _peak(worst))
+
+    def check_g(self, terms, beta=None) -> None:
+        """A layer of ``g`` in float64: ``terms`` bounds ``|W||h̃|``, then ``+ b``."""
+        worst = np.asarray(terms, dtype=np.float64) + (0 if beta is None else np.asarray(beta, dtype=np.float64))
+        self.worst_g = max(self.worst_g, _peak(worst))
+
+    @property
+    def hit(self) -> bool:
+        return not (self.worst_f < self.limit_f and self.worst_g < self.limit_g)
+
+    def notes(self) -> list[str]:
+        out = []
+        name = str(self.dtype).removeprefix("torch.")
+        if not self.worst_f < self.limit_f:
+            out.append(
+                f"the network's {name} evaluation may overflow on the box: its intermediate magnitudes reach "
+                f"{self.worst_f:.3g}, beyond {name}'s largest finite {self.limit_f:.3g} (f may be inf there) — "
+                "no rounding bound holds; use a smaller box or float64"
+            )
+        if not self.worst_g < self.limit_g:
+            out.append(
+                f"the target's float64 evaluation may overflow on the box (magnitudes up to {self.worst_g:.3g}): "
+                "no rounding bound holds"
+            )
+        return out
+
+
+def _peak(x: np.ndarray) -> float:
+    if x.size == 0:
+        return 0.0
+    m = float(np.max(x))
+    return m if not np.isnan(m) else float("inf")
 
 
 def final_result(certified: bool, bound: float, rounding: float, notes: list[str]) -> CertifyResult:
