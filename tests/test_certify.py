@@ -64,6 +64,8 @@ def test_approximate_reconstruction_certifies_its_true_distance():
     assert report.certified is True  # units stay active; the bound measures the LS error
     assert report.max_abs_error <= report.certified_bound + report.rounding_bound
     assert report.certified_bound > 1e-6 and not report.passed
+    assert report.outcome == "bounded" and report.proven is False  # a bound holds; equality is not claimed
+    assert dict(report.rows())["outcome"] == "bounded"
 
 
 def test_cli_verify_certify(tmp_path, capsys):
@@ -85,4 +87,5 @@ def test_cli_verify_certify(tmp_path, capsys):
             ]
         )
     out = capsys.readouterr().out
-    assert info.value.code == 0 and "certified on the whole box" in out
+    assert info.value.code == 0 and "a bound holds on the whole box" in out
+    assert "outcome" in out and "exact" in out and "]^3" in out and "metadata" in out  # which box, and whence
