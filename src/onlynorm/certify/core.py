@@ -195,3 +195,62 @@ def not_certifiable(problems: list[str]) -> CertifyResult:
             "or reload the network"
         ],
     )
+
+
+#: Veltkamp's splitter for the extended format (64-bit significand): x = hi + lo with 32-bit halves
+_SPLIT = XP(2.0**32 + 1.0)
+#: above this many scalar products, :func:`matmul_xp` composes with one plain extended-precision product
+DOT2_BUDGET = 60_000_000
+
+
+def _two_sum(a, b):
+    s = a + b
+    z = s - a
+    return s, (a - (s - z)) + (b - z)
+
+
+def _split(a):
+    c = _SPLIT * a
+    hi = c - (c - a)
+    return hi, a - hi
+
+
+def _two_product(a, b):
+    p = a * b
+    a1, a2 = _split(a)
+    b1, b2 = _split(b)
+    return p, a2 * b2 - (((p - a1 * b1) - a2 * b1) - a1 * b2)
+
+
+def matmul_xp(A: np.ndarray, B: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(C, E)`` with ``|C − A B| ≤ E`` entrywise, for extended-precision (XP) matrices of exact values.
+
+    Products of up to :data:`DOT2_BUDGET` scalar terms are evaluated as *compensated* dot products (Ogita, Rump &
+    Oishi's Dot2: error-free TwoProduct and TwoSum over the inner dimension, as if in twice the working
+    precision), with their bound ``u|AB| + γ_n² |A||B|`` (``u = U_XP``, ``n`` the inner dimension; valid without
+    underflow or overflow, which the certificate checks separately); larger ones by one plain XP product with
+    ``γ_n |A||B|``. The compensated product keeps the composition's own rounding at ``u`` *relative to the
+    result* — with cancelling factors (the Khatri–Rao pairs, offsets ``β`` that cancel) a plain product's error is
+    relative to ``|A||B|`` instead, which can exceed the result by orders of magnitude."""
+    A = np.asarray(A, dtype=XP)
+    B = np.asarray(B, dtype=XP)
+    vector = B.ndim == 1
+    B2 = B.reshape(B.shape[0], -1)
+    n = A.shape[1]
+    absAB = np.abs(A) @ np.abs(B2)
+    if A.shape[0] * n * B2.shape[1] > DOT2_BUDGET or n == 0:
+        C = A @ B2
+        E = gamma_n(n + 1, U_XP) * absAB
+    else:
+        s = np.zeros((A.shape[0], B2.shape[1]), dtype=XP)
+        c = np.zeros_like(s)
+        for k in range(n):
+            p, e = _two_product(A[:, k : k + 1], B2[k : k + 1, :])
+            s, q = _two_sum(s, p)
+            c = c + (q + e)
+        C = s + c
+        g = gamma_n(n + 1, U_XP)
+        E = U_XP * np.abs(C) * (1 + 2 * U_XP) + 2 * g * g * absAB
+    if vector:
+        return C.reshape(-1), E.reshape(-1)
+    return C, E

@@ -43,7 +43,18 @@ from ..nets.match import Node, path_label, walk_nodes
 from ..nets.normnet import NormNet
 from ..nets.views import AffineView
 from ..targets.mlp import MLPSpec
-from .core import U_XP, XP, CertifyResult, Overflow, affine_interval, final_result, gamma_n, to_xp, unit_roundoff
+from .core import (
+    U_XP,
+    XP,
+    CertifyResult,
+    Overflow,
+    affine_interval,
+    final_result,
+    gamma_n,
+    matmul_xp,
+    to_xp,
+    unit_roundoff,
+)
 
 __all__ = ["certify_blocks", "propagate_distance", "certify_result", "start_rounding"]
 
@@ -138,33 +149,43 @@ class BlockBound:
         self.G: list[np.ndarray] = []
         self.E: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # per stage: affine part, constant, crude
         self.activity: dict[int, tuple[float, int]] = {}
+        d_prev = delta  # bound on |x̃_{k−1} − x_{k−1}|
         for k, stage in enumerate(stages):
-            G = to_xp(stage.gamma).reshape(-1, 1) * to_xp(stage.weight)
-            beta = to_xp(stage.beta)
-            G_abs = np.abs(G)
+            gam, A, beta = to_xp(stage.gamma), to_xp(stage.weight), to_xp(stage.beta)
+            G = gam.reshape(-1, 1) * A  # only in bounds: widened by its own rounding (one XP product per entry)
+            G_abs = np.abs(G) * (1 + 2 * U_XP)
             width_in = G.shape[1]
             g_k = gamma_n(width_in + 2, u_f)
-            A_abs = np.abs(to_xp(stage.weight)).astype(np.float64)
-            overflow.check(
-                A_abs @ c_mag, np.abs(to_xp(stage.gamma)).astype(np.float64), np.abs(beta).astype(np.float64)
-            )
-            floor = (width_in + 2) * eta
-            G64 = G_abs.astype(np.float64)
-            e_const = g_k * (G_abs @ c + np.abs(beta)) + floor
-            e_crude = g_k * (G64 @ c_mag + np.abs(beta).astype(np.float64)) + floor
-            self.G.append(G)
-            self.E.append((g_k * (G_abs @ X), e_const, e_crude))
-            # the product's rounding is relative to |Γ_k A_k| |P_{k−1}| of the *computed* factors (keeping their
-            # cancellations), plus the error P_{k−1} carries in
-            P_err = (G_abs @ P_err + gamma_n(width_in + 1, U_XP) * (G_abs @ np.abs(P))) * (
-                1 + gamma_n(width_in + 1, U_XP)
-            )
-            q_err = G_abs @ q_err + gamma_n(width_in + 2, U_XP) * (G_abs @ np.abs(q) + np.abs(beta))
-            P, q = G @ P, G @ q + beta
-            prop = (np.abs(P) + P_err).astype(np.float64) @ delta
-            crude = G64 @ crude + e_crude
+            overflow.check(np.abs(A).astype(np.float64) @ c_mag, np.abs(gam).astype(np.float64), np.abs(beta))
+            # the exact composition x_k = Γ_k A_k (P h + q) + β_k, with compensated products (matmul_xp) and γ
+            # applied after A, so the only roundings are the products' (AP_err) and two scalings per entry
+            AP, AP_err = matmul_xp(A, P)
+            Aq, Aq_err = matmul_xp(A, q)
+            A_abs = np.abs(A)
+            P = gam.reshape(-1, 1) * AP
+            P_err = np.abs(gam).reshape(-1, 1) * (AP_err + A_abs @ P_err) + 2 * U_XP * np.abs(P)
+            q1 = gam * Aq
+            q = q1 + beta
+            q_err = np.abs(gam) * (Aq_err + A_abs @ q_err) + 2 * U_XP * (np.abs(q1) + np.abs(q))
             stage_lo, stage_hi = affine_interval(P, lo, hi, q)
             slack = P_err @ mag_in + q_err + gamma_n(n + 2, U_XP) * (np.abs(P) @ mag_in + np.abs(q))
+            x_mag = np.maximum(np.abs(stage_lo), np.abs(stage_hi)) + slack
+            pos = (stage_lo - slack) > 0  # units proven positive on the box: |x_k| = x_k = P_k h + q_k there
+            X_new = np.where(pos[:, None], P, 0)
+            c_new = np.where(pos, q + P_err @ mag_in + q_err, x_mag)
+            # f's rounding at this stage, at its computed input: γ_{n+2} |Γ A| |x̃_{k−1}| (the dot product and
+            # the scaling by γ) + u |Γ A x̃_{k−1} + β| (adding β rounds relative to the *result*, not to |β|:
+            # the offsets cancel) + an underflow floor; |Γ A x̃ + β| ≤ |x_k| + |Γ A| d_{k−1}
+            floor = (width_in + 2) * eta
+            G64 = G_abs.astype(np.float64)
+            gd = G_abs @ d_prev.astype(XP)
+            e_aff = g_k * (G_abs @ X) + u_f * X_new
+            e_const = g_k * (G_abs @ c) + u_f * (c_new + gd) + floor
+            e_crude = g_k * (G64 @ c_mag) + u_f * (x_mag.astype(np.float64) + gd.astype(np.float64)) + floor
+            self.G.append(G)
+            self.E.append((e_aff, e_const, e_crude))
+            prop = (np.abs(P) + P_err).astype(np.float64) @ delta
+            crude = G64 @ crude + e_crude
             if k < len(stages) - 1:
                 # the minimum is exact for P h + q; allow for rounding in P, q and in forming the bound itself —
                 # and for f's own evaluation error, so the *computed* network takes the linear branch too
@@ -172,12 +193,9 @@ class BlockBound:
                 if (low <= 0).any():
                     self.activity[k] = (float(low.min()), int((low <= 0).sum()))
             # the next stage's input: |x̃_k| ≤ P_k h + q_k + d_k on units proven positive, max |x̃_k| elsewhere
-            d_k = prop + crude
-            x_mag = np.maximum(np.abs(stage_lo), np.abs(stage_hi)) + slack
-            c_mag = x_mag.astype(np.float64) + d_k
-            pos = (stage_lo - slack) > 0
-            X = np.where(pos[:, None], P, 0)
-            c = np.where(pos, q + P_err @ mag_in + q_err, x_mag) + d_k.astype(XP)
+            d_prev = prop + crude
+            c_mag = x_mag.astype(np.float64) + d_prev
+            X, c = X_new, c_new + d_prev.astype(XP)
         self.P, self.q, self.P_err, self.q_err = P, q, P_err, q_err
         self.out_lo, self.out_hi = stage_lo, stage_hi
         self.crude = crude
