@@ -5,7 +5,10 @@ product, ``|fl(a·x) − a·x| ≤ γ_n |a|·|x|`` with ``γ_n = n·u / (1 − n
 that computed it (:func:`gamma_n`). The certificate's own arithmetic runs in extended precision (x87 80-bit on
 x86-64, ``u = 2⁻⁶⁴``), so its rounding lands far below float64's; the evaluation of ``f`` is bounded with the unit
 roundoff of *the network's own dtype* (float32 networks too), and that of ``g`` with float64's (targets are always
-evaluated in float64).
+evaluated in float64). The model needs every result within the format's range: :class:`Overflow` checks the
+magnitudes each evaluation handles against ``finfo.max`` (a bound that may reach it is no bound: not certified),
+and an underflowing or flushed product adds at most ``finfo.tiny`` each. Compositions of exact maps use
+compensated products (:func:`matmul_xp`).
 
 **What is certified.** The function a NormNet computes in inference form: frozen weights, ``γ``, ``β`` AND the
 BatchNorm statistics as evaluated. The constructions use running mean 0, running variance 1 and ``eps = 0``
