@@ -215,7 +215,7 @@ def test_capacity_of_a_rank_deficient_cnn_network(method):
     assert not broken.expressible and broken.residual > 1e-6
     assert not report.expressible
     assert all(s.expressible for s in report.systems[1:])
-    assert "NOT expressible" in dict(report.rows())[broken.label]
+    assert "NOT exactly solvable" in dict(report.rows())[broken.label]
 
 
 def test_capacity_reads_a_cnn_module_with_the_networks_image_shape():
@@ -238,4 +238,4 @@ def test_cli_capacity_of_a_cnn(method, tmp_path, capsys):
     assert info.value.code == 0
     rows = [line for line in out.splitlines() if re.search(r"rank \d+/\d+", line)]
     assert len(rows) == expected_systems(spec, name, options.get("block", 1))
-    assert out.count("expressible") == len(rows) and "NOT" not in out  # (rich wraps the verdict onto a 2nd line)
+    assert out.count("solvable") == len(rows) and "NOT" not in out  # (rich wraps the verdict onto a 2nd line)

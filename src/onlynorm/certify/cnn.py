@@ -54,7 +54,7 @@ from ..nets.match import Node, Realised, Skip, path_label
 from ..nets.views import UNIT_GEOMETRY, AffineView, StreamView, hook_problem
 from ..targets.cnn import ConvNetSpec, box_tensors
 from ..targets.layers import Pool
-from .core import U64, CertifyResult, final_result, gamma_n, unit_roundoff
+from .core import U64, CertifyResult, Overflow, final_result, gamma_n, unit_roundoff
 
 __all__ = ["certify_conv"]
 
@@ -111,17 +111,30 @@ def certify_conv(net, spec: ConvNetSpec, box: Box, nodes: Sequence[Node]) -> Cer
     # f receives the float64 points cast to its dtype: one rounding per coordinate (none for float64)
     cast = zero if net.dtype == torch.float64 else u_f * torch.maximum(lo.abs(), hi.abs())
     notes: list[str] = []
-    walker = _Walker(u_f, notes)
+    walker = _Walker(u_f, notes, Overflow(net.dtype))
+    walker.overflow.check(_peak(torch.maximum(lo.abs(), hi.abs())))  # the input, cast to f's dtype
     state = walker.walk(nodes, _State(lo, hi, zero, cast, zero.clone()))
-    return final_result(not notes, float(state.err.max()), float((state.rf + state.rg).max()), notes)
+    walker.overflow.check(_peak(state.mag_f))
+    walker.overflow.check_g(_peak(state.mag_g))
+    hit = walker.overflow.hit
+    notes += walker.overflow.notes()
+    return final_result(not notes and not hit, float(state.err.max()), float((state.rf + state.rg).max()), notes)
+
+
+def _peak(t: torch.Tensor) -> float:
+    """The largest entry (``inf`` for NaN: an undefined bound is no bound)."""
+    if t.numel() == 0:
+        return 0.0
+    m = float(t.max())
+    return m if m == m else float("inf")
 
 
 class _Walker:
     """One pass over the matched target layers and stages (nested residual blocks included), reading each stage
     through its affine view (:mod:`onlynorm.nets.views`) — never its submodules."""
 
-    def __init__(self, u_f: float, notes: list[str]):
-        self.u_f, self.notes = u_f, notes
+    def __init__(self, u_f: float, notes: list[str], overflow: Overflow):
+        self.u_f, self.notes, self.overflow = u_f, notes, overflow
 
     def walk(self, nodes: Sequence[Node], st: _State) -> _State:
         for node in nodes:
@@ -222,6 +235,14 @@ class _Walker:
         # the first's local rounding (through γ₂ B) and its own, at its computed input |ũ| ≤ |Γ₁A| a + |β₁| + pre_err
         u_mag = op(st.mag, GA_abs) + col(b1.abs()) + pre_err
         local2 = gamma_n(N + 3, u_f) * (mix(B_abs, u_mag) + col(b2.abs()))
+        # the range condition of the rounding model: every product, partial sum, scaling and offset of f's two
+        # stages (in its dtype), and of g's layer (float64), stays below the format's largest finite number
+        terms1 = op(st.mag_f, A.abs())
+        terms2 = mix(B.abs(), u_mag)
+        self.overflow.check(_peak(terms1), _peak(g1.abs()), _peak(b1.abs()))
+        self.overflow.check(_peak(terms2), _peak(g2.abs()), _peak(b2.abs()))
+        self.overflow.check(_peak(u_mag))
+        self.overflow.check_g(_peak(op(st.mag_g, W.flatten(1).abs())), _peak(b.abs()))
         rf = _up(op(st.rf, W_hat.abs() + W_err) + mix(B_abs, local1) + local2, grow)
         # g: its float64 evaluation of W * x + b at its own (computed) input
         W_abs = W.flatten(1).abs()

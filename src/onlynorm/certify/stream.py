@@ -17,7 +17,7 @@ from ..nets.match import Node, Realised, walk_nodes
 from ..nets.normnet import NormNet
 from ..nets.views import BranchStreamView
 from ..targets.mlp import MLPSpec
-from .core import U_XP, XP, CertifyResult, affine_interval, gamma_n, to_xp, unit_roundoff
+from .core import U_XP, XP, CertifyResult, Overflow, affine_interval, gamma_n, to_xp, unit_roundoff
 from .mlp import certify_result, propagate_distance, start_rounding
 
 __all__ = ["certify_residual_streams"]
@@ -34,6 +34,8 @@ def certify_residual_streams(net: NormNet, spec: MLPSpec, box: Box, nodes: Seque
     round_g = np.zeros(lo.shape)
     notes: list[str] = []
     certified = True
+    overflow = Overflow(net.dtype)
+    overflow.check(np.maximum(np.abs(lo), np.abs(hi)).astype(np.float64))  # the input, cast to f's dtype
     streams = [_stream_view(node) for node in walk_nodes(nodes)]
     for i, (stage, W_t, b_t) in enumerate(zip(streams, spec.weights, spec.biases)):
         W, b = to_xp(W_t), to_xp(b_t)
@@ -58,9 +60,13 @@ def certify_residual_streams(net: NormNet, spec: MLPSpec, box: Box, nodes: Seque
             u_lo, u_hi = affine_interval(GA, lo[J], hi[J], beta)
             GA64 = np.abs(GA).astype(np.float64)
             prop_u = GA64 @ delta[J]  # f's incoming error, through Γ_t A_t
-            round_u = gamma_n(k + 2, u_f) * (
-                GA64 @ (mag_in[J].astype(np.float64) + delta[J]) + np.abs(beta).astype(np.float64)
+            x_in = mag_in[J].astype(np.float64) + delta[J]  # |x̃| of f at this branch's input
+            overflow.check(
+                np.abs(to_xp(branch.weight)).astype(np.float64) @ x_in,
+                np.abs(to_xp(branch.gamma)).astype(np.float64),
+                np.abs(beta).astype(np.float64),
             )
+            round_u = gamma_n(k + 2, u_f) * (GA64 @ x_in + np.abs(beta).astype(np.float64)) + (k + 2) * overflow.eta
             slack = gamma_n(k + 2, U_XP) * (np.abs(GA) @ mag_in[J] + np.abs(beta)) + (prop_u + round_u).astype(XP)
             off = u_lo <= slack
             if off.any():
@@ -78,7 +84,8 @@ def certify_residual_streams(net: NormNet, spec: MLPSpec, box: Box, nodes: Seque
             s_mag += np.abs(Bt) @ u_mag
             round_s = round_s + np.abs(Bt).astype(np.float64) @ round_u
         n_terms = stage.branches[0].branch.weight.shape[0] + len(stage.branches) + 2
-        round_s = round_s + gamma_n(n_terms, u_f) * s_mag.astype(np.float64)
+        overflow.check(s_mag.astype(np.float64), np.abs(g_out).astype(np.float64), np.abs(b_out).astype(np.float64))
+        round_s = round_s + gamma_n(n_terms, u_f) * s_mag.astype(np.float64) + n_terms * overflow.eta
         P = g_out.reshape(-1, 1) * P
         P_err = np.abs(g_out).reshape(-1, 1) * P_err + gamma_n(1, U_XP) * np.abs(P)
         q = g_out * s_offset + b_out
@@ -89,11 +96,12 @@ def certify_residual_streams(net: NormNet, spec: MLPSpec, box: Box, nodes: Seque
             + np.abs(g_out).astype(np.float64) * round_s
             + gamma_n(2, u_f) * (np.abs(g_out) * (s_mag + round_s) + np.abs(b_out)).astype(np.float64)
         )
-        err, round_g = propagate_distance(err, round_g, P, P_err, q, q_err, W, b, mag_in)
+        err, round_g = propagate_distance(err, round_g, P, P_err, q, q_err, W, b, (lo, hi), overflow)
         lo, hi = affine_interval(P, lo, hi, q)
         if i < spec.depth - 1:
             lo, hi = np.maximum(lo, 0), np.maximum(hi, 0)
-    return certify_result(certified, err, round_f, round_g, notes)
+    notes += overflow.notes()
+    return certify_result(certified and not overflow.hit, err, round_f, round_g, notes)
 
 
 def _stream_view(node: Realised) -> BranchStreamView:

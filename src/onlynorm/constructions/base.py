@@ -126,6 +126,11 @@ class Construction:
         """The Khatri–Rao systems ``(label, A, B, W)`` with ``B diag(γ) A = W`` that ``solve`` must satisfy."""
         raise OnlyNormError(f"method {self.name!r} does not expose its systems")
 
+    def approximations(self, net: NormNet, target: Any) -> list[str]:
+        """Layers this network can realise only approximately *even when every system is solved exactly* (e.g. a
+        low-rank factorisation below the layer's rank), one line each; ``[]`` when solvable systems mean ``W``."""
+        return []
+
     def estimate_bytes(self, target: Any, dtype: torch.dtype, *, plan: Plan | None = None, **options: Any) -> int:
         """Peak bytes the solve will need (0 if unknown); used by the memory guard before allocating."""
         return 0

@@ -44,30 +44,46 @@ class SystemCapacity:
     rank: int
     condition: float  # |R₁₁| / |R_kk| from pivoted QR (≈ cond(M) up to a modest factor)
     structural_rank: int | None  # for sparse frozen weights
-    expressible: bool  # vec W ∈ range(M)
+    expressible: (
+        bool  # vec W ∈ range(M): the system is exactly solvable (full row rank, or rank-deficient and consistent)
+    )
     residual: float  # relative least-squares residual of the target (0 when full row rank)
+
+    @property
+    def verdict(self) -> str:
+        """``exactly solvable`` (full row rank: every W; or rank-deficient and consistent) or ``least squares
+        only`` with its residual — never "expressible" for a system that only has a least-squares solution."""
+        if self.expressible:
+            return "exactly solvable" + ("" if self.rank == self.equations else " (rank-deficient but consistent)")
+        return f"NOT exactly solvable: least squares only (relative residual {self.residual:.1e})"
 
 
 @dataclass
 class CapacityReport:
     method: str
     systems: list[SystemCapacity] = field(default_factory=list)
+    #: layers the construction realises only approximately even with every system solved (e.g. low rank)
+    approximations: list[str] = field(default_factory=list)
 
     @property
     def expressible(self) -> bool:
-        return all(s.expressible for s in self.systems)
+        """The network can compute the target *exactly*: every system is exactly solvable and no layer is
+        approximated by the construction itself (``onlynorm capacity`` exits 1 otherwise)."""
+        return all(s.expressible for s in self.systems) and not self.approximations
 
     def rows(self) -> list[tuple[str, str]]:
         out = []
         for s in self.systems:
             srank = "" if s.structural_rank is None else f", structural rank {s.structural_rank}"
-            verdict = "expressible" if s.expressible else f"NOT expressible (residual {s.residual:.1e})"
             out.append(
                 (
                     s.label,
-                    f"rank {s.rank}/{s.equations} ({s.unknowns} unknowns{srank}), cond ≈ {s.condition:.1e}: {verdict}",
+                    f"rank {s.rank}/{s.equations} ({s.unknowns} unknowns{srank}), cond ≈ {s.condition:.1e}: "
+                    f"{s.verdict}",
                 )
             )
+        out += [("approximate", a) for a in self.approximations]
+        out.append(("target", "exactly expressible" if self.expressible else "NOT exactly expressible"))
         return out
 
     def __str__(self) -> str:
@@ -115,4 +131,5 @@ def capacity(frozen: NormNet, target: MLPSpec | ConvNetSpec | nn.Module) -> Capa
             # the verification tolerance; a rank-deficient M has condition ∞, which must not widen the test
             expressible = residual <= EXPRESSIBLE_RTOL
         report.systems.append(SystemCapacity(label, equations, unknowns, rank, condition, srank, expressible, residual))
+    report.approximations = get_construction(method).approximations(frozen, spec)
     return report

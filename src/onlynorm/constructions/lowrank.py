@@ -144,6 +144,19 @@ class LowRankConstruction(Construction):
             ]
         return out
 
+    def approximations(self, net: NormNet, target: MLPSpec) -> list[str]:
+        """Layers whose rank exceeds the network's ``r``: the systems reach the best rank-``r`` factors, not ``W``."""
+        out = []
+        for step, W in zip(self.plan_of(net, target).steps, target.weights):
+            r = step.details["rank"]
+            _, _, rel_err, sigma_next = balanced_factors(W.to(torch.float64), r)
+            if not (rel_err == 0.0 or rel_err <= 1e3 * torch.finfo(torch.float64).eps):
+                out.append(
+                    f"layer {step.layer}: rank {r} < rank of W — only the best rank-{r} weight is reachable "
+                    f"(relative error {rel_err:.2e}, σ_{r + 1} = {sigma_next:.2e})"
+                )
+        return out
+
     def solve(
         self, net: NormNet, target: MLPSpec, domain: Box, *, progress: Progress | None = None, plan: Plan | None = None
     ) -> NormNet:
