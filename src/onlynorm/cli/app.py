@@ -66,14 +66,16 @@ def _options(
     certify the result."""
 
 
-def _reconstruct_help() -> str:
-
-    lines = [
-        "Build a frozen random network and solve its BatchNorm γ, β so it computes TARGET on the box.",
-        "Methods (--method):",
+def _methods_help(intro: str) -> str:
+    """``intro`` and one line per construction (``--method``), as typer shows a command's help."""
+    lines = [intro, "Methods (--method):"] + [
+        f"* {name}: {get_construction(name).cost}" for name in available_methods()
     ]
-    lines += [f"* {name}: {get_construction(name).cost}" for name in available_methods()]
     return "\n\n".join(lines)
+
+
+def _reconstruct_help() -> str:
+    return _methods_help("Build a frozen random network and solve its BatchNorm γ, β so it computes TARGET on the box.")
 
 
 def reconstruct(
@@ -90,7 +92,6 @@ def reconstruct(
     dtype: str = typer.Option("float64", help="float64 (default, exact to ~1e-13) or float32."),
     **options: str | None,
 ) -> None:
-
     check_output_path(out, inputs=(target,))
     spec = load_target(target)
     torch_dtype = _torch_dtype(dtype)
@@ -103,7 +104,6 @@ def reconstruct(
 
 
 def _torch_dtype(dtype: str):
-
     torch_dtype = {"float64": torch.float64, "float32": torch.float32}.get(dtype)
     if torch_dtype is None:
         raise InvalidOptionError(f"--dtype: expected float64 or float32, found {dtype!r}")
@@ -116,14 +116,10 @@ def _given_options(options: dict[str, str | None]) -> dict:
 
 
 def _init_help() -> str:
-
-    lines = [
+    return _methods_help(
         "Write the frozen random network for TARGET by --method, with its norms at identity (γ = 1, β = 0) — the "
-        "FROZEN input of `onlynorm fit` (or `onlynorm capacity`). Nothing is solved.",
-        "Methods (--method):",
-    ]
-    lines += [f"* {name}: {get_construction(name).cost}" for name in available_methods()]
-    return "\n\n".join(lines)
+        "FROZEN input of `onlynorm fit` (or `onlynorm capacity`). Nothing is solved."
+    )
 
 
 def init(
@@ -136,7 +132,6 @@ def init(
     dtype: str = typer.Option("float64", help="float64 (default) or float32."),
     **options: str | None,
 ) -> None:
-
     check_seed(seed, "--seed")
     check_output_path(out, inputs=(target,))
     torch_dtype = _torch_dtype(dtype)
@@ -390,7 +385,6 @@ def _internal(exc: BaseException) -> None:
 
 
 def _fail(message: str, code: int) -> None:
-
     stream = sys.stderr
     while isinstance(stream, FileProxy):  # an interrupted rich progress bar can leave stderr redirected into it
         stream = stream.rich_proxied_file

@@ -41,7 +41,6 @@ def load_fit_data(data: Path | None, low: float | None, high: float | None):
 
 
 def run_fit(frozen: Path, target: Path, data, *, method: str, budget: float | None, seed: int, progress_factory):
-
     net = NormNet.load(frozen)
     spec = load_target(target)
     with progress_factory(f"fitting ({method})") as progress:
