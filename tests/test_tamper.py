@@ -17,9 +17,13 @@ import itertools
 import pytest
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 import onlynorm
 from onlynorm import Box, NormNet, _io
+from onlynorm.errors import InvalidNetworkError
+from onlynorm.nets import NormLinear
+from onlynorm.nets.modules import inference_form
 
 from .conftest import random_mlp
 
@@ -389,3 +393,141 @@ def test_float32_overflow_is_not_certified(method, tmp_path):
     report = onlynorm.verify(big, g, domain=box, samples=200, certify=True)
     assert report.certified is False and report.outcome == "not proven" and not report.ok
     assert any("overflow" in note for note in report.notes), report.notes
+
+
+# ---------------------------------------------------------------------- module state the certificate does not model
+# Tampering through the public module tree, by type: hooks, subclassed modules, instance-patched forwards, a bias on a
+# frozen layer, a BatchNorm eps, circular padding — each changes what torch computes; none may be certified.
+def _first(net: nn.Module, cls: type[nn.Module]) -> nn.Module:
+    return next(m for m in net.modules() if type(m) is cls)
+
+
+class _LoudLinear(nn.Linear):
+    def forward(self, x):
+        return super().forward(x) * 1.5
+
+
+def _hook(net):
+    _first(net, nn.Linear).register_forward_hook(lambda m, i, o: o * 1.5)
+
+
+def _pre_hook(net):
+    _first(net, NormLinear).register_forward_pre_hook(lambda m, args: (args[0] + 0.5,))
+
+
+def _bias(net):
+    lin = _first(net, nn.Linear)
+    lin.bias = nn.Parameter(torch.full((lin.out_features,), 0.5, dtype=lin.weight.dtype), requires_grad=False)
+
+
+def _eps(net):
+    _first(net, nn.BatchNorm1d).eps = 0.3
+
+
+def _subclass(net):
+    stage = _first(net, NormLinear)
+    old = stage.linear
+    new = _LoudLinear(old.in_features, old.out_features, bias=False, dtype=old.weight.dtype)
+    new.weight = old.weight
+    stage.linear = new
+
+
+def _instance_forward(net):
+    stage = _first(net, NormLinear)
+    original = stage.forward
+    stage.forward = lambda x: original(x) * 1.5
+
+
+def _circular(net):
+    _first(net, nn.Conv2d).padding_mode = "circular"
+
+
+def _conv_bias(net):
+    conv = _first(net, nn.Conv2d)
+    conv.bias = nn.Parameter(torch.full((conv.out_channels,), 0.5, dtype=conv.weight.dtype), requires_grad=False)
+
+
+MLP_TAMPERS = {
+    "forward hook": _hook,
+    "forward pre-hook": _pre_hook,
+    "bias on a frozen Linear": _bias,
+    "BatchNorm eps": _eps,
+    "subclassed Linear": _subclass,
+    "instance forward": _instance_forward,
+}
+CNN_TAMPERS = {"circular padding": _circular, "bias on a frozen Conv2d": _conv_bias, "BatchNorm eps": _eps}
+
+
+def _cnn():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 4 * 4, 3)).double()
+
+
+@pytest.mark.parametrize("method", ["width", "deep", "lowrank"])
+@pytest.mark.parametrize("tamper", sorted(MLP_TAMPERS))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_the_certificate_refuses_module_state_it_does_not_model_mlp(method, tamper, dtype):
+    g = random_mlp([3, 5, 2], seed=1)
+    f = onlynorm.reconstruct(g, method=method, dtype=dtype, seed=0)
+    assert onlynorm.verify(f, g, samples=2000, certify=True).certified  # untampered: proven
+    MLP_TAMPERS[tamper](f)
+    _refused(f, g, dtype)
+
+
+@pytest.mark.parametrize("method", ["conv", "deep"])
+@pytest.mark.parametrize("tamper", sorted(CNN_TAMPERS))
+def test_the_certificate_refuses_module_state_it_does_not_model_cnn(method, tamper):
+    g = _cnn()
+    options = {"paired": 0} if method == "deep" else {}
+    f = onlynorm.reconstruct(g, in_shape=(1, 4, 4), method=method, **options)
+    if tamper == "BatchNorm eps":
+        _first(f, nn.BatchNorm2d).eps = 0.3
+    else:
+        CNN_TAMPERS[tamper](f)
+    try:
+        _refused(f, g, torch.float64, in_shape=(1, 4, 4))
+    except InvalidNetworkError as exc:  # a stream refuses to run with state its forward does not evaluate
+        assert method == "deep" and "conv_stream" in str(exc) and tamper != "BatchNorm eps"
+
+
+def _refused(f: NormNet, g: nn.Module, dtype: torch.dtype, in_shape=None) -> None:
+    """The tampered network really computes something else, and the certificate does not claim it."""
+    before = {k: v.clone() for k, v in f.state_dict().items()}
+    eps_before = [m.eps for m in f.modules() if isinstance(m, _BatchNorm)]
+    x = torch.rand(256, *(in_shape or (g[0].in_features,)), dtype=torch.float64) * 2 - 1
+    with torch.no_grad():
+        true_error = float((f(x.to(dtype)).double() - g(x)).abs().max())
+    assert true_error > 1e-3
+    report = onlynorm.verify(f, g, samples=500, certify=True)
+    assert report.certified is False and report.proven is False and not report.ok
+    assert any("not certifiable" in n for n in report.notes), report.notes
+    # verify changed nothing: weights, buffers, eps
+    assert all(torch.equal(before[k], v) for k, v in f.state_dict().items())
+    assert [m.eps for m in f.modules() if isinstance(m, _BatchNorm)] == eps_before
+
+
+def test_verify_leaves_eps_and_modes_alone():
+    """The reproduced case: eps = 1e-2 on every BatchNorm; verify used to reset it to 0 and certify 1.4e-12."""
+    g = random_mlp([10, 20, 20, 3], seed=3)
+    f = onlynorm.reconstruct(g, seed=0)
+    for m in f.modules():
+        if isinstance(m, _BatchNorm):
+            m.eps = 1e-2
+    f.train()
+    report = onlynorm.verify(f, g, samples=2000, certify=True)
+    assert report.max_abs_error > 1e-3 and report.certified is False
+    assert f.training and all(m.eps == 1e-2 for m in f.modules() if isinstance(m, _BatchNorm))
+    f.eval()
+    assert all(m.eps == 1e-2 for m in f.modules() if isinstance(m, _BatchNorm))
+
+
+def test_batch_statistics_mode_gives_back_the_exact_eps():
+    f = onlynorm.reconstruct(random_mlp([3, 4, 2], seed=0))
+    f.batch_statistics = True
+    f.train()
+    assert all(m.eps > 0 and m.training for m in f.norm_modules())
+    with inference_form(f):
+        assert all(not m.training for m in f.norm_modules())
+    assert all(m.eps > 0 and m.training for m in f.norm_modules())  # restored exactly, eps included
+    f.eval()
+    assert all(m.eps == 0.0 and not m.training for m in f.norm_modules())
