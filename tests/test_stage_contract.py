@@ -1,6 +1,6 @@
-"""The stage contract: every stage type computes one function (every grad mode), exports what it computes, and the
-certificate reads only stage views (the tampering of module state the views refuse is in test_tamper.py) — each bug class of a stage meaning written in several places is
-tested here by type, over every registered stage type."""
+"""The stage contract, tested by type over every registered stage type: each computes one function in every grad
+mode, exports what it computes, and a type without a view or lowering is refused — the bug classes of a stage meaning
+written in several places. (Module state the certificate's views refuse is tampered with in test_tamper.py.)"""
 
 from __future__ import annotations
 
