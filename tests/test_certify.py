@@ -118,7 +118,7 @@ def _trained_mlp(seed: int = 0, dims=(10, 20, 20, 3), steps: int = 200) -> torch
     ids=["width", "deep", "lowrank"],
 )
 def test_flagship_trained_mlp_is_proven_exact_by_default(method, options):
-    """Issue 18.6: an exact float64 reconstruction of a trained 10→20→20→3 MLP is proven (outcome exact, ok) with
+    """an exact float64 reconstruction of a trained 10→20→20→3 MLP is proven (outcome exact, ok) with
     the default tolerances, and the report names the box and its source."""
     g = _trained_mlp()
     f = onlynorm.reconstruct(g, method=method, domain=Box(0.0, 1.0), seed=0, **options)
@@ -137,7 +137,7 @@ def test_builtin_demo_is_proven():
 
 
 def test_low_rank_below_the_rank_is_never_called_exact():
-    """Issue 18.7: a rank-deficient reconstruction can be certified (a bound holds) but is 'bounded', never
+    """a rank-deficient reconstruction can be certified (a bound holds) but is 'bounded', never
     'exact'; capacity says the target is not exactly expressible."""
     g = random_mlp([6, 6, 2], seed=3)
     f = onlynorm.reconstruct(g, method="lowrank", rank=2, domain=Box(0.0, 1.0), seed=0)

@@ -1,5 +1,5 @@
 """CNN constructions follow the contract: a plan with nested stage paths, plan_of naming the first mismatch, the
-Khatri–Rao systems for ``onlynorm.capacity`` (API and CLI), the conv pair solve's typed records (issue 9)."""
+Khatri–Rao systems for ``onlynorm.capacity`` (API and CLI), the conv pair solve's typed records."""
 
 from __future__ import annotations
 

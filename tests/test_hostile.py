@@ -461,7 +461,7 @@ def _cnn_model(in_shape=(1, 4, 4)) -> torch.nn.Sequential:
 
 
 def input_file_corpus(d: Path) -> dict[str, tuple[Path, str]]:
-    """Target files of issue 18: name → (file, a word the one-line message must contain)."""
+    """Hostile target files: name → (file, a word the one-line message must contain)."""
     from safetensors.torch import save_file
 
     good = {k: v.clone() for k, v in random_mlp([3, 4, 2], seed=0).state_dict().items()}
@@ -496,7 +496,7 @@ def input_file_corpus(d: Path) -> dict[str, tuple[Path, str]]:
 
 
 @pytest.mark.parametrize("command", ["reconstruct", "init"])
-def test_issue18_target_files_get_exactly_one_line(tmp_path, capsys, command):
+def test_target_files_get_exactly_one_line(tmp_path, capsys, command):
     cases = input_file_corpus(tmp_path)
     out = tmp_path / "out.safetensors"
     failures = []
@@ -510,7 +510,7 @@ def test_issue18_target_files_get_exactly_one_line(tmp_path, capsys, command):
     assert not failures, "\n".join(failures)
 
 
-def test_issue18_torch_load_warnings_are_silenced(tmp_path):
+def test_torch_load_warnings_are_silenced(tmp_path):
     """A plain pickle makes torch warn about its protocol before refusing; onlynorm's own torch.load says nothing
     but its one-line refusal (the warning would print above the error)."""
     import warnings
@@ -538,7 +538,7 @@ def test_issue18_torch_load_warnings_are_silenced(tmp_path):
         ),
     ],
 )
-def test_issue18_console_command_prints_one_line_to_a_pipe(tmp_path, argv, word):
+def test_console_command_prints_one_line_to_a_pipe(tmp_path, argv, word):
     """As the console command runs, stderr a pipe (not a terminal): no warning lines, no ANSI codes, no traceback
     from a half-made Dask Client's ``__del__`` at exit."""
     input_file_corpus(tmp_path)
@@ -553,7 +553,7 @@ def test_issue18_console_command_prints_one_line_to_a_pipe(tmp_path, argv, word)
     assert not (tmp_path / "o.safetensors").exists() and not (tmp_path / "r").exists()
 
 
-def test_issue18_long_output_names(tmp_path, capsys):
+def test_long_output_names(tmp_path, capsys):
     """A name over the file system's limit is refused before any work; one at the limit is written (the temporary
     file beside it must fit too)."""
     target = tmp_path / "g.safetensors"
@@ -567,7 +567,7 @@ def test_issue18_long_output_names(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("path", [123, None, 1.5, b"net.safetensors", ["net.safetensors"]])
-def test_issue18_non_path_arguments_are_file_format_errors(path, tmp_path):
+def test_non_path_arguments_are_file_format_errors(path, tmp_path):
     net = onlynorm.reconstruct(random_mlp([3, 4, 2], seed=0), seed=0)
     for call in (
         lambda: onlynorm.NormNet.load(path),
@@ -601,7 +601,7 @@ def _meta_copy(model: torch.nn.Module) -> torch.nn.Module:
     ],
     ids=["reconstruct", "random_normnet", "MLPSpec", "verify", "capacity", "fit_norms", "solve_norms", "cnn"],
 )
-def test_issue18_meta_device_targets_are_refused(call):
+def test_meta_device_targets_are_refused(call):
     with pytest.raises(onlynorm.InvalidTargetError, match="meta device"):
         call(random_mlp([3, 4, 2], seed=0))
 
@@ -615,7 +615,7 @@ def test_issue18_meta_device_targets_are_refused(call):
         (1, "weight", torch.ones(2, 4).to(torch.float8_e5m2), "float8_e5m2"),
     ],
 )
-def test_issue18_target_tensors_must_be_floating_point(layer, key, value, word):
+def test_target_tensors_must_be_floating_point(layer, key, value, word):
     g = random_mlp([3, 4, 2], seed=0)
     weights, biases = [g[0].weight, g[2].weight], [g[0].bias, g[2].bias]
     (weights if key == "weight" else biases)[layer] = value
@@ -627,7 +627,7 @@ def test_issue18_target_tensors_must_be_floating_point(layer, key, value, word):
         onlynorm.reconstruct(module)
 
 
-def issue18_network_corpus(d: Path) -> dict[str, tuple[Path, str]]:
+def hostile_network_corpus(d: Path) -> dict[str, tuple[Path, str]]:
     """Network files with recorded options or tensors tampered: name → (file, a word the message must contain)."""
     g = random_mlp([3, 4, 2], seed=0)
     cases = {}
@@ -658,8 +658,8 @@ def issue18_network_corpus(d: Path) -> dict[str, tuple[Path, str]]:
     return cases
 
 
-def test_issue18_tampered_network_files_get_exactly_one_line(tmp_path, capsys):
-    cases = issue18_network_corpus(tmp_path)
+def test_tampered_network_files_get_exactly_one_line(tmp_path, capsys):
+    cases = hostile_network_corpus(tmp_path)
     onlynorm.MLPSpec.from_module(random_mlp([3, 4, 2], seed=0)).save(tmp_path / "g.safetensors")
     g = str(tmp_path / "g.safetensors")
     failures = []
@@ -678,7 +678,7 @@ def test_issue18_tampered_network_files_get_exactly_one_line(tmp_path, capsys):
     assert not failures, "\n".join(failures)
 
 
-def test_issue18_options_set_in_memory_are_checked_when_solving():
+def test_options_set_in_memory_are_checked_when_solving():
     g = random_mlp([3, 4, 2], seed=0)
     frozen = onlynorm.random_normnet(g, seed=0)
     frozen.meta.options["margin"] = "abc"
@@ -702,7 +702,7 @@ def _cnn_network_files(d: Path, in_shape, method: str, edits: dict) -> tuple[Pat
 
 
 @pytest.mark.parametrize("method", ["width", "deep"])
-def test_issue18_cnn_geometry_edited_in_a_network_file(tmp_path, capsys, method):
+def test_cnn_geometry_edited_in_a_network_file(tmp_path, capsys, method):
     """A stride (padding, dilation) edited in a CNN network's architecture JSON. Where the stages no longer chain,
     loading refuses it; where they still chain (a 3×3 conv on a 3×3 image: stride changes nothing), every command
     that relies on the plan refuses it naming the geometry, and the sampled check passes because the function
@@ -733,7 +733,7 @@ def test_issue18_cnn_geometry_edited_in_a_network_file(tmp_path, capsys, method)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.bfloat16])
-def test_issue18_load_norms_refuses_another_dtype(tmp_path, dtype):
+def test_load_norms_refuses_another_dtype(tmp_path, dtype):
     """A norm set in another dtype would be rounded (float64 → float16) or silently widened: refused, and the
     network is left as it was."""
     g = random_mlp([3, 4, 2], seed=0)
@@ -759,7 +759,7 @@ DTYPES = [torch.float32, torch.float64]
 @pytest.mark.parametrize("net_dtype", DTYPES, ids=["net32", "net64"])
 @pytest.mark.parametrize("target_dtype", DTYPES, ids=["target32", "target64"])
 @pytest.mark.parametrize("method", FIT_METHODS)
-def test_issue18_fit_norms_with_float32_and_float64(method, target_dtype, net_dtype):
+def test_fit_norms_with_float32_and_float64(method, target_dtype, net_dtype):
     """Every fit_norms method with float32 and float64 targets (a trained model saved as safetensors is float32)
     and float32 and float64 frozen networks: the fit runs, keeps the network's dtype and does not get worse."""
     g = random_mlp([3, 4, 2], seed=0, dtype=target_dtype)
@@ -776,7 +776,7 @@ def test_issue18_fit_norms_with_float32_and_float64(method, target_dtype, net_dt
 @pytest.mark.parametrize("net_dtype", ["float32", "float64"])
 @pytest.mark.parametrize("target_dtype", DTYPES, ids=["target32", "target64"])
 @pytest.mark.parametrize("method", ["auto", "layerwise"])
-def test_issue18_fit_cli_with_float32_and_float64(tmp_path, capsys, method, target_dtype, net_dtype):
+def test_fit_cli_with_float32_and_float64(tmp_path, capsys, method, target_dtype, net_dtype):
     g = random_mlp([3, 4, 2], seed=0, dtype=target_dtype)
     onlynorm.MLPSpec.from_module(g).save(tmp_path / "g.safetensors")
     frozen, out = tmp_path / "frozen.safetensors", tmp_path / "fitted.safetensors"
@@ -806,7 +806,7 @@ def test_issue18_fit_cli_with_float32_and_float64(tmp_path, capsys, method, targ
         ({"progress": 3}, "progress"),
     ],
 )
-def test_issue18_fit_norms_bad_options_are_invalid_option_errors(kwargs, word):
+def test_fit_norms_bad_options_are_invalid_option_errors(kwargs, word):
     g = random_mlp([3, 4, 2], seed=0)
     with pytest.raises(onlynorm.InvalidOptionError, match=word):
         onlynorm.fit_norms(onlynorm.random_normnet(g, hidden=[4, 4]), g, onlynorm.Box(-1, 1), **kwargs)
@@ -823,14 +823,14 @@ def test_issue18_fit_norms_bad_options_are_invalid_option_errors(kwargs, word):
     ],
     ids=["0 rows", "0-d empty", "0x0", "5 rows", "a list"],
 )
-def test_issue18_fit_norms_empty_data(data, error):
+def test_fit_norms_empty_data(data, error):
     g = random_mlp([3, 4, 2], seed=0)
     with pytest.raises(error, match="data"):
         onlynorm.fit_norms(onlynorm.random_normnet(g, hidden=[4, 4]), g, data)
 
 
 @pytest.mark.parametrize("shape", [(0, 3), (0,), (0, 0)])
-def test_issue18_fit_cli_empty_data(tmp_path, capsys, shape):
+def test_fit_cli_empty_data(tmp_path, capsys, shape):
     from safetensors.torch import save_file
 
     g = random_mlp([3, 4, 2], seed=0)
@@ -844,7 +844,7 @@ def test_issue18_fit_cli_empty_data(tmp_path, capsys, shape):
     assert not out.exists()
 
 
-def test_issue18_cnn_network_with_mlp_target_and_the_reverse(tmp_path, capsys):
+def test_cnn_network_with_mlp_target_and_the_reverse(tmp_path, capsys):
     spec = onlynorm.ConvNetSpec.from_module(_cnn_model(), in_shape=(1, 4, 4))
     g = random_mlp([3, 4, 2], seed=0)
     spec.save(tmp_path / "cnn.safetensors")
@@ -869,7 +869,7 @@ def test_issue18_cnn_network_with_mlp_target_and_the_reverse(tmp_path, capsys):
                     call(net_obj, target_obj)
 
 
-def test_issue18_a_bare_state_dict_says_it_is_read_as_relu(tmp_path, capsys):
+def test_a_bare_state_dict_says_it_is_read_as_relu(tmp_path, capsys):
     """A state_dict records no activation: a Tanh model's reads as the ReLU network with its weights. The CLI says
     so on stdout for a bare state_dict, and says nothing for a file MLPSpec.save wrote (it refuses non-ReLU models).
     """
@@ -893,7 +893,7 @@ def test_issue18_a_bare_state_dict_says_it_is_read_as_relu(tmp_path, capsys):
             assert len(note) == 1 and name in note[0] and "ReLU" in note[0] and "no activation" in note[0]
 
 
-def test_issue18_init_fit_verify_from_the_command_line(tmp_path, capsys):
+def test_init_fit_verify_from_the_command_line(tmp_path, capsys):
     """`onlynorm init` writes the frozen random network (norms at identity) that `fit` takes, without Python."""
     g = random_mlp([3, 4, 2], seed=0).float()  # as trained: float32
     onlynorm.MLPSpec.from_module(g).save(tmp_path / "g.safetensors")
@@ -925,7 +925,7 @@ def test_issue18_init_fit_verify_from_the_command_line(tmp_path, capsys):
         (["--method", "sparse", "--density", "0.5"], lambda n: n.meta.method == "sparse"),
     ],
 )
-def test_issue18_init_takes_the_construction_options(tmp_path, capsys, args, check):
+def test_init_takes_the_construction_options(tmp_path, capsys, args, check):
     onlynorm.MLPSpec.from_module(random_mlp([3, 4, 2], seed=0)).save(tmp_path / "g.safetensors")
     code, err = _run(["init", str(tmp_path / "g.safetensors"), *args, "--out", str(tmp_path / "f.safetensors")], capsys)
     assert code == 0 and err == "", err
@@ -933,7 +933,7 @@ def test_issue18_init_takes_the_construction_options(tmp_path, capsys, args, che
 
 
 @pytest.mark.parametrize("method", ["width", "deep"])
-def test_issue18_init_then_fit_a_cnn(tmp_path, capsys, method):
+def test_init_then_fit_a_cnn(tmp_path, capsys, method):
     onlynorm.ConvNetSpec.from_module(_cnn_model(), in_shape=(1, 4, 4)).save(tmp_path / "cnn.safetensors")
     frozen, fitted = tmp_path / "frozen.safetensors", tmp_path / "fitted.safetensors"
     code, err = _run(["init", str(tmp_path / "cnn.safetensors"), "--method", method, "--out", str(frozen)], capsys)
@@ -946,9 +946,34 @@ def test_issue18_init_then_fit_a_cnn(tmp_path, capsys, method):
 
 
 @pytest.mark.parametrize("seed", [0, 2**63, 2**64 - 1])
-def test_issue18_fit_norms_takes_every_valid_seed(seed):
+def test_fit_norms_takes_every_valid_seed(seed):
     """Every seed check_seed accepts works (the held-out points' seed is derived from it and wrapped into range)."""
     g = random_mlp([3, 4, 2], seed=0)
     frozen = onlynorm.random_normnet(g, hidden=[4, 4])
     net, report = onlynorm.fit_norms(frozen, g, onlynorm.Box(-1, 1), seed=seed, method="layerwise", samples=16)
     assert report.final_error <= report.initial_error
+
+
+def test_an_explicit_activation_is_taken_at_its_word(tmp_path, capsys):
+    """`--activation relu` states what a bare state_dict cannot: no note; any other activation is refused in one
+    line (CLI) or with UnsupportedActivationError (API), before anything is written."""
+    from safetensors.torch import save_file
+
+    from onlynorm.targets import load_target
+
+    save_file(random_mlp([3, 4, 2], seed=0).state_dict(), str(tmp_path / "g.safetensors"))
+    out = tmp_path / "f.safetensors"
+    with pytest.raises(SystemExit) as info:
+        main(["reconstruct", str(tmp_path / "g.safetensors"), "--out", str(out), "--activation", "relu"])
+    captured = capsys.readouterr()
+    assert info.value.code == 0 and "note:" not in captured.out and out.exists()
+    for command in (
+        ["reconstruct", "--out", str(tmp_path / "x.safetensors")],
+        ["init", "--out", str(tmp_path / "y.safetensors")],
+    ):
+        code, err = _run([command[0], str(tmp_path / "g.safetensors"), *command[1:], "--activation", "tanh"], capsys)
+        _assert_refused(code, err, contains="expected 'relu'")
+        assert not (tmp_path / command[2].rsplit("/", 1)[-1]).exists()
+    with pytest.raises(onlynorm.UnsupportedActivationError, match="found 'gelu'"):
+        load_target(tmp_path / "g.safetensors", activation="gelu")
+    assert load_target(tmp_path / "g.safetensors", activation="ReLU").dims == [3, 4, 2]

@@ -375,7 +375,7 @@ def test_tampered_distance_bound_is_tight_not_only_valid():
 
 @pytest.mark.parametrize("method", ["width", "deep"])
 def test_float32_overflow_is_not_certified(method, tmp_path):
-    """Issue 18.3: a float32 network whose intermediates reach finfo.max at a vertex of the box (f = inf there)
+    """A float32 network whose intermediates reach finfo.max at a vertex of the box (f = inf there)
     is never certified, and the note says why; the same network on a huge box that stays in range is bounded
     and the bound covers the attacked error."""
     g = random_mlp([3, 5, 2], seed=7)

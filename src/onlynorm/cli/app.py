@@ -34,7 +34,7 @@ from ..nets.normnet import NormNet
 from ..nets.onnx import export_onnx
 from ..options import check_seed
 from ..verify import verify as run_verify
-from .common import LayerProgress, console, domain_from_options, err_console, load_target
+from .common import ACTIVATION_HELP, LayerProgress, console, domain_from_options, err_console, load_target
 from .fit import load_fit_data, run_fit
 
 app = typer.Typer(
@@ -90,10 +90,11 @@ def reconstruct(
     low: float | None = typer.Option(None, help="Lower bound of the input box (default -1)."),
     high: float | None = typer.Option(None, help="Upper bound of the input box (default 1)."),
     dtype: str = typer.Option("float64", help="float64 (default, exact to ~1e-13) or float32."),
+    activation: str | None = typer.Option(None, "--activation", help=ACTIVATION_HELP),
     **options: str | None,
 ) -> None:
     check_output_path(out, inputs=(target,))
-    spec = load_target(target)
+    spec = load_target(target, activation)
     torch_dtype = _torch_dtype(dtype)
     given = _given_options(options)
     box = domain_from_options(low, high)
@@ -130,13 +131,14 @@ def init(
     method: str = typer.Option("width", help="Construction whose frozen network to draw (see above)."),
     seed: int = typer.Option(0, help="Seed of the frozen random weights (0 ≤ seed < 2⁶⁴)."),
     dtype: str = typer.Option("float64", help="float64 (default) or float32."),
+    activation: str | None = typer.Option(None, "--activation", help=ACTIVATION_HELP),
     **options: str | None,
 ) -> None:
     check_seed(seed, "--seed")
     check_output_path(out, inputs=(target,))
     torch_dtype = _torch_dtype(dtype)
     given = _given_options(options)
-    spec = load_target(target)
+    spec = load_target(target, activation)
     net = api.random_normnet(spec, method=method, seed=seed, dtype=torch_dtype, **given)
     net.save(out)
     print_rows(console, f"frozen network for {target.name} → {out} (norms at identity)", net.summary().rows())
@@ -183,10 +185,10 @@ def fit(
     method: str = typer.Option("auto", help="auto, exact, layerwise, gauss-newton or adam."),
     budget: float | None = typer.Option(None, help="Wall-time budget in seconds (auto, gauss-newton, adam)."),
     seed: int = typer.Option(0, help="Seed of the sampled points and splits."),
+    activation: str | None = typer.Option(None, "--activation", help=ACTIVATION_HELP),
 ) -> None:
     """Fit only the BatchNorm γ, β of FROZEN to TARGET — exact where the network can express it, the best
     approximation otherwise; prints the report (held-out error per phase)."""
-
     check_seed(seed, "--seed")
     check_output_path(out, inputs=tuple(p for p in (frozen, target, data) if p is not None))
     net, report = run_fit(
@@ -197,6 +199,7 @@ def fit(
         budget=budget,
         seed=seed,
         progress_factory=LayerProgress,
+        activation=activation,
     )
     net.save(out)
     header, rows = report.table()
@@ -218,11 +221,12 @@ def verify(
         "--certify",
         help="Also prove equivalence on the whole box; exit 0 only if the proven bound meets the tolerance too.",
     ),
+    activation: str | None = typer.Option(None, "--activation", help=ACTIVATION_HELP),
 ) -> None:
     """Compare NET with TARGET; exit 0 when within tolerance (and, with --certify, proven within it), 1 when not."""
 
     network = NormNet.load(net)
-    spec = load_target(target)
+    spec = load_target(target, activation)
     stored = network.meta.solve.domain if network.meta.solve is not None else None
     report = run_verify(
         network,
@@ -243,10 +247,11 @@ def verify(
 def capacity(
     net: Path = typer.Argument(..., help="A frozen (or solved) network file."),
     target: Path = typer.Argument(..., help="Target file (an MLP, or a CNN saved by ConvNetSpec.save)."),
+    activation: str | None = typer.Option(None, "--activation", help=ACTIVATION_HELP),
 ) -> None:
     """Can NET's frozen weights express TARGET? Rank and condition of every Khatri–Rao system; exit 1 if not."""
 
-    report = run_capacity(NormNet.load(net), load_target(target))
+    report = run_capacity(NormNet.load(net), load_target(target, activation))
     print_rows(console, f"capacity of {net.name} for {target.name} ({report.method})", report.rows())
     if not report.expressible:
         raise typer.Exit(1)

@@ -11,7 +11,7 @@ from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedCo
 from ..domain import Box
 from ..targets.convert import RELU_ASSUMED, read_target
 
-__all__ = ["console", "err_console", "LayerProgress", "domain_from_options", "load_target"]
+__all__ = ["console", "err_console", "LayerProgress", "domain_from_options", "load_target", "ACTIVATION_HELP"]
 
 console = Console()
 err_console = Console(stderr=True)
@@ -64,9 +64,17 @@ class LayerProgress:
             )
 
 
-def load_target(path: Path):
-    """The target in ``path``; a bare state_dict gets a note on stdout that its activation is assumed to be ReLU."""
-    spec, relu_assumed = read_target(path)
+#: the ``--activation`` option of every command that reads a target file
+ACTIVATION_HELP = (
+    "The target model's activation, for a bare state_dict (it records only weights): relu. Without it, ReLU is "
+    "assumed and a note says so; any other activation is refused."
+)
+
+
+def load_target(path: Path, activation: str | None = None):
+    """The target in ``path``; a bare state_dict gets a note on stdout that its activation is assumed to be ReLU
+    (unless ``activation`` states it)."""
+    spec, relu_assumed = read_target(path, activation=activation)
     if relu_assumed:
         console.print(RELU_ASSUMED.format(name=Path(path).name), highlight=False, soft_wrap=True, markup=False)
     return spec

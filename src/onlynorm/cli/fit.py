@@ -40,8 +40,19 @@ def load_fit_data(data: Path | None, low: float | None, high: float | None):
     return Box(-1.0 if low is None else low, 1.0 if high is None else high)
 
 
-def run_fit(frozen: Path, target: Path, data, *, method: str, budget: float | None, seed: int, progress_factory):
+def run_fit(
+    frozen: Path,
+    target: Path,
+    data,
+    *,
+    method: str,
+    budget: float | None,
+    seed: int,
+    progress_factory,
+    activation: str | None = None,
+):
+    """Load FROZEN and TARGET and run :func:`onlynorm.fit_norms` under the command's progress bar."""
     net = NormNet.load(frozen)
-    spec = load_target(target)
+    spec = load_target(target, activation)
     with progress_factory(f"fitting ({method})") as progress:
         return fit_norms(net, spec, data, method=method, budget_seconds=budget, seed=seed, progress=progress)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .. import _io
-from ..errors import InvalidTargetError
+from ..errors import InvalidTargetError, UnsupportedActivationError
 from .cnn import ConvNetSpec
 from .mlp import MLPSpec
 from .parse import is_cnn_module, needs_tracing, parse_sequential
@@ -62,10 +62,11 @@ def _linear(record) -> nn.Linear:
     return lin
 
 
-def load_target(path: str | os.PathLike):
+def load_target(path: str | os.PathLike, *, activation: str | None = None):
     """Load a target file for the CLI: an MLP state_dict (safetensors or ``.pt``), or a CNN saved by
-    ``ConvNetSpec.save`` (safetensors with its JSON architecture description)."""
-    return read_target(path)[0]
+    ``ConvNetSpec.save`` (safetensors with its JSON architecture description). ``activation`` states what a bare
+    state_dict's model used (it records only weights): ``"relu"``, or None to assume it; any other is refused."""
+    return read_target(path, activation=activation)[0]
 
 
 #: what the CLI says when it reads a bare state_dict: its weights carry no activation function
@@ -76,13 +77,19 @@ RELU_ASSUMED = (
 )
 
 
-def read_target(path: str | os.PathLike):
+def read_target(path: str | os.PathLike, *, activation: str | None = None):
     """``(target, relu_assumed)``: the target of :func:`load_target`, and whether the file is a bare state_dict
-    (no onlynorm metadata), whose activation is *assumed* to be ReLU — a state_dict records only weights, so a Tanh
+    (no onlynorm metadata) whose activation is *assumed* to be ReLU — a state_dict records only weights, so a Tanh
     model's state_dict reads as the ReLU network with the same weights. Files written by :meth:`MLPSpec.save`
-    (which only accepts ReLU models) or ``ConvNetSpec.save`` record what they are."""
+    (which only accepts ReLU models) or ``ConvNetSpec.save`` record what they are; ``activation="relu"`` states it
+    for a bare state_dict (nothing is assumed), any other activation is refused."""
+    if activation is not None and str(activation).lower() != "relu":
+        raise UnsupportedActivationError(
+            f"activation: expected 'relu' (onlynorm reconstructs ReLU networks), found {activation!r}; a network with "
+            "another activation is not a ReLU network of the same weights and cannot be reconstructed exactly"
+        )
     tensors, meta = _io.read_tensors(path)
     if meta is not None and meta.get("kind") == "cnn-target":
         return ConvNetSpec.from_document(meta, tensors, source=str(path)), False
-    assumed = meta is None or meta.get("kind") != "mlp-target"
+    assumed = activation is None and (meta is None or meta.get("kind") != "mlp-target")
     return MLPSpec.from_state_dict(tensors, source=str(path)), assumed
