@@ -237,3 +237,42 @@ def test_memory_guard_suggests_tied_when_untied_does_not_fit():
     finally:
         set_memory_limit(None)
     assert onlynorm.verify(f, g, samples=20).max_rel_error <= 1e-9
+
+
+# ---------------------------------------------------------------------------------------------- frozen tensors without copies
+
+
+@pytest.mark.parametrize(
+    "method, options, in_shape",
+    [("deep", {"tied": 1}, None), ("deep", {}, None), ("width", {}, None), ("deep", {"tied": 1}, (3, 6, 6))],
+)
+def test_solved_network_shares_the_frozen_tensors_of_its_source(method, options, in_shape):
+    g = _cnn(3, 2, seed=0) if in_shape else _mlp([4, 3, 2], 0)
+    frozen = onlynorm.random_normnet(g, method=method, in_shape=in_shape, **options)
+    norms_before = [p.detach().clone() for p in frozen.norm_parameters()]
+    solved = onlynorm.solve_norms(frozen, g, Box(0.0, 1.0))
+    source = dict(frozen.named_parameters())
+    frozen_names = {n for n, p in source.items() if not any(p is q for q in frozen.norm_parameters())}
+    assert frozen_names
+    for name, p in solved.named_parameters():
+        if name in frozen_names:  # the very storage of the source: nothing was copied
+            assert p.data_ptr() == source[name].data_ptr()
+        else:  # γ, β are new tensors
+            assert p.data_ptr() != source[name].data_ptr()
+    for (name, b), (_, b0) in zip(solved.named_buffers(), frozen.named_buffers()):
+        assert b.data_ptr() != b0.data_ptr(), name
+    assert all(torch.equal(a, b) for a, b in zip(frozen.norm_parameters(), norms_before))  # source's γ, β unchanged
+
+
+def test_clone_shares_frozen_tensors_by_default_and_deep_copies_on_request():
+    net = onlynorm.random_normnet(_mlp([4, 3, 2], 0), method="deep", tied=1)
+    weight = net.layers[0].branch.weight
+    shallow, deep = net.clone(), net.clone(deep=True)
+    assert shallow.layers[0].branch.weight.data_ptr() == weight.data_ptr()
+    assert deep.layers[0].branch.weight.data_ptr() != weight.data_ptr()
+    assert torch.equal(deep.layers[0].branch.weight, weight)
+    converted = shallow.to(torch.float32)  # converting the clone leaves the source as it was
+    assert converted.dtype == torch.float32 and net.dtype == torch.float64 and weight.dtype == torch.float64
+    with torch.no_grad():
+        deep.layers[0].branch.weight.zero_()
+    assert bool(weight.abs().sum() > 0)

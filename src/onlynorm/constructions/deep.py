@@ -36,7 +36,7 @@ from ..nets.stream import ResidualStream
 from ..nets.tied import TiedResidualStream
 from ..options import OptionSpec
 from ..targets.mlp import MLPSpec
-from .base import MARGIN, Construction, Progress, begin_solve, finish_solve, frozen_init, register, weight_scale
+from .base import MARGIN, Construction, Progress, begin_solve, fill_frozen, finish_solve, register, weight_scale
 from .pair import pair_offsets, set_norms
 from .plan import Plan, PlanStep
 from .tied import TIED, draw_tied, solve_tied_stream, tied_option
@@ -197,8 +197,7 @@ class DeepConstruction(Construction):
 
 
 def _draw_untied(stage: ResidualStream, gen: torch.Generator) -> None:
-    """Every block's own ``A_t``, ``B_t``: one draw per block and tensor, in the network's dtype."""
-    with torch.no_grad():
-        for branch, readout in zip(stage.branches, stage.readouts):
-            for w in (branch.linear.weight, readout.weight):
-                w.copy_(frozen_init(tuple(w.shape), gen, dtype=w.dtype, device=w.device))
+    """Every block's own ``A_t``, ``B_t``: one draw per tensor, in place, in the network's dtype."""
+    for branch, readout in zip(stage.branches, stage.readouts):
+        fill_frozen(branch.linear.weight, gen)
+        fill_frozen(readout.weight, gen)

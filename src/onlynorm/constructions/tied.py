@@ -20,7 +20,7 @@ from ..nets.tied import TiedResidualStream
 from ..nets.tied_conv import TiedConvStream
 from ..options import OptionSpec
 from ..targets.layers import Conv
-from .base import frozen_init, safe_margin
+from .base import fill_frozen, safe_margin
 
 __all__ = ["TIED", "tied_option", "draw_tied", "solve_tied_stream", "solve_tied_conv"]
 
@@ -44,12 +44,9 @@ def tied_option(options: dict) -> dict:
 
 def draw_tied(stage: TiedResidualStream | TiedConvStream, gen: torch.Generator) -> None:
     """The stage's frozen weights: ``A``, ``B`` (and the rest block's pair), one call per tensor."""
-    with torch.no_grad():
-        for module in (stage.branch, stage.readout, stage.rest, stage.rest_readout):
-            if module is not None:
-                w = module.weight
-                shape = (w.shape[0], w[0].numel())
-                w.copy_(frozen_init(shape, gen, dtype=w.dtype, device=w.device).reshape(w.shape))
+    for module in (stage.branch, stage.readout, stage.rest, stage.rest_readout):
+        if module is not None:
+            fill_frozen(module.weight, gen)
 
 
 def _solve(A, B, W, layer: int) -> SharedSolution:

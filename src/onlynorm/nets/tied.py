@@ -10,8 +10,8 @@ expanded (:class:`~onlynorm.nets.views.BranchStreamView`), so every reader of ``
 >>> stage = TiedResidualStream(5, 3, block=2)
 >>> stage.sizes, [b.inputs for b in stage.affine("stage 0").branches]
 ([2, 2, 1], [slice(0, 2, None), slice(2, 4, None), slice(4, 5, None)])
->>> sum(p.numel() for p in stage.parameters() if not p.requires_grad)      # A, B once; A', B' of the rest
-33
+>>> sum(p.numel() for p in stage.parameters() if not p.requires_grad)   # A 6×2, B 3×6 once; A' 3×1, B' 3×3
+42
 """
 
 from __future__ import annotations
