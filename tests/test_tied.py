@@ -276,3 +276,32 @@ def test_clone_shares_frozen_tensors_by_default_and_deep_copies_on_request():
     with torch.no_grad():
         deep.layers[0].branch.weight.zero_()
     assert bool(weight.abs().sum() > 0)
+
+
+def test_torchvision_bottleneck_blocks_are_exact_tied_and_untied():
+    """1×1 convs, the stride on the 3×3, a ``downsample`` Sequential, ``out += identity`` — the ResNet-50 block."""
+    from onlynorm.demos.resnet_models import Bottleneck
+
+    torch.manual_seed(0)
+    down = nn.Sequential(nn.Conv2d(4, 8, 1, 2, bias=False), nn.BatchNorm2d(8))
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.ReLU(),
+        Bottleneck(4, 2, stride=2, downsample=down),
+        Bottleneck(8, 2),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 3),
+    )
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    model = model.double().eval()
+    x = torch.rand(4, 3, 8, 8, dtype=torch.float64)
+    for tied in (0, 1):
+        f = onlynorm.reconstruct(model, method="deep", in_shape=(3, 8, 8), domain=Box(0.0, 1.0), tied=tied)
+        with torch.no_grad():
+            want, got = model(x), f(x)
+        assert float((got - want).abs().max()) <= 1e-9 * float(want.abs().max())

@@ -213,9 +213,9 @@ class ConvDeepConstruction(Construction):
             )
             if progress is not None:
                 d = records[-1].details
-                progress(
-                    len(records), len(plan.steps), f"layer {step.layer}: {d['blocks']} systems of size {d['size']}"
-                )
+                many = f"{d['blocks']} systems of size {d['size']}"
+                what = f"one LU of size {d['size']} for {d['blocks']} blocks" if d.get("tied") else many
+                progress(len(records), len(plan.steps), f"layer {step.layer}: {what}")
 
         walk_bounds(nodes, lo, hi, visit)
         return finish_solve(out, records, [], domain)
