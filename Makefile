@@ -37,12 +37,15 @@ test-all: $(STAMP)
 # The benchmarks, then the heavy test cases `make test` leaves out (so every case runs somewhere).
 bench: $(STAMP)
 	$(PY) benchmarks/run.py
+	$(PY) benchmarks/tied.py --json docs/results/bench-tied.json
 	$(PY) -m pytest -q -n 2 -m heavy
 	$(MAKE) bench-cnn
 
-# Real architectures: conv deep vs conv width on one layer, then the ResNet-20 / ResNet-18 demo.
+# Real architectures: conv deep vs conv width on one layer, ResNet-18/50 at 224² by deep, tied=True (one child
+# process per model), then the ResNet-20 demo (which reports ResNet-18/50 too).
 bench-cnn: $(STAMP)
 	$(PY) benchmarks/conv_deep.py --json docs/results/bench-conv-deep.json
+	$(PY) benchmarks/resnet_imagenet.py --json docs/results/bench-resnet-imagenet.json
 	$(VENV)/bin/onlynorm demo --resnet --json docs/results/demo-resnet.json
 
 # sdist + wheel into dist/, then install the wheel into a fresh venv and run it (tests/test_package.py does the same)

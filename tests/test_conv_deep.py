@@ -231,8 +231,11 @@ def test_memory_guard_names_deep_for_a_cnn_width_cannot_afford():
     try:
         with pytest.raises(MemoryBudgetError, match=r"method 'conv' needs about .* use method='conv_deep' \(~"):
             onlynorm.random_normnet(g, in_shape=(64, 4, 4))
+        set_memory_limit("64M")  # untied deep does not fit, the same with one shared draw per layer does
+        with pytest.raises(MemoryBudgetError, match=r"method 'conv_deep' needs about .* use method='deep', tied=True"):
+            onlynorm.random_normnet(g, method="deep", in_shape=(64, 4, 4))
         with pytest.raises(MemoryBudgetError, match="method 'conv_deep' needs about .* no construction fits"):
-            set_memory_limit("64M")
+            set_memory_limit("8M")
             onlynorm.random_normnet(g, method="deep", in_shape=(64, 4, 4))
     finally:
         set_memory_limit(None)

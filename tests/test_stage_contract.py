@@ -31,6 +31,8 @@ from onlynorm.nets import (
     ResidualStage,
     ResidualStream,
     Stage,
+    TiedConvStream,
+    TiedResidualStream,
 )
 from onlynorm.nets.onnx import build_model
 
@@ -67,6 +69,13 @@ def _image_stages() -> dict[str, tuple[list[Stage], tuple[int, ...]]]:
         "conv_stream": ([ConvStream(3, 2, (3, 3), padding=(1, 1), block=2)], IMAGE),
         "conv_stream-paired": ([ConvStream(3, 4, (2, 2), stride=(2, 2), block=3, paired=True)], IMAGE),
         "conv_stream-flat": ([ConvStream(5, 3, block=2, flat=True, paired=True)], (5,)),
+        "tied_residual_stream": (
+            [TiedResidualStream(5, 3, block=2), TiedResidualStream(3, 2, block=3, relu=False)],
+            (5,),
+        ),
+        "tied_conv_stream": ([TiedConvStream(3, 2, (3, 3), padding=(1, 1), block=2)], IMAGE),
+        "tied_conv_stream-paired": ([TiedConvStream(3, 4, (2, 2), stride=(2, 2), block=3, paired=True)], IMAGE),
+        "tied_conv_stream-flat": ([TiedConvStream(5, 3, block=2, flat=True, paired=True)], (5,)),
         "pretrained_linear": ([PretrainedLinear(4, 3)], (4,)),
         "pretrained_conv2d": ([PretrainedConv2d(3, 2, (3, 3), padding=(1, 1))], IMAGE),
     }

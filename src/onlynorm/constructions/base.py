@@ -31,6 +31,7 @@ __all__ = [
     "available_methods",
     "Progress",
     "frozen_init",
+    "fill_frozen",
     "base_meta",
     "safe_margin",
     "MARGIN",
@@ -174,11 +175,30 @@ def available_methods() -> list[str]:
 
 def frozen_init(shape: tuple[int, ...], generator: torch.Generator, *, dtype: torch.dtype, device) -> torch.Tensor:
     """I.i.d. Gaussian ``N(0, 1/fan_in)`` — any continuous distribution works for the theory; this scaling keeps
-    activations O(1). Drawn on the CPU in float64 so a seed gives bit-identical networks on every device/dtype.
+    activations O(1). Drawn on the CPU in the dtype the network uses (float32 networks get float32 draws: no float64
+    draw and conversion), so a seed gives bit-identical networks on every device for one dtype.
     """
     fan_in = shape[-1] if len(shape) > 1 else 1
-    w = torch.randn(shape, generator=generator, dtype=torch.float64) / fan_in**0.5
+    w = torch.randn(shape, generator=generator, dtype=_draw_dtype(dtype))
+    w.div_(fan_in**0.5)
     return w.to(dtype=dtype, device=device)
+
+
+def fill_frozen(weight: torch.Tensor, generator: torch.Generator) -> None:
+    """Draw ``weight`` (any shape; fan-in = the product of all but the first dimension) in place from
+    :func:`frozen_init`'s distribution: one call, no copy when it lives on the CPU in a drawable dtype."""
+    fan_in = weight[0].numel() if weight.dim() > 1 else 1
+    with torch.no_grad():
+        if weight.device.type == "cpu" and weight.dtype == _draw_dtype(weight.dtype) and weight.is_contiguous():
+            torch.randn(weight.shape, generator=generator, dtype=weight.dtype, out=weight)
+            weight.div_(fan_in**0.5)
+        else:
+            shape = (weight.shape[0], fan_in)
+            weight.copy_(frozen_init(shape, generator, dtype=weight.dtype, device=weight.device).reshape(weight.shape))
+
+
+def _draw_dtype(dtype: torch.dtype) -> torch.dtype:
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float64
 
 
 def random_norm_linear(
@@ -186,8 +206,7 @@ def random_norm_linear(
 ) -> NormLinear:
     """A :class:`NormLinear` stage with frozen ``N(0, 1/fan_in)`` weights drawn from ``gen``, norms at identity."""
     stage = NormLinear(fan_in, fan_out, relu=relu, dtype=dtype, device=device)
-    with torch.no_grad():
-        stage.linear.weight.copy_(frozen_init((fan_out, fan_in), gen, dtype=dtype, device=device))
+    fill_frozen(stage.linear.weight, gen)
     return stage
 
 
@@ -261,7 +280,9 @@ def default_margin(dtype: torch.dtype) -> float:
 
 def begin_solve(net: NormNet, target) -> tuple[Any, NormNet, float]:
     """Common start of every ``solve``: refuse non-finite frozen weights, bring the target to the network's
-    dtype/device, copy the network (the caller's stays untouched) and read the ``margin`` option."""
+    dtype/device, clone the network — new γ, β and BatchNorm buffers, the frozen tensors *shared* with ``net``
+    (:meth:`NormNet.clone`: no copy of the frozen weights; the caller's γ, β stay untouched) — and read the
+    ``margin`` option."""
     check_frozen_finite(net)
     spec = target.to(dtype=net.dtype, device=net.device)
     margin = net.meta.options.get("margin")

@@ -48,6 +48,7 @@ from ..nets.normnet import NormNet
 from ..nets.records import SolveRecord
 from ..nets.stage import Stage
 from ..nets.stream import block_sizes
+from ..nets.tied_conv import TiedConvStream
 from ..options import OptionSpec
 from ..targets.cnn import ConvNetSpec, box_tensors
 from ..targets.layers import Conv, Linear
@@ -56,6 +57,7 @@ from .conv import build_stages, cnn_plan, cnn_target, conv_geometry
 from .conv_memory import estimate_conv_bytes
 from .deep import BLOCK
 from .plan import Plan, PlanStep, StagePath, path_label
+from .tied import TIED, draw_tied, solve_tied_conv, tied_option
 
 __all__ = ["ConvDeepConstruction"]
 
@@ -90,7 +92,7 @@ class ConvDeepConstruction(Construction):
         "CNN targets with method='deep': per Conv2d/Linear ⌈c_in/k⌉ branches of c_out·k·kh·kw channels into a "
         "residual stream; ⌈c_in/k⌉ systems of size c_out·k·kh·kw per layer; exact"
     )
-    options = (BLOCK, PAIRED, MARGIN)
+    options = (BLOCK, PAIRED, TIED, MARGIN)
     target_kinds = ("cnn",)
 
     def plan(self, target: ConvNetSpec, options: dict[str, Any]) -> Plan:
@@ -99,6 +101,7 @@ class ConvDeepConstruction(Construction):
         its branches are in the linear regime unless ``paired``."""
         k = int(options.get("block") or 1)
         paired = bool(1 if options.get("paired") is None else options["paired"])
+        stage_type = TiedConvStream if options.get("tied") else ConvStream
 
         def realise(layer, index: int, at: StagePath, pos: int) -> PlanStep:
             conv = _as_conv(layer)
@@ -110,7 +113,7 @@ class ConvDeepConstruction(Construction):
                 shapes=((c_in, c_out),),
                 relu=(False,),
                 linear_regime=() if paired else (0,),
-                stage_type=ConvStream,
+                stage_type=stage_type,
                 details={
                     "type": layer.type,
                     "block": kb,
@@ -128,9 +131,10 @@ class ConvDeepConstruction(Construction):
     def check_options(self, options: dict[str, Any], depth: int | None = None) -> dict[str, Any]:
         """The declared checks, then the defaults written in (``block = 1``, ``paired = 1``): they are recorded
         with the network, so a loaded network's plan does not depend on today's defaults."""
-        options = super().check_options(options, depth)
+        options = super().check_options(tied_option(options), depth)
         options["block"] = int(options.get("block") or 1)
         options["paired"] = int(1 if options.get("paired") is None else options["paired"])
+        options["tied"] = int(options.get("tied") or 0)
         return options
 
     def build_stages(
@@ -139,6 +143,22 @@ class ConvDeepConstruction(Construction):
         def stream(step: PlanStep) -> list[Stage]:
             ((c_in, c_out),) = step.shapes
             g = step.details["geometry"][0]
+            if step.stage_type is TiedConvStream:
+                tied = TiedConvStream(
+                    c_in,
+                    c_out,
+                    g["kernel_size"],
+                    g["stride"],
+                    g["padding"],
+                    g["dilation"],
+                    block=step.details["block"],
+                    flat=step.details["flat"],
+                    paired=step.details["paired"],
+                    dtype=dtype,
+                    device=device,
+                )
+                draw_tied(tied, gen)
+                return [tied]
             stage = ConvStream(
                 c_in,
                 c_out,
@@ -165,7 +185,8 @@ class ConvDeepConstruction(Construction):
     def estimate_bytes(self, target, dtype, *, plan: Plan | None = None, **options) -> int:
         if plan is None:  # refuses a target the plan cannot realise
             self.plan(cnn_target(target), self.check_options(options))
-        return estimate_conv_bytes(target, dtype, "conv_deep", block=int(options.get("block") or 1))
+        method = "conv_tied" if options.get("tied") else "conv_deep"
+        return estimate_conv_bytes(target, dtype, method, block=int(options.get("block") or 1))
 
     def solve(
         self,
@@ -185,15 +206,16 @@ class ConvDeepConstruction(Construction):
         def visit(node: Realised, lo, hi) -> None:
             (stage,) = node.stages
             step = plan.steps[node.index]
-            assert isinstance(stage, ConvStream)
+            solver = solve_tied_conv if isinstance(stage, TiedConvStream) else _solve_stream
+            assert isinstance(stage, (ConvStream, TiedConvStream))
             records.append(
-                _solve_stream(_as_conv(node.layer), stage, lo, hi, margin, step.layer, flat=step.details["flat"])
+                solver(_as_conv(node.layer), stage, lo, hi, margin, step.layer, flat=step.details["flat"])  # type: ignore[arg-type]
             )
             if progress is not None:
                 d = records[-1].details
-                progress(
-                    len(records), len(plan.steps), f"layer {step.layer}: {d['blocks']} systems of size {d['size']}"
-                )
+                many = f"{d['blocks']} systems of size {d['size']}"
+                what = f"one LU of size {d['size']} for {d['blocks']} blocks" if d.get("tied") else many
+                progress(len(records), len(plan.steps), f"layer {step.layer}: {what}")
 
         walk_bounds(nodes, lo, hi, visit)
         return finish_solve(out, records, [], domain)
@@ -207,10 +229,16 @@ class ConvDeepConstruction(Construction):
         out = []
         for node in walk_nodes(nodes):
             (stage,) = node.stages
-            assert isinstance(stage, ConvStream)
             W = _as_conv(node.layer).weight.to(dtype=net.dtype, device=net.device)
-            B = stage.readout.weight.flatten(1)
             where = f"{node.layer.type} at stage {path_label(node.paths[0])}"
+            if isinstance(stage, TiedConvStream):
+                for t, (_units, J) in enumerate(stage.block_slices()):
+                    A_mod, B_mod = stage.block_maps(t)
+                    label = f"layer {node.index} block {t} ({where})"
+                    out.append((label, A_mod.weight.flatten(1), B_mod.weight.flatten(1), W[:, J].flatten(1)))
+                continue
+            assert isinstance(stage, ConvStream)
+            B = stage.readout.weight.flatten(1)
             for t, (units, J) in enumerate(stage.block_slices()):
                 A = stage.block_kernel(t)[units if t < stage.full else slice(None)].flatten(1)
                 out.append((f"layer {node.index} block {t} ({where})", A, B[:, units], W[:, J].flatten(1)))

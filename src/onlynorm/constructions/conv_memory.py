@@ -11,6 +11,11 @@ For a target conv ``c_in → c_out`` with a ``k_h×k_w`` kernel and ``P`` output
 * **the solve**: ``conv`` one ``C × C`` system (float32 LU + float64 work: ``16·C²`` bytes); ``conv_deep`` at most
   256 MiB of ``N × N`` float64 systems at a time, twice (matrix and LU).
 
+``conv_tied`` (``deep, tied=1``): frozen weights ``N·k·k_h·k_w + c_out·N`` once per layer; ``γ, β`` and the BatchNorm
+buffers of the ``C`` branch channels (``4·C`` values); one ``N × N`` float64 LU plus ``T`` right-hand sides
+(``16·N² + 40·C`` bytes); activations streamed over chunks of blocks: one block's three tensors and the running sum
+(``4·N·P`` values per image) at least, the whole ``3·C·P`` at most, else the chunk budget.
+
 >>> import torch
 >>> from onlynorm.targets.cnn import ConvNetSpec
 >>> from onlynorm.targets.layers import Conv, Flatten
@@ -89,6 +94,15 @@ def estimate_conv_bytes(spec: ConvNetSpec, dtype: torch.dtype, method: str, bloc
         if method == "conv":
             frozen += C * c.c_in * c.kernel + c.c_out * C
             solve = max(solve, 16 * C * C)
+        elif method == "conv_tied":
+            k = min(block, c.c_in)
+            N = c.c_out * k * c.kernel
+            frozen += N * k * c.kernel + c.c_out * N + 4 * C
+            solve = max(solve, 16 * N * N + 40 * C)
+            act = max(
+                act, min(3 * C, max(3 * N, _CHUNK // item // max(1, c.positions))) * c.positions + N * c.positions
+            )
+            continue
         else:
             k = min(block, c.c_in)
             N = c.c_out * k * c.kernel
@@ -113,4 +127,8 @@ def batch_size_for(spec: ConvNetSpec, dtype: torch.dtype, budget: int = 1 << 30)
 
 def conv_estimates(spec: ConvNetSpec, dtype: torch.dtype) -> dict[str, int]:
     """Estimated peak bytes of each CNN construction, keyed by the ``method=`` a user passes."""
-    return {"width": estimate_conv_bytes(spec, dtype, "conv"), "deep": estimate_conv_bytes(spec, dtype, "conv_deep")}
+    return {
+        "width": estimate_conv_bytes(spec, dtype, "conv"),
+        "deep": estimate_conv_bytes(spec, dtype, "conv_deep"),
+        "deep, tied=1": estimate_conv_bytes(spec, dtype, "conv_tied"),
+    }

@@ -33,11 +33,13 @@ from ..nets.normnet import NormNet
 from ..nets.records import SolveRecord
 from ..nets.stage import Stage
 from ..nets.stream import ResidualStream
+from ..nets.tied import TiedResidualStream
 from ..options import OptionSpec
 from ..targets.mlp import MLPSpec
-from .base import MARGIN, Construction, Progress, begin_solve, finish_solve, frozen_init, register, weight_scale
+from .base import MARGIN, Construction, Progress, begin_solve, fill_frozen, finish_solve, register, weight_scale
 from .pair import pair_offsets, set_norms
 from .plan import Plan, PlanStep
+from .tied import TIED, draw_tied, solve_tied_stream, tied_option
 
 __all__ = ["DeepConstruction"]
 
@@ -52,11 +54,15 @@ class DeepConstruction(Construction):
         "residual stream with skip connections: width m·k, depth ⌈n/k⌉+1 per layer; exact; ⌈n/k⌉ systems of "
         "size m·k (k=1: O(n·m³), scales to large d)"
     )
-    options = (BLOCK, MARGIN)
+    options = (BLOCK, TIED, MARGIN)
+
+    def check_options(self, options: dict[str, Any], depth: int | None = None) -> dict[str, Any]:
+        return super().check_options(tied_option(options), depth)
 
     def plan(self, target: MLPSpec, options: dict[str, Any]) -> Plan:
-        """One residual stream per target layer, input blocks of ``min(k, n)``."""
+        """One residual stream per target layer (tied: one shared draw per layer), input blocks of ``min(k, n)``."""
         k = options.get("block") or 1
+        stage_type = TiedResidualStream if options.get("tied") else ResidualStream
         steps = []
         for i, w in enumerate(target.weights):
             m, n = w.shape
@@ -66,7 +72,7 @@ class DeepConstruction(Construction):
                     stages=(i,),
                     shapes=((n, m),),
                     relu=(i < target.depth - 1,),
-                    stage_type=ResidualStream,
+                    stage_type=stage_type,
                     details={"block": min(k, n)},
                 )
             )
@@ -82,38 +88,49 @@ class DeepConstruction(Construction):
         stages: list[Stage] = []
         for step in plan.steps:
             ((n, m),) = step.shapes
+            if step.stage_type is TiedResidualStream:
+                tied = TiedResidualStream(n, m, step.details["block"], step.relu[0], dtype=dtype, device=device)
+                draw_tied(tied, gen)
+                stages.append(tied)
+                continue
             stage = ResidualStream(n, m, step.details["block"], relu=step.relu[0], dtype=dtype, device=device)
-            with torch.no_grad():
-                for branch, readout in zip(stage.branches, stage.readouts):
-                    branch.linear.weight.copy_(
-                        frozen_init(tuple(branch.linear.weight.shape), gen, dtype=dtype, device=device)
-                    )
-                    readout.weight.copy_(frozen_init(tuple(readout.weight.shape), gen, dtype=dtype, device=device))
+            _draw_untied(stage, gen)
             stages.append(stage)
         return stages
 
     def estimate_bytes(self, target: MLPSpec, dtype: torch.dtype, *, plan: Plan | None = None, **options: Any) -> int:
         plan = plan if plan is not None else self.plan(target, options)
         item = torch.empty((), dtype=dtype).element_size()
+        if options.get("tied"):  # A (mk×k), B (m×mk) once per layer, γ/β of m·n units; one (mk)² LU, T right-hand sides
+            sizes = [(w.shape[0], w.shape[1], s.details["block"]) for w, s in zip(target.weights, plan.steps)]
+            network = sum(2 * (m * k * k + m * m * k) + 4 * m * n for m, n, k in sizes) * item
+            return network + max(16 * (m * k) ** 2 + 32 * m * n for m, n, k in sizes)
         network = sum(2 * w.shape[0] ** 2 * w.shape[1] for w in target.weights) * item
         largest = max((w.shape[0] * step.details["block"]) ** 2 for w, step in zip(target.weights, plan.steps)) * 8
         return network + max(largest, min(256 << 20, largest * max(w.shape[1] for w in target.weights))) * 2
 
-    def _stages(self, net: NormNet, target: MLPSpec, plan: Plan | None = None) -> list[ResidualStream]:
+    def _stages(
+        self, net: NormNet, target: MLPSpec, plan: Plan | None = None
+    ) -> list[ResidualStream | TiedResidualStream]:
         """The residual stream of every target layer, read off the matcher."""
         _, nodes = self.matched(net, target, plan)
-        streams: list[ResidualStream] = []
+        streams: list[ResidualStream | TiedResidualStream] = []
         for node in walk_nodes(nodes):
             stage = node.stages[0]
-            assert isinstance(stage, ResidualStream)  # the plan check admits only streams
+            assert isinstance(stage, (ResidualStream, TiedResidualStream))  # the plan check admits only streams
             streams.append(stage)
         return streams
 
     def systems(self, net: NormNet, target: MLPSpec):
         out = []
         for i, (stage, W) in enumerate(zip(self._stages(net, target), target.weights)):
-            for t, (branch, readout, J) in enumerate(zip(stage.branches, stage.readouts, stage.block_slices())):
-                out.append((f"layer {i} block {t}", branch.linear.weight, readout.weight, W[:, J].to(net.dtype)))
+            for t, J in enumerate(stage.block_slices()):
+                if isinstance(stage, TiedResidualStream):
+                    A_mod, B_mod = stage.block_maps(t)
+                    A, B = A_mod.weight, B_mod.weight
+                else:
+                    A, B = stage.branches[t].linear.weight, stage.readouts[t].weight
+                out.append((f"layer {i} block {t}", A, B, W[:, J].to(net.dtype)))
         return out
 
     def solve(
@@ -125,6 +142,11 @@ class DeepConstruction(Construction):
         stages = self._stages(out, spec, plan)
         for i, (stage, W, b) in enumerate(zip(stages, spec.weights, spec.biases)):
             lo, hi = boxes[i]
+            if isinstance(stage, TiedResidualStream):
+                records.append(solve_tied_stream(stage, W, b, lo, hi, margin, i))
+                if progress is not None:
+                    progress(i + 1, spec.depth, f"layer {i}: one shared system of size {stage.per_block}")
+                continue
             slices = stage.block_slices()
             gammas: list[torch.Tensor] = [W.new_empty(0)] * len(slices)
             rconds: list[float] = []
@@ -172,3 +194,10 @@ class DeepConstruction(Construction):
 
     def certify(self, net: NormNet, target: MLPSpec, domain: Box) -> CertifyResult:
         return certify_residual_streams(net, target, domain, self.matched(net, target)[1])
+
+
+def _draw_untied(stage: ResidualStream, gen: torch.Generator) -> None:
+    """Every block's own ``A_t``, ``B_t``: one draw per tensor, in place, in the network's dtype."""
+    for branch, readout in zip(stage.branches, stage.readouts):
+        fill_frozen(branch.linear.weight, gen)
+        fill_frozen(readout.weight, gen)

@@ -89,9 +89,13 @@ def check_memory(construction, spec, *, dtype: torch.dtype, device=None, options
     limit, source = memory_limit(device)
     if need > limit:
         fits = cheaper_constructions(construction, spec, dtype, limit)
+        choices = [f"method={n!r} (~{format_bytes(b)})" for n, b in fits]
+        tied = tied_need(construction, spec, dtype, options)
+        if tied is not None and tied <= limit:  # the same construction with one shared draw per layer
+            choices.insert(0, f"method={_public(construction.name)!r}, tied=True (~{format_bytes(tied)})")
         advice = (
-            f"use {' or '.join(f'method={n!r} (~{format_bytes(b)})' for n, b in fits)}"
-            if fits
+            f"use {' or '.join(choices)}"
+            if choices
             else "no construction fits this target in the budget: use a smaller target"
         )
         raise MemoryBudgetError(
@@ -100,6 +104,19 @@ def check_memory(construction, spec, *, dtype: torch.dtype, device=None, options
             needed_bytes=need,
             limit_bytes=limit,
         )
+
+
+def _public(name: str) -> str:
+    """The ``method=`` a user passes for a construction (``conv_deep`` is ``deep`` on a CNN target)."""
+    return {"conv_deep": "deep", "conv": "width"}.get(name, name)
+
+
+def tied_need(construction, spec, dtype: torch.dtype, options: dict) -> int | None:
+    """Bytes of the same construction with ``tied=1`` when it has that option and the request is untied, else None."""
+    if options.get("tied") or "tied" not in {o.name for o in construction.options}:
+        return None
+    tied_options = {**options, "tied": 1}
+    return int(construction.estimate_bytes(spec, dtype, plan=construction.plan(spec, tied_options), **tied_options))
 
 
 def cheaper_constructions(construction, spec, dtype: torch.dtype, limit: int) -> list[tuple[str, int]]:

@@ -8,8 +8,9 @@ ResNet-18 at ImageNet geometry would need.
    ``[0, 1]^{3×32×32}``; the demo reports time,
    peak memory (the process's peak resident set), frozen/tunable counts, the max relative error on box samples,
    the certificate and the agreement on the digits test set.
-2. A torchvision-style ResNet-18 (3×224×224) is converted and each construction's memory estimate is printed;
-   it is reconstructed if the cheapest estimate fits the machine's limit, else refused with the estimate.
+2. Torchvision-style ResNet-18 and ResNet-50 (3×224×224, random weights and BatchNorm statistics): the untied deep
+   construction's estimate (refused by the memory guard) and the tied one (``deep, tied=True``: one frozen draw per
+   layer shared by every block) reconstructed and verified on 2 images (:mod:`onlynorm.demos.resnet_imagenet`).
 """
 
 from __future__ import annotations
@@ -26,15 +27,15 @@ from torch import nn
 
 from .._io import atomic_path
 from ..api import reconstruct
-from ..constructions.conv_memory import batch_size_for, conv_estimates
-from ..constructions.memory import format_bytes, memory_limit
+from ..constructions.conv_memory import batch_size_for
+from ..constructions.memory import format_bytes
 from ..domain import Box
-from ..errors import MemoryBudgetError
 from ..targets.cnn import ConvNetSpec
 from ..verify import verify
 from .digits import fit_classifier, load_digits_split
 from .report import print_rows, print_table
-from .resnet_models import resnet18, resnet20
+from .resnet_imagenet import imagenet_run
+from .resnet_models import resnet20
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -61,47 +62,32 @@ def train_resnet20(seed: int, epochs: int) -> tuple[nn.Module, torch.Tensor, tor
     return model.double().eval(), Xte.double(), yte
 
 
-def resnet18_figure(console: Console | None, seed: int = 0) -> dict[str, Any]:
-    """Memory each construction would need for a ResNet-18 at 224×224; reconstruct or refuse (timed)."""
-    torch.manual_seed(seed)
-    t0 = time.perf_counter()
-    model = resnet18().eval()
-    spec = ConvNetSpec.from_module(model, (3, 224, 224))
-    estimates = {
-        name: conv_estimates(spec, dtype) for name, dtype in (("float64", torch.float64), ("float32", torch.float32))
-    }
-    limit, source = memory_limit()
-    doc: dict[str, Any] = {
-        "parameters": spec.num_parameters,
-        "limit_bytes": limit,
-        "limit_source": source,
-        "estimates": estimates,
-        "convert_seconds": time.perf_counter() - t0,
-    }
-    t0 = time.perf_counter()
-    try:
-        reconstruct(spec, method="deep", dtype=torch.float32, domain=Box(0.0, 1.0), seed=seed)
-        doc["outcome"] = "reconstructed"
-    except MemoryBudgetError as exc:
-        doc["outcome"] = "refused"
-        doc["message"] = str(exc)
-    doc["seconds"] = time.perf_counter() - t0
-    rows = [
-        (f"{method} ({dtype})", format_bytes(need)) for dtype, est in estimates.items() for method, need in est.items()
-    ]
-    rows += [
-        ("memory limit", f"{format_bytes(limit)} ({source})"),
-        (
-            "outcome",
-            f"{doc['outcome']} in {doc['seconds']:.1f} s (after {doc['convert_seconds']:.1f} s of torch.fx conversion)",
-        ),
-    ]
-    if "message" in doc:
-        rows.append(("guard says", doc["message"]))
-    print_rows(
-        console, f"ResNet-18 at 3×224×224 ({spec.num_parameters:,} parameters): what each construction needs", rows
-    )
-    return doc
+def imagenet_figure(console: Console | None, seed: int = 0, models: tuple[str, ...] = ("resnet18", "resnet50")):
+    """ResNet-18/50 at 3×224×224 by ``deep, tied=True`` (:mod:`onlynorm.demos.resnet_imagenet`): the untied
+    estimate (refused) and the tied reconstruction's time, peak memory, counts and error on 2 images."""
+    out: dict[str, Any] = {}
+    for name in models:
+        doc = imagenet_run(name, seed=seed, images=2)
+        out[name] = doc
+        est = doc["estimates"]
+        rows = [
+            ("untied deep (the theorem's network)", f"needs {format_bytes(est['deep'])}: {doc['untied'][:7]}"),
+            ("deep, tied=True: estimate", format_bytes(est["deep, tied=1"])),
+            (
+                "time (convert / reconstruct / verify 2 images)",
+                f"{doc['convert_seconds']:.1f} / {doc['reconstruct_seconds']:.1f} / {doc['verify_seconds']:.1f} s "
+                f"(total {doc['total_seconds']:.0f} s wall, {doc['total_cpu_seconds']:.0f} s CPU, "
+                f"{doc['threads']} threads)",
+            ),
+            ("peak memory (process so far)", format_bytes(doc["peak_rss_bytes"])),
+            (
+                "frozen / tunable / target parameters",
+                f"{doc['frozen_parameters']:,} / {doc['tunable_parameters']:,} / {doc['target_parameters']:,}",
+            ),
+            ("max relative error on 2 images of [0, 1]", f"{doc['max_rel_error']:.2e}"),
+        ]
+        print_rows(console, f"{name} at 3×224×224 (random weights, random BatchNorm statistics)", rows)
+    return out
 
 
 def run(
@@ -113,6 +99,7 @@ def run(
     samples: int = 64,
     block: int = 1,
     with_resnet18: bool = True,
+    imagenet: tuple[str, ...] = ("resnet18", "resnet50"),
 ) -> bool:
     start = time.perf_counter()
     t0 = time.perf_counter()
@@ -196,8 +183,8 @@ def run(
             ),
         ],
     )
-    if with_resnet18:
-        doc["resnet18"] = resnet18_figure(console, seed)
+    if with_resnet18:  # ImageNet geometry: ResNet-18 and ResNet-50 by deep, tied=True
+        doc["imagenet"] = imagenet_figure(console, seed, imagenet)
     doc["seconds"] = time.perf_counter() - start
     if json_path is not None:
         with atomic_path(json_path) as out:

@@ -6,6 +6,8 @@
 * :func:`resnet18` — torchvision's ResNet-18 layout (7×7/2 stem + 3×3/2 max-pool, ``BasicBlock`` with a
   ``downsample`` Sequential, ``out += identity``, ``nn.ReLU(inplace=True)``, ``AdaptiveAvgPool2d``,
   ``torch.flatten``) for 3×224×224 images: about 11.7M parameters.
+* :func:`resnet50` — torchvision's ResNet-50 (``Bottleneck`` blocks: 1×1 → 3×3 (the stride) → 1×1 with expansion
+  4, ``downsample`` = 1×1 strided conv + BatchNorm): about 25.6M parameters.
 
 Both convert to onlynorm targets through ``torch.fx`` (:mod:`onlynorm.targets.fx`).
 
@@ -19,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["resnet20", "resnet18", "CifarBlock", "BasicBlock"]
+__all__ = ["resnet20", "resnet18", "resnet50", "CifarBlock", "BasicBlock", "Bottleneck"]
 
 
 class CifarBlock(nn.Module):
@@ -93,9 +95,41 @@ class BasicBlock(nn.Module):
         return out
 
 
-class ResNet18(nn.Module):
-    def __init__(self, num_classes: int = 1000, layers=(2, 2, 2, 2)):
+class Bottleneck(nn.Module):
+    """torchvision's ``Bottleneck`` (ResNet V1.5: the stride on the 3×3 conv)."""
+
+    expansion = 4
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None):
         super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, planes * self.expansion, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+        self.stride = stride
+
+    def forward(self, x):
+        identity = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        out += identity
+        return self.relu(out)
+
+
+class ResNet18(nn.Module):
+    """torchvision's ResNet layout for ``block`` = :class:`BasicBlock` (ResNet-18/34) or :class:`Bottleneck`
+    (ResNet-50/101/152)."""
+
+    def __init__(self, num_classes: int = 1000, layers=(2, 2, 2, 2), block: type[nn.Module] = BasicBlock):
+        super().__init__()
+        self.block = block
         self.inplanes = 64
         self.conv1 = nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
@@ -106,15 +140,16 @@ class ResNet18(nn.Module):
         self.layer3 = self._make_layer(256, layers[2], stride=2)
         self.layer4 = self._make_layer(512, layers[3], stride=2)
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
-        self.fc = nn.Linear(512, num_classes)
+        self.fc = nn.Linear(512 * int(getattr(block, "expansion", 1)), num_classes)
 
     def _make_layer(self, planes: int, blocks: int, stride: int = 1) -> nn.Sequential:
+        out = planes * int(getattr(self.block, "expansion", 1))
         downsample = None
-        if stride != 1 or self.inplanes != planes:
-            downsample = nn.Sequential(nn.Conv2d(self.inplanes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
-        layers = [BasicBlock(self.inplanes, planes, stride, downsample)]
-        self.inplanes = planes
-        layers += [BasicBlock(self.inplanes, planes) for _ in range(1, blocks)]
+        if stride != 1 or self.inplanes != out:
+            downsample = nn.Sequential(nn.Conv2d(self.inplanes, out, 1, stride, bias=False), nn.BatchNorm2d(out))
+        layers = [self.block(self.inplanes, planes, stride, downsample)]
+        self.inplanes = out
+        layers += [self.block(self.inplanes, planes) for _ in range(1, blocks)]
         return nn.Sequential(*layers)
 
     def forward(self, x):
@@ -134,3 +169,8 @@ class ResNet18(nn.Module):
 
 def resnet18(num_classes: int = 1000) -> nn.Module:
     return ResNet18(num_classes)
+
+
+def resnet50(num_classes: int = 1000) -> nn.Module:
+    """ResNet-50 (25,557,032 parameters with 1000 classes, as torchvision's)."""
+    return ResNet18(num_classes, (3, 4, 6, 3), Bottleneck)

@@ -9,6 +9,8 @@ from .pretrained import PretrainedConv2d, PretrainedLinear
 from .records import NetMeta, SolveInfo, SolveRecord
 from .stage import STAGES, Stage, register_stage
 from .stream import ResidualStream
+from .tied import TiedResidualStream
+from .tied_conv import TiedConvStream
 
 __all__ = [
     "NormNet",
@@ -22,6 +24,8 @@ __all__ = [
     "ResidualStage",
     "ResidualStream",
     "ConvStream",
+    "TiedResidualStream",
+    "TiedConvStream",
     "PretrainedLinear",
     "PretrainedConv2d",
     "NetMeta",

@@ -13,7 +13,16 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-__all__ = ["make_batchnorm", "frozen_module", "normalize", "inference_form", "conv2d_config", "ModuleSeq", "RAISED_EPS"]
+__all__ = [
+    "make_batchnorm",
+    "frozen_module",
+    "normalize",
+    "inference_scale_shift",
+    "inference_form",
+    "conv2d_config",
+    "ModuleSeq",
+    "RAISED_EPS",
+]
 
 #: set on a BatchNorm whose eps NormNet.train() raised from 0 for batch statistics (eval() gives it back its 0)
 RAISED_EPS = "_onlynorm_raised_eps"
@@ -57,13 +66,22 @@ def normalize(norm: _BatchNorm, z: torch.Tensor, *, inplace: bool = False) -> to
     the inference form ``z · s + t`` with ``s = γ/√(var + eps)``, ``t = β − mean · s`` — exactly ``γ z + β`` in the
     constructions' form (mean 0, var 1, eps 0). ``inplace`` (no autograd) reuses ``z``'s memory; the values are the
     same either way, so a stage computes one function in every grad mode."""
-    if norm.training or norm.running_mean is None or norm.running_var is None:
+    form = inference_scale_shift(norm)
+    if form is None:
         return norm(z)
     shape = (1, -1) + (1,) * (z.ndim - 2)
-    scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
-    shift = norm.bias - norm.running_mean * scale
-    scale, shift = scale.reshape(shape), shift.reshape(shape)
+    scale, shift = form[0].reshape(shape), form[1].reshape(shape)
     return z.mul_(scale).add_(shift) if inplace else z * scale + shift
+
+
+def inference_scale_shift(norm: _BatchNorm) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(s, t)`` with ``BN(z) = z · s + t`` per channel in inference form (what :func:`normalize` applies), or
+    ``None`` when the module normalises by batch statistics. A stage evaluating a BatchNorm on slices of its
+    channels (blocks streamed in chunks) applies slices of these — the same bits as :func:`normalize`."""
+    if norm.training or norm.running_mean is None or norm.running_var is None:
+        return None
+    scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
+    return scale, norm.bias - norm.running_mean * scale
 
 
 @contextmanager

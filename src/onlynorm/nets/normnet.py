@@ -449,9 +449,27 @@ class NormNet(nn.Module):
         :func:`onlynorm.nets.onnx.export_onnx` for the operators written and the returned facts."""
         return export_onnx(self, path, lower_conv=lower_conv)
 
-    def clone(self) -> NormNet:
-        """A deep copy (the frozen weights are copied too, so the two networks are independent)."""
-        return copy.deepcopy(self)
+    def clone(self, *, deep: bool = False) -> NormNet:
+        """A copy with its own γ, β, BatchNorm buffers, modes and metadata whose **frozen tensors are shared** with
+        this network (the same storage, no copy: cloning a 20 GB frozen network costs nothing). Changing a frozen
+        tensor in place (``weight.copy_``) therefore changes both networks; moving or converting one
+        (``.to(torch.float32)``) does not touch the other. ``deep=True`` copies everything (independent networks).
+
+        >>> from onlynorm.nets import NormLinear
+        >>> net = NormNet([NormLinear(2, 3)])
+        >>> twin = net.clone()
+        >>> twin.layers[0].linear.weight.data_ptr() == net.layers[0].linear.weight.data_ptr()
+        True
+        >>> twin.layers[0].norm.weight.data_ptr() == net.layers[0].norm.weight.data_ptr()
+        False
+        """
+        if deep:
+            return copy.deepcopy(self)
+        # deepcopy with every frozen parameter pre-mapped to a new Parameter over the same storage
+        memo: dict[int, Any] = {
+            id(p): nn.Parameter(p.detach(), requires_grad=p.requires_grad) for p in self.frozen_parameters()
+        }
+        return copy.deepcopy(self, memo)
 
 
 def _check_chains(net: NormNet, dtype: torch.dtype, source: str) -> None:

@@ -1,0 +1,171 @@
+"""``deep, tied=1``: every block of a layer shares one frozen draw ``(A, B)`` — its build and its solve.
+
+The frozen network is still random, but with weight sharing across the blocks of a layer (one draw per layer
+instead of one per block: *not* the i.i.d. network of the theorem, which ``tied=0``, the default, builds). Every
+block's system ``B diag(γ_t) A = W[:, J_t]`` then has the same Khatri–Rao matrix, so a layer is **one LU** and a
+solve with ``T`` right-hand sides (:func:`onlynorm.linalg_tied.solve_khatri_rao_shared`); invertibility is the same
+almost-sure condition as for one block. The smaller last block (``k ∤ n``) has its own draw and its own system.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import InvalidNetworkError
+from ..linalg import relative_residual
+from ..linalg_tied import SharedSolution, compose_shared, solve_khatri_rao_shared
+from ..nets.conv_stream import grouped_conv
+from ..nets.records import SolveRecord
+from ..nets.tied import TiedResidualStream
+from ..nets.tied_conv import TiedConvStream
+from ..options import OptionSpec
+from ..targets.layers import Conv
+from .base import fill_frozen, safe_margin
+
+__all__ = ["TIED", "tied_option", "draw_tied", "solve_tied_stream", "solve_tied_conv"]
+
+#: 0 (default): one i.i.d. draw per block (the theorem's network); 1: one draw per layer shared by every block
+TIED = OptionSpec(
+    "tied",
+    int,
+    min_val=0,
+    max_val=1,
+    help="1: every block of a layer shares one frozen draw (A, B): one LU per layer, frozen weights stored once, "
+    "one readout per layer in the forward; 0 (default): an independent draw per block, the theorem's network",
+)
+
+
+def tied_option(options: dict) -> dict:
+    """``tied=True/False`` accepted as 1/0 (the option is an integer switch like ``paired``)."""
+    if isinstance(options.get("tied"), bool):
+        options = {**options, "tied": int(options["tied"])}
+    return options
+
+
+def draw_tied(stage: TiedResidualStream | TiedConvStream, gen: torch.Generator) -> None:
+    """The stage's frozen weights: ``A``, ``B`` (and the rest block's pair), one call per tensor."""
+    for module in (stage.branch, stage.readout, stage.rest, stage.rest_readout):
+        if module is not None:
+            fill_frozen(module.weight, gen)
+
+
+def _solve(A, B, W, layer: int) -> SharedSolution:
+    return solve_khatri_rao_shared(A.detach().double(), B.detach().double(), W.double(), layer=layer)
+
+
+def _record(layer: int, sols: list[SharedSolution], realised, wanted, details: dict) -> SolveRecord:
+    residual, relative = relative_residual(realised, wanted)
+    return SolveRecord(
+        layer=layer,
+        kind="shared",
+        residual=residual,
+        relative_residual=relative,
+        exact=True,
+        rcond=min(s.rcond for s in sols),
+        precision="mixed" if any(s.precision == "mixed" for s in sols) else "float64",
+        steps=max(s.steps for s in sols),
+        details=details,
+    )
+
+
+def solve_tied_stream(
+    stage: TiedResidualStream, W: torch.Tensor, b: torch.Tensor, lo, hi, margin: float, layer: int
+) -> SolveRecord:
+    """γ of every block by one shared solve (plus the rest block's), β_t keeping every branch unit active on the
+    box, the stream's β cancelling ``Σ_t B β_t``."""
+    m, n = W.shape
+    k, T, split = stage.block, stage.full, stage.full * stage.block
+    W64, lo64, hi64 = W.double(), lo.double(), hi.double()
+    parts = [(stage.branch, stage.readout, W64[:, :split].reshape(m, T, k).transpose(0, 1), slice(0, split))]
+    if stage.rest is not None and stage.rest_readout is not None:
+        parts.append((stage.rest, stage.rest_readout, W64[:, split:].unsqueeze(0), slice(split, n)))
+    gammas, betas, sols, realised = [], [], [], []
+    offset = torch.zeros(m, dtype=torch.float64)
+    for A_mod, B_mod, Wt, cols in parts:
+        sol = _solve(A_mod.weight, B_mod.weight, Wt, layer)
+        gamma = sol.gamma.to(W.dtype).double()  # the γ the network will hold
+        A, B = A_mod.weight.detach().double(), B_mod.weight.detach().double()
+        GA = gamma.unsqueeze(-1) * A  # (T_part, N, k)
+        lo_t, hi_t = lo64[cols].reshape(Wt.shape[0], -1, 1), hi64[cols].reshape(Wt.shape[0], -1, 1)
+        pos, neg = GA.clamp(min=0), GA.clamp(max=0)
+        zmin, zmax = (pos @ lo_t + neg @ hi_t).squeeze(-1), (pos @ hi_t + neg @ lo_t).squeeze(-1)
+        scale = (GA.abs() @ (torch.maximum(lo_t.abs(), hi_t.abs()) + 1)).squeeze(-1)
+        beta = -zmin + safe_margin(zmin, zmax, margin, scale)
+        offset = offset + B @ beta.sum(0)
+        gammas.append(gamma.reshape(-1))
+        betas.append(beta.reshape(-1))
+        sols.append(sol)
+        done = sol.realised if W.dtype == torch.float64 else compose_shared(B, gamma, A)
+        realised.append(done.transpose(0, 1).reshape(m, -1))
+    _set(stage, torch.cat(gammas), torch.cat(betas), b.double() - offset)
+    details = {"blocks": len(stage.sizes), "block": k, "tied": 1}
+    return _record(layer, sols, torch.cat(realised, dim=1), W64, details)
+
+
+def _set(stage, gamma: torch.Tensor, beta: torch.Tensor, beta_out: torch.Tensor) -> None:
+    with torch.no_grad():
+        stage.branch_norm.weight.copy_(gamma)
+        stage.branch_norm.bias.copy_(beta)
+        stage.norm.weight.fill_(1.0)
+        stage.norm.bias.copy_(beta_out)
+
+
+def solve_tied_conv(conv: Conv, stage: TiedConvStream, lo, hi, margin: float, index: int, flat: bool) -> SolveRecord:
+    """The conv stream's γ by one shared solve per layer (plus the rest block's); β from the box unless paired."""
+    W = conv.weight.double()
+    c_out, c_in, kh, kw = W.shape
+    if (stage.out_channels, stage.in_channels, *stage.geometry["kernel_size"]) != (c_out, c_in, kh, kw):
+        raise InvalidNetworkError(
+            f"layer {index}: tied_conv_stream {stage.in_channels} → {stage.out_channels} "
+            f"{stage.geometry['kernel_size']} does not fit the target kernel {tuple(W.shape)}"
+        )
+    if flat:
+        lo, hi = lo.reshape(1, -1, 1, 1), hi.reshape(1, -1, 1, 1)
+    k, T, split = stage.block, stage.full, stage.full * stage.block
+    parts = [(stage.branch, stage.readout, W[:, :split].reshape(c_out, T, k * kh * kw).transpose(0, 1), 0, split)]
+    if stage.rest is not None and stage.rest_readout is not None:
+        parts.append((stage.rest, stage.rest_readout, W[:, split:].flatten(1).unsqueeze(0), split, c_in))
+    gammas, betas, sols, realised = [], [], [], []
+    offset = torch.zeros(c_out, dtype=torch.float64)
+    for A_mod, B_mod, Wt, c0, c1 in parts:
+        sol = _solve(A_mod.weight.flatten(1), B_mod.weight.flatten(1), Wt, index)
+        gamma = sol.gamma
+        if stage.paired:  # relu(v) − relu(−v) = v for every v: β_t = 0
+            beta = torch.zeros_like(gamma)
+        else:
+            width = k if c0 == 0 else c1 - c0  # full blocks: (T, k, H, W); the rest: (1, r, H, W)
+            x_lo = lo[:, c0:c1].reshape(-1, width, *lo.shape[2:])
+            x_hi = hi[:, c0:c1].reshape(x_lo.shape)
+            beta = _linear_regime_beta(A_mod.weight.detach().double(), gamma, x_lo, x_hi, stage, margin)
+        offset = offset + B_mod.weight.detach().double().flatten(1) @ beta.sum(0)
+        gammas.append(gamma.reshape(-1))
+        betas.append(beta.reshape(-1))
+        sols.append(sol)
+        realised.append(sol.realised.reshape(-1))
+    _set(stage, torch.cat(gammas), torch.cat(betas), conv.bias.double() - offset)
+    wanted = torch.cat([p[2].reshape(-1) for p in parts])
+    details = {"type": "linear" if flat else "conv", "blocks": len(stage.sizes), "block": k, "tied": 1}
+    details["size"] = stage.per_block
+    return _record(index, sols, torch.cat(realised), wanted, details)
+
+
+def _linear_regime_beta(A, gamma, x_lo, x_hi, stage: TiedConvStream, margin: float, budget: int = 256 << 20):
+    """``β_t = −min z + slack`` per block and branch channel over every position: the range of ``A * x`` over the
+    box (blocks as a batch, in chunks within ``budget`` bytes), scaled by the sign of ``γ_t``."""
+    geo = stage._geo()
+    pos, neg, mag_k = A.clamp(min=0), A.clamp(max=0), A.abs()
+    lmin, umax, smax = [], [], []
+    per = max(1, budget // max(1, 4 * A.shape[0] * x_lo[0].numel() * 8))
+    for s in range(0, x_lo.shape[0], per):
+        lo_c, hi_c = x_lo[s : s + per], x_hi[s : s + per]
+        L = grouped_conv(lo_c, pos, 1, *geo) + grouped_conv(hi_c, neg, 1, *geo)
+        U = grouped_conv(hi_c, pos, 1, *geo) + grouped_conv(lo_c, neg, 1, *geo)
+        mag = torch.maximum(lo_c.abs(), hi_c.abs()) + 1
+        lmin.append(L.amin(dim=(2, 3)))
+        umax.append(U.amax(dim=(2, 3)))
+        smax.append(grouped_conv(mag, mag_k, 1, *geo).amax(dim=(2, 3)))
+    l_min, u_max = torch.cat(lmin), torch.cat(umax)
+    up = gamma >= 0
+    zmin = torch.where(up, gamma * l_min, gamma * u_max)
+    zmax = torch.where(up, gamma * u_max, gamma * l_min)
+    return -zmin + safe_margin(zmin, zmax, margin, gamma.abs() * torch.cat(smax))
