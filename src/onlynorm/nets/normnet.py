@@ -50,6 +50,9 @@ FORMAT_VERSION = 1
 #: what a norm set carries of its network's metadata (how its γ, β were solved, and for which target)
 _NORMSET_META = ("target_dims", "target_parameters", "solve", "method", "options")
 
+#: other network file formats by their "format" name → the NormNet subclass that reads them (filled on import)
+DOCUMENT_FORMATS: dict[str, Any] = {}
+
 _DTYPES = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -262,6 +265,8 @@ class NormNet(nn.Module):
     def load(cls, path: str | os.PathLike, *, device: torch.device | str | None = None) -> NormNet:
         """Rebuild a NormNet saved by :meth:`save` (nothing is unpickled; the architecture is JSON)."""
         tensors, doc = _io.read_tensors(path)
+        if doc and doc.get("format") in DOCUMENT_FORMATS:
+            return DOCUMENT_FORMATS[doc["format"]].from_document(doc, tensors, source=str(path), device=device)
         if not doc or doc.get("format") != FORMAT:
             raise FileFormatError(
                 f"{str(path)!r} is not an onlynorm network file (no '{FORMAT}' metadata); expected a file written "
