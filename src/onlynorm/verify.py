@@ -19,9 +19,10 @@ from .constructions import get_construction
 from .constructions.conv_memory import batch_size_for
 from .constructions.memory import format_bytes, memory_limit
 from .domain import Box, resolve_domain
-from .errors import InvalidNetworkError, NotCertifiableError
+from .errors import InvalidNetworkError, InvalidOptionError, NotCertifiableError
 from .nets.modules import inference_form
 from .nets.normnet import NormNet
+from .nets.seqnet import SeqNet
 from .options import check_scalar, check_seed
 from .targets.convert import as_target
 from .targets.mlp import MLPSpec
@@ -130,6 +131,7 @@ def verify(
     tolerance: float | None = None,
     certify: bool = False,
     batch_size: int | None = None,
+    inputs: Any = None,
 ) -> VerifyReport:
     """Compare ``net`` with ``target`` on ``samples`` points of ``domain`` (default: the domain the network was
     solved for, else ``[-1, 1]^n``).
@@ -139,6 +141,11 @@ def verify(
     compared with the model's own (``prediction_agreement`` must be 1 and the probability error within the
     tolerance for the report to pass).
 
+    ``inputs`` compares on given inputs instead of box samples: a tensor (one batch, e.g. rows of features or
+    ``(batch, length)`` token ids), a tuple of tensors (one call with several arguments), or a list of those
+    (several calls — sequences of different lengths). A transformer network (:class:`~onlynorm.nets.seqnet.SeqNet`)
+    is verified this way only; its ``certify=True`` is refused (softmax and LayerNorm are not piecewise linear).
+
     >>> from torch import nn
     >>> import onlynorm
     >>> g = nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 2)).double()
@@ -147,6 +154,8 @@ def verify(
     (True, True)
     """
     _check_network(net, certify)
+    if inputs is not None or isinstance(net, SeqNet):
+        return verify_on_inputs(net, target, inputs, tolerance, certify)
     sklearn_model = target if is_sklearn_mlp(target) else None
     spec = as_target(target, net.in_shape if isinstance(net, NormNet) else None)
     samples = check_scalar(samples, "samples", int, min_val=1)
@@ -200,6 +209,72 @@ def verify(
         assert isinstance(net, NormNet)
         _certify(report, net, spec, box)
     return report
+
+
+def verify_on_inputs(
+    net: nn.Module, target: Any, inputs: Any, tolerance: float | None = None, certify: bool = False
+) -> VerifyReport:
+    """:func:`verify` on given inputs: each call's inputs in the network's own dtype (token ids as they are); the
+    target in its own dtype when it is a torch module, else as a float64 spec."""
+    if certify:
+        if isinstance(net, SeqNet):
+            raise NotCertifiableError(
+                "certify=True: a transformer network is not piecewise linear (softmax and LayerNorm), so the "
+                "certificate has no model of it; verify it on sampled inputs (inputs=...)"
+            )
+        raise InvalidOptionError("certify=True proves the whole box and takes no inputs=; drop one of them")
+    if inputs is None:
+        raise InvalidOptionError(
+            "inputs: a transformer network is verified on given inputs (token ids cannot come from a box); pass "
+            "inputs=<a tensor, a tuple of tensors, or a list of those>"
+        )
+    calls = [
+        tuple(c) if isinstance(c, (tuple, list)) else (c,) for c in (inputs if isinstance(inputs, list) else [inputs])
+    ]
+    if not calls or not all(isinstance(t, torch.Tensor) for c in calls for t in c) or not all(calls):
+        raise InvalidOptionError("inputs: expected a tensor, a tuple of tensors, or a non-empty list of those")
+    if tolerance is not None:
+        tolerance = check_scalar(tolerance, "tolerance", float, min_val=0.0)
+    param = next(iter(net.parameters()), None)
+    dtype = param.dtype if param is not None else torch.float64
+    g = target if isinstance(target, nn.Module) else None
+    spec = None if g is not None else as_target(target, getattr(net, "in_shape", None)).to(dtype=torch.float64)
+    max_err = max_g = 0.0
+    with inference_form(net), torch.no_grad():
+        for args in calls:
+            own = tuple(t.to(dtype) if t.is_floating_point() else t for t in args)
+            fx = _first_tensor(net(*own), "network")
+            gx = _first_tensor(g(*args) if g is not None else spec(*(t.double() for t in args)), "target")  # type: ignore[misc]
+            if fx.shape != gx.shape:
+                raise InvalidNetworkError(
+                    f"output shape mismatch: network gives {tuple(fx.shape)}, target {tuple(gx.shape)}"
+                )
+            if fx.numel():
+                max_err = max(max_err, float((fx.double() - gx.double()).abs().max()))
+                max_g = max(max_g, float(gx.double().abs().max()))
+    rel = float("inf") if not math.isfinite(max_err) else (max_err / max_g if max_g > 0 else max_err)
+    tol = default_tolerance(dtype) if tolerance is None else float(tolerance)
+    solve = net.meta.solve if isinstance(net, NormNet) else None
+    report = VerifyReport(
+        max_abs_error=max_err,
+        max_rel_error=rel,
+        max_target_abs=max_g,
+        samples=sum(int(c[0].shape[0]) if c[0].dim() else 1 for c in calls),
+        tolerance=tol,
+        passed=bool(rel <= tol),
+        exact=None if solve is None else solve.exact,
+    )
+    if solve is not None:
+        report.notes += list(solve.notes)
+    return report
+
+
+def _first_tensor(value: Any, what: str) -> torch.Tensor:
+    if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
+        value = value[0]
+    if not isinstance(value, torch.Tensor):
+        raise InvalidNetworkError(f"the {what} returned {type(value).__name__}, expected a tensor")
+    return value
 
 
 def _check_network(net: nn.Module, certify: bool) -> None:
