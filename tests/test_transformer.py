@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import onlynorm
+from onlynorm.constructions import memory
 from onlynorm.errors import InvalidOptionError, NotCertifiableError, UnsupportedModelError
 from onlynorm.nets import NormNet, SeqNet
 
@@ -321,3 +322,25 @@ def test_d64_encoder_is_fast():
     elapsed = time.perf_counter() - start
     assert _rel(f, g, _features(True, 16, d=64)) <= 1e-10
     assert elapsed < 30 and math.isfinite(elapsed)
+
+
+def test_the_memory_guard_refuses_before_allocating():
+    wide = nn.Sequential(nn.Embedding(100, 64), nn.LayerNorm(64)).double()
+    with pytest.raises(onlynorm.MemoryBudgetError) as exc:
+        onlynorm.reconstruct(wide, example_input=_tokens(3), method="width")
+    assert "'0' (100→64)" in _one_line(exc) and "method='deep'" in str(exc.value)
+    g = encoder(True, "relu", True, d=64)
+
+    memory.set_memory_limit(1 << 20)
+    try:
+        with pytest.raises(onlynorm.MemoryBudgetError) as exc:
+            onlynorm.reconstruct(g, example_input=_features(True, 4, d=64), method="deep")
+        assert "out_block" in _one_line(exc)
+    finally:
+        memory.set_memory_limit(None)
+
+
+def test_summary_names_the_target_and_counts_layer_norms():
+    f = onlynorm.reconstruct(GPT().double().eval(), example_input=_tokens(3))
+    text = str(f.summary())
+    assert "GPT (sequence model)" in text and "5 LayerNorms kept" in text

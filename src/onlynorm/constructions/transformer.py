@@ -32,8 +32,9 @@ from ..nets.stage import Stage
 from ..options import check_scalar
 from ..targets.seqgraph import GNode
 from ..targets.transformer import TransformerSpec
+from .memory import format_bytes, memory_limit
 
-__all__ = ["build_seqnet", "solve_seqnet", "check_transformer_options", "MAX_WIDTH_SYSTEM", "METHODS"]
+__all__ = ["build_seqnet", "solve_seqnet", "check_transformer_options", "estimate_bytes", "MAX_WIDTH_SYSTEM", "METHODS"]
 
 #: the largest Khatri–Rao system method="width" solves for one map (m·n); above it, use method="deep"
 MAX_WIDTH_SYSTEM = 4096
@@ -83,6 +84,35 @@ def _blocks(node: GNode, options: dict[str, Any]) -> tuple[int, int]:
     return min(options.get("block") or 1, n), min(options.get("out_block") or _DEFAULT_OUT_BLOCK, m)
 
 
+def estimate_bytes(spec: TransformerSpec, options: dict[str, Any], dtype: torch.dtype) -> int:
+    """Peak bytes of build + solve: the frozen ``A, B`` of every factorised map (kept, in ``dtype``, plus their
+    float64 copies and one chunk of system matrices while a map is solved)."""
+    size = torch.finfo(dtype).bits // 8
+    frozen, peak = 0, 0
+    for node in spec.nodes:
+        if node.op in ("linear", "embedding", "table"):
+            n, m = _shape(node)
+            k, r = _blocks(node, options)
+            blocks = math.ceil(n / k) * math.ceil(m / r)
+            elements = blocks * r * k * (k + r)
+            frozen += elements * size
+            peak = max(peak, elements * 8 * 2 + min(256 << 20, blocks * (r * k) ** 2 * 8))
+    return frozen + peak
+
+
+def _check_memory(spec: TransformerSpec, options: dict[str, Any], dtype: torch.dtype, device: Any) -> None:
+    need = estimate_bytes(spec, options, dtype)
+    limit, source = memory_limit(device)
+    if need > limit:
+        raise MemoryBudgetError(
+            f"the transformer construction ({options['method']}) needs about {format_bytes(need)}, over the memory "
+            f"limit {format_bytes(limit)} ({source}); use method='deep' with a smaller out_block (systems of size "
+            "out_block·block)",
+            needed_bytes=need,
+            limit_bytes=limit,
+        )
+
+
 def _stage_for(node: GNode, options: dict[str, Any], dtype: torch.dtype, device: Any) -> Stage:
     c = node.config
     if node.op in ("linear", "embedding", "table"):
@@ -103,6 +133,7 @@ def build_seqnet(
     """The frozen network for ``spec``: random ``A, B`` (``A ~ N(0, 1/k)``, ``B ~ N(0, 1/N)``, drawn in float64
     from ``seed`` stage by stage, then rounded to ``dtype``), ``γ = 1, β = 0``, LayerNorms at identity, buffers
     copied."""
+    _check_memory(spec, options, dtype, device)  # before anything is allocated
     gen = torch.Generator().manual_seed(seed)
     stages: list[Stage] = []
     graph: list[GNode] = []

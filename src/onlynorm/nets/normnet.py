@@ -73,6 +73,7 @@ class NetSummary:
     max_relative_residual: float | None
     notes: list[str] = field(default_factory=list)
     in_shape: list[int] | None = None  # image targets: (c, H, W)
+    target_name: str | None = None  # sequence models (transformers): the model's class
 
     @property
     def max_width(self) -> int:
@@ -95,7 +96,9 @@ class NetSummary:
         exact = "n/a (not solved)" if not self.solved else ("yes" if self.exact else "no (approximate)")
         rows = [
             ("method", self.method),
-            ("target dims", " → ".join(map(str, self.target_dims)))
+            ("target", f"{self.target_name} (sequence model)")
+            if self.target_name is not None
+            else ("target dims", " → ".join(map(str, self.target_dims)))
             if self.in_shape is None
             else (
                 "target",

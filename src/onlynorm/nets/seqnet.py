@@ -11,6 +11,7 @@ named in :data:`onlynorm.targets.seqgraph.FUNCTIONS`.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -22,7 +23,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .. import _io
 from ..errors import FileFormatError, InvalidNetworkError
 from ..targets.seqgraph import PARAMETERISED, GNode, run_graph
-from .normnet import _DTYPES, DOCUMENT_FORMATS, FORMAT_VERSION, NormNet
+from .normnet import _DTYPES, DOCUMENT_FORMATS, FORMAT_VERSION, NetSummary, NormNet
 from .onnx_graph import OnnxGraph
 from .records import NetMeta
 from .stage import STAGES, Stage, StageLayout, check_sizes, dtype_name, register_stage
@@ -156,6 +157,13 @@ class SeqNet(NormNet):
             "a transformer network (SeqNet) has no ONNX export: its attention, LayerNorm, embedding and table "
             "stages have no lowering; export is for MLP and CNN networks"
         )
+
+    def summary(self) -> NetSummary:
+        out = super().summary()
+        out.target_name = str(self.meta.extra.get("target", "model"))
+        out.widths += [int(math.prod(m.normalized_shape)) for m in self.layer_norms()]
+        out.notes.append(f"{len(self.layer_norms())} LayerNorms kept (their γ, β tunable)")
+        return out
 
     def layer_norms(self) -> list[nn.LayerNorm]:
         return [m for m in self.modules() if isinstance(m, nn.LayerNorm)]
