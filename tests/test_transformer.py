@@ -344,3 +344,34 @@ def test_summary_names_the_target_and_counts_layer_norms():
     f = onlynorm.reconstruct(GPT().double().eval(), example_input=_tokens(3))
     text = str(f.summary())
     assert "GPT (sequence model)" in text and "5 LayerNorms kept" in text
+
+
+_HASH_FROZEN = """
+import hashlib, sys, torch
+torch.set_num_threads(int(sys.argv[1]))
+import onlynorm
+torch.manual_seed(0)
+layer = torch.nn.TransformerEncoderLayer(16, 2, 64, batch_first=True, dtype=torch.float64)
+g = torch.nn.TransformerEncoder(layer, 1, enable_nested_tensor=False).eval()
+f = onlynorm.reconstruct(g, example_input=torch.zeros(1, 2, 16, dtype=torch.float64), seed=3, method="deep", block=2)
+h = hashlib.sha256()
+for p in f.frozen_parameters():
+    h.update(p.numpy().tobytes())
+print(h.hexdigest())
+"""
+
+
+def test_frozen_tensors_do_not_depend_on_the_thread_count():
+    """No BLAS/LAPACK in drawing the frozen tensors: the same bits with 1 and 2 threads (separate processes)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    hashes = {
+        subprocess.run(
+            [sys.executable, "-c", _HASH_FROZEN, str(n)], capture_output=True, text=True, check=True, env=env
+        ).stdout.strip()
+        for n in (1, 2)
+    }
+    assert len(hashes) == 1 and len(next(iter(hashes))) == 64

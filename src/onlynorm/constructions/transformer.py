@@ -127,12 +127,49 @@ def _stage_for(node: GNode, options: dict[str, Any], dtype: torch.dtype, device:
     return ConstStage(c["shape"], c["dtype"], dtype=dtype, device=device)
 
 
+def random_factors(stage: FactorisedLinear, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random frozen ``A, B`` for ``stage``, drawn from the shapes alone: ``A`` with random signs and magnitudes
+    uniform in ``[0.5, 1.5]/√k``, each ``B_{st}`` with orthonormal rows (:func:`orthonormal_rows`).
+
+    Gaussian factors work too, but their block systems are worse conditioned and the large ``γ`` of a badly
+    conditioned block amplify rounding: a 2-block d=32 encoder measured 5e-11 relative error with Gaussian
+    ``A, B``, 2e-15 with these."""
+    shape = stage.A.shape
+    sign = torch.randint(0, 2, shape, generator=gen).to(torch.float64) * 2 - 1
+    a = sign * (0.5 + torch.rand(shape, generator=gen, dtype=torch.float64)) / math.sqrt(stage.block)
+    s, t, r, n = stage.B.shape
+    return a, orthonormal_rows(s * t, r, n, gen).reshape(s, t, r, n)
+
+
+def orthonormal_rows(batch: int, rows: int, cols: int, gen: torch.Generator) -> torch.Tensor:
+    """``batch`` random ``rows × cols`` matrices with orthonormal rows (``rows ≤ cols``): the first rows of the
+    identity, then ``2⌈log₂ cols⌉`` rounds of a random column permutation and random Givens rotations of column
+    pairs (``c, s = (u, v)/√(u² + v²)``, ``u, v`` Gaussian). Only the generator, elementwise IEEE operations and
+    ``sqrt`` are used — no BLAS or LAPACK — so the bits do not depend on the thread count or the CPU.
+
+    >>> q = orthonormal_rows(2, 3, 5, torch.Generator().manual_seed(0))
+    >>> bool(torch.allclose(q @ q.transpose(1, 2), torch.eye(3, dtype=torch.float64).expand(2, 3, 3)))
+    True
+    """
+    q = torch.zeros(batch, rows, cols, dtype=torch.float64)
+    q[:, torch.arange(rows), torch.arange(rows)] = 1.0
+    half = cols // 2
+    for _ in range(2 * max(1, math.ceil(math.log2(max(cols, 2))))):
+        q = q[:, :, torch.randperm(cols, generator=gen)]
+        u = torch.randn(batch, 1, half, generator=gen, dtype=torch.float64)
+        v = torch.randn(batch, 1, half, generator=gen, dtype=torch.float64)
+        norm = torch.sqrt(u * u + v * v)
+        c, s = u / norm, v / norm
+        x, y = q[:, :, :half], q[:, :, half : 2 * half]
+        q = torch.cat([c * x - s * y, s * x + c * y, q[:, :, 2 * half :]], dim=-1)
+    return q
+
+
 def build_seqnet(
     spec: TransformerSpec, *, seed: int, dtype: torch.dtype, device: Any = None, options: dict[str, Any]
 ) -> SeqNet:
-    """The frozen network for ``spec``: random ``A, B`` (``A ~ N(0, 1/k)``, ``B ~ N(0, 1/N)``, drawn in float64
-    from ``seed`` stage by stage, then rounded to ``dtype``), ``γ = 1, β = 0``, LayerNorms at identity, buffers
-    copied."""
+    """The frozen network for ``spec``: random ``A, B`` (:func:`random_factors`, drawn in float64 from ``seed``
+    stage by stage, then rounded to ``dtype``), ``γ = 1, β = 0``, LayerNorms at identity, buffers copied."""
     _check_memory(spec, options, dtype, device)  # before anything is allocated
     gen = torch.Generator().manual_seed(seed)
     stages: list[Stage] = []
@@ -143,8 +180,7 @@ def build_seqnet(
             stage = _stage_for(node, options, dtype, device)
             with torch.no_grad():
                 if isinstance(stage, FactorisedLinear):
-                    a = torch.randn(stage.A.shape, generator=gen, dtype=torch.float64) / math.sqrt(stage.block)
-                    b = torch.randn(stage.B.shape, generator=gen, dtype=torch.float64) / math.sqrt(stage.system_size)
+                    a, b = random_factors(stage, gen)
                     stage.A.copy_(a)
                     stage.B.copy_(b)
                 elif isinstance(stage, ConstStage):
