@@ -33,6 +33,7 @@ from onlynorm.nets import (
     NormNet,
     PretrainedConv2d,
     PretrainedLinear,
+    PretrainedMap,
     ResidualStage,
     ResidualStream,
     SeqNet,
@@ -84,7 +85,7 @@ def _image_stages() -> dict[str, tuple[list[Stage], tuple[int, ...]]]:
 CASES = sorted(_image_stages())
 
 #: stage types with no ONNX lowering: exporting a network holding one is refused in one line (tested below)
-NO_LOWERING = (LayerNormStage, FactorisedEmbedding, FactorisedTable, ConstStage)
+NO_LOWERING = (LayerNormStage, FactorisedEmbedding, FactorisedTable, ConstStage, PretrainedMap)
 
 
 class _Sequence(nn.Module):
@@ -104,11 +105,13 @@ class _Sequence(nn.Module):
         return x + self.attn(x, x, x, attn_mask=self.mask[:t, :t])[0]
 
 
-def _sequence_net(seed: int) -> SeqNet:
+def _sequence_net(seed: int, pretrained: bool = False) -> SeqNet:
     """The sequence stages in their own network (token ids in; no NormNet chain can feed them), every parameter
-    and BatchNorm statistic drawn at random."""
+    and BatchNorm statistic drawn at random; ``pretrained``: the with_norms form (PretrainedMap stages)."""
     torch.manual_seed(seed)
-    net = onlynorm.reconstruct(_Sequence().double().eval(), example_input=torch.zeros(2, 3, dtype=torch.long))
+    model, example = _Sequence().double().eval(), torch.zeros(2, 3, dtype=torch.long)
+    net = onlynorm.with_norms(model, example_input=example) if pretrained else None
+    net = net or onlynorm.reconstruct(model, example_input=example)
     assert isinstance(net, SeqNet)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -144,7 +147,7 @@ def _randomised(case: str, seed: int, *, inference_form: bool = False) -> tuple[
 
 def test_every_registered_stage_type_is_covered_and_defines_the_contract():
     covered = {type(s) for stages, _ in _image_stages().values() for top in stages for s in top.modules()}
-    covered |= {type(s) for s in _sequence_net(0).layers}
+    covered |= {type(s) for s in [*_sequence_net(0).layers, *_sequence_net(0, pretrained=True).layers]}
     assert set(STAGES.values()) <= covered  # a new stage type must be added to the cases above
     for cls in STAGES.values():
         for method in ("lower_onnx", "layout", "config"):
@@ -153,7 +156,8 @@ def test_every_registered_stage_type_is_covered_and_defines_the_contract():
 
 
 def _any_instance(cls: type[Stage]) -> Stage:
-    for stages, _ in [*_image_stages().values(), (list(_sequence_net(0).layers), ())]:
+    sequence = [*_sequence_net(0).layers, *_sequence_net(0, pretrained=True).layers]
+    for stages, _ in [*_image_stages().values(), (sequence, ())]:
         for top in stages:
             for s in top.modules():
                 if type(s) is cls:
@@ -225,7 +229,7 @@ def test_a_stage_type_without_a_lowering_or_a_view_is_refused_not_skipped():
 @given(seed=st.integers(0, 2**16), batch=st.integers(1, 3), length=st.integers(1, 6))
 @settings(max_examples=8, deadline=None)
 def test_sequence_stages_compute_one_function_in_every_grad_mode(seed, batch, length):
-    net = _sequence_net(seed % 4)
+    net = _sequence_net(seed % 4, pretrained=seed % 2 == 1)
     x = torch.randint(0, 7, (batch, length), generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         quiet = net(x)
@@ -239,7 +243,7 @@ def test_sequence_stages_compute_one_function_in_every_grad_mode(seed, batch, le
 
 def test_sequence_stages_refuse_export_in_one_line(tmp_path):
     net = _sequence_net(1)
-    for stage in net.layers:
+    for stage in [*net.layers, *_sequence_net(1, pretrained=True).layers]:
         if isinstance(stage, NO_LOWERING):
             with pytest.raises(InvalidNetworkError, match=r"^a \w+ stage has no ONNX lowering[^\n]*$"):
                 stage.lower_onnx(None, "x", torch.zeros(1))

@@ -375,3 +375,45 @@ def test_frozen_tensors_do_not_depend_on_the_thread_count():
         for n in (1, 2)
     }
     assert len(hashes) == 1 and len(next(iter(hashes))) == 64
+
+
+# ---------------------------------------------------------------------------------------------- LayerNorm-only fitting
+def _layer_norm_tuned(model: nn.Module, scale: float = 0.3) -> nn.Module:
+    """A 'fine-tuned' copy whose LayerNorms changed (so a LayerNorm-only fit can reach it)."""
+    import copy
+
+    tuned = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in tuned.modules():
+            if isinstance(m, nn.LayerNorm):
+                m.weight.add_(scale * torch.randn(m.weight.shape, generator=gen, dtype=m.weight.dtype))
+                m.bias.add_(scale * torch.randn(m.bias.shape, generator=gen, dtype=m.bias.dtype))
+    return tuned
+
+
+def test_with_norms_of_a_transformer_tunes_only_its_layer_norms():
+    torch.manual_seed(9)
+    g = GPT(layers=1).double().eval()
+    net = onlynorm.with_norms(g, example_input=_tokens(3))
+    assert isinstance(net, SeqNet) and _rel(net, g, _tokens(7)) <= 1e-14
+    owners = [m for m in net.modules() if isinstance(m, nn.LayerNorm)]
+    assert {id(p) for p in net.norm_parameters()} == {id(p) for m in owners for p in (m.weight, m.bias)}
+
+
+def test_fit_norms_layer_norm_only_beats_adam():
+    torch.manual_seed(10)
+    g = GPT(layers=1).double().eval()
+    target = _layer_norm_tuned(g)
+    net = onlynorm.with_norms(g, example_input=_tokens(3))
+    data = [_tokens(6, seed=s) for s in range(3)]
+    fitted, report = onlynorm.fit_norms(net, target, data, method="gauss-newton", steps=20)
+    assert report.initial_error > 1e-2 and report.final_error < 1e-10
+    assert _rel(fitted, target, _tokens(9, seed=20)) < 1e-9
+    frozen_before = [p.clone() for p in net.frozen_parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(frozen_before, fitted.frozen_parameters()))
+    _, adam = onlynorm.fit_norms(net, target, data, method="adam", steps=50)
+    assert adam.final_error > report.final_error
+    with pytest.raises(onlynorm.OnlyNormError) as exc:
+        onlynorm.fit_norms(net, target, data, method="layerwise")
+    assert "transformer" in _one_line(exc)

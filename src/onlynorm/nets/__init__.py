@@ -8,7 +8,7 @@ from .linear import NormLinear
 from .normnet import NetSummary, NormNet
 from .pretrained import PretrainedConv2d, PretrainedLinear
 from .records import NetMeta, SolveInfo, SolveRecord
-from .seqnet import ConstStage, LayerNormStage, SeqNet
+from .seqnet import ConstStage, LayerNormStage, PretrainedMap, SeqNet
 from .stage import STAGES, Stage, register_stage
 from .stream import ResidualStream
 
@@ -32,6 +32,7 @@ __all__ = [
     "LayerNormStage",
     "ConstStage",
     "SeqNet",
+    "PretrainedMap",
     "NetMeta",
     "SolveInfo",
     "SolveRecord",

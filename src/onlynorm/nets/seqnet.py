@@ -28,7 +28,7 @@ from .onnx_graph import OnnxGraph
 from .records import NetMeta
 from .stage import STAGES, Stage, StageLayout, check_sizes, dtype_name, register_stage
 
-__all__ = ["SeqNet", "LayerNormStage", "ConstStage", "SEQ_FORMAT"]
+__all__ = ["SeqNet", "LayerNormStage", "ConstStage", "PretrainedMap", "SEQ_FORMAT"]
 
 SEQ_FORMAT = "onlynorm.seqnet"
 
@@ -109,6 +109,42 @@ class ConstStage(Stage):
 
     def layout(self) -> StageLayout:
         return StageLayout(ConstStage)
+
+
+@register_stage
+class PretrainedMap(Stage):
+    """A pretrained model's linear map kept as it is (frozen): ``op`` ``linear`` (``x Wᵀ + b``), ``embedding``
+    (``W[idx]``) or ``table`` (the tensor ``W``) — the frozen part of :func:`onlynorm.with_norms` of a transformer,
+    whose only tunable parameters are its LayerNorms'."""
+
+    kind = "pretrained_map"
+
+    def __init__(self, op: str, shape: list[int], bias: bool = False, *, dtype=torch.float64, device=None):
+        super().__init__()
+        if op not in ("linear", "embedding", "table"):
+            raise FileFormatError(f"pretrained_map: unknown op {op!r}")
+        self.op = op
+        self.weight = nn.Parameter(
+            torch.zeros([int(v) for v in shape], dtype=dtype, device=device), requires_grad=False
+        )
+        out = int(shape[0]) if shape else 1
+        self.bias = nn.Parameter(torch.zeros(out, dtype=dtype, device=device), requires_grad=False) if bias else None
+
+    def forward(self, x: torch.Tensor | None = None) -> torch.Tensor:
+        if self.op == "table" or x is None:
+            return self.weight
+        if self.op == "embedding":
+            return nn.functional.embedding(x, self.weight)
+        return nn.functional.linear(x, self.weight, self.bias)
+
+    def config(self) -> dict[str, Any]:
+        return {"op": self.op, "shape": list(self.weight.shape), "bias": self.bias is not None}
+
+    def lower_onnx(self, g: OnnxGraph, x: str, example: torch.Tensor) -> str:
+        raise InvalidNetworkError("a PretrainedMap stage has no ONNX lowering; it cannot be exported")
+
+    def layout(self) -> StageLayout:
+        return StageLayout(PretrainedMap, None, False, (("op", self.op),))
 
 
 class SeqNet(NormNet):

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from ..errors import FileFormatError
 
-__all__ = ["GNode", "FUNCTIONS", "METHODS", "PARAMETERISED", "encode", "decode", "run_graph", "attention"]
+__all__ = ["GNode", "FUNCTIONS", "METHODS", "PARAMETERISED", "encode", "decode", "run_graph", "attention", "sdpa"]
 
 #: node ops whose value depends on parameters (realised by a stage in the frozen network)
 PARAMETERISED = frozenset({"linear", "embedding", "table", "layer_norm", "const"})
@@ -70,11 +70,40 @@ def attention(
     if mask is None and is_causal:
         causal = torch.ones(length, s, dtype=torch.bool, device=q.device).triu(1)
         mask = _additive(causal, q.dtype)
-    out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask)
+    out = sdpa(qh, kh, vh, attn_mask=mask)
     out = out.transpose(1, 2).reshape(n, length, -1)
     if unbatched:
         return out.squeeze(0)
     return out if batch_first else out.transpose(0, 1)
+
+
+def sdpa(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> torch.Tensor:
+    """``F.scaled_dot_product_attention`` (no dropout) written out — ``softmax(q kᵀ·scale + mask) v`` — so that
+    forward-mode autodiff (``torch.func.jacfwd``, the LayerNorm fit's Jacobians) runs through it; torch's fused CPU
+    kernel has no forward-mode derivative. Equal to torch's up to rounding."""
+    if dropout_p:
+        raise ValueError("scaled_dot_product_attention: dropout_p must be 0 in a copied graph")
+    if enable_gqa and query.size(-3) != key.size(-3):
+        repeat = query.size(-3) // key.size(-3)
+        key, value = key.repeat_interleave(repeat, -3), value.repeat_interleave(repeat, -3)
+    length, source = query.size(-2), key.size(-2)
+    factor = 1.0 / math.sqrt(query.size(-1)) if scale is None else scale
+    scores = (query @ key.transpose(-2, -1)) * factor
+    if is_causal:
+        allowed = torch.ones(length, source, dtype=torch.bool, device=query.device).tril()
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
+    return torch.softmax(scores, dim=-1) @ value
 
 
 def _additive(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -125,7 +154,7 @@ FUNCTIONS: dict[str, Callable[..., Any]] = {
     "torch.exp": torch.exp,
     "torch.sqrt": torch.sqrt,
     "math.sqrt": math.sqrt,
-    "scaled_dot_product_attention": F.scaled_dot_product_attention,
+    "scaled_dot_product_attention": sdpa,
     "torch.arange": torch.arange,
     "torch.ones": torch.ones,
     "torch.zeros": torch.zeros,

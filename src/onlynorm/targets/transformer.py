@@ -49,6 +49,7 @@ _EXPANDED: dict[type, Callable[..., Any]] = {
 _LEAVES = (nn.Linear, nn.Embedding, nn.LayerNorm, nn.GELU, nn.ReLU, nn.Dropout, nn.Identity, nn.Softmax, nn.Tanh)
 #: torch callables → the graph's function names (``x += y`` is an addition of values)
 _NAMES: dict[Any, str] = {fn: name for name, fn in FUNCTIONS.items()} | {
+    F.scaled_dot_product_attention: "scaled_dot_product_attention",
     operator.iadd: "add",
     operator.isub: "sub",
     operator.imul: "mul",
