@@ -21,15 +21,22 @@ import onlynorm
 from onlynorm.errors import InvalidNetworkError, NotCertifiableError
 from onlynorm.nets import (
     STAGES,
+    ConstStage,
     ConvStream,
+    FactorisedEmbedding,
+    FactorisedLinear,
+    FactorisedTable,
     FixedOp,
+    LayerNormStage,
     NormConv2d,
     NormLinear,
     NormNet,
     PretrainedConv2d,
     PretrainedLinear,
+    PretrainedMap,
     ResidualStage,
     ResidualStream,
+    SeqNet,
     Stage,
     TiedConvStream,
     TiedResidualStream,
@@ -78,10 +85,54 @@ def _image_stages() -> dict[str, tuple[list[Stage], tuple[int, ...]]]:
         "tied_conv_stream-flat": ([TiedConvStream(5, 3, block=2, flat=True, paired=True)], (5,)),
         "pretrained_linear": ([PretrainedLinear(4, 3)], (4,)),
         "pretrained_conv2d": ([PretrainedConv2d(3, 2, (3, 3), padding=(1, 1))], IMAGE),
+        "factorised_linear": ([FactorisedLinear(5, 3, block=2, out_block=2)], (5,)),
+        "factorised_linear-width": ([FactorisedLinear(4, 3), FactorisedLinear(3, 2, block=1)], (4,)),
+        "layer_norm": ([FactorisedLinear(4, 6, block=3), LayerNormStage([6])], (4,)),
     }
 
 
 CASES = sorted(_image_stages())
+
+#: stage types with no ONNX lowering: exporting a network holding one is refused in one line (tested below)
+NO_LOWERING = (LayerNormStage, FactorisedEmbedding, FactorisedTable, ConstStage, PretrainedMap)
+
+
+class _Sequence(nn.Module):
+    """Token embedding + a learned table + a mask buffer + LayerNorm + attention: every sequence stage type."""
+
+    def __init__(self):
+        super().__init__()
+        self.tok = nn.Embedding(7, 8)
+        self.pos = nn.Parameter(torch.randn(1, 6, 8))
+        self.register_buffer("mask", torch.ones(6, 6, dtype=torch.bool).triu(1))
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.norm = nn.LayerNorm(8)
+
+    def forward(self, idx):
+        t = idx.size(1)
+        x = self.norm(self.tok(idx) + self.pos[:, :t])
+        return x + self.attn(x, x, x, attn_mask=self.mask[:t, :t])[0]
+
+
+def _sequence_net(seed: int, pretrained: bool = False) -> SeqNet:
+    """The sequence stages in their own network (token ids in; no NormNet chain can feed them), every parameter
+    and BatchNorm statistic drawn at random; ``pretrained``: the with_norms form (PretrainedMap stages)."""
+    torch.manual_seed(seed)
+    model, example = _Sequence().double().eval(), torch.zeros(2, 3, dtype=torch.long)
+    net = onlynorm.with_norms(model, example_input=example) if pretrained else None
+    net = net or onlynorm.reconstruct(model, example_input=example)
+    assert isinstance(net, SeqNet)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype))
+        for m in net.modules():
+            if isinstance(m, _BatchNorm):
+                assert m.running_mean is not None and m.running_var is not None
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=gen, dtype=torch.float64))
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen, dtype=torch.float64) + 0.5)
+                m.eps = 0.01
+    return net
 
 
 def _randomised(case: str, seed: int, *, inference_form: bool = False) -> tuple[NormNet, tuple[int, ...]]:
@@ -105,6 +156,7 @@ def _randomised(case: str, seed: int, *, inference_form: bool = False) -> tuple[
 
 def test_every_registered_stage_type_is_covered_and_defines_the_contract():
     covered = {type(s) for stages, _ in _image_stages().values() for top in stages for s in top.modules()}
+    covered |= {type(s) for s in [*_sequence_net(0).layers, *_sequence_net(0, pretrained=True).layers]}
     assert set(STAGES.values()) <= covered  # a new stage type must be added to the cases above
     for cls in STAGES.values():
         for method in ("lower_onnx", "layout", "config"):
@@ -113,7 +165,8 @@ def test_every_registered_stage_type_is_covered_and_defines_the_contract():
 
 
 def _any_instance(cls: type[Stage]) -> Stage:
-    for stages, _ in _image_stages().values():
+    sequence = [*_sequence_net(0).layers, *_sequence_net(0, pretrained=True).layers]
+    for stages, _ in [*_image_stages().values(), (sequence, ())]:
         for top in stages:
             for s in top.modules():
                 if type(s) is cls:
@@ -155,6 +208,10 @@ def test_export_computes_what_torch_computes(case, dtype, tmp_path):
     x = torch.randn(5, *shape, dtype=dtype, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         want = net(x).numpy()
+    if any(isinstance(m, NO_LOWERING) for m in net.modules()):  # refused in one line, never skipped
+        with pytest.raises(InvalidNetworkError, match=r"^a \w+ stage has no ONNX lowering[^\n]*$"):
+            _run_onnx(net, x, tmp_path, lower=True)
+        return
     got = _run_onnx(net, x, tmp_path, lower=dtype == torch.float64)
     scale = max(1.0, float(np.abs(want).max()))
     tol = 1e-12 if dtype == torch.float64 else 1e-4
@@ -176,6 +233,32 @@ def test_a_stage_type_without_a_lowering_or_a_view_is_refused_not_skipped():
         build_model(net)
     with pytest.raises(NotCertifiableError, match="no model of a Doubling stage"):
         Doubling().affine("stage 1")
+
+
+@given(seed=st.integers(0, 2**16), batch=st.integers(1, 3), length=st.integers(1, 6))
+@settings(max_examples=8, deadline=None)
+def test_sequence_stages_compute_one_function_in_every_grad_mode(seed, batch, length):
+    net = _sequence_net(seed % 4, pretrained=seed % 2 == 1)
+    x = torch.randint(0, 7, (batch, length), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        quiet = net(x)
+    with torch.enable_grad():
+        tracked = net(x)
+    with torch.inference_mode():
+        inferred = net(x)
+    assert torch.equal(quiet, tracked.detach()) and torch.equal(quiet, inferred)
+    assert torch.isfinite(quiet).all()
+
+
+def test_sequence_stages_refuse_export_in_one_line(tmp_path):
+    net = _sequence_net(1)
+    for stage in [*net.layers, *_sequence_net(1, pretrained=True).layers]:
+        if isinstance(stage, NO_LOWERING):
+            with pytest.raises(InvalidNetworkError, match=r"^a \w+ stage has no ONNX lowering[^\n]*$"):
+                stage.lower_onnx(None, "x", torch.zeros(1))
+    with pytest.raises(InvalidNetworkError, match=r"^a transformer network \(SeqNet\) has no ONNX export[^\n]*$"):
+        net.to_onnx(tmp_path / "net.onnx")
+    assert not (tmp_path / "net.onnx").exists()
 
 
 def test_export_refuses_hooks():

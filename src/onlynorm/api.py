@@ -16,14 +16,16 @@ from .constructions import get_construction
 from .constructions.base import Construction, Progress
 from .constructions.memory import check_memory
 from .constructions.plan import Plan
+from .constructions.transformer import build_seqnet, check_transformer_options, solve_seqnet
 from .domain import Box, resolve_domain
-from .errors import InvalidNetworkError, InvalidOptionError
+from .errors import InvalidNetworkError, InvalidOptionError, InvalidTargetError
 from .nets.linear import NormLinear
 from .nets.normnet import NormNet
 from .options import check_device, check_dtype, check_seed
 from .targets.cnn import ConvNetSpec
 from .targets.convert import as_target
 from .targets.mlp import MLPSpec
+from .targets.transformer import TransformerSpec, is_sequence_model
 
 __all__ = ["random_normnet", "solve_norms", "reconstruct"]
 
@@ -112,11 +114,17 @@ def reconstruct(
     device: torch.device | str | None = None,
     progress: Progress | None = None,
     in_shape: InShape | None = None,
+    example_input: Any = None,
     **options: Any,
 ) -> NormNet:
     """Build a frozen random network for ``target`` and solve its norms: ``f ≡ g`` on ``domain``.
 
     For a CNN target, ``in_shape=(c, H, W)`` — or a ``Box`` with image-shaped bounds, which supplies it.
+
+    For a sequence model (transformer), ``example_input`` — a tensor (LongTensor token ids, or float features) or
+    a tuple of tensors — fixes the input signature; the result is a :class:`~onlynorm.nets.seqnet.SeqNet` equal to
+    the model for every input and sequence length (no domain). ``method`` is ``"width"`` or ``"deep"`` (options
+    ``block``, ``out_block``); see :mod:`onlynorm.constructions.transformer`.
 
     >>> import torch
     >>> from torch import nn
@@ -126,6 +134,13 @@ def reconstruct(
     >>> bool((f(x) - g(x)).abs().max() < 1e-9)
     True
     """
+    if example_input is not None:
+        return _reconstruct_sequence_model(target, example_input, method, domain, seed, dtype, device, options)
+    if is_sequence_model(target):
+        raise InvalidTargetError(
+            f"{type(target).__name__} is a sequence model (attention, embeddings or LayerNorm): pass "
+            "example_input=<a tensor of inputs> to reconstruct it"
+        )
     if in_shape is None and isinstance(domain, Box) and domain.shape is not None:
         in_shape = domain.shape  # type: ignore[assignment]
     spec = as_target(target, _in_shape(in_shape))  # validated once: target, domain, options, plan
@@ -136,6 +151,28 @@ def reconstruct(
         spec, seed=build.seed, dtype=build.dtype, device=build.device, plan=build.plan, **build.options
     )
     return construction.solve(net, spec, box, progress=progress, plan=build.plan)
+
+
+def _reconstruct_sequence_model(
+    target: Any, example_input: Any, method: str, domain: Any, seed: int, dtype, device, options: dict[str, Any]
+) -> NormNet:
+    """The transformer path of :func:`reconstruct`: convert (checked on the example), build, solve."""
+    if not isinstance(target, nn.Module):
+        raise InvalidTargetError(f"example_input is for torch models; found a {type(target).__name__} target")
+    if domain is not None:
+        raise InvalidOptionError(
+            "domain: a transformer reconstruction is exact for every input and takes no domain; drop domain="
+        )
+    seed, device = check_seed(seed), check_device(device)
+    opts = check_transformer_options(method, options)
+    spec = TransformerSpec.from_module(target, example_input)
+    if check_dtype(dtype) not in (torch.float64, spec.dtype):
+        raise InvalidOptionError(
+            f"dtype: a transformer network takes its target's dtype ({spec.dtype}); convert the model with "
+            f".to({dtype}) instead"
+        )
+    net = build_seqnet(spec, seed=seed, dtype=spec.dtype, device=device, options=opts)
+    return solve_seqnet(net, spec)
 
 
 @dataclass(frozen=True)

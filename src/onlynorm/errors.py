@@ -11,6 +11,7 @@ __all__ = [
     "OnlyNormError",
     "InvalidTargetError",
     "UnsupportedActivationError",
+    "UnsupportedModelError",
     "InvalidDomainError",
     "InvalidNetworkError",
     "FileFormatError",
@@ -42,6 +43,12 @@ class NotCertifiableError(OnlyNormError, ValueError):
 
 class UnsupportedActivationError(InvalidTargetError):
     """The target uses an activation other than ReLU (e.g. a scikit-learn MLP with ``activation="tanh"``)."""
+
+
+class UnsupportedModelError(InvalidTargetError):
+    """A sequence model (transformer) uses something the construction does not express — active dropout,
+    data-dependent control flow, a parameter used non-linearly, an unknown module or function; the message names
+    the node or module."""
 
 
 class InvalidDomainError(OnlyNormError, ValueError):

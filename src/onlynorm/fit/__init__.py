@@ -36,6 +36,7 @@ from ..constructions.base import Progress, check_target_kind
 from ..errors import InvalidNetworkError, InvalidOptionError, SingularSystemError
 from ..nets.normnet import NormNet
 from ..nets.pretrained import PretrainedConv2d, PretrainedLinear
+from ..nets.seqnet import SeqNet
 from ..options import check_scalar, check_seed
 from ..targets.convert import as_target
 from .adam import fit_adam
@@ -45,6 +46,7 @@ from .gauss_newton import fit_gauss_newton
 from .layerwise import fit_layerwise
 from .pretrained import with_norms
 from .report import FitReport, Phase
+from .transformer import fit_layer_norms
 
 __all__ = [
     "fit_norms",
@@ -86,6 +88,10 @@ def fit_norms(
     ``budget_seconds`` bounds ``auto``/``gauss-newton``/``adam``; ``steps`` caps Adam's steps (default 3,000) and
     Gauss–Newton's (default 300); ``memory_budget`` (bytes) bounds Gauss–Newton's Jacobians. ``progress(done, total, message)`` is called as work proceeds.
     """
+    if isinstance(frozen, SeqNet):  # a transformer: its LayerNorm γ, β only, on given inputs
+        return fit_layer_norms(
+            frozen, target, data, method=method, budget_seconds=budget_seconds, steps=steps, seed=seed
+        )
     if not isinstance(frozen, NormNet):
         raise InvalidNetworkError(
             f"expected a NormNet (onlynorm.random_normnet, NormNet.load or "

@@ -31,6 +31,7 @@ from ..nets.conv import FixedOp
 from ..nets.normnet import NormNet
 from ..nets.pretrained import PretrainedConv2d, PretrainedLinear, PretrainedStage, norm_stats
 from ..nets.stage import Stage
+from .transformer import with_layer_norms
 
 __all__ = ["with_norms"]
 
@@ -59,12 +60,17 @@ def _adopt_batchnorm(stage: PretrainedStage, bn: _BatchNorm, where: str) -> None
             stage.norm.bias.copy_(bn.bias)
 
 
-def with_norms(model: nn.Module, in_shape: tuple[int, int, int] | None = None) -> NormNet:
+def with_norms(model: nn.Module, in_shape: tuple[int, int, int] | None = None, *, example_input: Any = None) -> NormNet:
     """A NormNet computing exactly what ``model`` (an ``nn.Sequential``, eval mode) computes, with one tunable
     BatchNorm after every ``Linear``/``Conv2d``. ``in_shape=(c, H, W)`` is required for a CNN.
 
+    A transformer (``example_input=`` given) becomes a :class:`~onlynorm.nets.seqnet.SeqNet` whose only tunable
+    parameters are its LayerNorms' ``γ, β`` (:func:`onlynorm.fit.transformer.with_layer_norms`).
+
     The model itself is not modified: its tensors are copied.
     """
+    if example_input is not None:
+        return with_layer_norms(model, example_input)
     if isinstance(model, nn.Linear):
         model = nn.Sequential(model)
     if not isinstance(model, nn.Sequential):

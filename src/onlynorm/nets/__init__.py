@@ -3,10 +3,12 @@ its ONNX export. Importing this package registers every stage type, so :meth:`No
 
 from .conv import FixedOp, NormConv2d, ResidualStage
 from .conv_stream import ConvStream
+from .factorised import FactorisedEmbedding, FactorisedLinear, FactorisedTable
 from .linear import NormLinear
 from .normnet import NetSummary, NormNet
 from .pretrained import PretrainedConv2d, PretrainedLinear
 from .records import NetMeta, SolveInfo, SolveRecord
+from .seqnet import ConstStage, LayerNormStage, PretrainedMap, SeqNet
 from .stage import STAGES, Stage, register_stage
 from .stream import ResidualStream
 from .tied import TiedResidualStream
@@ -28,6 +30,13 @@ __all__ = [
     "TiedConvStream",
     "PretrainedLinear",
     "PretrainedConv2d",
+    "FactorisedLinear",
+    "FactorisedEmbedding",
+    "FactorisedTable",
+    "LayerNormStage",
+    "ConstStage",
+    "SeqNet",
+    "PretrainedMap",
     "NetMeta",
     "SolveInfo",
     "SolveRecord",

@@ -62,6 +62,9 @@ def register_meta_check(check: Callable[[NetMeta, str], None]) -> Callable[[NetM
 #: what a norm set carries of its network's metadata (how its γ, β were solved, and for which target)
 _NORMSET_META = ("target_dims", "target_parameters", "solve", "method", "options")
 
+#: other network file formats by their "format" name → the NormNet subclass that reads them (filled on import)
+DOCUMENT_FORMATS: dict[str, Any] = {}
+
 _DTYPES = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -82,6 +85,7 @@ class NetSummary:
     max_relative_residual: float | None
     notes: list[str] = field(default_factory=list)
     in_shape: list[int] | None = None  # image targets: (c, H, W)
+    target_name: str | None = None  # sequence models (transformers): the model's class
 
     @property
     def max_width(self) -> int:
@@ -104,7 +108,9 @@ class NetSummary:
         exact = "n/a (not solved)" if not self.solved else ("yes" if self.exact else "no (approximate)")
         rows = [
             ("method", self.method),
-            ("target dims", " → ".join(map(str, self.target_dims)))
+            ("target", f"{self.target_name} (sequence model)")
+            if self.target_name is not None
+            else ("target dims", " → ".join(map(str, self.target_dims)))
             if self.in_shape is None
             else (
                 "target",
@@ -274,6 +280,8 @@ class NormNet(nn.Module):
     def load(cls, path: str | os.PathLike, *, device: torch.device | str | None = None) -> NormNet:
         """Rebuild a NormNet saved by :meth:`save` (nothing is unpickled; the architecture is JSON)."""
         tensors, doc = _io.read_tensors(path)
+        if doc and doc.get("format") in DOCUMENT_FORMATS:
+            return DOCUMENT_FORMATS[doc["format"]].from_document(doc, tensors, source=str(path), device=device)
         if not doc or doc.get("format") != FORMAT:
             raise FileFormatError(
                 f"{str(path)!r} is not an onlynorm network file (no '{FORMAT}' metadata); expected a file written "
