@@ -123,7 +123,7 @@ class Bottleneck(nn.Module):
         return self.relu(out)
 
 
-class ResNet18(nn.Module):
+class ResNet(nn.Module):
     """torchvision's ResNet layout for ``block`` = :class:`BasicBlock` (ResNet-18/34) or :class:`Bottleneck`
     (ResNet-50/101/152)."""
 
@@ -168,9 +168,9 @@ class ResNet18(nn.Module):
 
 
 def resnet18(num_classes: int = 1000) -> nn.Module:
-    return ResNet18(num_classes)
+    return ResNet(num_classes)
 
 
 def resnet50(num_classes: int = 1000) -> nn.Module:
     """ResNet-50 (25,557,032 parameters with 1000 classes, as torchvision's)."""
-    return ResNet18(num_classes, (3, 4, 6, 3), Bottleneck)
+    return ResNet(num_classes, (3, 4, 6, 3), Bottleneck)
