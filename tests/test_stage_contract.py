@@ -258,6 +258,8 @@ def test_sequence_stages_refuse_export_in_one_line(tmp_path):
                 stage.lower_onnx(None, "x", torch.zeros(1))
     with pytest.raises(InvalidNetworkError, match=r"^a transformer network \(SeqNet\) has no ONNX export[^\n]*$"):
         net.to_onnx(tmp_path / "net.onnx")
+    with pytest.raises(InvalidNetworkError, match=r"^a transformer network \(SeqNet\) has no ONNX export[^\n]*$"):
+        onlynorm.nets.onnx.export_onnx(net, tmp_path / "net.onnx")  # what `onlynorm export` calls
     assert not (tmp_path / "net.onnx").exists()
 
 

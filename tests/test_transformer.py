@@ -417,3 +417,36 @@ def test_fit_norms_layer_norm_only_beats_adam():
     with pytest.raises(onlynorm.OnlyNormError) as exc:
         onlynorm.fit_norms(net, target, data, method="layerwise")
     assert "transformer" in _one_line(exc)
+
+
+def test_norm_sets_swap_tasks_in_one_frozen_network(tmp_path):
+    """Two targets of one architecture, one frozen network (same seed): swapping the norm set swaps the function."""
+    torch.manual_seed(11)
+    g1, g2 = SDPAModel().double().eval(), SDPAModel().double().eval()
+    f1 = onlynorm.reconstruct(g1, example_input=_features(True, 3), method="deep", seed=4)
+    f2 = onlynorm.reconstruct(g2, example_input=_features(True, 3), method="deep", seed=4)
+    f2.save_norms(tmp_path / "task2.safetensors")
+    f1.load_norms(tmp_path / "task2.safetensors")
+    assert _rel(f1, g2, _features(True, 5, seed=2)) <= 1e-10
+
+
+def test_a_tampered_graph_is_refused_on_load(tmp_path):
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    f = onlynorm.reconstruct(SDPAModel().double().eval(), example_input=_features(True, 3))
+    path = tmp_path / "f.safetensors"
+    f.save(path)
+    with safe_open(str(path), "pt") as fh:
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+        meta = fh.metadata()
+    key = next(k for k, v in meta.items() if "onlynorm.seqnet" in v)
+    doc = json.loads(meta[key])
+    node = next(n for n in doc["architecture"]["graph"] if n["op"] == "call")
+    node["target"] = "os.system"
+    save_file(tensors, str(path), metadata={**meta, key: json.dumps(doc)})
+    with pytest.raises(onlynorm.FileFormatError) as exc:
+        NormNet.load(path)
+    assert "unknown function 'os.system'" in _one_line(exc)

@@ -58,6 +58,11 @@ def _input_dims(net: Any) -> list:
 def _check_exportable(net: Any) -> None:
     """A NormNet-like module of stages, with no hooks anywhere (a hook would change what torch computes)."""
     layers = getattr(net, "layers", None)
+    if isinstance(getattr(net, "graph", None), list):  # a SeqNet (nets.seqnet imports this module: no isinstance)
+        raise InvalidNetworkError(
+            "a transformer network (SeqNet) has no ONNX export: its attention, LayerNorm, embedding and table "
+            "stages have no lowering; export is for MLP and CNN networks"
+        )
     if not isinstance(net, nn.Module) or not isinstance(layers, nn.ModuleList):
         raise InvalidNetworkError(f"expected a NormNet to export, found {type(net).__name__}")
     for stage in layers:
