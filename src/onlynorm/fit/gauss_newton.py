@@ -8,7 +8,8 @@ With residuals ``r(θ) = (f(X; θ) − g(X)) / ‖g(X)‖`` on the training rows
 and is taken when the training loss falls (otherwise ``λ`` grows and the step is retried from the same Jacobian).
 A step is **kept only if the held-out error falls** below the best seen: the network returned is the one with the
 lowest held-out error (early stopping: the run ends after ``patience`` steps without a new best, at convergence,
-or at the deadline). The held-out error of the result is therefore never above the one it started from. (Refusing
+at the deadline, or once ``patience`` steps per block have lowered the best held-out error by less than
+``min_gain`` in all (``auto``: ``MIN_GAIN`` = 0.1 %) — a crawl that ``auto``'s restarts spend better). The held-out error of the result is therefore never above the one it started from. (Refusing
 every step that does not lower the held-out error stalls Levenberg–Marquardt early, in a worse minimum.)
 
 **Memory.** The Jacobian of all parameters has ``rows·m × P`` entries. When it (with its ``P × P`` normal matrix)
@@ -43,6 +44,8 @@ __all__ = ["fit_gauss_newton", "parameter_blocks", "plan_blocks"]
 
 LAMBDA_START = 1e-3
 LAMBDA_MAX = 1e8
+#: converged when ``patience`` accepted steps (per block) lowered the best held-out error by less than this fraction
+MIN_GAIN = 1e-3
 
 
 def parameter_blocks(net: NormNet, spec=None) -> list[list[str]]:
@@ -104,20 +107,39 @@ def fit_gauss_newton(
     seed: int = 0,
     progress=None,
     patience: int = 10,
+    step_seconds: float = 0.0,
+    min_gain: float = 0.0,
 ) -> Phase:
     """Improve ``net``'s γ, β in place by Levenberg–Marquardt until converged, ``max_iterations`` accepted steps or
-    ``deadline`` (a ``time.perf_counter()`` value); returns the phase record."""
+    ``deadline`` (a ``time.perf_counter()`` value); returns the phase record. ``step_seconds`` is the expected cost
+    of one step (a step that would end after the deadline is not started); its ``details`` say why the run stopped
+    (``"converged"``, ``"steps"``, ``"budget"`` or ``"exact"``) and what a step cost (``"step_seconds"``). ``min_gain`` > 0 (``auto`` passes ``MIN_GAIN``) also ends a crawl (see the module docstring)."""
     flags = {p: p.requires_grad for p in net.parameters()}
     for p in flags:  # Jacobians come from torch.func; no autograd graph on the network's own tensors
         p.requires_grad_(False)
     try:
-        return _run(net, data, spec, deadline, max_iterations, rows, memory_budget, seed, progress, patience)
+        return _run(
+            net,
+            data,
+            spec,
+            deadline,
+            max_iterations,
+            rows,
+            memory_budget,
+            seed,
+            progress,
+            patience,
+            step_seconds,
+            min_gain,
+        )
     finally:
         for p, flag in flags.items():
             p.requires_grad_(flag)
 
 
-def _run(net, data, spec, deadline, max_iterations, rows, memory_budget, seed, progress, patience) -> Phase:
+def _run(
+    net, data, spec, deadline, max_iterations, rows, memory_budget, seed, progress, patience, step_seconds, min_gain
+) -> Phase:
     """The Levenberg–Marquardt loop: cycle through the blocks of the plan, take each damped step that lowers the
     training loss, keep the parameters with the lowest held-out error, stop at convergence, ``patience`` or the
     deadline; returns the phase record (the network holds the kept parameters)."""
@@ -134,14 +156,16 @@ def _run(net, data, spec, deadline, max_iterations, rows, memory_budget, seed, p
     accepted = rejected = evaluations = 0
     largest = 0
     mode_used = set()
-    last_step = 0.0
+    last_step = step_seconds
     stalled = 0
+    stopped, step_times = "steps", []
     b = -1
     best_held, best_theta = before, every.vector().clone()
     kept = 0
     while accepted < max_iterations:
         step_start = time.perf_counter()
         if deadline is not None and step_start + last_step > deadline:
+            stopped = "budget"
             break
         b = (b + 1) % len(fns)
         fn, r = fns[b]
@@ -169,7 +193,11 @@ def _run(net, data, spec, deadline, max_iterations, rows, memory_budget, seed, p
             stalled += patience
             lambdas[b] = LAMBDA_START
         last_step = time.perf_counter() - step_start
-        if best_held < 1e-13 or stalled >= patience * len(fns):
+        step_times.append(last_step)
+        window = patience * len(fns)
+        crawling = len(history) > window and history[-1] > (1 - min_gain) * history[-1 - window]
+        if best_held < 1e-13 or stalled >= window or crawling:
+            stopped = "exact" if best_held < 1e-13 else "converged"
             break
     every.assign(best_theta)
     notes = []
@@ -187,6 +215,8 @@ def _run(net, data, spec, deadline, max_iterations, rows, memory_budget, seed, p
         notes=notes,
         history=history,
         details={
+            "stopped": stopped,
+            "step_seconds": max(step_times) if step_times else step_seconds,
             "layout": layout,
             "blocks": len(fns),
             "rows": rows,
