@@ -257,6 +257,7 @@ def _auto(
         progress=progress,
         max_iterations=steps,
         min_gain=MIN_GAIN,
+        jacobian_dtype=torch.float32,
     )
     report.phases.append(first)
     if first.error_after <= EXACT_TOLERANCE or first.details.get("stopped") == "budget":

@@ -46,6 +46,8 @@ LAMBDA_START = 1e-3
 LAMBDA_MAX = 1e8
 #: converged when ``patience`` accepted steps (per block) lowered the best held-out error by less than this fraction
 MIN_GAIN = 1e-3
+#: a lower-precision Jacobian (``jacobian_dtype``) is used only while the best held-out error is above this
+LOW_PRECISION_ABOVE = 1e-5
 
 
 def parameter_blocks(net: NormNet, spec=None) -> list[list[str]]:
@@ -109,11 +111,14 @@ def fit_gauss_newton(
     patience: int = 10,
     step_seconds: float = 0.0,
     min_gain: float = 0.0,
+    jacobian_dtype: torch.dtype | None = None,
 ) -> Phase:
     """Improve ``net``'s γ, β in place by Levenberg–Marquardt until converged, ``max_iterations`` accepted steps or
     ``deadline`` (a ``time.perf_counter()`` value); returns the phase record. ``step_seconds`` is the expected cost
     of one step (a step that would end after the deadline is not started); its ``details`` say why the run stopped
-    (``"converged"``, ``"steps"``, ``"budget"`` or ``"exact"``) and what a step cost (``"step_seconds"``). ``min_gain`` > 0 (``auto`` passes ``MIN_GAIN``) also ends a crawl (see the module docstring)."""
+    (``"converged"``, ``"steps"``, ``"budget"`` or ``"exact"``) and what a step cost (``"step_seconds"``). ``min_gain`` > 0 (``auto`` passes ``MIN_GAIN``) also ends a crawl (see the module docstring).
+    ``jacobian_dtype=torch.float32`` forms the Jacobians of a float64 network in float32 (on a float32 copy; the
+    normal equations, residuals and the kept parameters stay float64)."""
     flags = {p: p.requires_grad for p in net.parameters()}
     for p in flags:  # Jacobians come from torch.func; no autograd graph on the network's own tensors
         p.requires_grad_(False)
@@ -130,7 +135,7 @@ def fit_gauss_newton(
             progress,
             patience,
             step_seconds,
-            min_gain,
+            (min_gain, jacobian_dtype),
         )
     finally:
         for p, flag in flags.items():
@@ -138,7 +143,7 @@ def fit_gauss_newton(
 
 
 def _run(
-    net, data, spec, deadline, max_iterations, rows, memory_budget, seed, progress, patience, step_seconds, min_gain
+    net, data, spec, deadline, max_iterations, rows, memory_budget, seed, progress, patience, step_seconds, options
 ) -> Phase:
     """The Levenberg–Marquardt loop: cycle through the blocks of the plan, take each damped step that lowers the
     training loss, keep the parameters with the lowest held-out error, stop at convergence, ``patience`` or the
@@ -151,6 +156,9 @@ def _run(
     sizes = dict(zip(every.names, every.sizes))
     plan, layout = plan_blocks(parameter_blocks(net, spec), sizes, rows, outputs, budget)
     fns = [(NormFunction(net, names), r) for names, r in plan]
+    min_gain, jacobian_dtype = options
+    low = net.clone().to(jacobian_dtype) if jacobian_dtype not in (None, net.dtype) else None
+    jacs = [fn if low is None else NormFunction(low, fn.names) for fn, _r in fns]
     lambdas = [LAMBDA_START] * len(fns)
     history = [before]
     accepted = rejected = evaluations = 0
@@ -174,7 +182,8 @@ def _run(
         theta = fn.vector().to(torch.float64)
         mode = choose_mode(fn.size, outputs)
         mode_used.add(mode)
-        loss, JtJ, g = _normal_equations(fn, theta, x, y, scale, mode)
+        jac = jacs[b] if best_held > LOW_PRECISION_ABOVE else fn  # near exact: full-precision Jacobians
+        loss, JtJ, g = _normal_equations(fn, theta, x, y, scale, mode, jac)
         largest = max(largest, jacobian_bytes(r, outputs, fn.size))
         cand, lambdas[b], tried, refused = _damped_step(fn, x, y, scale, theta, loss, JtJ, g, lambdas[b])
         evaluations, rejected = evaluations + tried, rejected + refused
@@ -218,6 +227,7 @@ def _run(
             "stopped": stopped,
             "step_seconds": max(step_times) if step_times else step_seconds,
             "layout": layout,
+            "jacobian_dtype": str(low.dtype if low is not None else net.dtype).replace("torch.", ""),
             "blocks": len(fns),
             "rows": rows,
             "rejected": rejected,
@@ -250,11 +260,12 @@ def _scaled_residual(fn: NormFunction, theta: torch.Tensor, x, y, scale: float) 
         return (fn(theta, x) - y).reshape(-1).to(torch.float64) / scale
 
 
-def _normal_equations(fn: NormFunction, theta: torch.Tensor, x, y, scale: float, mode: str):
-    """``(‖r‖², JᵀJ, Jᵀr)`` at ``θ`` (float64), the Jacobian formed in ``mode`` and freed before returning: only
-    the ``P × P`` matrix outlives the call."""
+def _normal_equations(fn: NormFunction, theta: torch.Tensor, x, y, scale: float, mode: str, jac: NormFunction):
+    """``(‖r‖², JᵀJ, Jᵀr)`` at ``θ`` (float64), the Jacobian formed in ``mode`` by ``jac`` (``fn`` itself, or the
+    same block of a lower-precision copy) and freed before returning: only the ``P × P`` matrix outlives the call."""
     res = _scaled_residual(fn, theta.to(fn.params[0].dtype), x, y, scale)
-    J = fn.jacobian(theta, x, mode=mode).to(torch.float64) / scale
+    low = jac.params[0].dtype
+    J = jac.jacobian(theta.to(low), x.to(low), mode=mode).to(torch.float64) / scale
     JtJ, g = J.T @ J, J.T @ res
     del J
     return float(res @ res), JtJ, g

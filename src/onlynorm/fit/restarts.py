@@ -128,6 +128,7 @@ def fit_restarts(
             max_iterations=max_iterations,
             step_seconds=step_seconds,
             min_gain=MIN_GAIN,
+            jacobian_dtype=torch.float32,
         )
         step_seconds = max(step_seconds, float(phase.details.get("step_seconds", 0.0)))
         seconds = time.perf_counter() - t0
