@@ -48,7 +48,7 @@ from ..targets.convert import as_target
 from .adam import fit_adam
 from .data import FitData, prepare_data, relative_rms
 from .exact import check_capacity, exact_applicable, fit_exact
-from .gauss_newton import MIN_GAIN, fit_gauss_newton
+from .gauss_newton import MIN_GAIN, auto_rows, fit_gauss_newton
 from .jacobian import NormFunction
 from .layerwise import fit_layerwise
 from .pretrained import with_norms
@@ -258,6 +258,7 @@ def _auto(
         max_iterations=steps,
         min_gain=MIN_GAIN,
         jacobian_dtype=torch.float32,
+        rows=auto_rows(identity.numel()),
     )
     report.phases.append(first)
     if first.error_after <= EXACT_TOLERANCE or first.details.get("stopped") == "budget":

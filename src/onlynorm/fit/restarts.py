@@ -27,7 +27,7 @@ import torch
 from ..errors import InvalidNetworkError
 from ..nets.normnet import NormNet
 from .data import FitData
-from .gauss_newton import MIN_GAIN, fit_gauss_newton
+from .gauss_newton import MIN_GAIN, auto_rows, fit_gauss_newton
 from .jacobian import NormFunction
 from .layerwise import fit_layerwise
 from .report import Phase
@@ -129,6 +129,7 @@ def fit_restarts(
             step_seconds=step_seconds,
             min_gain=MIN_GAIN,
             jacobian_dtype=torch.float32,
+            rows=auto_rows(fn.size),
         )
         step_seconds = max(step_seconds, float(phase.details.get("step_seconds", 0.0)))
         seconds = time.perf_counter() - t0
