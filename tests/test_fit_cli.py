@@ -48,8 +48,12 @@ def test_fit_on_a_data_file(files, tmp_path, capsys):
     data = tmp_path / "x.safetensors"
     save_file({"x": torch.rand(64, 3, dtype=torch.float32)}, str(data))
     out = tmp_path / "fitted.safetensors"
-    code, stdout, _ = run(["fit", frozen, target, "--out", out, "--data", data, "--budget", "5"], capsys)
+    code, stdout, _ = run(["fit", frozen, target, "--out", out, "--data", data, "--budget", "1"], capsys)
     assert code == 0 and out.exists() and "gauss-newton" in stdout
+    assert "stopped" in stdout and "argmax agreement" in stdout and "budget" in stdout
+    fit = NormNet.load(out).meta["fit"]
+    assert fit["stopped"] in ("budget", "exact") and fit["budget_seconds"] == 1.0
+    assert 0.0 <= fit["agreement"] <= 1.0
 
 
 @pytest.mark.parametrize(

@@ -325,6 +325,11 @@ def experiment(
         help="dask: scheduler address like tcp://HOST:8786 (default: $ONLYNORM_SCHEDULER, else a "
         "LocalCluster of one-thread worker processes).",
     ),
+    reference: bool = typer.Option(
+        False,
+        "--reference",
+        help="under-parameterized: add a long multi-start search per cell (best-known error) on the goal grid.",
+    ),
 ) -> None:
     """Run one experiment of the theory; writes results.json, PNG figures and summary.md into OUT."""
 
@@ -334,7 +339,16 @@ def experiment(
 
     if backend == "dask" and not scheduler:
         scheduler = os.environ.get("ONLYNORM_SCHEDULER") or None
-    run_experiment(name, quick=quick, out=out, seed=seed, console=console, backend=backend, scheduler=scheduler)
+    run_experiment(
+        name,
+        quick=quick,
+        out=out,
+        seed=seed,
+        console=console,
+        backend=backend,
+        scheduler=scheduler,
+        reference=reference,
+    )
 
 
 class _Terminated(Exception):

@@ -35,17 +35,22 @@ def run_experiment(
     console=None,
     backend: str = "local",
     scheduler: str | None = None,
+    reference: bool = False,
 ) -> ExperimentResult:
     """Run experiment ``name`` and write its artefacts into ``out`` (default ``runs/NAME``).
 
     ``backend="dask"`` runs the trials on the Dask cluster at ``scheduler`` (or a LocalCluster without one); see
     :func:`onlynorm.experiments.runner.use_backend`. The results are the same as with ``backend="local"``.
+    ``reference=True`` (``under-parameterized`` only) adds the long multi-start best-known search.
     """
     if name not in EXPERIMENTS:
         raise OnlyNormError(f"unknown experiment {name!r}; expected one of {sorted(EXPERIMENTS)}")
+    if reference and name != "under-parameterized":
+        raise OnlyNormError(f"--reference: only the under-parameterized experiment has one, found {name!r}")
     module = importlib.import_module(f".{EXPERIMENTS[name]}", __package__)
+    extra = {"reference": True} if reference else {}
     with use_backend(backend, scheduler):
-        result: ExperimentResult = module.run(quick=quick, seed=seed, console=console)
+        result: ExperimentResult = module.run(quick=quick, seed=seed, console=console, **extra)
     target = Path(out) if out is not None else Path("runs") / name
     paths = write_artifacts(result, target)
     if console is not None:

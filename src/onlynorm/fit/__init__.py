@@ -12,20 +12,27 @@ for a pretrained network). Methods:
 * ``"gauss-newton"`` — Levenberg–Marquardt on all γ, β, held-out-checked steps (:mod:`onlynorm.fit.gauss_newton`);
 * ``"adam"`` — ``train_norm_only``, the baseline;
 * ``"auto"`` — exact when every system has ``N ≥ m·n`` unknowns and the solve succeeds, else layer-wise then
-  Gauss–Newton, within ``budget_seconds``.
+  Gauss–Newton, then **restarts** from other starts (:mod:`onlynorm.fit.restarts`) until ``budget_seconds`` is
+  spent (the final evaluation included) or the held-out error is exact. Without a budget (and without ``steps``,
+which then means one run of at most that many Levenberg–Marquardt steps), ``auto`` gives itself
+  ``DEFAULT_BUDGET_FACTOR`` (5) times what its first run took, at most ``DEFAULT_BUDGET_MAX`` (60 s); the report
+  states the budget and its source, why the fit stopped (``report.stopped``: ``"exact"``, ``"converged"``,
+  ``"budget"``, ``"steps"`` or ``"done"``) and, for outputs of ≥ 2 columns (classifiers), the argmax agreement with
+  the target on the held-out points.
 
 >>> import onlynorm
 >>> from torch import nn
 >>> g = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2)).double()
 >>> frozen = onlynorm.random_normnet(g, hidden=[6, 6], seed=0)        # a quarter of the theorem's width
 >>> net, report = onlynorm.fit_norms(frozen, g, onlynorm.Box(-1, 1), budget_seconds=2)
->>> [p.name for p in report.phases], report.final_error < report.initial_error
-(['layerwise', 'gauss-newton'], True)
+>>> [p.name for p in report.phases][:2], report.final_error < report.initial_error, report.stopped
+(['layerwise', 'gauss-newton'], True, 'budget')
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import time
 from typing import Any
 
@@ -42,10 +49,12 @@ from ..targets.convert import as_target
 from .adam import fit_adam
 from .data import FitData, prepare_data, relative_rms
 from .exact import check_capacity, exact_applicable, fit_exact
-from .gauss_newton import fit_gauss_newton
+from .gauss_newton import MIN_GAIN, auto_rows, fit_gauss_newton
+from .jacobian import NormFunction
 from .layerwise import fit_layerwise
 from .pretrained import with_norms
 from .report import FitReport, Phase
+from .restarts import fit_restarts
 from .transformer import fit_layer_norms
 
 __all__ = [
@@ -64,6 +73,10 @@ METHODS = ("auto", "exact", "layerwise", "gauss-newton", "adam")
 #: held-out relative RMS at or below which a float64 fit counts as exact
 EXACT_TOLERANCE = 1e-9
 ADAM_STEPS, GN_STEPS = 3000, 300
+#: without a budget, auto spends this many times its first run's time on restarts (in total), at most the maximum
+DEFAULT_BUDGET_FACTOR, DEFAULT_BUDGET_MAX = 5.0, 60.0
+#: fraction of the budget kept for the final evaluation and bookkeeping (the 5 % tolerance's safety margin)
+RESERVE_FRACTION = 0.02
 #: fewest points sampled from a box
 MIN_SAMPLES = 8
 
@@ -108,6 +121,8 @@ def fit_norms(
     check_target_kind(frozen, spec)
     # one dtype and device throughout: the network's (a float32 target from a trained model is exact in float64)
     spec = spec.to(dtype=frozen.dtype, device=frozen.device)
+    if method in ("auto", "gauss-newton"):
+        _warm_up()
     with _threads_for(frozen):
         return _fit(frozen, spec, data, method, budget_seconds, seed, progress, steps, memory_budget, samples)
 
@@ -123,6 +138,12 @@ def _check_arguments(method, budget_seconds, seed, steps, samples, memory_budget
     samples = check_scalar(samples, "samples", int, min_val=MIN_SAMPLES)
     memory_budget = None if memory_budget is None else check_scalar(memory_budget, "memory_budget", int, min_val=1)
     return seed, steps, samples, memory_budget
+
+
+def _warm_up() -> None:
+    """Import what the first ``torch.func`` Jacobian of a process imports lazily (``torch._dynamo``: 1.5–3 s once per
+    process) before the budget's clock starts: a one-time cost of the process, not of the fit."""
+    importlib.import_module("torch._dynamo")
 
 
 #: below this width every tensor op is tiny and extra threads only add start-up and contention
@@ -179,15 +200,36 @@ def _fit(frozen, spec, data, method, budget_seconds, seed, progress, steps, memo
             fit_adam(net, spec, fit_data, steps=steps or ADAM_STEPS, budget_seconds=budget_seconds, seed=seed)
         )
     else:
-        net = _auto(net, spec, fit_data, report, deadline, memory_budget, seed, progress, steps or GN_STEPS)
+        clock = (start, budget_seconds, steps is None)
+        net = _auto(net, spec, fit_data, report, clock, memory_budget, seed, progress, steps or GN_STEPS)
     report.exact = net.dtype == torch.float64 and report.final_error <= EXACT_TOLERANCE
+    _finish(report, net, fit_data, budget_seconds)
     net.meta = net.meta.replace(fit=report)  # typed: saved with the network, read back by NetMeta.from_dict
     return net, report
 
 
+def _finish(report: FitReport, net: NormNet, data: FitData, budget_seconds) -> None:
+    """Stop reason (from the last phase unless auto set it), the budget when one was given, the agreement."""
+    if not report.stopped:
+        last = report.phases[-1] if report.phases else None
+        reason = "done" if last is None else str(last.details.get("stopped", "done"))
+        if last is not None and last.name == "adam":
+            reason = "budget" if budget_seconds is not None and last.seconds >= budget_seconds else "steps"
+        report.stopped = "exact" if report.exact else reason
+    if report.budget_seconds is None and budget_seconds is not None:
+        report.budget_seconds, report.budget_source = float(budget_seconds), "given"
+    y = data.y_held
+    if y.ndim == 2 and y.shape[1] >= 2:
+        with torch.no_grad():
+            report.agreement = float((net(data.x_held).argmax(1) == y.argmax(1)).double().mean())
+
+
 def _auto(
-    net: NormNet, spec, data: FitData, report: FitReport, deadline, memory_budget, seed, progress, steps: int
+    net: NormNet, spec, data: FitData, report: FitReport, clock, memory_budget, seed, progress, steps: int
 ) -> NormNet:
+    start, budget_seconds, default_steps = clock
+    deadline = None if budget_seconds is None else start + float(budget_seconds) * (1 - RESERVE_FRACTION)
+    identity = NormFunction(net).vector().clone()
     if exact_applicable(net, spec):
         try:
             solved, phase = fit_exact(net, spec, data, progress=progress)
@@ -199,21 +241,58 @@ def _auto(
                 return solved
             if phase.error_after < phase.error_before:
                 net = solved
+    layerwise_seconds = 0.0
     try:
         report.phases.append(fit_layerwise(net, spec, data, progress=progress))
+        layerwise_seconds = report.phases[-1].seconds
     except InvalidNetworkError as exc:
         report.notes.append(f"layer-wise start skipped: {exc}")
-    if report.final_error > EXACT_TOLERANCE and (deadline is None or time.perf_counter() < deadline):
-        report.phases.append(
-            fit_gauss_newton(
-                net,
-                data,
-                spec=spec,
-                deadline=deadline,
-                memory_budget=memory_budget,
-                seed=seed,
-                progress=progress,
-                max_iterations=steps,
-            )
-        )
+    if report.final_error <= EXACT_TOLERANCE:
+        report.stopped = "exact"
+        return net
+    if deadline is not None and time.perf_counter() >= deadline:
+        report.stopped = "budget"
+        return net
+    first = fit_gauss_newton(
+        net,
+        data,
+        spec=spec,
+        deadline=deadline,
+        memory_budget=memory_budget,
+        seed=seed,
+        progress=progress,
+        max_iterations=steps,
+        min_gain=MIN_GAIN,
+        jacobian_dtype=torch.float32,
+        rows=auto_rows(identity.numel()),
+    )
+    report.phases.append(first)
+    if first.error_after <= EXACT_TOLERANCE or first.details.get("stopped") == "budget":
+        report.stopped = "exact" if first.error_after <= EXACT_TOLERANCE else "budget"
+        return net
+    if deadline is None and not default_steps:  # steps= without a budget: one run of at most that many steps
+        report.stopped = str(first.details.get("stopped", "steps"))
+        return net
+    if deadline is None:  # the default budget: a multiple of the first run, stated in the report
+        budget_seconds = min(DEFAULT_BUDGET_MAX, DEFAULT_BUDGET_FACTOR * (time.perf_counter() - start))
+        report.budget_seconds = budget_seconds
+        report.budget_source = f"default: {DEFAULT_BUDGET_FACTOR:g}× the first run, at most {DEFAULT_BUDGET_MAX:g} s"
+        deadline = start + budget_seconds * (1 - RESERVE_FRACTION)
+    restarts = fit_restarts(
+        net,
+        spec,
+        data,
+        identity=identity,
+        deadline=deadline,
+        run_seconds=first.seconds,
+        step_seconds=float(first.details.get("step_seconds", 0.0)),
+        layerwise_seconds=layerwise_seconds,
+        exact_tolerance=EXACT_TOLERANCE,
+        seed=seed,
+        memory_budget=memory_budget,
+        max_iterations=steps,
+        progress=progress,
+    )
+    report.phases.append(restarts)
+    report.stopped = str(restarts.details["stopped"])
     return net

@@ -8,7 +8,8 @@ With residuals ``r(θ) = (f(X; θ) − g(X)) / ‖g(X)‖`` on the training rows
 and is taken when the training loss falls (otherwise ``λ`` grows and the step is retried from the same Jacobian).
 A step is **kept only if the held-out error falls** below the best seen: the network returned is the one with the
 lowest held-out error (early stopping: the run ends after ``patience`` steps without a new best, at convergence,
-or at the deadline). The held-out error of the result is therefore never above the one it started from. (Refusing
+at the deadline, or once ``patience`` steps per block have lowered the best held-out error by less than
+``min_gain`` in all (``auto``: ``MIN_GAIN`` = 0.1 %) — a crawl that ``auto``'s restarts spend better). The held-out error of the result is therefore never above the one it started from. (Refusing
 every step that does not lower the held-out error stalls Levenberg–Marquardt early, in a worse minimum.)
 
 **Memory.** The Jacobian of all parameters has ``rows·m × P`` entries. When it (with its ``P × P`` normal matrix)
@@ -39,10 +40,24 @@ from .jacobian import NormFunction, choose_mode, jacobian_bytes
 from .report import Phase
 from .segments import segments
 
-__all__ = ["fit_gauss_newton", "parameter_blocks", "plan_blocks"]
+__all__ = ["fit_gauss_newton", "parameter_blocks", "plan_blocks", "auto_rows", "LEAN_ROWS"]
 
 LAMBDA_START = 1e-3
 LAMBDA_MAX = 1e8
+#: converged when ``patience`` accepted steps (per block) lowered the best held-out error by less than this fraction
+MIN_GAIN = 1e-3
+#: a lower-precision Jacobian (``jacobian_dtype``) is used only while the best held-out error is above this
+LOW_PRECISION_ABOVE = 1e-5
+#: ``rows=LEAN_ROWS``: 8 equations per parameter (256–1024 rows) instead of 16 (at least 1024)
+LEAN_ROWS = -1
+#: auto steps with lean rows from this many norm parameters on (there the Jacobian and normal equations dominate a
+#: step: at d = 16, N = m·n/2, 576 parameters, 256 rows take 4× the steps of 1024 in the same time, to a lower error)
+LEAN_FROM = 128
+
+
+def auto_rows(parameters: int) -> int | None:
+    """The ``rows`` ``auto`` passes: lean for many parameters, the default otherwise."""
+    return LEAN_ROWS if parameters >= LEAN_FROM else None
 
 
 def parameter_blocks(net: NormNet, spec=None) -> list[list[str]]:
@@ -104,20 +119,42 @@ def fit_gauss_newton(
     seed: int = 0,
     progress=None,
     patience: int = 10,
+    step_seconds: float = 0.0,
+    min_gain: float = 0.0,
+    jacobian_dtype: torch.dtype | None = None,
 ) -> Phase:
     """Improve ``net``'s γ, β in place by Levenberg–Marquardt until converged, ``max_iterations`` accepted steps or
-    ``deadline`` (a ``time.perf_counter()`` value); returns the phase record."""
+    ``deadline`` (a ``time.perf_counter()`` value); returns the phase record. ``step_seconds`` is the expected cost
+    of one step (a step that would end after the deadline is not started); its ``details`` say why the run stopped
+    (``"converged"``, ``"steps"``, ``"budget"`` or ``"exact"``) and what a step cost (``"step_seconds"``). ``min_gain`` > 0 (``auto`` passes ``MIN_GAIN``) also ends a crawl (see the module docstring).
+    ``jacobian_dtype=torch.float32`` forms the Jacobians of a float64 network in float32 (on a float32 copy; the
+    normal equations, residuals and the kept parameters stay float64)."""
     flags = {p: p.requires_grad for p in net.parameters()}
     for p in flags:  # Jacobians come from torch.func; no autograd graph on the network's own tensors
         p.requires_grad_(False)
     try:
-        return _run(net, data, spec, deadline, max_iterations, rows, memory_budget, seed, progress, patience)
+        return _run(
+            net,
+            data,
+            spec,
+            deadline,
+            max_iterations,
+            rows,
+            memory_budget,
+            seed,
+            progress,
+            patience,
+            step_seconds,
+            (min_gain, jacobian_dtype),
+        )
     finally:
         for p, flag in flags.items():
             p.requires_grad_(flag)
 
 
-def _run(net, data, spec, deadline, max_iterations, rows, memory_budget, seed, progress, patience) -> Phase:
+def _run(
+    net, data, spec, deadline, max_iterations, rows, memory_budget, seed, progress, patience, step_seconds, options
+) -> Phase:
     """The Levenberg–Marquardt loop: cycle through the blocks of the plan, take each damped step that lowers the
     training loss, keep the parameters with the lowest held-out error, stop at convergence, ``patience`` or the
     deadline; returns the phase record (the network holds the kept parameters)."""
@@ -129,19 +166,24 @@ def _run(net, data, spec, deadline, max_iterations, rows, memory_budget, seed, p
     sizes = dict(zip(every.names, every.sizes))
     plan, layout = plan_blocks(parameter_blocks(net, spec), sizes, rows, outputs, budget)
     fns = [(NormFunction(net, names), r) for names, r in plan]
+    min_gain, jacobian_dtype = options
+    low = net.clone().to(jacobian_dtype) if jacobian_dtype not in (None, net.dtype) else None
+    jacs = [fn if low is None else NormFunction(low, fn.names) for fn, _r in fns]
     lambdas = [LAMBDA_START] * len(fns)
     history = [before]
     accepted = rejected = evaluations = 0
     largest = 0
     mode_used = set()
-    last_step = 0.0
+    last_step = step_seconds
     stalled = 0
+    stopped, step_times = "steps", []
     b = -1
     best_held, best_theta = before, every.vector().clone()
     kept = 0
     while accepted < max_iterations:
         step_start = time.perf_counter()
         if deadline is not None and step_start + last_step > deadline:
+            stopped = "budget"
             break
         b = (b + 1) % len(fns)
         fn, r = fns[b]
@@ -150,7 +192,8 @@ def _run(net, data, spec, deadline, max_iterations, rows, memory_budget, seed, p
         theta = fn.vector().to(torch.float64)
         mode = choose_mode(fn.size, outputs)
         mode_used.add(mode)
-        loss, JtJ, g = _normal_equations(fn, theta, x, y, scale, mode)
+        jac = jacs[b] if best_held > LOW_PRECISION_ABOVE else fn  # near exact: full-precision Jacobians
+        loss, JtJ, g = _normal_equations(fn, theta, x, y, scale, mode, jac)
         largest = max(largest, jacobian_bytes(r, outputs, fn.size))
         cand, lambdas[b], tried, refused = _damped_step(fn, x, y, scale, theta, loss, JtJ, g, lambdas[b])
         evaluations, rejected = evaluations + tried, rejected + refused
@@ -169,7 +212,11 @@ def _run(net, data, spec, deadline, max_iterations, rows, memory_budget, seed, p
             stalled += patience
             lambdas[b] = LAMBDA_START
         last_step = time.perf_counter() - step_start
-        if best_held < 1e-13 or stalled >= patience * len(fns):
+        step_times.append(last_step)
+        window = patience * len(fns)
+        crawling = len(history) > window and history[-1] > (1 - min_gain) * history[-1 - window]
+        if best_held < 1e-13 or stalled >= window or crawling:
+            stopped = "exact" if best_held < 1e-13 else "converged"
             break
     every.assign(best_theta)
     notes = []
@@ -187,7 +234,10 @@ def _run(net, data, spec, deadline, max_iterations, rows, memory_budget, seed, p
         notes=notes,
         history=history,
         details={
+            "stopped": stopped,
+            "step_seconds": max(step_times) if step_times else step_seconds,
             "layout": layout,
+            "jacobian_dtype": str(low.dtype if low is not None else net.dtype).replace("torch.", ""),
             "blocks": len(fns),
             "rows": rows,
             "rejected": rejected,
@@ -208,6 +258,8 @@ def _training_rows(net: NormNet, data: FitData, parameters: int, rows: int | Non
         outputs = net(data.x_train[:1]).reshape(1, -1).shape[1]
     if rows is None:
         rows = max(1024, (16 * parameters) // max(1, outputs))
+    elif rows < 0:  # "lean": 8 equations per parameter, at least 256 rows, at most 1024 (auto: cheaper steps)
+        rows = min(1024, max(256, -(-(8 * parameters) // max(1, outputs))))
     rows = min(rows, data.x_train.shape[0])
     gen = torch.Generator().manual_seed(seed)
     pick = torch.randperm(data.x_train.shape[0], generator=gen)[:rows].to(data.x_train.device)
@@ -220,11 +272,12 @@ def _scaled_residual(fn: NormFunction, theta: torch.Tensor, x, y, scale: float) 
         return (fn(theta, x) - y).reshape(-1).to(torch.float64) / scale
 
 
-def _normal_equations(fn: NormFunction, theta: torch.Tensor, x, y, scale: float, mode: str):
-    """``(‖r‖², JᵀJ, Jᵀr)`` at ``θ`` (float64), the Jacobian formed in ``mode`` and freed before returning: only
-    the ``P × P`` matrix outlives the call."""
+def _normal_equations(fn: NormFunction, theta: torch.Tensor, x, y, scale: float, mode: str, jac: NormFunction):
+    """``(‖r‖², JᵀJ, Jᵀr)`` at ``θ`` (float64), the Jacobian formed in ``mode`` by ``jac`` (``fn`` itself, or the
+    same block of a lower-precision copy) and freed before returning: only the ``P × P`` matrix outlives the call."""
     res = _scaled_residual(fn, theta.to(fn.params[0].dtype), x, y, scale)
-    J = fn.jacobian(theta, x, mode=mode).to(torch.float64) / scale
+    low = jac.params[0].dtype
+    J = jac.jacobian(theta.to(low), x.to(low), mode=mode).to(torch.float64) / scale
     JtJ, g = J.T @ J, J.T @ res
     del J
     return float(res @ res), JtJ, g

@@ -204,6 +204,22 @@ class Phase:
         )
 
 
+def _fit_extras(d: dict, source: str) -> dict[str, Any]:
+    """The optional fields of a stored fit report (files written before they existed have none)."""
+    out: dict[str, Any] = {}
+    for key in ("stopped", "budget_source"):
+        if key in d:
+            if not isinstance(d[key], str):
+                raise _bad(source, f"fit.{key}", "a string", d[key])
+            out[key] = d[key]
+    for key in ("budget_seconds", "agreement"):
+        if d.get(key) is not None:
+            if not _number(d[key]):
+                raise _bad(source, f"fit.{key}", "a number or null", d[key])
+            out[key] = float(d[key])
+    return out
+
+
 @dataclass
 class FitReport:
     """Outcome of :func:`onlynorm.fit_norms`."""
@@ -215,6 +231,13 @@ class FitReport:
     phases: list[Phase] = field(default_factory=list)
     exact: bool = False
     notes: list[str] = field(default_factory=list)
+    #: why the fit ended: "exact", "converged", "budget", "steps" or "done" (closed form / layer-wise)
+    stopped: str = ""
+    #: the wall-time budget used (given, or auto's default) and where it came from
+    budget_seconds: float | None = None
+    budget_source: str = ""
+    #: argmax agreement with the target on the held-out points (outputs with ≥ 2 columns: classifiers)
+    agreement: float | None = None
 
     @property
     def final_error(self) -> float:
@@ -267,6 +290,7 @@ class FitReport:
             phases=[Phase.from_dict(p, source) for p in phases],
             exact=bool(d.get("exact", False)),
             notes=list(notes),
+            **_fit_extras(d, source),
         )
 
     def table(self) -> tuple[list[str], list[list[str]]]:
@@ -286,6 +310,12 @@ class FitReport:
             ("exact", "yes" if self.exact else "no"),
             ("seconds", f"{self.seconds:.3f}"),
         ]
+        if self.budget_seconds is not None:
+            out.append(("budget (s)", f"{self.budget_seconds:.3f} ({self.budget_source or 'given'})"))
+        if self.stopped:
+            out.append(("stopped", self.stopped))
+        if self.agreement is not None:
+            out.append(("argmax agreement (held-out)", f"{self.agreement:.4f}"))
         return out + [("note", n) for n in self.notes + [n for p in self.phases for n in p.notes]]
 
     def __str__(self) -> str:

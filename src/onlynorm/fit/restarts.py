@@ -1,0 +1,172 @@
+"""Spend the rest of ``auto``'s budget: Levenberg–Marquardt restarted from other starts, the best on held-out kept.
+
+Once the first run (layer-wise start, then Levenberg–Marquardt) has converged, the remaining time goes to restarts,
+cycling through these starts (each followed by a Levenberg–Marquardt run on all γ, β):
+
+* ``"perturbed"`` — the best γ, β so far with multiplicative noise (basin hopping; the noise grows 0.1 → 0.3 over
+  the cycles);
+* ``"sign-flip"`` — the best so far with γ, β of a random quarter of the hidden units negated (the unit is then
+  active on the other side of its hyperplane);
+* ``"subsample"`` — the layer-wise start fitted on a random half of the training points;
+* ``"identity"`` — the frozen network's own norms (γ = 1, β = 0 for a random network; a pretrained one's
+  BatchNorms).
+
+**The schedule.** A restart is begun only if the time left (minus a reserve for the final evaluation) holds at
+least a third of a typical run — the first run's Levenberg–Marquardt time, then the running mean of the restarts'
+— and each run is handed the deadline, so its last step is not begun unless it fits (the slowest step so far is the
+estimate). Restarts stop early only when the held-out error reaches the exact regime. The network is left holding
+the best γ, β found on the held-out points; the phase record lists every restart (start, error, seconds).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ..errors import InvalidNetworkError
+from ..nets.normnet import NormNet
+from .data import FitData
+from .gauss_newton import MIN_GAIN, auto_rows, fit_gauss_newton
+from .jacobian import NormFunction
+from .layerwise import fit_layerwise
+from .report import Phase
+
+__all__ = ["fit_restarts", "STARTS", "MIN_RUN_FRACTION"]
+
+STARTS = ("perturbed", "sign-flip", "subsample", "perturbed", "identity")
+#: a restart is begun only if at least this fraction of a typical run fits in the time left
+MIN_RUN_FRACTION = 1 / 3
+
+
+def _hidden_norms(net: NormNet) -> set[str]:
+    """Names of the γ, β of norms followed by a ReLU (the units whose sign can be flipped)."""
+    names = set()
+    layers = list(net.layers)
+    for i, stage in enumerate(layers):
+        norm = getattr(stage, "norm", None)
+        after = layers[i + 1] if i + 1 < len(layers) else None
+        if norm is not None and (getattr(stage, "relu", False) or getattr(after, "op", None) == "relu"):
+            names |= {f"layers.{i}.norm.{k}" for k, _ in norm.named_parameters()}
+    return names
+
+
+def _flipped(fn: NormFunction, theta: torch.Tensor, hidden: set[str], gen: torch.Generator) -> torch.Tensor:
+    out = theta.clone()
+    offset = 0
+    flips: dict[str, torch.Tensor] = {}
+    for name, size in zip(fn.names, fn.sizes):
+        unit = name.rsplit(".", 1)[0]
+        if name in hidden:
+            if unit not in flips:
+                flips[unit] = torch.rand(size, generator=gen) < 0.25
+            sign = 1.0 - 2.0 * flips[unit].to(out)
+            out[offset : offset + size] *= sign
+        offset += size
+    return out
+
+
+def _perturbed(theta: torch.Tensor, sigma: float, gen: torch.Generator) -> torch.Tensor:
+    noise = torch.randn(theta.shape, generator=gen, dtype=torch.float64).to(theta)
+    scale = theta.abs() + theta.abs().mean().clamp_min(1e-3)  # β near 0 still moves
+    return theta + sigma * scale * noise
+
+
+def _subsample(data: FitData, gen: torch.Generator) -> FitData:
+    n = data.x_train.shape[0]
+    pick = torch.randperm(n, generator=gen)[: max(2, n // 2)].to(data.x_train.device)
+    return FitData(data.x_train[pick], data.y_train[pick], data.x_held, data.y_held, data.box, data.source)
+
+
+def fit_restarts(
+    net: NormNet,
+    spec,
+    data: FitData,
+    *,
+    identity: torch.Tensor,
+    deadline: float,
+    run_seconds: float,
+    step_seconds: float,
+    layerwise_seconds: float,
+    exact_tolerance: float,
+    seed: int = 0,
+    memory_budget: int | None = None,
+    max_iterations: int = 300,
+    progress=None,
+) -> Phase:
+    """Restart Levenberg–Marquardt from other starts until ``deadline`` (or an exact fit); ``net`` ends holding the
+    best γ, β on the held-out points. ``identity``: the frozen network's norm vector; ``run_seconds``,
+    ``step_seconds``, ``layerwise_seconds``: what the first run took (the schedule's estimates)."""
+    start = time.perf_counter()
+    fn = NormFunction(net)
+    best_theta = fn.vector().clone()
+    best = before = data.held_out_error(net)
+    gen = torch.Generator().manual_seed(seed + 104729)
+    hidden = _hidden_norms(net)
+    runs: list[dict] = []
+    typical = max(run_seconds, 1e-4)
+    k = 0
+    stopped = "exact" if best <= exact_tolerance else "budget"
+    while best > exact_tolerance:
+        left = deadline - time.perf_counter()
+        kind = STARTS[k % len(STARTS)]
+        if kind == "subsample" and left < layerwise_seconds + 2 * step_seconds:
+            kind = "perturbed"
+        if left < max(MIN_RUN_FRACTION * typical, 2 * step_seconds):
+            break
+        t0 = time.perf_counter()
+        if not _set_start(kind, net, spec, data, fn, best_theta, identity, hidden, gen, k):
+            k += 1
+            continue
+        phase = fit_gauss_newton(
+            net,
+            data,
+            spec=spec,
+            deadline=deadline,
+            memory_budget=memory_budget,
+            seed=seed + k + 1,
+            max_iterations=max_iterations,
+            step_seconds=step_seconds,
+            min_gain=MIN_GAIN,
+            jacobian_dtype=torch.float32,
+            rows=auto_rows(fn.size),
+        )
+        step_seconds = max(step_seconds, float(phase.details.get("step_seconds", 0.0)))
+        seconds = time.perf_counter() - t0
+        runs.append({"start": kind, "error": phase.error_after, "seconds": seconds, "steps": phase.iterations})
+        if phase.error_after < best:
+            best, best_theta = phase.error_after, fn.vector().clone()
+        typical = (typical * len(runs) + seconds) / (len(runs) + 1)
+        k += 1
+        if progress is not None:
+            progress(len(runs), len(runs) + 1, f"restarts: {len(runs)} done, best held-out rel RMS {best:.3e}")
+        if best <= exact_tolerance:
+            stopped = "exact"
+    fn.assign(best_theta)
+    return Phase(
+        "restarts",
+        before,
+        best,
+        time.perf_counter() - start,
+        len(runs),
+        history=[min([before] + [r["error"] for r in runs[: i + 1]]) for i in range(len(runs))],
+        details={"stopped": stopped, "runs": runs, "improved": sum(r["error"] < before for r in runs)},
+    )
+
+
+def _set_start(kind, net, spec, data, fn, best_theta, identity, hidden, gen, k) -> bool:
+    """Put the start ``kind`` into ``net``; False if it does not apply to this network (then it is skipped)."""
+    if kind == "perturbed":
+        fn.assign(_perturbed(best_theta, 0.1 + 0.1 * (k // len(STARTS) % 3), gen))
+    elif kind == "sign-flip":
+        if not hidden:
+            return False
+        fn.assign(_flipped(fn, best_theta, hidden, gen))
+    elif kind == "identity":
+        fn.assign(identity)
+    else:
+        try:
+            fit_layerwise(net, spec, _subsample(data, gen))
+        except InvalidNetworkError:
+            return False
+    return True
