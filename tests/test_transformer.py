@@ -9,6 +9,8 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import onlynorm
@@ -450,3 +452,45 @@ def test_a_tampered_graph_is_refused_on_load(tmp_path):
     with pytest.raises(onlynorm.FileFormatError) as exc:
         NormNet.load(path)
     assert "unknown function 'os.system'" in _one_line(exc)
+
+
+@given(
+    heads=st.sampled_from([1, 2, 4]),
+    width=st.sampled_from([8, 12, 16]),
+    norm_first=st.booleans(),
+    activation=st.sampled_from(["relu", "gelu"]),
+    batch_first=st.booleans(),
+    mask=st.sampled_from(["none", "causal-bool", "causal-float", "padding"]),
+    seed=st.integers(0, 2**16),
+)
+@settings(max_examples=8, deadline=None)
+def test_encoders_over_heads_widths_masks_norms_and_activations(
+    heads, width, norm_first, activation, batch_first, mask, seed
+):
+    torch.manual_seed(seed)
+    layer = nn.TransformerEncoderLayer(
+        width, heads, 2 * width, activation=activation, batch_first=batch_first, norm_first=norm_first
+    )
+    enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).double().eval()
+
+    class Masked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc = enc
+            self.register_buffer("pad", torch.zeros(3, 12, dtype=torch.bool).index_fill(1, torch.tensor([0]), True))
+
+        def forward(self, x):
+            t = x.size(1) if batch_first else x.size(0)
+            if mask == "causal-bool":
+                return self.enc(x, mask=torch.ones(t, t, dtype=torch.bool).triu(1))
+            if mask == "causal-float":
+                return self.enc(x, mask=nn.Transformer.generate_square_subsequent_mask(t, dtype=torch.float64))
+            if mask == "padding":  # a key padding mask given as a module buffer
+                n = x.size(0) if batch_first else x.size(1)
+                return self.enc(x, src_key_padding_mask=self.pad[:n, :t])
+            return self.enc(x)
+
+    g = Masked().eval()
+    f = onlynorm.reconstruct(g, example_input=_features(batch_first, 3, d=width), seed=seed % 7)
+    for t in (2, 5):
+        assert _rel(f, g, _features(batch_first, t, d=width, seed=seed)) <= 1e-10

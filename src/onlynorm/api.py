@@ -106,7 +106,7 @@ def _solve(frozen: NormNet, spec: MLPSpec | ConvNetSpec, box: Box, progress: Pro
 
 def reconstruct(
     target: MLPSpec | ConvNetSpec | nn.Module,
-    method: str = "width",
+    method: str | None = None,
     domain: Box | tuple | None = None,
     seed: int = 0,
     *,
@@ -123,8 +123,9 @@ def reconstruct(
 
     For a sequence model (transformer), ``example_input`` — a tensor (LongTensor token ids, or float features) or
     a tuple of tensors — fixes the input signature; the result is a :class:`~onlynorm.nets.seqnet.SeqNet` equal to
-    the model for every input and sequence length (no domain). ``method`` is ``"width"`` or ``"deep"`` (options
-    ``block``, ``out_block``); see :mod:`onlynorm.constructions.transformer`.
+    the model for every input and sequence length (no domain). ``method`` is ``"deep"`` (the default for these;
+    options ``block``, ``out_block``) or ``"width"``; see :mod:`onlynorm.constructions.transformer`. Other targets
+    default to ``"width"``.
 
     >>> import torch
     >>> from torch import nn
@@ -135,7 +136,9 @@ def reconstruct(
     True
     """
     if example_input is not None:
+        method = "deep" if method is None else method  # one well-conditioned system per input feature
         return _reconstruct_sequence_model(target, example_input, method, domain, seed, dtype, device, options)
+    method = "width" if method is None else method
     if is_sequence_model(target):
         raise InvalidTargetError(
             f"{type(target).__name__} is a sequence model (attention, embeddings or LayerNorm): pass "
