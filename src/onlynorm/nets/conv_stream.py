@@ -17,11 +17,48 @@ from .stage import Stage, StageLayout, register_stage
 from .stream import block_sizes
 from .views import StreamView, read_conv, read_norm
 
-__all__ = ["ConvStream", "grouped_conv"]
+__all__ = ["ConvStream", "ConvStreamShape", "grouped_conv"]
+
+
+class ConvStreamShape:
+    """What a convolutional stream's size and file entry are made of, shared by :class:`ConvStream` and the tied
+    stream (``nets.tied_conv``): the JSON config, the normalization widths, the ReLU units per position."""
+
+    in_channels: int
+    out_channels: int
+    channels: int
+    block: int
+    flat: bool
+    paired: bool
+    geometry: Any
+
+    def config(self) -> dict[str, Any]:
+        g = self.geometry
+        return {
+            "in_channels": self.in_channels,
+            "out_channels": self.out_channels,
+            "kernel_size": list(g["kernel_size"]),
+            "stride": list(g["stride"]),
+            "padding": list(g["padding"]),
+            "dilation": list(g["dilation"]),
+            "block": self.block,
+            "flat": self.flat,
+            "paired": self.paired,
+        }
+
+    def widths(self) -> list[int]:
+        return [self.channels, self.out_channels]
+
+    def relu_units(self) -> int:
+        """ReLU units per position: each branch channel once, or twice when ``paired`` (relu(v) and relu(−v))."""
+        return self.channels * (2 if self.paired else 1)
+
+    def depth(self) -> int:
+        return 2
 
 
 @register_stage
-class ConvStream(Stage):
+class ConvStream(ConvStreamShape, Stage):
     """One target conv (or, with ``flat``, Linear) of the deep construction: a grouped branch conv, its
     BatchNorm2d, ReLU, a frozen 1×1 readout into ``out_channels`` and the output BatchNorm2d.
 
@@ -151,30 +188,6 @@ class ConvStream(Stage):
         s = torch.matmul(self.readout.weight.flatten(1), u.flatten(2))
         s = self.norm(s.view(v.shape[0], -1, *v.shape[2:]))
         return s.flatten(1) if self.flat else s
-
-    def config(self) -> dict[str, Any]:
-        g = self.geometry
-        return {
-            "in_channels": self.in_channels,
-            "out_channels": self.out_channels,
-            "kernel_size": list(g["kernel_size"]),
-            "stride": list(g["stride"]),
-            "padding": list(g["padding"]),
-            "dilation": list(g["dilation"]),
-            "block": self.block,
-            "flat": self.flat,
-            "paired": self.paired,
-        }
-
-    def widths(self) -> list[int]:
-        return [self.channels, self.out_channels]
-
-    def relu_units(self) -> int:
-        """ReLU units per position: each branch channel once, or twice when ``paired`` (relu(v) and relu(−v))."""
-        return self.channels * (2 if self.paired else 1)
-
-    def depth(self) -> int:
-        return 2
 
     def affine(self, where: str) -> StreamView:
         read_conv(self.branch, f"{where} (branch)", groups=self.full)

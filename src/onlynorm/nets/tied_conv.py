@@ -18,14 +18,14 @@ the block-diagonal kernel and the readout ``[B … B B']``), refused when that e
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..errors import InvalidNetworkError, NotCertifiableError
-from .conv_stream import grouped_conv
+from .conv_stream import ConvStreamShape, grouped_conv
 from .modules import frozen_module, inference_scale_shift, make_batchnorm, normalize
 from .onnx_graph import OnnxGraph, batchnorm, conv_kernel, slice_last
 from .stage import Stage, StageLayout, register_stage
@@ -39,7 +39,7 @@ VIEW_LIMIT_BYTES = 2 << 30
 
 
 @register_stage
-class TiedConvStream(Stage):
+class TiedConvStream(ConvStreamShape, Stage):
     """One target conv (or, with ``flat``, Linear) of ``deep, tied=1``. State-dict keys: ``branch.weight`` (``A``,
     shared), ``readout.weight`` (``B``, shared), ``rest.weight`` / ``rest_readout.weight`` (the smaller last block,
     if any), ``branch_norm.*`` (``γ_t, β_t`` of every block, block-major), ``norm.*``."""
@@ -172,29 +172,6 @@ class TiedConvStream(Stage):
             s = s + torch.matmul(self.rest_readout.weight.flatten(1), u_rest.flatten(2))
         s = normalize(self.norm, s.view(b, self.out_channels, *out_hw), inplace=inplace)
         return s.flatten(1) if self.flat else s
-
-    def config(self) -> dict[str, Any]:
-        g = self.geometry
-        return {
-            "in_channels": self.in_channels,
-            "out_channels": self.out_channels,
-            "kernel_size": list(g["kernel_size"]),
-            "stride": list(g["stride"]),
-            "padding": list(g["padding"]),
-            "dilation": list(g["dilation"]),
-            "block": self.block,
-            "flat": self.flat,
-            "paired": self.paired,
-        }
-
-    def widths(self) -> list[int]:
-        return [self.channels, self.out_channels]
-
-    def relu_units(self) -> int:
-        return self.channels * (2 if self.paired else 1)
-
-    def depth(self) -> int:
-        return 2
 
     def block_slices(self) -> list[tuple[slice, slice]]:
         """``(branch channels, input channels)`` of each block."""
