@@ -53,6 +53,16 @@ FORMAT_VERSION = 1
 META_CHECKS: list[Callable[[NetMeta, str], None]] = []
 
 
+def document_header(doc: dict, source: str) -> tuple[torch.dtype, NetMeta]:
+    """The format version, dtype and typed metadata every network file carries (a tampered field is named)."""
+    if doc.get("version") != FORMAT_VERSION:
+        raise FileFormatError(f"{source}: expected format version {FORMAT_VERSION}, found {doc.get('version')!r}")
+    dtype = _DTYPES.get(str(doc.get("dtype")))
+    if dtype is None:
+        raise FileFormatError(f"{source}: unsupported dtype {doc.get('dtype')!r}; expected one of {sorted(_DTYPES)}")
+    return dtype, NetMeta.from_dict(doc.get("meta"), source)
+
+
 def register_meta_check(check: Callable[[NetMeta, str], None]) -> Callable[[NetMeta, str], None]:
     """Run ``check(meta, source)`` on every network loaded from now on (it raises :class:`FileFormatError`)."""
     META_CHECKS.append(check)
@@ -293,14 +303,7 @@ class NormNet(nn.Module):
     def from_document(
         cls, doc: dict, tensors: dict[str, torch.Tensor], *, source: str = "network", device=None
     ) -> NormNet:
-        if doc.get("version") != FORMAT_VERSION:
-            raise FileFormatError(f"{source}: expected format version {FORMAT_VERSION}, found {doc.get('version')!r}")
-        dtype = _DTYPES.get(str(doc.get("dtype")))
-        if dtype is None:
-            raise FileFormatError(
-                f"{source}: unsupported dtype {doc.get('dtype')!r}; expected one of {sorted(_DTYPES)}"
-            )
-        meta = NetMeta.from_dict(doc.get("meta"), source)  # typed: a tampered field is named
+        dtype, meta = document_header(doc, source)
         for check in META_CHECKS:  # the layers above check what they recorded (the constructions: options)
             check(meta, source)
         architecture = doc.get("architecture")

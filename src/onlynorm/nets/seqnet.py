@@ -23,7 +23,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .. import _io
 from ..errors import FileFormatError, InvalidNetworkError
 from ..targets.seqgraph import PARAMETERISED, GNode, run_graph
-from .normnet import _DTYPES, DOCUMENT_FORMATS, FORMAT_VERSION, NetSummary, NormNet
+from .normnet import _DTYPES, DOCUMENT_FORMATS, FORMAT_VERSION, NetSummary, NormNet, document_header
 from .onnx_graph import OnnxGraph
 from .records import NetMeta
 from .stage import STAGES, Stage, StageLayout, check_sizes, dtype_name, register_stage
@@ -233,14 +233,7 @@ class SeqNet(NormNet):
     def from_document(
         cls, doc: dict, tensors: dict[str, torch.Tensor], *, source: str = "network", device=None
     ) -> SeqNet:
-        if doc.get("version") != FORMAT_VERSION:
-            raise FileFormatError(f"{source}: expected format version {FORMAT_VERSION}, found {doc.get('version')!r}")
-        dtype = _DTYPES.get(str(doc.get("dtype")))
-        if dtype is None:
-            raise FileFormatError(
-                f"{source}: unsupported dtype {doc.get('dtype')!r}; expected one of {sorted(_DTYPES)}"
-            )
-        meta = NetMeta.from_dict(doc.get("meta"), source)
+        dtype, meta = document_header(doc, source)
         arch = doc.get("architecture")
         if not isinstance(arch, dict) or not all(isinstance(arch.get(k), list) for k in ("stages", "graph", "inputs")):
             raise FileFormatError(f"{source}: expected an architecture with 'stages', 'graph', 'inputs' lists")
