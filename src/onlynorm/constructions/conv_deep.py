@@ -143,23 +143,7 @@ class ConvDeepConstruction(Construction):
         def stream(step: PlanStep) -> list[Stage]:
             ((c_in, c_out),) = step.shapes
             g = step.details["geometry"][0]
-            if step.stage_type is TiedConvStream:
-                tied = TiedConvStream(
-                    c_in,
-                    c_out,
-                    g["kernel_size"],
-                    g["stride"],
-                    g["padding"],
-                    g["dilation"],
-                    block=step.details["block"],
-                    flat=step.details["flat"],
-                    paired=step.details["paired"],
-                    dtype=dtype,
-                    device=device,
-                )
-                draw_tied(tied, gen)
-                return [tied]
-            stage = ConvStream(
+            stage = step.stage_type(  # ConvStream, or TiedConvStream with tied=1: the same configuration
                 c_in,
                 c_out,
                 g["kernel_size"],
@@ -172,6 +156,10 @@ class ConvDeepConstruction(Construction):
                 dtype=dtype,
                 device=device,
             )
+            if isinstance(stage, TiedConvStream):
+                draw_tied(stage, gen)
+                return [stage]
+            assert isinstance(stage, ConvStream)
             with torch.no_grad():
                 for t, (units, _J) in enumerate(stage.block_slices()):
                     w = stage.block_kernel(t)[units] if t < stage.full else stage.block_kernel(t)
