@@ -6,7 +6,7 @@ Each model runs in its own child process (so ``peak_rss`` is that model's peak r
 the seconds of conversion (torch.fx), reconstruction (build + solve: one LU per layer) and verification on
 ``--images`` images of ``[0, 1]^{3×224×224}``, the max relative error ``max |f − g| / max |g|`` over them, the
 frozen / tunable / target parameter counts and what the untied default would need (refused by the memory guard).
-Goals (issue 19): exact (≤ 1e-9 relative, float64) within ≤ 16 GiB; ResNet-18 ≤ 10 min, ResNet-50 ≤ 20 min including
+Goals: exact (≤ 1e-9 relative, float64) within ≤ 16 GiB; ResNet-18 ≤ 10 min, ResNet-50 ≤ 20 min including
 verifying 2 images.
 """
 

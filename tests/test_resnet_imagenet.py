@@ -16,4 +16,4 @@ def test_imagenet_resnet_is_exact_with_tied_deep(name, seconds):
     assert doc["max_rel_error"] <= 1e-9 and doc["max_relative_residual"] <= 1e-9
     assert doc["peak_rss_bytes"] <= 16 << 30
     assert doc["frozen_parameters"] < doc["tunable_parameters"]
-    assert doc["total_seconds"] <= seconds  # the goal on a 2-core machine (a loaded one can miss it)
+    assert doc["total_seconds"] <= seconds  # the time goal on a 2-core machine (a loaded one can miss it)
