@@ -30,8 +30,9 @@ from .errors import (
 from .fit import FitReport, fit_norms, with_norms
 from .fit.gradient import TrainHistory, norm_parameters, train_norm_only
 from .nets.linear import NormLinear
-from .nets.normnet import NetSummary, NormNet
+from .nets.normnet import NormNet
 from .nets.records import NetMeta, SolveInfo, SolveRecord
+from .nets.summary import NetSummary
 from .targets.cnn import ConvNetSpec
 from .targets.mlp import MLPSpec
 from .targets.residual import Residual

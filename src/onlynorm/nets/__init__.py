@@ -5,12 +5,13 @@ from .conv import FixedOp, NormConv2d, ResidualStage
 from .conv_stream import ConvStream
 from .factorised import FactorisedEmbedding, FactorisedLinear, FactorisedTable
 from .linear import NormLinear
-from .normnet import NetSummary, NormNet
+from .normnet import NormNet
 from .pretrained import PretrainedConv2d, PretrainedLinear
 from .records import NetMeta, SolveInfo, SolveRecord
 from .seqnet import ConstStage, LayerNormStage, PretrainedMap, SeqNet
 from .stage import STAGES, Stage, register_stage
 from .stream import ResidualStream
+from .summary import NetSummary
 from .tied import TiedResidualStream
 from .tied_conv import TiedConvStream
 
