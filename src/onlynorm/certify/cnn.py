@@ -41,6 +41,7 @@ was edited is refused instead of certified against what it no longer is.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -54,20 +55,28 @@ from ..nets.match import Node, Realised, Skip, path_label
 from ..nets.views import UNIT_GEOMETRY, AffineView, StreamView, hook_problem
 from ..targets.cnn import ConvNetSpec, box_tensors
 from ..targets.layers import Pool
+from .compose import compose, compose_vector
 from .core import U64, CertifyResult, Overflow, final_result, gamma_n, unit_roundoff
+from .opnorm import LayerNorms, norm_up, pool_lipschitz
 
 __all__ = ["certify_conv"]
 
 
 @dataclass(frozen=True)
 class _State:
-    """Bounds carried along (see the module docstring); every tensor has the activation's shape."""
+    """Bounds carried along (see the module docstring); every tensor has the activation's shape, and the four
+    floats bound the 2-norms of the same quantities over the whole activation: ``E ≥ ‖ĝ − g‖₂``,
+    ``R ≥ ‖f̃ − ĝ‖₂``, ``Rg ≥ ‖g̃ − g‖₂``, ``M ≥ ‖ĝ‖₂`` (:func:`_tighten` lets each form sharpen the other)."""
 
     lo: torch.Tensor
     hi: torch.Tensor
     err: torch.Tensor
     rf: torch.Tensor
     rg: torch.Tensor
+    E: float = math.inf
+    R: float = math.inf
+    Rg: float = math.inf
+    M: float = math.inf
 
     @property
     def mag(self) -> torch.Tensor:
@@ -88,6 +97,30 @@ class _State:
 def _up(t: torch.Tensor, n: int) -> torch.Tensor:
     """``t`` widened by the float64 rounding of the ``n``-term sums that computed it (an upper bound stays one)."""
     return t * (1 + gamma_n(n, U64))
+
+
+def _sum_up(*terms: float) -> float:
+    """A float64 sum of non-negative bounds, rounded up."""
+    return math.fsum(terms) * (1 + 4 * U64)
+
+
+def _tighten(st: _State) -> _State:
+    """Each bound form sharpens the other: an entry is at most the vector's 2-norm (``|δ_i| ≤ ‖δ‖₂``), and the
+    2-norm at most the norm of the entrywise bounds. Both stay valid, so the state keeps the smaller of each."""
+    err, rf, rg = st.err.clamp(max=st.E), st.rf.clamp(max=st.R), st.rg.clamp(max=st.Rg)
+    lo, hi = st.lo.clamp(min=-st.M, max=st.M), st.hi.clamp(min=-st.M, max=st.M)
+    mag = torch.maximum(lo.abs(), hi.abs())
+    return _State(
+        lo,
+        hi,
+        err,
+        rf,
+        rg,
+        min(st.E, norm_up(err)),
+        min(st.R, norm_up(rf)),
+        min(st.Rg, norm_up(rg)),
+        min(st.M, norm_up(mag)),
+    )
 
 
 def certify_conv(net, spec: ConvNetSpec, box: Box, nodes: Sequence[Node]) -> CertifyResult:
@@ -113,12 +146,15 @@ def certify_conv(net, spec: ConvNetSpec, box: Box, nodes: Sequence[Node]) -> Cer
     notes: list[str] = []
     walker = _Walker(u_f, notes, Overflow(net.dtype))
     walker.overflow.check(_peak(torch.maximum(lo.abs(), hi.abs())))  # the input, cast to f's dtype
-    state = walker.walk(nodes, _State(lo, hi, zero, cast, zero.clone()))
+    state = walker.walk(nodes, _tighten(_State(lo, hi, zero, cast, zero.clone())))
     walker.overflow.check(_peak(state.mag_f))
     walker.overflow.check_g(_peak(state.mag_g))
     hit = walker.overflow.hit
     notes += walker.overflow.notes()
-    return final_result(not notes and not hit, float(state.err.max()), float((state.rf + state.rg).max()), notes)
+    # the tighter of the interval (entrywise) and the norm-propagated bound, per output entry
+    bound = min(_peak(state.err), state.E)
+    rounding = min(_peak(state.rf + state.rg), _sum_up(state.R, state.Rg))
+    return final_result(not notes and not hit, bound, rounding, notes)
 
 
 def _peak(t: torch.Tensor) -> float:
@@ -135,6 +171,7 @@ class _Walker:
 
     def __init__(self, u_f: float, notes: list[str], overflow: Overflow):
         self.u_f, self.notes, self.overflow = u_f, notes, overflow
+        self.norms = LayerNorms()
 
     def walk(self, nodes: Sequence[Node], st: _State) -> _State:
         for node in nodes:
@@ -145,6 +182,7 @@ class _Walker:
             else:
                 _check_op(node.stage, node.layer, f"stage {path_label(node.path)} ({node.layer.type})")
                 st = self.fixed(node.layer, st)
+            st = _tighten(st)
         return st
 
     def realised(self, node: Realised, st: _State) -> _State:
@@ -173,34 +211,60 @@ class _Walker:
 
     # ------------------------------------------------------------------ parameter-free layers
     def fixed(self, layer, st: _State) -> _State:
-        """ReLU, max pooling and Flatten are exact; average pooling rounds (``γ_{k+2}`` of its ``k`` terms)."""
+        """ReLU, max pooling and Flatten are exact; average pooling rounds (``γ_{k+2}`` of its ``k`` terms).
+        In the 2-norm, ReLU and Flatten are 1-Lipschitz, pooling :func:`~onlynorm.certify.opnorm.pool_lipschitz`."""
         lo, hi = layer.bounds(st.lo, st.hi)
+        lip = pool_lipschitz(layer, tuple(st.lo.shape[1:])) if isinstance(layer, Pool) else 1.0
         if not (isinstance(layer, Pool) and layer.mode == "avg"):
-            return _State(lo, hi, layer.error_map(st.err), layer.error_map(st.rf), layer.error_map(st.rg))
+            return _State(
+                lo,
+                hi,
+                layer.error_map(st.err),
+                layer.error_map(st.rf),
+                layer.error_map(st.rg),
+                lip * st.E,
+                lip * st.R,
+                lip * st.Rg,
+                lip * st.M,
+            )
         k = layer.kernel[0] * layer.kernel[1]
 
         def peak(t):  # ≥ any average over a window, whatever the divisor (padding zeros included)
             return F.max_pool2d(t, layer.kernel, layer.stride, layer.padding)
 
         widen = gamma_n(k + 2, U64) * peak(st.mag)  # the certificate's own float64 averages of lo, hi
+        local_f = gamma_n(k + 2, self.u_f) * peak(st.mag_f)
+        local_g = gamma_n(k + 2, U64) * peak(st.mag_g)
+        grow = 1 + gamma_n(k + 2, U64)
         return _State(
             lo - widen,
             hi + widen,
             _up(layer.error_map(st.err), k + 2),
-            _up(layer.error_map(st.rf), k + 2) + gamma_n(k + 2, self.u_f) * peak(st.mag_f),
-            _up(layer.error_map(st.rg), k + 2) + gamma_n(k + 2, U64) * peak(st.mag_g),
+            _up(layer.error_map(st.rf), k + 2) + local_f,
+            _up(layer.error_map(st.rg), k + 2) + local_g,
+            lip * st.E * grow,
+            _sum_up(lip * st.R * grow, norm_up(local_f)),
+            _sum_up(lip * st.Rg * grow, norm_up(local_g)),
+            _sum_up(lip * st.M, norm_up(widen)),
         )
 
     def residual_sum(self, body: _State, skip: _State) -> _State:
-        """``relu(body + shortcut)``: one addition (a rounding ``u`` of the sum in each evaluation), then a ReLU."""
+        """``relu(body + shortcut)``: one addition (a rounding ``u`` of the sum in each evaluation), then a ReLU;
+        in the 2-norm the two branches' bounds add (the ReLU is 1-Lipschitz)."""
         lo, hi = skip.lo + body.lo, skip.hi + body.hi
         widen = gamma_n(1, U64) * torch.maximum(lo.abs(), hi.abs())
+        local_f = self.u_f * (skip.mag_f + body.mag_f)
+        local_g = U64 * (skip.mag_g + body.mag_g)
         return _State(
             (lo - widen).clamp(min=0),
             (hi + widen).clamp(min=0),
             _up(skip.err + body.err, 1),
-            _up(skip.rf + body.rf, 1) + self.u_f * (skip.mag_f + body.mag_f),
-            _up(skip.rg + body.rg, 1) + U64 * (skip.mag_g + body.mag_g),
+            _up(skip.rf + body.rf, 1) + local_f,
+            _up(skip.rg + body.rg, 1) + local_g,
+            _sum_up(skip.E, body.E) * (1 + 2 * U64),
+            _sum_up(skip.R * (1 + 2 * U64), body.R * (1 + 2 * U64), norm_up(local_f)),
+            _sum_up(skip.Rg * (1 + 2 * U64), body.Rg * (1 + 2 * U64), norm_up(local_g)),
+            _sum_up(skip.M, body.M, norm_up(widen)),
         )
 
     # ------------------------------------------------------------------ one target Conv/Linear
@@ -224,10 +288,14 @@ class _Walker:
         if not paired:
             self.check_activity(ops, GA, b1, K, st, pre_err, where)
         # the realised affine map Ŵ = γ₂ ⊙ B Γ₁ A, b̂ = γ₂ ⊙ B β₁ + β₂, and bounds on the rounding made forming them
-        W_hat = g2.unsqueeze(1) * (B @ GA)
-        W_err = gamma_n(N + 3, U64) * (B_abs @ GA_abs)
-        b_hat = g2 * (B @ b1) + b2
-        b_err = gamma_n(N + 3, U64) * (B_abs @ b1.abs() + b2.abs())
+        # composed with error-free products (:mod:`onlynorm.certify.compose`): a plain product's bound would carry
+        # the Khatri–Rao cancellation factor |B||Γ₁||A| / |Ŵ| (10²–10⁴) and dominate the distance
+        C, C_err = compose(B, g1, A)
+        W_hat = g2.unsqueeze(1) * C
+        W_err = (g2.abs().unsqueeze(1) * C_err + U64 * W_hat.abs()) * (1 + 2 * U64)
+        Bb, Bb_err = compose_vector(B, b1)
+        b_hat = g2 * Bb + b2
+        b_err = (g2.abs() * Bb_err + U64 * ((g2 * Bb).abs() + b_hat.abs())) * (1 + 2 * U64)
         dW = (W_hat - W.flatten(1)).abs() * (1 + 2 * U64) + W_err
         db = (b_hat - b).abs() * (1 + 2 * U64) + b_err
         err = _up(op(st.mag, dW) + op(st.err, W.flatten(1).abs()) + col(db), grow)
@@ -243,16 +311,35 @@ class _Walker:
         self.overflow.check(_peak(terms2), _peak(g2.abs()), _peak(b2.abs()))
         self.overflow.check(_peak(u_mag))
         self.overflow.check_g(_peak(op(st.mag_g, W.flatten(1).abs())), _peak(b.abs()))
-        rf = _up(op(st.rf, W_hat.abs() + W_err) + mix(B_abs, local1) + local2, grow)
+        local_f = mix(B_abs, local1) + local2
+        rf = _up(op(st.rf, W_hat.abs() + W_err) + local_f, grow)
         # g: its float64 evaluation of W * x + b at its own (computed) input
         W_abs = W.flatten(1).abs()
-        rg = _up(op(st.rg, W_abs) + gamma_n(K + 2, U64) * (op(st.mag_g, W_abs) + col(b.abs())), grow)
+        local_g = gamma_n(K + 2, U64) * (op(st.mag_g, W_abs) + col(b.abs()))
+        rg = _up(op(st.rg, W_abs) + local_g, grow)
         # ĝ's range: an exact interval step for Ŵ, widened by Ŵ's own uncertainty and this step's rounding
         pos, neg = W_hat.clamp(min=0), W_hat.clamp(max=0)
         lo = op(st.lo, pos) + op(st.hi, neg) + col(b_hat)
         hi = op(st.hi, pos) + op(st.lo, neg) + col(b_hat)
         widen = op(st.mag, W_err) + col(b_err) + gamma_n(K + 3, U64) * (op(st.mag, W_hat.abs()) + col(b_hat.abs()))
-        return _State(lo - widen, hi + widen, err, rf, rg)
+        # the same four quantities in the 2-norm: the error carried in goes through ‖W‖ (or ‖Ŵ‖ ≤ ‖W‖ + ‖Ŵ − W‖)
+        # — the sign cancellations |W| loses — and each layer adds its local error, bounded entrywise above
+        norm_W = self.norms.layer(layer, tuple(st.lo.shape[-2:]))
+        norm_dW = self.norms.difference(layer, tuple(st.lo.shape[-2:]), W_hat, W_err)
+        offsets = norm_up(col(db).expand_as(lo))
+        local_e = min(norm_up(_up(op(st.mag, dW) + col(db), grow)), _sum_up(norm_dW * st.M, offsets))
+        norm_hat = _sum_up(norm_W, norm_dW)
+        return _State(
+            lo - widen,
+            hi + widen,
+            err,
+            rf,
+            rg,
+            _sum_up(norm_W * st.E, local_e),
+            _sum_up(norm_hat * st.R, norm_up(_up(local_f, grow))),
+            _sum_up(norm_W * st.Rg, norm_up(_up(local_g, grow))),
+            _sum_up(norm_hat * st.M, norm_up(col(b_hat.abs() + b_err).expand_as(lo))),
+        )
 
     def check_activity(self, ops: _LinearOps, GA, b1, K: int, st: _State, pre_err, where: str) -> None:
         """The first stage stays active: per unit (linear) or per channel at every position (conv), with room for
