@@ -24,9 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import InvalidNetworkError
 from .modules import make_batchnorm, normalize
-from .onnx_graph import OnnxGraph, batchnorm
+from .onnx_graph import OnnxGraph, batchnorm, keep_lead
 from .stage import Stage, StageLayout, register_stage
 
 __all__ = ["FactorisedLinear", "FactorisedEmbedding", "FactorisedTable"]
@@ -106,11 +105,16 @@ class FactorisedLinear(Stage):
         }
 
     def lower_onnx(self, g: OnnxGraph, x: str, example: torch.Tensor) -> str:
-        if example.dim() != 2:
-            raise InvalidNetworkError(f"a {type(self).__name__} stage is exported for (batch, features) inputs only")
+        """``x ↦ BN(x Aᵀ) Bᵀ`` with the dense ``A, B`` (:meth:`dense`); an input of any rank is flattened to rows
+        and its leading sizes (possibly dynamic) restored, as ``forward`` does."""
         a, b = self.dense()
-        z = batchnorm(g, self.norm, g.node("MatMul", [x, g.const("factor_a", a.t())], "factor_a"))
-        return g.node("MatMul", [z, g.const("factor_b", b.t())], "factor_b")
+        rows = x if example.dim() == 2 else g.node("Reshape", [x, g.ints("rows", [-1, self.in_features])], "rows")
+        y = self._lower_rows(g, g.node("MatMul", [rows, g.const("factor_a", a.t())], "factor_a"), b)
+        return y if example.dim() == 2 else keep_lead(g, y, x, [self.out_features])
+
+    def _lower_rows(self, g: OnnxGraph, z: str, b: torch.Tensor) -> str:
+        """``BN(z) Bᵀ`` for ``z`` the ``(rows, S·T·N)`` products with ``A``."""
+        return g.node("MatMul", [batchnorm(g, self.norm, z), g.const("factor_b", b.t())], "factor_b")
 
     def layout(self) -> StageLayout:
         return StageLayout(type(self), (self.in_features, self.out_features), False, (("block", self.block),))
@@ -129,9 +133,11 @@ class FactorisedEmbedding(FactorisedLinear):
         return super().forward(F.one_hot(idx, self.in_features).to(self.A.dtype))
 
     def lower_onnx(self, g: OnnxGraph, x: str, example: torch.Tensor) -> str:
-        raise InvalidNetworkError(
-            "a FactorisedEmbedding stage has no ONNX lowering (token-id inputs); it cannot be exported"
-        )
+        """``Gather`` of ``Aᵀ``'s rows (``onehot(idx) Aᵀ``, exactly), then the BatchNorm and ``Bᵀ``."""
+        a, b = self.dense()
+        z = g.node("Gather", [g.const("factor_a", a.t()), x], "token", axis=0)
+        rows = g.node("Reshape", [z, g.ints("rows", [-1, a.shape[0]])], "rows")
+        return keep_lead(g, self._lower_rows(g, rows, b), x, [self.out_features], drop=0)
 
 
 @register_stage
@@ -161,6 +167,7 @@ class FactorisedTable(FactorisedLinear):
         return {"shape": self.shape, "block": self.block, "out_block": self.out_block}
 
     def lower_onnx(self, g: OnnxGraph, x: str, example: torch.Tensor) -> str:
-        raise InvalidNetworkError(
-            "a FactorisedTable stage has no ONNX lowering (it takes no input); it cannot be exported"
-        )
+        """``BN(Aᵀ) Bᵀ`` (row ``l`` the map of ``e_l``) reshaped to the table's shape; ``x`` is not read."""
+        a, b = self.dense()
+        y = self._lower_rows(g, g.const("factor_a", a.t().contiguous()), b)
+        return g.node("Reshape", [y, g.ints("shape", self.shape)], "table")

@@ -99,7 +99,9 @@ class TransformerSpec:
         spec = cls(
             nodes=builder.nodes,
             tensors=builder.tensors,
-            inputs=[{"dtype": str(t.dtype).removeprefix("torch."), "ndim": t.dim()} for t in example],
+            inputs=[
+                {"dtype": str(t.dtype).removeprefix("torch."), "ndim": t.dim(), "shape": list(t.shape)} for t in example
+            ],
             dtype=dtype,
             num_parameters=sum(p.numel() for p in model.parameters()),
             name=type(model).__name__,
