@@ -27,7 +27,7 @@ import torch
 from ..errors import InvalidNetworkError
 from .onnx_seq_graph import Dyn, NotDynamic, SeqGraph, Val
 
-__all__ = ["attention", "sdpa", "gelu", "erf", "erf_table", "ERF_DEGREE", "ERF_PIECES"]
+__all__ = ["attention", "attention_weights", "sdpa", "gelu", "erf", "erf_table", "ERF_DEGREE", "ERF_PIECES"]
 
 ERF_PIECES, ERF_WIDTH, ERF_DEGREE, ERF_TAYLOR = 10, 0.5, 14, 20
 
@@ -168,6 +168,53 @@ def sdpa(
     return _finish(g, scores, v)
 
 
+def _attention_scores(
+    g: SeqGraph,
+    q: Val,
+    k: Val,
+    v: Val,
+    num_heads: int,
+    batch_first: bool,
+    attn_mask: Any,
+    key_padding_mask: Any,
+    is_causal: bool,
+) -> tuple[str, str, bool]:
+    """``(masked scores (N, H, L, S), value heads (N, H, S, hd), unbatched)`` as
+    :func:`onlynorm.targets.seqgraph.attention` splits the heads and merges the masks."""
+    dtype, heads = q.dtype, int(num_heads)
+    names = [g.tensor(t) for t in (q, k, v)]
+    unbatched = q.ndim == 2
+    pad = g.tensor(key_padding_mask) if isinstance(key_padding_mask, Val) else None
+    if unbatched:
+        names = [g.unsqueeze(n, [0]) for n in names]
+        pad = g.unsqueeze(pad, [0]) if pad is not None else None
+    elif not batch_first:
+        names = [g.transpose(n, [1, 0, 2]) for n in names]
+    seq = 0 if unbatched or not batch_first else 1  # the length axis of the inputs as given
+    e, ve = int(q.a.shape[-1]), int(v.a.shape[-1])
+    split = [g.transpose(g.reshape(n, [0, 0, heads, w // heads]), [0, 2, 1, 3]) for n, w in zip(names, (e, e, ve))]
+    mask = _additive(g, attn_mask, dtype) if isinstance(attn_mask, Val) else None
+    if mask is not None and attn_mask.ndim == 3:
+        rest = g.node("Slice", [g.node("Shape", [mask], "shape"), g.ints("start", [1]), g.ints("end", [3])], "dims")
+        mask = g.node("Reshape", [mask, g.node("Concat", [g.ints("dims", [-1, heads]), rest], "shape", axis=0)])
+    if pad is not None:
+        pad = g.unsqueeze(_additive(g, Val(pad, key_padding_mask.a, key_padding_mask.b), dtype), [1, 2])
+        mask = pad if mask is None else g.node("Add", [mask, pad], "mask")
+    lengths = [
+        _dims(g, names[0], 1, 2, (q.a.shape[seq], q.b.shape[seq])),
+        _dims(g, names[1], 1, 2, (k.a.shape[seq], k.b.shape[seq])),
+    ]
+    scores, ls = _core(
+        g, split[0], split[1], split[2], 4, factor=1.0 / (e // heads) ** 0.5, dtype=dtype, lengths=lengths
+    )
+    if mask is None and is_causal:
+        causal = g.node("Trilu", [g.ones_bool(ls), g.scalar(1, torch.int64)], "causal", upper=1)
+        mask = g.node("Where", [causal, g.scalar(float("-inf"), dtype), g.scalar(0.0, dtype)], "additive")
+    if mask is not None:
+        scores = g.node("Add", [scores, mask], "masked")
+    return scores, split[2], unbatched
+
+
 def attention(
     g: SeqGraph,
     out: torch.Tensor,
@@ -181,40 +228,31 @@ def attention(
     is_causal: bool = False,
 ) -> str:
     """:func:`onlynorm.targets.seqgraph.attention` (``nn.MultiheadAttention`` between its projections)."""
-    dtype, heads = q.dtype, int(num_heads)
-    names = [g.tensor(t) for t in (q, k, v)]
-    unbatched = q.ndim == 2
-    pad = g.tensor(key_padding_mask) if isinstance(key_padding_mask, Val) else None
-    if unbatched:
-        names = [g.unsqueeze(n, [0]) for n in names]
-        pad = g.unsqueeze(pad, [0]) if pad is not None else None
-    elif not batch_first:
-        names = [g.transpose(n, [1, 0, 2]) for n in names]
-    seq = 0 if unbatched or not batch_first else 1  # the length axis of the inputs as given
-    e, ve = int(q.a.shape[-1]), int(v.a.shape[-1])
-    split = [
-        g.transpose(g.reshape(n, [0, 0, heads, width // heads]), [0, 2, 1, 3]) for n, width in zip(names, (e, e, ve))
-    ]
-    mask = _additive(g, attn_mask, dtype) if isinstance(attn_mask, Val) else None
-    if mask is not None and attn_mask.ndim == 3:
-        rest = g.node("Slice", [g.node("Shape", [mask], "shape"), g.ints("start", [1]), g.ints("end", [3])], "dims")
-        mask = g.node("Reshape", [mask, g.node("Concat", [g.ints("dims", [-1, heads]), rest], "shape", axis=0)])
-    if pad is not None:
-        pad = g.unsqueeze(_additive(g, Val(pad, key_padding_mask.a, key_padding_mask.b), dtype), [1, 2])
-        mask = pad if mask is None else g.node("Add", [mask, pad], "mask")
-    lengths = [
-        _dims(g, names[0], 1, 2, (q.a.shape[seq], q.b.shape[seq])),
-        _dims(g, names[1], 1, 2, (k.a.shape[seq], k.b.shape[seq])),
-    ]
-    scores, ls = _core(
-        g, split[0], split[1], split[2], 4, factor=1.0 / math.sqrt(e // heads), dtype=dtype, lengths=lengths
+    scores, vh, unbatched = _attention_scores(
+        g, q, k, v, num_heads, batch_first, attn_mask, key_padding_mask, is_causal
     )
-    if mask is None and is_causal:
-        causal = g.node("Trilu", [g.ones_bool(ls), g.scalar(1, torch.int64)], "causal", upper=1)
-        mask = g.node("Where", [causal, g.scalar(float("-inf"), dtype), g.scalar(0.0, dtype)], "additive")
-    if mask is not None:
-        scores = g.node("Add", [scores, mask], "masked")
-    merged = g.reshape(g.transpose(_finish(g, scores, split[2]), [0, 2, 1, 3]), [0, 0, -1])
+    merged = g.reshape(g.transpose(_finish(g, scores, vh), [0, 2, 1, 3]), [0, 0, -1])
     if unbatched:
         return g.node("Squeeze", [merged, g.ints("axes", [0])], "unbatched")
     return merged if batch_first else g.transpose(merged, [1, 0, 2])
+
+
+def attention_weights(
+    g: SeqGraph,
+    out: torch.Tensor,
+    q: Val,
+    k: Val,
+    num_heads: int,
+    batch_first: bool = True,
+    attn_mask: Any = None,
+    key_padding_mask: Any = None,
+    is_causal: bool = False,
+    average: bool = True,
+) -> str:
+    """:func:`onlynorm.targets.seqgraph.attention_weights`: ``Softmax`` of the masked scores, ``ReduceMean``
+    over the heads when ``average``."""
+    scores, _, unbatched = _attention_scores(g, q, k, k, num_heads, batch_first, attn_mask, key_padding_mask, is_causal)
+    weights = g.node("Softmax", [scores], "weights", axis=-1)
+    if average:
+        weights = g.node("ReduceMean", [weights], "mean_heads", axes=[1], keepdims=0)
+    return g.node("Squeeze", [weights, g.ints("axes", [0])], "unbatched") if unbatched else weights

@@ -22,7 +22,7 @@ import torch
 
 from ..errors import InvalidNetworkError
 from .onnx_seq_graph import INT64_MAX, Dyn, NotDynamic, SeqGraph, Val
-from .onnx_seq_math import attention, gelu, sdpa
+from .onnx_seq_math import attention, attention_weights, gelu, sdpa
 
 __all__ = ["LOWERINGS"]
 
@@ -258,8 +258,8 @@ def _chunk(g: SeqGraph, out: Any, x: Val, chunks: int, dim: int = 0) -> list[str
     return _split(g, out, x, chunks, dim)
 
 
-def _pack(g: SeqGraph, out: Any, x: Val) -> tuple[str, None]:
-    return (g.tensor(x), None)
+def _pack(g: SeqGraph, out: Any, x: Val, weights: Any = None) -> tuple[str, str | None]:
+    return (g.tensor(x), g.tensor(weights) if isinstance(weights, Val) else None)
 
 
 def _matmul(g: SeqGraph, out: torch.Tensor, x: Val, y: Val) -> str:
@@ -300,6 +300,7 @@ LOWERINGS: dict[str, Lowering] = {
     "torch.sqrt": _unary("Sqrt"),
     "scaled_dot_product_attention": sdpa,
     "attention": attention,
+    "attention_weights": attention_weights,
     "torch.arange": _arange,
     "torch.ones": _constant(1),
     "torch.zeros": _constant(0),
