@@ -8,6 +8,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import onlynorm
@@ -261,3 +262,67 @@ def test_decoder_and_bare_attention_export_to_onnx(tmp_path):
         want = [t.numpy() for t in f(q, q, q)]
     got = session.run(None, {"input_0": q.numpy(), "input_1": q.numpy(), "input_2": q.numpy()})
     assert all(np.abs(a - b).max() <= 1e-12 * np.abs(b).max() for a, b in zip(got, want))
+
+
+# ---------------------------------------------------------------------------------------------- fully masked rows
+def test_a_query_whose_every_key_is_masked_gets_what_torch_gives(tmp_path):
+    """torch's scaled_dot_product_attention (and MultiheadAttention without weights) gives 0 where every key is
+    masked; MultiheadAttention computing its weights gives NaN there. The graph and its ONNX export follow."""
+    torch.manual_seed(10)
+
+    class Masked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k = nn.Linear(8, 8), nn.Linear(8, 8)
+            self.mha = nn.MultiheadAttention(8, 2, batch_first=True)
+
+        def forward(self, x, pad):
+            t = x.size(1)
+            allowed = torch.ones(t, t, dtype=torch.bool).tril().masked_fill(pad[:1].transpose(0, 1), False)
+            y = F.scaled_dot_product_attention(self.q(x), self.k(x), x, attn_mask=allowed)
+            m = x + 0.0  # not self-attention: torch's MHA fast path (no grad) would give NaN, its math path 0
+            quiet = self.mha(x, m, m, key_padding_mask=pad, need_weights=False)[0]
+            loud = self.mha(x, m, m, key_padding_mask=pad)[0]
+            return y + quiet, loud
+
+    g = Masked().double().eval()
+    x, pad = _x((2, 4, 8)), torch.tensor([[True, False, False, False], [True] * 4])
+    f = onlynorm.reconstruct(g, example_input=(x, pad))
+    with torch.no_grad():
+        (a, loud), (b, loud_g) = f(x, pad), g(x, pad)
+    assert torch.isfinite(b).all() and float(b[1].abs().max()) > 0  # row 0 of every query attends nothing
+    assert float((a - b).abs().max()) <= 1e-12 and torch.isnan(loud_g[1]).all() and torch.isnan(loud[1]).all()
+    assert torch.isfinite(loud_g[0]).all() and float((loud - loud_g)[0].abs().max()) <= 1e-12
+    f.to_onnx(tmp_path / "masked.onnx")
+    session = ort.InferenceSession(str(tmp_path / "masked.onnx"), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"input_0": x.numpy(), "input_1": pad.numpy()})
+    assert np.abs(got[0] - a.numpy()).max() <= 1e-12 and np.isnan(got[1][1]).all()
+
+
+def test_an_encoder_with_a_fully_padded_sequence_follows_torchs_math_path():
+    """torch is not one function here: its eval fast path (no grad) gives NaN for a sequence whose every key is
+    padded, its math path (grad enabled) attends nothing (0). The graph follows the math path; an example on which
+    they differ is refused in one line."""
+    torch.manual_seed(11)
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16, batch_first=True), 1, enable_nested_tensor=False)
+    enc = enc.double().eval()
+
+    class Padded(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc = enc
+
+        def forward(self, x, pad):
+            return self.enc(x, src_key_padding_mask=pad)
+
+    g = Padded().eval()
+    x, pad = _x((2, 3, 8)), torch.tensor([[False, False, True], [True, True, True]])
+    with pytest.raises(UnsupportedModelError) as exc:  # torch's fast path (no grad): NaN for the padded sequence
+        onlynorm.reconstruct(g, example_input=(x, pad))
+    assert "\n" not in str(exc.value) and "fully padded" in str(exc.value)
+    f = onlynorm.reconstruct(g, example_input=(x, pad[:1].expand(2, 3)))
+    with torch.no_grad():
+        fast, got = g(x, pad), f(x, pad)
+    want = g(x, pad).detach()  # grad enabled: torch's own math path, 0 attention for the padded sequence
+    assert torch.isnan(fast[1]).all() and torch.isfinite(want).all()
+    assert float((got - want).abs().max() / want.abs().max()) <= 1e-9

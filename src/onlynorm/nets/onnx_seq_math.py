@@ -125,8 +125,15 @@ def _core(
     return g.node("Mul", [scores, g.scalar(factor, dtype)], "scaled"), lengths[0] + lengths[1]
 
 
-def _finish(g: SeqGraph, scores: str, v: str) -> str:
-    return g.node("MatMul", [g.node("Softmax", [scores], "softmax", axis=-1), v], "attended")
+def _finish(g: SeqGraph, scores: str, v: str, dtype: torch.dtype, safe: bool = True) -> str:
+    """``softmax(scores) v``; ``safe``: a row of ``−inf`` scores (every key masked) gives 0, not NaN
+    (:func:`onlynorm.targets.seqgraph.safe_softmax`)."""
+    probs = g.node("Softmax", [scores], "softmax", axis=-1)
+    if safe:
+        top = g.node("ReduceMax", [scores], "row_max", axes=[-1], keepdims=1)
+        masked = g.node("Equal", [top, g.scalar(float("-inf"), dtype)], "masked_row")
+        probs = g.node("Where", [masked, g.scalar(0.0, dtype), probs], "safe_softmax")
+    return g.node("MatMul", [probs, v], "attended")
 
 
 def sdpa(
@@ -165,7 +172,7 @@ def sdpa(
             scores = g.node("Where", [g.tensor(attn_mask), scores, inf], "masked")
         else:
             scores = g.node("Add", [scores, g.tensor(attn_mask, dtype)], "masked")
-    return _finish(g, scores, v)
+    return _finish(g, scores, v, dtype)
 
 
 def _attention_scores(
@@ -226,12 +233,13 @@ def attention(
     attn_mask: Any = None,
     key_padding_mask: Any = None,
     is_causal: bool = False,
+    safe: bool = True,
 ) -> str:
     """:func:`onlynorm.targets.seqgraph.attention` (``nn.MultiheadAttention`` between its projections)."""
     scores, vh, unbatched = _attention_scores(
         g, q, k, v, num_heads, batch_first, attn_mask, key_padding_mask, is_causal
     )
-    merged = g.reshape(g.transpose(_finish(g, scores, vh), [0, 2, 1, 3]), [0, 0, -1])
+    merged = g.reshape(g.transpose(_finish(g, scores, vh, q.dtype, safe), [0, 2, 1, 3]), [0, 0, -1])
     if unbatched:
         return g.node("Squeeze", [merged, g.ints("axes", [0])], "unbatched")
     return merged if batch_first else g.transpose(merged, [1, 0, 2])

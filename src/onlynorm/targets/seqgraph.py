@@ -90,13 +90,19 @@ def attention(
     attn_mask: torch.Tensor | None = None,
     key_padding_mask: torch.Tensor | None = None,
     is_causal: bool = False,
+    safe: bool = True,
 ) -> torch.Tensor:
     """``nn.MultiheadAttention``'s arithmetic between its projections: split heads, scaled dot products with the
     masks (bool ``True`` = not attended, float = added; ``is_causal`` without a mask = the causal mask), softmax,
     merge heads. ``q, k, v`` are the projected inputs, ``(N, L, E)`` (``(L, N, E)`` unless ``batch_first``, or
-    unbatched ``(L, E)``)."""
+    unbatched ``(L, E)``). A query whose every key is masked gets 0 (``safe``, torch's attention without weights)
+    or NaN (``safe=False``: the plain softmax torch uses when it computes the weights too)."""
     qh, kh, vh, mask, unbatched = _split_heads(q, k, v, num_heads, batch_first, attn_mask, key_padding_mask, is_causal)
-    out = sdpa(qh, kh, vh, attn_mask=mask)
+    if safe:
+        out = sdpa(qh, kh, vh, attn_mask=mask)
+    else:
+        scores = (qh @ kh.transpose(-2, -1)) * (1.0 / math.sqrt(qh.size(-1)))
+        out = torch.softmax(scores if mask is None else scores + mask, dim=-1) @ vh
     out = out.transpose(1, 2).reshape(qh.shape[0], qh.shape[2], -1)
     if unbatched:
         return out.squeeze(0)
@@ -149,7 +155,19 @@ def sdpa(
         scores = scores.masked_fill(~allowed, float("-inf"))
     if attn_mask is not None:
         scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
-    return torch.softmax(scores, dim=-1) @ value
+    return safe_softmax(scores) @ value
+
+
+def safe_softmax(scores: torch.Tensor) -> torch.Tensor:
+    """``softmax`` over the last axis with a row whose every score is ``−inf`` (every key masked) giving 0, as
+    torch's ``scaled_dot_product_attention`` does, where a plain softmax gives NaN.
+
+    >>> safe_softmax(torch.tensor([[0.0, float("-inf")], [float("-inf"), float("-inf")]]))
+    tensor([[1., 0.],
+            [0., 0.]])
+    """
+    masked = (scores == float("-inf")).all(dim=-1, keepdim=True)
+    return torch.softmax(scores, dim=-1).masked_fill(masked, 0.0)
 
 
 def _additive(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:

@@ -156,6 +156,13 @@ class TransformerSpec:
         if not pairs or len(_leaves(want)) != len(_leaves(got)):
             raise UnsupportedModelError(f"{self.name}: the converted graph returns a different output structure")
         for w, g in pairs:
+            if w.shape == g.shape and not torch.equal(w.isnan(), g.isnan()):
+                raise UnsupportedModelError(
+                    f"{self.name}: the model returns NaN on example_input where the converted graph does not, or the "
+                    "reverse (torch's fast path gives NaN for a sequence whose every key is padded; the graph "
+                    "computes it as with grad enabled); give an example without fully padded sequences"
+                )
+            w, g = w.nan_to_num(0.0, 0.0, 0.0), g.nan_to_num(0.0, 0.0, 0.0)  # same NaN; ±inf compared as 0
             scale = max(float(w.abs().max()), 1e-300) if w.numel() else 1.0
             err = float((w.double() - g.double()).abs().max()) / scale if w.numel() else 0.0
             tol = 1e-9 if self.dtype == torch.float64 else 1e-4

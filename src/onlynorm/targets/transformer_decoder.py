@@ -27,7 +27,7 @@ __all__ = ["expand_decoder_layer", "expand_decoder", "expand_transformer"]
 
 
 def _attend(b: GraphBuilder, name: str, mha: nn.MultiheadAttention, x: Any, memory: Any, **masks: Any) -> Any:
-    out = expand_mha(b, name, mha, x, memory, memory, **masks)
+    out = expand_mha(b, name, mha, x, memory, memory, need_weights=False, **masks)  # as the layer calls it
     return b.call(f"{name}.output", "getitem", out, 0)
 
 

@@ -88,10 +88,12 @@ def expand_mha(
     k = b.linear(f"{name}.k_proj", key, wk, biases[1])
     v = b.linear(f"{name}.v_proj", value, wv, biases[2])
     a = b.call(f"{name}.attention", "attention", q, k, v, m.num_heads, m.batch_first, attn_mask, key_padding_mask)
-    b.nodes[-1].kwargs["is_causal"] = is_causal
-    out = b.linear(f"{name}.out_proj", a, m.out_proj.weight, m.out_proj.bias)
     if not isinstance(need_weights, bool):
         raise UnsupportedModelError(f"module {name!r} (MultiheadAttention): need_weights must be a constant bool")
+    # torch attends by scaled_dot_product_attention (a query with every key masked gets 0) without the weights,
+    # by a plain softmax (NaN there) with them
+    b.nodes[-1].kwargs.update(is_causal=is_causal, safe=not need_weights)
+    out = b.linear(f"{name}.out_proj", a, m.out_proj.weight, m.out_proj.bias)
     if not (need_weights and name in b.weights_read):
         return b.call(f"{name}.pack", "pack", out)
     masks = {"attn_mask": attn_mask, "key_padding_mask": key_padding_mask, "is_causal": is_causal}
@@ -134,6 +136,7 @@ def expand_encoder_layer(
             key_padding_mask=src_key_padding_mask,
             attn_mask=src_mask,
             is_causal=is_causal,
+            need_weights=False,  # as the layer calls it (torch attends by scaled_dot_product_attention)
         )
         return b.call(f"{name}.self_attn.output", "getitem", out, 0)
 
