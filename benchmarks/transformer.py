@@ -115,6 +115,7 @@ def onnx_row(f: onlynorm.nets.SeqNet, model: str, d: int) -> dict:
     return {
         "onnx_seconds": round(seconds, 3),
         "onnx_nodes": info["nodes"],
+        "onnx_megabytes": round(path.stat().st_size / 1e6, 1),
         "onnx_dynamic": info["dynamic"],
         "onnx_max_rel_error": max(errors),
         "onnxruntime_over_torch": round(ort_s / torch_s, 2),

@@ -107,6 +107,9 @@ def test_the_tuned_parameters_are_visible_in_the_graph(tmp_path):
     gammas = [init[n.input[1]] for n in model.graph.node if n.op_type == "Mul" and n.input[1].startswith("ln_gamma")]
     assert len(gammas) == len(net.layer_norms()) == 5
     assert not any(n.op_type == "LayerNormalization" for n in model.graph.node)
+    # the initializers are the network's own tensors (no dense zero-padded copies of the blocked factors)
+    held = sum(t.numel() for t in net.state_dict().values())
+    assert sum(v.size for v in init.values()) <= 1.05 * held + 10_000
 
 
 def test_a_loaded_network_exports_and_the_cli_exports_a_sequence_network(tmp_path, capsys):

@@ -1,9 +1,10 @@
 """ONNX export of a sequence network (:class:`~onlynorm.nets.seqnet.SeqNet`): its graph written node by node with
 ``onnx.helper``, as :mod:`onlynorm.nets.onnx` writes an MLP or CNN.
 
-Every stage lowers itself (``Stage.lower_onnx``): a factorised map → ``MatMul`` (dense ``Aᵀ``) →
-``BatchNormalization`` (the tuned ``γ, β`` visible as its ``scale``/``B``) → ``MatMul`` (``Bᵀ``), an embedding
-starting with ``Gather`` of ``Aᵀ``'s rows (the one-hot product), a learned table from ``Aᵀ`` itself; a LayerNorm as
+Every stage lowers itself (``Stage.lower_onnx``): a factorised map → a batched ``MatMul`` by the frozen blocks
+``A`` → ``BatchNormalization`` (the tuned ``γ, β`` visible as its ``scale``/``B``) → a batched ``MatMul`` by the
+blocks ``B`` (the initializers are the frozen tensors, no dense copies), an embedding on the one-hot rows of its
+ids (``Equal`` with ``Range``), a learned table on those of ``Range(rows)``; a LayerNorm as
 its formula ``(x − mean)/√(var + eps) · γ + β`` (``ReduceMean``/``Sub``/``Mul``/``Sqrt``/``Div``: ``eps`` in the
 network's dtype, where ``LayerNormalization``'s ``epsilon`` attribute is a float32); a buffer (mask) as an
 initializer. Every copied node lowers by name (:mod:`onlynorm.nets.onnx_seq_ops`, :mod:`onlynorm.nets.onnx_seq_math`);
@@ -203,6 +204,13 @@ def _walk(net: Any, g: SeqGraph, a: tuple[torch.Tensor, ...], b: tuple[torch.Ten
         except InvalidNetworkError as exc:
             what = node.target or node.op
             raise InvalidNetworkError(f"node {node.name!r} ({what}): {exc}; it cannot be exported") from None
+        except (TypeError, ValueError, KeyError, IndexError, AttributeError, RuntimeError) as exc:
+            # arguments in a form no lowering expects (a hand-edited graph, an op used in an unusual way)
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise InvalidNetworkError(
+                f"node {node.name!r} ({node.target or node.op}): the ONNX export cannot lower it ({first}); it "
+                "cannot be exported"
+            ) from None
     raise InvalidNetworkError("the network's graph has no output node")
 
 

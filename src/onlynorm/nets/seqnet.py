@@ -218,7 +218,8 @@ class SeqNet(NormNet):
         lower_conv: bool | None = None,
     ) -> dict[str, Any]:
         """Write this network as an ONNX file (needs ``pip install 'onlynorm[onnx]'``): batch and sequence axes
-        dynamic where the network runs at other shapes; see :func:`onlynorm.nets.onnx_seq.export_seq_onnx`."""
+        dynamic where the network runs at other shapes; see :func:`onlynorm.nets.onnx_seq.export_seq_onnx`.
+        ``lower_conv`` (NormNet's signature) is not used: a sequence network has no convolutions."""
         return export_seq_onnx(self, path, example_input=example_input, dynamic=dynamic)
 
     def summary(self) -> NetSummary:
