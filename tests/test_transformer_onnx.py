@@ -241,3 +241,24 @@ def test_hand_written_masks_and_gelu_tanh_export(tmp_path):
     session = _session(tmp_path / "net.onnx")
     for n, t in ((1, 1), (4, 6)):
         assert _rel(net, session, _feat((n, t, 8), seed=t)) <= 1e-12
+
+
+def test_unbatched_attention_and_encoder_export(tmp_path):
+    """Unbatched (L, E) inputs: a bare MultiheadAttention (output and weights) and an encoder, dynamic length."""
+    torch.manual_seed(6)
+    mha = nn.MultiheadAttention(8, 2).double().eval()
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16), 1, enable_nested_tensor=False).double().eval()
+    for name, model, arity in (("mha", mha, 3), ("enc", enc, 1)):
+        net = onlynorm.reconstruct(model, example_input=(_feat((5, 8)),) * arity)
+        info = net.to_onnx(tmp_path / f"{name}.onnx")
+        assert info["dynamic"] and all(dims[1] == 8 for dims in info["signature"])
+        session = _session(tmp_path / f"{name}.onnx")
+        y = _feat((7, 8), seed=3)
+        with torch.no_grad():
+            want = net(*(y,) * arity)
+            ref = model(*(y,) * arity)
+        names = [i.name for i in session.get_inputs()]
+        got = session.run(None, {n: y.numpy() for n in names})
+        for g, w, r in zip(got, want if arity == 3 else [want], ref if arity == 3 else [ref]):
+            assert np.abs(g - w.numpy()).max() <= 1e-12 * np.abs(w.numpy()).max()
+            assert float((w - r).abs().max() / r.abs().max()) <= 1e-9
