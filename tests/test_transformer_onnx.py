@@ -262,3 +262,17 @@ def test_unbatched_attention_and_encoder_export(tmp_path):
         for g, w, r in zip(got, want if arity == 3 else [want], ref if arity == 3 else [ref]):
             assert np.abs(g - w.numpy()).max() <= 1e-12 * np.abs(w.numpy()).max()
             assert float((w - r).abs().max() / r.abs().max()) <= 1e-9
+
+
+def test_a_network_without_a_recorded_example_shape_needs_example_input(tmp_path):
+    net = _built("sdpa", F64).clone()
+    for sig in net.inputs:
+        sig.pop("shape")  # as a network file written before the shape was recorded
+    with pytest.raises(InvalidNetworkError) as exc:
+        net.to_onnx(tmp_path / "net.onnx")
+    assert "example_input=" in _one_line(exc) and not (tmp_path / "net.onnx").exists()
+    info = net.to_onnx(tmp_path / "net.onnx", example_input=_feat((2, 3, 16)))
+    assert info["dynamic"] and _rel(net, _session(tmp_path / "net.onnx"), _feat((4, 5, 16), seed=8)) <= 1e-12
+    with pytest.raises(InvalidNetworkError) as exc:
+        net.to_onnx(tmp_path / "other.onnx", example_input=(_feat((2, 3, 16)), _feat((2, 3, 16))))
+    assert "expected 1 tensor(s), found 2" in _one_line(exc)
