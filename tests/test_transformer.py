@@ -273,7 +273,7 @@ def test_a_parameter_used_non_linearly_is_refused(use, name):
     assert name in _one_line(exc) and "non-linearly" in str(exc.value)
 
 
-def test_attention_weights_and_unknown_modules_are_refused():
+def test_attention_weights_are_reconstructed_and_unknown_modules_refused():
     class Weights(nn.Module):
         def __init__(self):
             super().__init__()
@@ -282,9 +282,10 @@ def test_attention_weights_and_unknown_modules_are_refused():
         def forward(self, x):
             return self.attn(x, x, x)[1]
 
-    with pytest.raises(UnsupportedModelError) as exc:
-        onlynorm.reconstruct(Weights(), example_input=torch.randn(2, 3, 8, dtype=F64))
-    assert "attention weights" in _one_line(exc)
+    g = Weights().eval()
+    f = onlynorm.reconstruct(g, example_input=torch.randn(2, 3, 8, dtype=F64))
+    for t in LENGTHS:
+        assert _rel(f, g, torch.randn(2, t, 8, dtype=F64)) <= 1e-10
     conv = nn.Sequential(nn.Embedding(5, 4), nn.Conv1d(3, 3, 1)).double()
     with pytest.raises(UnsupportedModelError) as exc:
         onlynorm.reconstruct(conv, example_input=torch.zeros(2, 3, dtype=torch.long))

@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import InvalidNetworkError
 from .modules import make_batchnorm, normalize
-from .onnx_graph import OnnxGraph, batchnorm
+from .onnx_graph import OnnxGraph, batchnorm, keep_lead, slice_last
+from .onnx_seq_graph import elem_type
 from .stage import Stage, StageLayout, register_stage
 
 __all__ = ["FactorisedLinear", "FactorisedEmbedding", "FactorisedTable"]
@@ -106,11 +106,39 @@ class FactorisedLinear(Stage):
         }
 
     def lower_onnx(self, g: OnnxGraph, x: str, example: torch.Tensor) -> str:
-        if example.dim() != 2:
-            raise InvalidNetworkError(f"a {type(self).__name__} stage is exported for (batch, features) inputs only")
-        a, b = self.dense()
-        z = batchnorm(g, self.norm, g.node("MatMul", [x, g.const("factor_a", a.t())], "factor_a"))
-        return g.node("MatMul", [z, g.const("factor_b", b.t())], "factor_b")
+        """The blocked products as ``forward`` computes them: rows ``(R, n)`` (an input of any rank is flattened
+        and its leading, possibly dynamic, sizes restored) padded to ``T·k``, ``MatMul`` of ``(R, 1, T, 1, k)`` by
+        ``A`` as ``(S, T, k, N)``, the BatchNorm on ``(R, S·T·N)``, ``MatMul`` of ``(R, S, 1, T·N)`` by ``B`` as
+        ``(S, T·N, r)``, the first ``m`` of the ``S·r`` outputs. The initializers are the frozen ``A, B`` themselves
+        (no dense zero-padded copies)."""
+        rows = x if example.dim() == 2 else g.node("Reshape", [x, g.ints("rows", [-1, self.in_features])], "rows")
+        y = self._lower_rows(g, rows)
+        return y if example.dim() == 2 else keep_lead(g, y, x, [self.out_features])
+
+    def _lower_rows(self, g: OnnxGraph, rows: str) -> str:
+        s, t = self.blocks
+        n, k, r = self.system_size, self.block, self.out_block
+        if t * k != self.in_features:
+            rows = g.node("Pad", [rows, g.ints("pads", [0, 0, 0, t * k - self.in_features])], "pad")
+        blocks = g.node("Reshape", [rows, g.ints("blocks", [-1, 1, t, 1, k])], "blocks")
+        z = g.node("MatMul", [blocks, g.const("factor_a", self.A.detach().transpose(2, 3).contiguous())], "factor_a")
+        z = batchnorm(g, self.norm, g.node("Reshape", [z, g.ints("rows", [-1, s * t * n])], "rows"))
+        z = g.node("Reshape", [z, g.ints("blocks", [-1, s, 1, t * n])], "blocks")
+        b = self.B.detach().permute(0, 1, 3, 2).reshape(s, t * n, r)  # (S, T, r, N) → (S, T·N, r)
+        y = g.node("MatMul", [z, g.const("factor_b", b.contiguous())], "factor_b")
+        y = g.node("Reshape", [y, g.ints("rows", [-1, s * r])], "rows")
+        return y if s * r == self.out_features else slice_last(g, y, slice(0, self.out_features))
+
+    def _classes(self, g: OnnxGraph) -> str:
+        """``Range(n)``: the int64 ids ``0 … n−1``."""
+        bounds = [g.const(h, torch.tensor(v)) for h, v in (("zero", 0), ("n", self.in_features), ("one", 1))]
+        return g.node("Range", bounds, "classes")
+
+    def _one_hot_rows(self, g: OnnxGraph, idx: str) -> str:
+        """``onehot(idx)`` as ``(R, n)`` rows of the network's dtype (``Equal`` with ``Range(n)``, ``Cast``)."""
+        flat = g.node("Reshape", [idx, g.ints("rows", [-1, 1])], "ids")
+        hot = g.node("Equal", [flat, self._classes(g)], "one_hot")
+        return g.node("Cast", [hot], "one_hot", to=elem_type(self.A.dtype))
 
     def layout(self) -> StageLayout:
         return StageLayout(type(self), (self.in_features, self.out_features), False, (("block", self.block),))
@@ -129,9 +157,8 @@ class FactorisedEmbedding(FactorisedLinear):
         return super().forward(F.one_hot(idx, self.in_features).to(self.A.dtype))
 
     def lower_onnx(self, g: OnnxGraph, x: str, example: torch.Tensor) -> str:
-        raise InvalidNetworkError(
-            "a FactorisedEmbedding stage has no ONNX lowering (token-id inputs); it cannot be exported"
-        )
+        """The one-hot rows of the token ids (as ``forward``), the factorised map, the ids' shape restored."""
+        return keep_lead(g, self._lower_rows(g, self._one_hot_rows(g, x)), x, [self.out_features], drop=0)
 
 
 @register_stage
@@ -161,6 +188,7 @@ class FactorisedTable(FactorisedLinear):
         return {"shape": self.shape, "block": self.block, "out_block": self.out_block}
 
     def lower_onnx(self, g: OnnxGraph, x: str, example: torch.Tensor) -> str:
-        raise InvalidNetworkError(
-            "a FactorisedTable stage has no ONNX lowering (it takes no input); it cannot be exported"
-        )
+        """The factorised map of the identity's rows (``onehot(Range(n))``) reshaped to the table's shape; ``x``
+        is not read."""
+        eye = self._one_hot_rows(g, self._classes(g))
+        return g.node("Reshape", [self._lower_rows(g, eye), g.ints("shape", self.shape)], "table")

@@ -60,8 +60,7 @@ def _check_exportable(net: Any) -> None:
     layers = getattr(net, "layers", None)
     if isinstance(getattr(net, "graph", None), list):  # a SeqNet (nets.seqnet imports this module: no isinstance)
         raise InvalidNetworkError(
-            "a transformer network (SeqNet) has no ONNX export: its attention, LayerNorm, embedding and table "
-            "stages have no lowering; export is for MLP and CNN networks"
+            "a transformer network (SeqNet) is exported by net.to_onnx (onlynorm.nets.onnx_seq), not build_model"
         )
     if not isinstance(net, nn.Module) or not isinstance(layers, nn.ModuleList):
         raise InvalidNetworkError(f"expected a NormNet to export, found {type(net).__name__}")
@@ -138,6 +137,8 @@ def export_onnx(net, path: str | os.PathLike, *, lower_conv: bool | None = None)
     InvalidNetworkError
         Not a NormNet, an unsupported dtype, a stage type without an ONNX lowering, or a module with hooks.
     """
+    if isinstance(getattr(net, "graph", None), list):  # a SeqNet: its own exporter (nets.onnx_seq)
+        return net.to_onnx(path)
     onnx = onnx_module()
     model = build_model(net, lower_conv=lower_conv)
     onnx.checker.check_model(model, full_check=True)

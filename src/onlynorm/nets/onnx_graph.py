@@ -29,6 +29,7 @@ __all__ = [
     "conv_kernel",
     "relu_if",
     "slice_last",
+    "keep_lead",
 ]
 
 
@@ -210,3 +211,12 @@ def slice_last(g: OnnxGraph, x: str, part: slice) -> str:
     return g.node(
         "Slice", [x, g.ints("start", [int(part.start)]), g.ints("end", [int(part.stop)]), g.ints("axis", [-1])], "block"
     )
+
+
+def keep_lead(g: OnnxGraph, y: str, x: str, tail: list[int], drop: int = 1) -> str:
+    """``y`` (computed on ``x`` flattened to rows) reshaped to ``x``'s leading sizes (all but its last ``drop``,
+    read from ``Shape(x)``: they may be dynamic) followed by ``tail``."""
+    lead = g.node("Slice", [g.node("Shape", [x], "shape"), g.ints("start", [0]), g.ints("end", [-drop])], "lead")
+    if drop == 0:
+        lead = g.node("Shape", [x], "shape")
+    return g.node("Reshape", [y, g.node("Concat", [lead, g.ints("tail", tail)], "shape", axis=0)], "unflatten")

@@ -25,6 +25,7 @@ from ..errors import FileFormatError, InvalidNetworkError
 from ..targets.seqgraph import PARAMETERISED, GNode, run_graph
 from .normnet import _DTYPES, DOCUMENT_FORMATS, FORMAT_VERSION, NetSummary, NormNet, document_header
 from .onnx_graph import OnnxGraph
+from .onnx_seq import export_seq_onnx
 from .records import NetMeta
 from .stage import STAGES, Stage, StageLayout, check_sizes, dtype_name, register_stage
 
@@ -72,7 +73,20 @@ class LayerNormStage(Stage):
         }
 
     def lower_onnx(self, g: OnnxGraph, x: str, example: torch.Tensor) -> str:
-        raise InvalidNetworkError("a LayerNorm stage has no ONNX lowering; it cannot be exported")
+        """``(x − mean)/√(var + eps) · γ + β`` over the last ``len(shape)`` axes (biased variance, as torch);
+        ``eps`` is a constant of the network's dtype (``LayerNormalization``'s ``epsilon`` is a float32)."""
+        n = self.norm
+        axes = list(range(-len(n.normalized_shape), 0))
+        mean = g.node("ReduceMean", [x], "mean", axes=axes, keepdims=1)
+        centred = g.node("Sub", [x, mean], "centred")
+        var = g.node("ReduceMean", [g.node("Mul", [centred, centred], "square")], "var", axes=axes, keepdims=1)
+        eps = g.const("eps", torch.tensor(n.eps, dtype=example.dtype))
+        y = g.node("Div", [centred, g.node("Sqrt", [g.node("Add", [var, eps], "var_eps")], "std")], "normed")
+        if n.weight is not None:
+            y = g.node("Mul", [y, g.const("ln_gamma", n.weight)], "ln_scale")
+        if n.bias is not None:
+            y = g.node("Add", [y, g.const("ln_beta", n.bias)], "ln_shift")
+        return y
 
     def layout(self) -> StageLayout:
         return StageLayout(LayerNormStage, None, False, (("shape", tuple(self.norm.normalized_shape)),))
@@ -105,7 +119,8 @@ class ConstStage(Stage):
         return {"shape": list(self.get_buffer("value").shape), "dtype_of": self.dtype_of}
 
     def lower_onnx(self, g: OnnxGraph, x: str, example: torch.Tensor) -> str:
-        raise InvalidNetworkError("a Const stage has no ONNX lowering (it takes no input); it cannot be exported")
+        """An initializer holding the buffer (``x`` is not read)."""
+        return g.const("buffer", self.get_buffer("value"))
 
     def layout(self) -> StageLayout:
         return StageLayout(ConstStage)
@@ -141,7 +156,13 @@ class PretrainedMap(Stage):
         return {"op": self.op, "shape": list(self.weight.shape), "bias": self.bias is not None}
 
     def lower_onnx(self, g: OnnxGraph, x: str, example: torch.Tensor) -> str:
-        raise InvalidNetworkError("a PretrainedMap stage has no ONNX lowering; it cannot be exported")
+        """``MatMul`` by ``Wᵀ`` (+ ``Add`` b), ``Gather`` of ``W``'s rows, or the tensor ``W`` (``table``)."""
+        if self.op == "table":
+            return g.const("table", self.weight)
+        if self.op == "embedding":
+            return g.node("Gather", [g.const("embedding", self.weight), x], "embedding", axis=0)
+        y = g.node("MatMul", [x, g.const("weight_t", self.weight.detach().t())], "linear")
+        return g.node("Add", [y, g.const("bias", self.bias)], "linear_bias") if self.bias is not None else y
 
     def layout(self) -> StageLayout:
         return StageLayout(PretrainedMap, None, False, (("op", self.op),))
@@ -188,11 +209,18 @@ class SeqNet(NormNet):
                 out += [p for p in (m.weight, m.bias) if p is not None]
         return out
 
-    def to_onnx(self, path: str | os.PathLike, *, lower_conv: bool | None = None) -> dict[str, Any]:
-        raise InvalidNetworkError(
-            "a transformer network (SeqNet) has no ONNX export: its attention, LayerNorm, embedding and table "
-            "stages have no lowering; export is for MLP and CNN networks"
-        )
+    def to_onnx(
+        self,
+        path: str | os.PathLike,
+        *,
+        example_input: Any = None,
+        dynamic: bool | None = None,
+        lower_conv: bool | None = None,
+    ) -> dict[str, Any]:
+        """Write this network as an ONNX file (needs ``pip install 'onlynorm[onnx]'``): batch and sequence axes
+        dynamic where the network runs at other shapes; see :func:`onlynorm.nets.onnx_seq.export_seq_onnx`.
+        ``lower_conv`` (NormNet's signature) is not used: a sequence network has no convolutions."""
+        return export_seq_onnx(self, path, example_input=example_input, dynamic=dynamic)
 
     def summary(self) -> NetSummary:
         out = super().summary()

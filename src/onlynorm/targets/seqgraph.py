@@ -28,26 +28,34 @@ import torch.nn.functional as F
 
 from ..errors import FileFormatError
 
-__all__ = ["GNode", "FUNCTIONS", "METHODS", "PARAMETERISED", "encode", "decode", "run_graph", "attention", "sdpa"]
+__all__ = [
+    "GNode",
+    "FUNCTIONS",
+    "METHODS",
+    "PARAMETERISED",
+    "encode",
+    "decode",
+    "run_graph",
+    "attention",
+    "attention_weights",
+    "sdpa",
+]
 
 #: node ops whose value depends on parameters (realised by a stage in the frozen network)
 PARAMETERISED = frozenset({"linear", "embedding", "table", "layer_norm", "const"})
 
 
-def attention(
+def _split_heads(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     num_heads: int,
-    batch_first: bool = True,
-    attn_mask: torch.Tensor | None = None,
-    key_padding_mask: torch.Tensor | None = None,
-    is_causal: bool = False,
-) -> torch.Tensor:
-    """``nn.MultiheadAttention``'s arithmetic between its projections: split heads, scaled dot products with the
-    masks (bool ``True`` = not attended, float = added; ``is_causal`` without a mask = the causal mask), softmax,
-    merge heads. ``q, k, v`` are the projected inputs, ``(N, L, E)`` (``(L, N, E)`` unless ``batch_first``, or
-    unbatched ``(L, E)``)."""
+    batch_first: bool,
+    attn_mask: torch.Tensor | None,
+    key_padding_mask: torch.Tensor | None,
+    is_causal: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, bool]:
+    """``(qh, kh, vh, additive mask, unbatched)``: the heads ``(N, H, L, hd)`` and the mask of the scores."""
     unbatched = q.dim() == 2
     if unbatched:
         q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
@@ -70,11 +78,55 @@ def attention(
     if mask is None and is_causal:
         causal = torch.ones(length, s, dtype=torch.bool, device=q.device).triu(1)
         mask = _additive(causal, q.dtype)
-    out = sdpa(qh, kh, vh, attn_mask=mask)
-    out = out.transpose(1, 2).reshape(n, length, -1)
+    return qh, kh, vh, mask, unbatched
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    num_heads: int,
+    batch_first: bool = True,
+    attn_mask: torch.Tensor | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    is_causal: bool = False,
+    safe: bool = True,
+) -> torch.Tensor:
+    """``nn.MultiheadAttention``'s arithmetic between its projections: split heads, scaled dot products with the
+    masks (bool ``True`` = not attended, float = added; ``is_causal`` without a mask = the causal mask), softmax,
+    merge heads. ``q, k, v`` are the projected inputs, ``(N, L, E)`` (``(L, N, E)`` unless ``batch_first``, or
+    unbatched ``(L, E)``). A query whose every key is masked gets 0 (``safe``, torch's attention without weights)
+    or NaN (``safe=False``: the plain softmax torch uses when it computes the weights too)."""
+    qh, kh, vh, mask, unbatched = _split_heads(q, k, v, num_heads, batch_first, attn_mask, key_padding_mask, is_causal)
+    if safe:
+        out = sdpa(qh, kh, vh, attn_mask=mask)
+    else:
+        scores = (qh @ kh.transpose(-2, -1)) * (1.0 / math.sqrt(qh.size(-1)))
+        out = torch.softmax(scores if mask is None else scores + mask, dim=-1) @ vh
+    out = out.transpose(1, 2).reshape(qh.shape[0], qh.shape[2], -1)
     if unbatched:
         return out.squeeze(0)
     return out if batch_first else out.transpose(0, 1)
+
+
+def attention_weights(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    num_heads: int,
+    batch_first: bool = True,
+    attn_mask: torch.Tensor | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    is_causal: bool = False,
+    average: bool = True,
+) -> torch.Tensor:
+    """``nn.MultiheadAttention``'s second output: ``softmax(q kᵀ/√hd + mask)`` per head ``(N, H, L, S)``, averaged
+    over the heads (``(N, L, S)``) when ``average``; batch first whatever ``batch_first`` (as torch returns it)."""
+    qh, kh, _, mask, unbatched = _split_heads(q, k, k, num_heads, batch_first, attn_mask, key_padding_mask, is_causal)
+    scores = (qh @ kh.transpose(-2, -1)) * (1.0 / math.sqrt(qh.size(-1)))
+    weights = torch.softmax(scores if mask is None else scores + mask, dim=-1)
+    if average:
+        weights = weights.mean(dim=1)
+    return weights.squeeze(0) if unbatched else weights
 
 
 def sdpa(
@@ -103,7 +155,19 @@ def sdpa(
         scores = scores.masked_fill(~allowed, float("-inf"))
     if attn_mask is not None:
         scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
-    return torch.softmax(scores, dim=-1) @ value
+    return safe_softmax(scores) @ value
+
+
+def safe_softmax(scores: torch.Tensor) -> torch.Tensor:
+    """``softmax`` over the last axis with a row whose every score is ``−inf`` (every key masked) giving 0, as
+    torch's ``scaled_dot_product_attention`` does, where a plain softmax gives NaN.
+
+    >>> safe_softmax(torch.tensor([[0.0, float("-inf")], [float("-inf"), float("-inf")]]))
+    tensor([[1., 0.],
+            [0., 0.]])
+    """
+    masked = (scores == float("-inf")).all(dim=-1, keepdim=True)
+    return torch.softmax(scores, dim=-1).masked_fill(masked, 0.0)
 
 
 def _additive(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -114,9 +178,9 @@ def _additive(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | N
     return mask.to(dtype)
 
 
-def _pack(x: Any) -> tuple[Any, None]:
-    """``nn.MultiheadAttention`` returns ``(output, weights)``; the weights are never read (the converter checks)."""
-    return (x, None)
+def _pack(x: Any, weights: Any = None) -> tuple[Any, Any]:
+    """``nn.MultiheadAttention`` returns ``(output, weights)``; ``weights`` is ``None`` unless the model reads it."""
+    return (x, weights)
 
 
 def _identity(x: Any) -> Any:
@@ -173,6 +237,7 @@ FUNCTIONS: dict[str, Callable[..., Any]] = {
     "torch.zeros_like": torch.zeros_like,
     "identity": _identity,
     "attention": attention,
+    "attention_weights": attention_weights,
     "pack": _pack,
 }
 

@@ -1,11 +1,12 @@
 """Transformer targets: any sequence model built of ``nn.Linear``, ``nn.Embedding``, learned positional parameters,
-``nn.LayerNorm``, ``nn.MultiheadAttention``, ``nn.TransformerEncoder(Layer)`` and parameter-free torch ops
-(softmax, ``F.scaled_dot_product_attention``, GELU/ReLU, masks, reshapes, residual additions), as a
-:class:`TransformerSpec` — the graph form of :mod:`onlynorm.targets.seqgraph` plus the target's weights.
+``nn.LayerNorm``, ``nn.MultiheadAttention`` (its attention weights too), ``nn.TransformerEncoder(Layer)``,
+``nn.TransformerDecoder(Layer)``, ``nn.Transformer`` and parameter-free torch ops (softmax,
+``F.scaled_dot_product_attention``, GELU/ReLU, masks, reshapes, residual additions), as a :class:`TransformerSpec`
+— the graph form of :mod:`onlynorm.targets.seqgraph` plus the target's weights.
 
-The model is traced by ``torch.fx`` with the modules fx cannot trace (``nn.MultiheadAttention``,
-``nn.TransformerEncoder(Layer)``) kept as leaves and expanded by module type
-(:mod:`onlynorm.targets.transformer_modules`). The converted graph is run on the example input and compared with
+The model is traced by ``torch.fx`` with the modules fx cannot trace (``nn.MultiheadAttention``, the encoder and
+decoder layers and stacks, ``nn.Transformer``) kept as leaves and expanded by module type
+(:mod:`onlynorm.targets.transformer_modules`, :mod:`onlynorm.targets.transformer_decoder`). The converted graph is run on the example input and compared with
 the model's own output before it is accepted. Refused, in one line naming the node or module
 (:class:`~onlynorm.errors.UnsupportedModelError`): active dropout in train mode, data-dependent control flow,
 a parameter used other than as a linear map's weight or a learned table that is indexed, added or concatenated,
@@ -36,14 +37,18 @@ from torch import nn
 
 from ..errors import InvalidTargetError, UnsupportedModelError
 from .seqgraph import FUNCTIONS, METHODS, GNode, encode, run_graph
+from .transformer_decoder import expand_decoder, expand_decoder_layer, expand_transformer
 from .transformer_modules import GraphBuilder, expand_encoder, expand_encoder_layer, expand_mha
 
 __all__ = ["TransformerSpec", "is_sequence_model", "as_inputs"]
 
-#: modules converted by type (the first three cannot be traced by fx)
+#: modules converted by type (fx cannot trace them: fast paths, size checks, is_causal detection)
 _EXPANDED: dict[type, Callable[..., Any]] = {
+    nn.Transformer: expand_transformer,
     nn.TransformerEncoder: expand_encoder,
     nn.TransformerEncoderLayer: expand_encoder_layer,
+    nn.TransformerDecoder: expand_decoder,
+    nn.TransformerDecoderLayer: expand_decoder_layer,
     nn.MultiheadAttention: expand_mha,
 }
 _LEAVES = (nn.Linear, nn.Embedding, nn.LayerNorm, nn.GELU, nn.ReLU, nn.Dropout, nn.Identity, nn.Softmax, nn.Tanh)
@@ -63,7 +68,7 @@ _TABLE_METHODS |= {"contiguous", "to", "type_as", "repeat"}
 
 def is_sequence_model(model: Any) -> bool:
     """A module holding a transformer building block (what needs ``example_input=``)."""
-    kinds = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerEncoder, nn.Embedding, nn.LayerNorm)
+    kinds = (*_EXPANDED, nn.Embedding, nn.LayerNorm)
     return isinstance(model, nn.Module) and any(isinstance(m, kinds) for m in model.modules())
 
 
@@ -99,7 +104,9 @@ class TransformerSpec:
         spec = cls(
             nodes=builder.nodes,
             tensors=builder.tensors,
-            inputs=[{"dtype": str(t.dtype).removeprefix("torch."), "ndim": t.dim()} for t in example],
+            inputs=[
+                {"dtype": str(t.dtype).removeprefix("torch."), "ndim": t.dim(), "shape": list(t.shape)} for t in example
+            ],
             dtype=dtype,
             num_parameters=sum(p.numel() for p in model.parameters()),
             name=type(model).__name__,
@@ -149,6 +156,13 @@ class TransformerSpec:
         if not pairs or len(_leaves(want)) != len(_leaves(got)):
             raise UnsupportedModelError(f"{self.name}: the converted graph returns a different output structure")
         for w, g in pairs:
+            if w.shape == g.shape and not torch.equal(w.isnan(), g.isnan()):
+                raise UnsupportedModelError(
+                    f"{self.name}: the model returns NaN on example_input where the converted graph does not, or the "
+                    "reverse (torch's fast path gives NaN for a sequence whose every key is padded; the graph "
+                    "computes it as with grad enabled); give an example without fully padded sequences"
+                )
+            w, g = w.nan_to_num(0.0, 0.0, 0.0), g.nan_to_num(0.0, 0.0, 0.0)  # same NaN; ±inf compared as 0
             scale = max(float(w.abs().max()), 1e-300) if w.numel() else 1.0
             err = float((w.double() - g.double()).abs().max()) / scale if w.numel() else 0.0
             tol = 1e-9 if self.dtype == torch.float64 else 1e-4
@@ -255,6 +269,7 @@ def _user_frame(exc: BaseException) -> str:
 def _convert(model: nn.Module, arity: int) -> GraphBuilder:
     graph, root = _trace(model, arity)
     b = GraphBuilder()
+    b.weights_read = _attention_weights_read(graph, root)
     env: dict[fx.Node, Any] = {}
 
     def ref(value: Any) -> Any:
@@ -268,7 +283,6 @@ def _convert(model: nn.Module, arity: int) -> GraphBuilder:
             env[node] = b.add("input", node.name, config={"index": placeholders})
             placeholders += 1
         elif node.op == "output":
-            _refuse_attention_weights(graph, root)
             b.add("output", "output", args=[encode(node.args[0], ref)])
         elif node.op == "get_attr":
             env[node] = _attribute(b, root, node)
@@ -375,19 +389,20 @@ def _module_call(b: GraphBuilder, m: nn.Module, node: fx.Node, ref: Callable[[An
     kind = "has parameters onlynorm cannot express" if any(True for _ in m.parameters()) else "is not supported"
     raise UnsupportedModelError(
         f"module {path!r} ({type(m).__name__}) {kind}; supported: Linear, Embedding, LayerNorm, MultiheadAttention, "
-        "TransformerEncoder(Layer), GELU, ReLU, Tanh, Softmax, Dropout (eval), Identity"
+        "Transformer, TransformerEncoder(Layer), TransformerDecoder(Layer), GELU, ReLU, Tanh, Softmax, Dropout "
+        "(eval), Identity"
     )
 
 
-def _refuse_attention_weights(graph: fx.Graph, root: nn.Module) -> None:
-    """``nn.MultiheadAttention``'s second output (the attention weights) is not computed: refuse reading it."""
+def _attention_weights_read(graph: fx.Graph, root: nn.Module) -> set[str]:
+    """The ``nn.MultiheadAttention`` calls whose second output (the attention weights) the model reads: only
+    those compute it (an unread ``[1]`` costs nothing)."""
+    read = set()
     for node in graph.nodes:
         if node.op != "call_module" or not isinstance(root.get_submodule(str(node.target)), nn.MultiheadAttention):
             continue
         for user in node.users:
             index = user.args[1] if user.op == "call_function" and user.target is operator.getitem else None
             if index != 0 and (index is None or user.users):
-                raise UnsupportedModelError(
-                    f"node {user.name!r}: the attention weights of {str(node.target)!r} are read; only its output "
-                    "[0] is supported"
-                )
+                read.add(str(node.target))
+    return read

@@ -13,7 +13,7 @@ from torch import nn
 from ..errors import UnsupportedModelError
 from .seqgraph import GNode
 
-__all__ = ["GraphBuilder", "expand_mha", "expand_encoder_layer", "expand_encoder"]
+__all__ = ["GraphBuilder", "expand_mha", "expand_encoder_layer", "expand_encoder", "activation"]
 
 
 class GraphBuilder:
@@ -22,6 +22,8 @@ class GraphBuilder:
     def __init__(self) -> None:
         self.nodes: list[GNode] = []
         self.tensors: dict[int, dict[str, torch.Tensor]] = {}
+        #: module paths of the nn.MultiheadAttention calls whose attention weights the model reads
+        self.weights_read: set[str] = set()
 
     def add(
         self,
@@ -69,8 +71,9 @@ def expand_mha(
     average_attn_weights: Any = True,
     is_causal: Any = False,
 ) -> dict[str, int]:
-    """``(out_proj(attention(q_proj(query), k_proj(key), v_proj(value))), None)`` — the weights output is never
-    computed (the converter refuses a model that reads it)."""
+    """``(out_proj(attention(q_proj(query), k_proj(key), v_proj(value))), weights)`` — the attention weights
+    (:func:`onlynorm.targets.seqgraph.attention_weights`, averaged over heads unless ``average_attn_weights`` is
+    False) only when ``need_weights`` and the model reads them (``b.weights_read``), else ``None``."""
     if m.bias_k is not None or m.bias_v is not None or m.add_zero_attn:
         raise UnsupportedModelError(
             f"module {name!r} (MultiheadAttention): add_bias_kv / add_zero_attn are not supported; "
@@ -85,21 +88,29 @@ def expand_mha(
     k = b.linear(f"{name}.k_proj", key, wk, biases[1])
     v = b.linear(f"{name}.v_proj", value, wv, biases[2])
     a = b.call(f"{name}.attention", "attention", q, k, v, m.num_heads, m.batch_first, attn_mask, key_padding_mask)
-    b.nodes[-1].kwargs["is_causal"] = is_causal
+    if not isinstance(need_weights, bool):
+        raise UnsupportedModelError(f"module {name!r} (MultiheadAttention): need_weights must be a constant bool")
+    # torch attends by scaled_dot_product_attention (a query with every key masked gets 0) without the weights,
+    # by a plain softmax (NaN there) with them
+    b.nodes[-1].kwargs.update(is_causal=is_causal, safe=not need_weights)
     out = b.linear(f"{name}.out_proj", a, m.out_proj.weight, m.out_proj.bias)
-    return b.call(f"{name}.pack", "pack", out)
+    if not (need_weights and name in b.weights_read):
+        return b.call(f"{name}.pack", "pack", out)
+    masks = {"attn_mask": attn_mask, "key_padding_mask": key_padding_mask, "is_causal": is_causal}
+    weights = b.call(f"{name}.weights", "attention_weights", q, k, m.num_heads, m.batch_first, **masks)
+    b.nodes[-1].kwargs["average"] = average_attn_weights
+    return b.call(f"{name}.pack", "pack", out, weights)
 
 
-def _activation(name: str, act: Any) -> tuple[str, dict[str, Any]]:
+def activation(name: str, act: Any, owner: str = "TransformerEncoderLayer") -> tuple[str, dict[str, Any]]:
+    """The graph function (and its arguments) of a transformer layer's ``activation``: ReLU or GELU."""
     if act is F.relu or isinstance(act, nn.ReLU):
         return "relu", {}
     if act is F.gelu:
         return "gelu", {}
     if isinstance(act, nn.GELU):
         return "gelu", {"approximate": act.approximate}
-    raise UnsupportedModelError(
-        f"module {name!r} (TransformerEncoderLayer): activation {act!r} is not supported; use 'relu' or 'gelu'"
-    )
+    raise UnsupportedModelError(f"module {name!r} ({owner}): activation {act!r} is not supported; use 'relu' or 'gelu'")
 
 
 def expand_encoder_layer(
@@ -112,7 +123,7 @@ def expand_encoder_layer(
     is_causal: Any = False,
 ) -> dict[str, int]:
     """``nn.TransformerEncoderLayer.forward`` (pre- or post-norm; dropout inactive)."""
-    act, act_kwargs = _activation(name, layer.activation)
+    act, act_kwargs = activation(name, layer.activation)
 
     def attention_block(x: Any) -> Any:
         out = expand_mha(
@@ -125,6 +136,7 @@ def expand_encoder_layer(
             key_padding_mask=src_key_padding_mask,
             attn_mask=src_mask,
             is_causal=is_causal,
+            need_weights=False,  # as the layer calls it (torch attends by scaled_dot_product_attention)
         )
         return b.call(f"{name}.self_attn.output", "getitem", out, 0)
 
@@ -152,7 +164,17 @@ def expand_encoder(
     src_key_padding_mask: Any = None,
     is_causal: Any = None,
 ) -> dict[str, int]:
-    """``nn.TransformerEncoder.forward``: its layers in turn, then its final norm if it has one."""
+    """``nn.TransformerEncoder.forward``: its layers in turn, then its final norm if it has one.
+
+    With ``enable_nested_tensor`` in effect (``use_nested_tensor``) and a key padding mask without ``mask``, torch
+    takes a nested-tensor path in eval mode without grad that returns 0 at padded positions when the mask pads on
+    the right, and computes them otherwise (grad enabled, left padding): not one function of the inputs, refused."""
+    if getattr(encoder, "use_nested_tensor", False) and src_key_padding_mask is not None and mask is None:
+        raise UnsupportedModelError(
+            f"module {name!r} (TransformerEncoder): enable_nested_tensor=True with a src_key_padding_mask makes "
+            "torch return 0 at padded positions only without grad and for right padding; build it with "
+            "enable_nested_tensor=False (the same values at unpadded positions) or set use_nested_tensor = False"
+        )
     x = src
     for i, layer in enumerate(encoder.layers):
         x = expand_encoder_layer(b, f"{name}.layers.{i}", layer, x, mask, src_key_padding_mask, bool(is_causal))
