@@ -320,7 +320,9 @@ def demo(
 @app.command()
 def experiment(
     name: str = typer.Argument(
-        ..., help="sparse-threshold, scaling, gd-vs-exact, depth-tradeoff, under-parameterized or fine-tune-capacity."
+        ...,
+        help="sparse-threshold, scaling, gd-vs-exact, depth-tradeoff, under-parameterized, fine-tune-capacity or "
+        "ln-tuning-capacity.",
     ),
     quick: bool = typer.Option(False, "--quick", help="Small sizes: about a minute."),
     out: Path | None = typer.Option(None, "--out", help="Output directory (default runs/NAME)."),
