@@ -17,10 +17,12 @@ from .constructions.base import Construction, Progress
 from .constructions.memory import check_memory
 from .constructions.plan import Plan
 from .constructions.transformer import build_seqnet, check_transformer_options, solve_seqnet
+from .constructions.transformer_match import check_architecture
 from .domain import Box, resolve_domain
 from .errors import InvalidNetworkError, InvalidOptionError, InvalidTargetError
 from .nets.linear import NormLinear
 from .nets.normnet import NormNet
+from .nets.seqnet import SeqNet
 from .options import check_device, check_dtype, check_seed
 from .targets.cnn import ConvNetSpec
 from .targets.convert import as_target
@@ -34,19 +36,25 @@ InShape = tuple[int, int, int]
 
 def random_normnet(
     target: MLPSpec | ConvNetSpec | nn.Module,
-    method: str = "width",
+    method: str | None = None,
     seed: int = 0,
     *,
     dtype: torch.dtype = torch.float64,
     device: torch.device | str | None = None,
     in_shape: InShape | None = None,
+    example_input: Any = None,
     **options: Any,
 ) -> NormNet:
-    """A frozen random network able to express ``target`` by ``method``, with its norms at identity
-    (``γ = 1, β = 0``). Re-initialise its frozen weights if you like; then call :func:`solve_norms`.
+    """A frozen random network able to express ``target`` by ``method`` (default ``"width"``), with its norms at
+    identity (``γ = 1, β = 0``). Re-initialise its frozen weights if you like; then call :func:`solve_norms`.
 
     ``in_shape=(c, H, W)`` is needed for CNN targets (the image size is not in the weights). ``options`` are the
     method's declared options (``onlynorm reconstruct --help`` lists them); each is validated here.
+
+    For a sequence model (transformer), ``example_input`` fixes the input signature, as in :func:`reconstruct`:
+    the result is a :class:`~onlynorm.nets.seqnet.SeqNet` (``method="deep"`` by default, or ``"width"``) whose
+    frozen tensors depend only on ``seed`` and the architecture — every model of that architecture is one
+    :func:`solve_norms` away. Its LayerNorms are at identity until then.
 
     Examples
     --------
@@ -55,6 +63,10 @@ def random_normnet(
     >>> [tuple(p.shape) for p in net.norm_parameters()][:2]
     [(6,), (6,)]
     """
+    if example_input is not None or is_sequence_model(target):
+        spec, opts = _sequence_spec(target, example_input, method, dtype, options, "random_normnet")
+        return build_seqnet(spec, seed=check_seed(seed), dtype=spec.dtype, device=check_device(device), options=opts)
+    method = "width" if method is None else method
     spec = as_target(target, _in_shape(in_shape))
     build = _Build.of(spec, method, seed, dtype, device, options)
     return build.construction.build(
@@ -68,15 +80,26 @@ def solve_norms(
     domain: Box | tuple | None = None,
     *,
     progress: Progress | None = None,
+    example_input: Any = None,
 ) -> NormNet:
     """Solve only the ``γ, β`` of ``frozen`` so that it computes ``target`` on ``domain`` (default ``[-1, 1]^n``).
 
     Returns a new network; every frozen parameter and buffer is bit-for-bit the one of ``frozen``. The method is
     read from ``frozen.meta`` (a hand-built network of ``NormLinear`` pairs is treated as ``"width"``).
+
+    A transformer network (:class:`~onlynorm.nets.seqnet.SeqNet` from ``random_normnet(model, example_input=x)``)
+    takes a model of the architecture it was built for and ``example_input``; no domain (the result is exact for
+    every input). Its factorised maps get their ``γ, β`` solved and its LayerNorms the model's ``γ, β``.
     """
+    if isinstance(frozen, SeqNet):
+        return _solve_sequence_model(frozen, target, example_input, domain)
     if not isinstance(frozen, NormNet):
         raise InvalidNetworkError(
             f"expected a NormNet (from onlynorm.random_normnet or NormNet.load), found {type(frozen).__name__}"
+        )
+    if example_input is not None:
+        raise InvalidOptionError(
+            "example_input: this frozen network is an MLP/CNN network, not a transformer network; drop example_input="
         )
     spec = as_target(target, frozen.in_shape)
     return _solve(frozen, spec, resolve_domain(domain, spec.in_features), progress)
@@ -167,15 +190,47 @@ def _reconstruct_sequence_model(
             "domain: a transformer reconstruction is exact for every input and takes no domain; drop domain="
         )
     seed, device = check_seed(seed), check_device(device)
-    opts = check_transformer_options(method, options)
+    spec, opts = _sequence_spec(target, example_input, method, dtype, options, "reconstruct")
+    net = build_seqnet(spec, seed=seed, dtype=spec.dtype, device=device, options=opts)
+    return solve_seqnet(net, spec)
+
+
+def _sequence_spec(
+    target: Any, example_input: Any, method: str | None, dtype: Any, options: dict[str, Any], caller: str
+) -> tuple[TransformerSpec, dict[str, Any]]:
+    """A sequence model's spec (converted and checked on ``example_input``) and its checked construction options."""
+    if not isinstance(target, nn.Module):
+        raise InvalidTargetError(f"example_input is for torch models; found a {type(target).__name__} target")
+    if example_input is None:
+        raise InvalidTargetError(
+            f"{type(target).__name__} is a sequence model (attention, embeddings or LayerNorm): pass "
+            f"example_input=<a tensor of inputs> to onlynorm.{caller}"
+        )
+    opts = check_transformer_options("deep" if method is None else method, options)
     spec = TransformerSpec.from_module(target, example_input)
     if check_dtype(dtype) not in (torch.float64, spec.dtype):
         raise InvalidOptionError(
             f"dtype: a transformer network takes its target's dtype ({spec.dtype}); convert the model with "
             f".to({dtype}) instead"
         )
-    net = build_seqnet(spec, seed=seed, dtype=spec.dtype, device=device, options=opts)
-    return solve_seqnet(net, spec)
+    return spec, opts
+
+
+def _solve_sequence_model(frozen: SeqNet, target: Any, example_input: Any, domain: Any) -> NormNet:
+    """The transformer path of :func:`solve_norms`: convert the model, check it is the architecture ``frozen``
+    was built for, solve (frozen tensors untouched)."""
+    if domain is not None:
+        raise InvalidOptionError(
+            "domain: a transformer network is solved exactly for every input and takes no domain; drop domain="
+        )
+    if not isinstance(target, nn.Module) or example_input is None:
+        raise InvalidTargetError(
+            "a transformer network is solved for a torch model of its architecture and its example_input: "
+            "pass solve_norms(frozen, model, example_input=<a tensor of inputs>)"
+        )
+    spec = TransformerSpec.from_module(target, example_input)
+    check_architecture(frozen, spec)
+    return solve_seqnet(frozen, spec)
 
 
 @dataclass(frozen=True)

@@ -296,17 +296,23 @@ def demo(
         help="A CIFAR-geometry ResNet-20 reconstructed exactly by "
         "method='deep' (minutes), and what a ResNet-18 at 224×224 would need.",
     ),
+    transformer: bool = typer.Option(
+        False,
+        "--transformer",
+        help="A small transformer on the digits read as 8 tokens of 8 pixels, reconstructed exactly (seconds).",
+    ),
     json_path: Path | None = typer.Option(None, "--json", help="Also write the results as JSON (atomically)."),
 ) -> None:
     """The main job: on scikit-learn's digits, reconstruct a trained MLP exactly by solving only BatchNorm γ, β
     of a random frozen network, next to gradient-trained norms of the same network."""
 
-    if builtin + tasks + cnn + resnet > 1:
-        raise OnlyNormError("choose at most one of --builtin, --tasks, --cnn, --resnet")
+    if builtin + tasks + cnn + resnet + transformer > 1:
+        raise OnlyNormError("choose at most one of --builtin, --tasks, --cnn, --resnet, --transformer")
     if json_path is not None:
         check_output_path(json_path)
-    name = "builtin" if builtin else "tasks" if tasks else "cnn" if cnn else "resnet" if resnet else "digits"
-    module = importlib.import_module(f".demos.{name}", __package__)
+    flags = {"builtin": builtin, "tasks": tasks, "cnn": cnn, "resnet": resnet, "transformer": transformer}
+    name = next((flag for flag, given in flags.items() if given), "digits")
+    module = importlib.import_module(f"..demos.{name}", __package__)  # onlynorm.demos.NAME
     if not module.run(seed=seed, json_path=json_path, console=console):
         raise typer.Exit(1)
 
@@ -314,7 +320,9 @@ def demo(
 @app.command()
 def experiment(
     name: str = typer.Argument(
-        ..., help="sparse-threshold, scaling, gd-vs-exact, depth-tradeoff, under-parameterized or fine-tune-capacity."
+        ...,
+        help="sparse-threshold, scaling, gd-vs-exact, depth-tradeoff, under-parameterized, fine-tune-capacity or "
+        "ln-tuning-capacity.",
     ),
     quick: bool = typer.Option(False, "--quick", help="Small sizes: about a minute."),
     out: Path | None = typer.Option(None, "--out", help="Output directory (default runs/NAME)."),

@@ -18,6 +18,7 @@ structural rank of the pattern is reported too: it bounds the rank for every cho
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import scipy.linalg
@@ -27,13 +28,16 @@ from torch import nn
 from ..errors import InvalidNetworkError
 from ..linalg import khatri_rao_system, kr_pattern, structural_rank, vec
 from ..nets.normnet import NormNet
+from ..nets.seqnet import SeqNet
 from ..targets.cnn import ConvNetSpec
 from ..targets.convert import as_target
 from ..targets.mlp import MLPSpec
+from ..targets.transformer import TransformerSpec
 from . import get_construction
 from .base import check_target_kind
+from .transformer_match import check_architecture, factorised_maps
 
-__all__ = ["capacity", "CapacityReport", "SystemCapacity"]
+__all__ = ["capacity", "seq_capacity", "CapacityReport", "SystemCapacity"]
 
 
 @dataclass
@@ -96,13 +100,20 @@ class CapacityReport:
 EXPRESSIBLE_RTOL = 1e-9
 
 
-def capacity(frozen: NormNet, target: MLPSpec | ConvNetSpec | nn.Module) -> CapacityReport:
+def capacity(
+    frozen: NormNet, target: MLPSpec | ConvNetSpec | nn.Module, *, example_input: Any = None
+) -> CapacityReport:
     """Per Khatri–Rao system of ``frozen``: rank, condition estimate, and whether ``target`` is reachable.
 
     A CNN target (a ``ConvNetSpec``, or the model itself: its image shape is read from ``frozen``) has one system
     per Conv/Linear layer (``conv``), or per layer and input block (``conv_deep``).
+
+    A transformer network (a :class:`~onlynorm.nets.seqnet.SeqNet` of ``random_normnet(model, example_input=x)``)
+    takes the model and ``example_input``: one row per linear map (:func:`seq_capacity`).
     """
 
+    if isinstance(frozen, SeqNet):
+        return seq_capacity(frozen, target, example_input)
     if not isinstance(frozen, NormNet):
         raise InvalidNetworkError(f"expected a NormNet, found {type(frozen).__name__}")
     spec = as_target(target, frozen.in_shape)
@@ -133,3 +144,61 @@ def capacity(frozen: NormNet, target: MLPSpec | ConvNetSpec | nn.Module) -> Capa
         report.systems.append(SystemCapacity(label, equations, unknowns, rank, condition, srank, expressible, residual))
     report.approximations = get_construction(method).approximations(frozen, spec)
     return report
+
+
+def seq_capacity(frozen: SeqNet, model: Any, example_input: Any) -> CapacityReport:
+    """Per linear map of a transformer network: its ``m·n`` equations (``B_{st} diag(γ_{st}) A_{st} = W[I_s, J_t]``
+    over every block, padding excluded), its tunable ``γ`` (``S·T·N``), and the rank and condition of its
+    block-diagonal system — rank = the sum of the blocks' ranks (singular values above
+    ``max(r, N)·ε·σ_max`` of each block), condition = the largest singular value of any block over the smallest
+    kept one. The bias needs ``B_{s0} β_{s0} = b_{I_s}``: counted in the residual. The LayerNorms take the model's
+    ``γ, β`` as they are (always reachable)."""
+    if not isinstance(model, nn.Module) or example_input is None:
+        raise InvalidNetworkError(
+            "capacity of a transformer network: expected the torch model of its architecture and example_input=<a "
+            "tensor of inputs>, found " + (type(model).__name__ if example_input is not None else "no example_input")
+        )
+    spec = TransformerSpec.from_module(model, example_input)
+    check_architecture(frozen, spec)
+    report = CapacityReport(method=f"transformer ({frozen.meta.options.get('method', 'deep')})")
+    for label, stage, w, b in factorised_maps(frozen, spec):
+        report.systems.append(_map_capacity(label, stage, w, b))
+    return report
+
+
+def _map_capacity(label: str, stage: Any, w: torch.Tensor, b: torch.Tensor | None) -> SystemCapacity:
+    s, t = stage.blocks
+    k, r, n = stage.block, stage.out_block, stage.system_size
+    m, fan_in = w.shape
+    a = stage.A.detach().to("cpu", torch.float64).reshape(s * t, n, k)
+    bm = stage.B.detach().to("cpu", torch.float64).reshape(s * t, r, n)
+    rows = [min(r, m - (i // t) * r) for i in range(s * t)]  # real outputs and inputs of each block
+    cols = [min(k, fan_in - (i % t) * k) for i in range(s * t)]
+    padded = torch.zeros(s * r, t * k, dtype=torch.float64)
+    padded[:m, :fan_in] = w.detach().to("cpu", torch.float64)
+    blocks = padded.reshape(s, r, t, k).permute(0, 2, 1, 3).reshape(s * t, r, k)
+    rank, top, low, num, den = 0, 0.0, float("inf"), 0.0, float(padded.square().sum())
+    for i in range(s * t):
+        # the block's system restricted to its real equations: (B_i ⊙ A_iᵀ) γ = vec W_i, rows i < r_i, cols j < k_i
+        M = khatri_rao_system(a[i, :, : cols[i]], bm[i, : rows[i]])
+        sv = torch.linalg.svdvals(M)
+        kept = sv[sv > max(M.shape) * torch.finfo(torch.float64).eps * float(sv[0])]
+        rank += int(kept.numel())
+        top, low = max(top, float(sv[0])), min(low, float(kept[-1]))
+        if kept.numel() < M.shape[0]:  # rank-deficient: is this block's W in the range?
+            rhs = vec(blocks[i, : rows[i], : cols[i]])
+            gamma = torch.linalg.lstsq(M, rhs.reshape(-1, 1), driver="gelsd").solution.reshape(-1)
+            num += float((M @ gamma - rhs).square().sum())
+    if b is not None:  # β of each output block's first input block: B_{s0} β = b_{I_s} (minimum norm)
+        bias = torch.zeros(s * r, dtype=torch.float64)
+        bias[:m] = b.detach().to("cpu", torch.float64)
+        for j in range(s):
+            first = bm[j * t, : rows[j * t]]
+            rhs = bias[j * r : j * r + rows[j * t]]
+            beta = torch.linalg.lstsq(first, rhs.reshape(-1, 1), driver="gelsd").solution.reshape(-1)
+            num += float((first @ beta - rhs).square().sum())
+        den += float(bias.square().sum())
+    residual = (num / den) ** 0.5 if den > 0 else num**0.5
+    # residual: 0 for every full-rank block; a rank-deficient one counts what least squares leaves, and the bias's
+    expressible = residual <= EXPRESSIBLE_RTOL
+    return SystemCapacity(label, m * fan_in, s * t * n, rank, top / low, None, expressible, residual)

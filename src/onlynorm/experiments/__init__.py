@@ -23,6 +23,7 @@ EXPERIMENTS = {
     "depth-tradeoff": "depth_tradeoff",
     "under-parameterized": "under_parameterized",
     "fine-tune-capacity": "fine_tune_capacity",
+    "ln-tuning-capacity": "ln_tuning_capacity",
 }
 
 
