@@ -41,10 +41,11 @@ bench: $(STAMP)
 	$(PY) -m pytest -q -n 2 -m heavy
 	$(MAKE) bench-cnn
 
-# Real architectures: conv deep vs conv width on one layer, ResNet-18/50 at 224² by deep, tied=True (one child
+# Real architectures: conv deep vs conv width on one layer, the ResNet-20 certificate before/after norm bounds, ResNet-18/50 at 224² by deep, tied=True (one child
 # process per model), then the ResNet-20 demo (which reports ResNet-18/50 too).
 bench-cnn: $(STAMP)
 	$(PY) benchmarks/conv_deep.py --json docs/results/bench-conv-deep.json
+	$(PY) benchmarks/certify_resnet.py --json docs/results/bench-certify.json
 	$(PY) benchmarks/resnet_imagenet.py --json docs/results/bench-resnet-imagenet.json
 	$(VENV)/bin/onlynorm demo --resnet --json docs/results/demo-resnet.json
 

@@ -25,6 +25,16 @@ A conv_deep stream ``γ_out ⊙ Σ_t B_t relu(Γ_t A_t * x_{J_t} + β_t) + β_ou
 kernels placed block-diagonally in one kernel ``A``; with ``paired`` branches (``relu(v) − relu(−v) = v``, exactly
 in floating point too) no activity condition is needed.
 
+**The same quantities in the 2-norm.** Entrywise, ``err`` grows by ``|W|`` per layer — the absolute kernel, whose
+norm exceeds ``‖W‖₂`` by up to √(fan-in): ×10 and more per residual block, 1e11 on a ResNet-20. So each quantity is
+also carried as one number bounding its 2-norm over the activation (``E ≥ ‖ĝ − g‖₂``, ``R``, ``Rg``, and ``M ≥
+‖ĝ‖₂``), through rigorous operator-norm bounds of the target's layers (:mod:`onlynorm.certify.opnorm`):
+``E ← ‖W‖₂ E + ‖(Ŵ − W) ĥ + (b̂ − b)‖₂`` (the last term entrywise as above or ``‖Ŵ − W‖₂ M + ‖b̂ − b‖₂``),
+``R ← ‖Ŵ‖₂ R + ‖local‖₂``, the residual sum adding both branches', pooling by its Lipschitz constant. At every
+step each form tightens the other (``|δ_i| ≤ ‖δ‖₂``, and ``‖δ‖₂`` ≤ the norm of the entrywise bounds), and the
+result reports the smaller. ``Ŵ`` and ``b̂`` are composed with error-free products (:mod:`onlynorm.certify.compose`):
+a plain float64 product's bound carries the Khatri–Rao cancellation factor and would dominate the distance.
+
 **ReLU, max pooling and Flatten** are exact in floating point and 1-Lipschitz per element, so every bound passes
 through the same operation. **Average pooling** and the **residual sum** round (``γ_{k+2}`` resp. ``u``, in ``f``'s
 dtype for ``rf`` and float64 for the rest). Every quantity the certificate computes itself is widened by its own
@@ -123,7 +133,7 @@ def _tighten(st: _State) -> _State:
     )
 
 
-def certify_conv(net, spec: ConvNetSpec, box: Box, nodes: Sequence[Node]) -> CertifyResult:
+def certify_conv(net, spec: ConvNetSpec, box: Box, nodes: Sequence[Node], *, norm_bounds: bool = True) -> CertifyResult:
     """Certify a network built by the conv or conv_deep construction against its CNN target on ``box``;
     ``nodes`` pair the target's layers with the network's stages (:func:`onlynorm.nets.match.match`, the plan's).
 
@@ -144,9 +154,9 @@ def certify_conv(net, spec: ConvNetSpec, box: Box, nodes: Sequence[Node]) -> Cer
     # f receives the float64 points cast to its dtype: one rounding per coordinate (none for float64)
     cast = zero if net.dtype == torch.float64 else u_f * torch.maximum(lo.abs(), hi.abs())
     notes: list[str] = []
-    walker = _Walker(u_f, notes, Overflow(net.dtype))
+    walker = _Walker(u_f, notes, Overflow(net.dtype), norm_bounds)
     walker.overflow.check(_peak(torch.maximum(lo.abs(), hi.abs())))  # the input, cast to f's dtype
-    state = walker.walk(nodes, _tighten(_State(lo, hi, zero, cast, zero.clone())))
+    state = walker.walk(nodes, walker.tighten(_State(lo, hi, zero, cast, zero.clone())))
     walker.overflow.check(_peak(state.mag_f))
     walker.overflow.check_g(_peak(state.mag_g))
     hit = walker.overflow.hit
@@ -169,9 +179,13 @@ class _Walker:
     """One pass over the matched target layers and stages (nested residual blocks included), reading each stage
     through its affine view (:mod:`onlynorm.nets.views`) — never its submodules."""
 
-    def __init__(self, u_f: float, notes: list[str], overflow: Overflow):
+    def __init__(self, u_f: float, notes: list[str], overflow: Overflow, norm_bounds: bool = True):
         self.u_f, self.notes, self.overflow = u_f, notes, overflow
         self.norms = LayerNorms()
+        self.norm_bounds = norm_bounds  # False: the entrywise (interval) bounds alone, for comparison
+
+    def tighten(self, st: _State) -> _State:
+        return _tighten(st) if self.norm_bounds else st
 
     def walk(self, nodes: Sequence[Node], st: _State) -> _State:
         for node in nodes:
@@ -182,7 +196,7 @@ class _Walker:
             else:
                 _check_op(node.stage, node.layer, f"stage {path_label(node.path)} ({node.layer.type})")
                 st = self.fixed(node.layer, st)
-            st = _tighten(st)
+            st = self.tighten(st)
         return st
 
     def realised(self, node: Realised, st: _State) -> _State:
@@ -324,6 +338,8 @@ class _Walker:
         widen = op(st.mag, W_err) + col(b_err) + gamma_n(K + 3, U64) * (op(st.mag, W_hat.abs()) + col(b_hat.abs()))
         # the same four quantities in the 2-norm: the error carried in goes through ‖W‖ (or ‖Ŵ‖ ≤ ‖W‖ + ‖Ŵ − W‖)
         # — the sign cancellations |W| loses — and each layer adds its local error, bounded entrywise above
+        if not self.norm_bounds:
+            return _State(lo - widen, hi + widen, err, rf, rg)
         norm_W = self.norms.layer(layer, tuple(st.lo.shape[-2:]))
         norm_dW = self.norms.difference(layer, tuple(st.lo.shape[-2:]), W_hat, W_err)
         offsets = norm_up(col(db).expand_as(lo))

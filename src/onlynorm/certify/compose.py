@@ -76,19 +76,14 @@ def _blocks(A: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
     """``(rows, cols)`` of the blocks of a block-diagonal ``A`` (rows with the same column support), or None when
     two supports overlap (then ``A`` is treated as one dense block)."""
     support = A != 0
-    keys: dict[bytes, list[int]] = {}
-    for i, row in enumerate(support):
-        if bool(row.any()):
-            keys.setdefault(bytes(row.numpy().tobytes()), []).append(i)
-    used = torch.zeros(A.shape[1], dtype=torch.bool)
-    out = []
-    for rows in keys.values():
-        cols = support[rows[0]]
-        if bool((used & cols).any()):
-            return None
-        used |= cols
-        out.append((torch.tensor(rows), cols.nonzero().flatten()))
-    return out
+    live = support.any(dim=1)
+    if not bool(live.any()):
+        return []
+    patterns, which = torch.unique(support[live], dim=0, return_inverse=True)
+    if bool((patterns.sum(dim=0) > 1).any()):  # a column read by two patterns: not block-diagonal
+        return None
+    rows = live.nonzero().flatten()
+    return [(rows[which == p], patterns[p].nonzero().flatten()) for p in range(patterns.shape[0])]
 
 
 def compose(B: torch.Tensor, g: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
