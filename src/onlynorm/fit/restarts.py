@@ -118,6 +118,10 @@ def fit_restarts(
         if not _set_start(kind, net, spec, data, fn, best_theta, identity, hidden, gen, k):
             k += 1
             continue
+        if kind == "subsample":  # the slowest layer-wise start so far guards the next one
+            layerwise_seconds = max(layerwise_seconds, time.perf_counter() - t0)
+        if time.perf_counter() + step_seconds > deadline:  # the start itself took the time left
+            break
         phase = fit_gauss_newton(
             net,
             data,

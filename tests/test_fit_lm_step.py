@@ -1,0 +1,89 @@
+"""The Levenberg–Marquardt step: geodesic acceleration against its closed form, the deadline inside a step."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from hypothesis import assume, given
+from hypothesis import strategies as st
+
+import onlynorm
+from onlynorm import Box
+from onlynorm.fit.data import prepare_data
+from onlynorm.fit.gauss_newton import fit_gauss_newton
+from onlynorm.fit.lm_step import GEODESIC_ALPHA, LAMBDA_MAX, damped_step
+from onlynorm.targets.convert import as_target
+
+from .conftest import random_mlp
+
+
+def _quadratic(n: int, p: int, seed: int):
+    """``r(θ) = c + Aθ + ½ Q(θ, θ)``: its Jacobian ``A + Q(θ, ·)`` and second derivative ``Q(v, v)`` are exact."""
+    gen = torch.Generator().manual_seed(seed)
+    c, A = torch.randn(n, generator=gen, dtype=torch.float64), torch.randn(n, p, generator=gen, dtype=torch.float64)
+    Q = 0.3 * torch.randn(n, p, p, generator=gen, dtype=torch.float64)
+    Q = Q + Q.transpose(1, 2)
+
+    def residual(th):
+        return c + A @ th + 0.5 * torch.einsum("ipq,p,q->i", Q, th, th)
+
+    def jacobian(th):
+        return A + torch.einsum("ipq,q->ip", Q, th)
+
+    return residual, jacobian, Q
+
+
+@given(n=st.integers(3, 12), p=st.integers(1, 5), seed=st.integers(0, 10**6), lam=st.floats(1e-3, 10.0))
+def test_geodesic_step_is_velocity_plus_half_the_acceleration(n, p, seed, lam):
+    assume(n >= p)
+    residual, jacobian, Q = _quadratic(n, p, seed)
+    theta = 0.1 * torch.randn(p, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
+    r0, J = residual(theta), jacobian(theta)
+    JtJ, g = J.T @ J, J.T @ r0
+    # independently: the damped velocity, the exact second directional derivative, the acceleration
+    M = JtJ + lam * torch.diag(JtJ.diagonal())
+    v = torch.linalg.solve(M, -g)
+    a = torch.linalg.solve(M, -(J.T @ torch.einsum("ipq,p,q->i", Q, v, v)))
+    D = JtJ.diagonal()
+    ratio = 2 * float(torch.sqrt((D * a * a).sum())) / float(torch.sqrt((D * v * v).sum()))
+    expected = theta + v + 0.5 * a
+    lowers = float(residual(expected).square().sum()) < float(r0 @ r0)
+    assume(ratio < 0.9 * GEODESIC_ALPHA and lowers)  # the first try is accepted: compare it
+    step = damped_step(residual, theta, float(r0 @ r0), JtJ, g, lam, jac=J, geodesic=True, res0=r0)
+    assert step.accelerated and step.evaluations == 1
+    torch.testing.assert_close(step.candidate, expected, rtol=1e-8, atol=1e-10)  # finite difference exact here
+
+
+def test_geodesic_needs_the_jacobian():
+    residual, jacobian, _ = _quadratic(5, 2, 0)
+    theta = torch.zeros(2, dtype=torch.float64)
+    J = jacobian(theta)
+    with pytest.raises(ValueError, match="needs the Jacobian"):
+        damped_step(residual, theta, 1.0, J.T @ J, J.T @ residual(theta), 1e-3, geodesic=True)
+
+
+def test_a_step_stops_its_retries_at_the_deadline():
+    residual, jacobian, _ = _quadratic(6, 3, 1)
+    theta = torch.zeros(3, dtype=torch.float64)
+    J = jacobian(theta)
+    JtJ, g = J.T @ J, J.T @ residual(theta)
+    # loss = -1: no candidate can lower it, so without a deadline every λ up to LAMBDA_MAX is tried
+    full = damped_step(residual, theta, -1.0, JtJ, g, 1e-3)
+    assert full.candidate is None and not full.out_of_time and full.lam > LAMBDA_MAX and full.evaluations > 10
+    late = damped_step(residual, theta, -1.0, JtJ, g, 1e-3, deadline=time.perf_counter() - 1.0)
+    assert late.candidate is None and late.out_of_time and late.evaluations == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gauss_newton_with_geodesic_acceleration_lowers_the_error(dtype):
+    g = random_mlp([3, 5, 2], seed=3)
+    frozen = onlynorm.random_normnet(g, hidden=[4, 4], seed=0).to(dtype)
+    spec = as_target(g).to(dtype=dtype)
+    data = prepare_data(frozen, spec, Box(-1.0, 1.0), seed=0, train_samples=256, held_samples=128)
+    net = frozen.clone()
+    phase = fit_gauss_newton(net, data, spec=spec, max_iterations=30, geodesic=True)
+    assert phase.details["geodesic"] and phase.details["accelerated"] >= 1
+    assert phase.error_after < phase.error_before
+    assert phase.error_after == pytest.approx(data.held_out_error(net), rel=1e-6)  # the network holds the result
