@@ -14,7 +14,7 @@ import torch
 
 import onlynorm
 from onlynorm import Box, fit_norms
-from onlynorm.fit.restarts import STARTS
+from onlynorm.fit.auto_config import START_KINDS
 
 from .conftest import random_mlp
 
@@ -37,7 +37,7 @@ def test_restarts_run_within_the_budget_and_keep_the_best():
     assert [p.name for p in report.phases] == ["layerwise", "gauss-newton", "restarts"]
     restarts = report.phase("restarts")
     assert restarts.iterations >= 1 and restarts.details["runs"]
-    assert {r["start"] for r in restarts.details["runs"]} <= set(STARTS)
+    assert {r["start"] for r in restarts.details["runs"]} <= set(START_KINDS)
     assert restarts.error_after <= restarts.error_before  # the best on held-out points is kept
     assert restarts.error_after == min([restarts.error_before] + [r["error"] for r in restarts.details["runs"]])
     assert report.stopped == "budget" and report.budget_seconds == budget and report.budget_source == "given"

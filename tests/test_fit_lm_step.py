@@ -1,4 +1,5 @@
-"""The Levenberg–Marquardt step: geodesic acceleration against its closed form, the deadline inside a step."""
+"""The Levenberg–Marquardt step (geodesic acceleration against its closed form, the deadline inside a step), the
+resampled layer-wise start and auto_config."""
 
 from __future__ import annotations
 
@@ -11,8 +12,11 @@ from hypothesis import strategies as st
 
 import onlynorm
 from onlynorm import Box
+from onlynorm.errors import InvalidOptionError
+from onlynorm.fit.auto_config import auto_config, current
 from onlynorm.fit.data import prepare_data
 from onlynorm.fit.gauss_newton import fit_gauss_newton
+from onlynorm.fit.layerwise import fit_layerwise
 from onlynorm.fit.lm_step import GEODESIC_ALPHA, LAMBDA_MAX, damped_step
 from onlynorm.targets.convert import as_target
 
@@ -87,3 +91,48 @@ def test_gauss_newton_with_geodesic_acceleration_lowers_the_error(dtype):
     assert phase.details["geodesic"] and phase.details["accelerated"] >= 1
     assert phase.error_after < phase.error_before
     assert phase.error_after == pytest.approx(data.held_out_error(net), rel=1e-6)  # the network holds the result
+
+
+def test_resampled_layerwise_starts_differ_and_fit():
+    g = random_mlp([4, 6, 3], seed=2)
+    frozen = onlynorm.random_normnet(g, hidden=[5, 5], seed=0)
+    spec = as_target(g)
+    data = prepare_data(frozen, spec, Box(-1.0, 1.0), seed=0, train_samples=256, held_samples=128)
+    thetas, errors = [], []
+    for seed in (1, 2):
+        net = frozen.clone()
+        phase = fit_layerwise(net, spec, data, resample=torch.Generator().manual_seed(seed))
+        thetas.append(torch.cat([p.detach().reshape(-1) for p in net.norm_parameters()]))
+        errors.append(phase.error_after)
+    assert not torch.allclose(thetas[0], thetas[1])  # another half of the rows per layer: another start
+    full = fit_layerwise(frozen.clone(), spec, data)
+    assert max(errors) < full.error_before and full.error_after < full.error_before
+
+
+def test_resampled_layerwise_is_exact_with_capacity():
+    g = random_mlp([3, 4, 2], seed=1)
+    frozen = onlynorm.random_normnet(g, seed=0)  # the theorem's width: any half of the rows determines γ, β
+    spec = as_target(g)
+    data = prepare_data(frozen, spec, Box(-1.0, 1.0), seed=0, train_samples=256, held_samples=128)
+    phase = fit_layerwise(frozen.clone(), spec, data, resample=torch.Generator().manual_seed(0))
+    assert phase.error_after < 1e-9
+
+
+def test_auto_config_changes_a_block_and_refuses_unknown_fields():
+    before = current()
+    with auto_config(geodesic=not before.geodesic, starts=("resampled", "identity")) as cfg:
+        assert current() is cfg and cfg.geodesic != before.geodesic and cfg.starts == ("resampled", "identity")
+        g = random_mlp([3, 5, 2], seed=1)
+        _, report = onlynorm.fit_norms(
+            onlynorm.random_normnet(g, hidden=[3, 3], seed=0), g, Box(-1.0, 1.0), samples=128, budget_seconds=0.6
+        )
+        assert report.phase("gauss-newton").details["geodesic"] == cfg.geodesic
+        runs = report.phase("restarts").details["runs"] if any(p.name == "restarts" for p in report.phases) else []
+        assert {r["start"] for r in runs} <= {"resampled", "identity"}
+    assert current() == before
+    with pytest.raises(InvalidOptionError, match="expected fields"):
+        with auto_config(nonsense=1):
+            pass
+    with pytest.raises(InvalidOptionError, match="starts must be"):
+        with auto_config(starts=("teleport",)):
+            pass

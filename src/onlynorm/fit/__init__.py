@@ -47,6 +47,7 @@ from ..nets.seqnet import SeqNet
 from ..options import check_scalar, check_seed
 from ..targets.convert import as_target
 from .adam import fit_adam
+from .auto_config import auto_config, current
 from .data import FitData, prepare_data, relative_rms
 from .exact import check_capacity, exact_applicable, fit_exact
 from .gauss_newton import MIN_GAIN, auto_rows, fit_gauss_newton
@@ -59,6 +60,7 @@ from .transformer import fit_layer_norms
 
 __all__ = [
     "fit_norms",
+    "auto_config",
     "with_norms",
     "FitReport",
     "Phase",
@@ -291,6 +293,7 @@ def _auto(
         min_gain=MIN_GAIN,
         jacobian_dtype=torch.float32,
         rows=auto_rows(identity.numel()),
+        geodesic=current().geodesic,
     )
     report.phases.append(first)
     if first.error_after <= EXACT_TOLERANCE or first.details.get("stopped") == "budget":

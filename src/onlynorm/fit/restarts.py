@@ -8,6 +8,8 @@ cycling through these starts (each followed by a Levenberg–Marquardt run on al
 * ``"sign-flip"`` — the best so far with γ, β of a random quarter of the hidden units negated (the unit is then
   active on the other side of its hyperplane);
 * ``"subsample"`` — the layer-wise start fitted on a random half of the training points;
+* ``"resampled"`` — the layer-wise start with a fresh random half of the rows for every layer's least squares
+  (errors still propagated through all points);
 * ``"identity"`` — the frozen network's own norms (γ = 1, β = 0 for a random network; a pretrained one's
   BatchNorms).
 
@@ -26,15 +28,17 @@ import torch
 
 from ..errors import InvalidNetworkError
 from ..nets.normnet import NormNet
+from .auto_config import current
 from .data import FitData
-from .gauss_newton import MIN_GAIN, auto_rows, fit_gauss_newton
+from .gauss_newton import LEAN_ROWS, MIN_GAIN, auto_rows, fit_gauss_newton
 from .jacobian import NormFunction
 from .layerwise import fit_layerwise
 from .report import Phase
 
 __all__ = ["fit_restarts", "STARTS", "MIN_RUN_FRACTION"]
 
-STARTS = ("perturbed", "sign-flip", "subsample", "perturbed", "identity")
+#: the default cycle of restart kinds (``auto_config(starts=...)`` changes it)
+STARTS = current().starts
 #: a restart is begun only if at least this fraction of a typical run fits in the time left
 MIN_RUN_FRACTION = 1 / 3
 
@@ -107,10 +111,12 @@ def fit_restarts(
     typical = max(run_seconds, 1e-4)
     k = 0
     stopped = "exact" if best <= exact_tolerance else "budget"
+    config = current()
+    rows = LEAN_ROWS if config.lean_restarts else auto_rows(fn.size)
     while best > exact_tolerance:
         left = deadline - time.perf_counter()
-        kind = STARTS[k % len(STARTS)]
-        if kind == "subsample" and left < layerwise_seconds + 2 * step_seconds:
+        kind = config.starts[k % len(config.starts)]
+        if kind in ("subsample", "resampled") and left < layerwise_seconds + 2 * step_seconds:
             kind = "perturbed"
         if left < max(MIN_RUN_FRACTION * typical, 2 * step_seconds):
             break
@@ -118,7 +124,7 @@ def fit_restarts(
         if not _set_start(kind, net, spec, data, fn, best_theta, identity, hidden, gen, k):
             k += 1
             continue
-        if kind == "subsample":  # the slowest layer-wise start so far guards the next one
+        if kind in ("subsample", "resampled"):  # the slowest layer-wise start so far guards the next one
             layerwise_seconds = max(layerwise_seconds, time.perf_counter() - t0)
         if time.perf_counter() + step_seconds > deadline:  # the start itself took the time left
             break
@@ -133,7 +139,8 @@ def fit_restarts(
             step_seconds=step_seconds,
             min_gain=MIN_GAIN,
             jacobian_dtype=torch.float32,
-            rows=auto_rows(fn.size),
+            rows=rows,
+            geodesic=config.geodesic,
         )
         step_seconds = max(step_seconds, float(phase.details.get("step_seconds", 0.0)))
         seconds = time.perf_counter() - t0
@@ -170,7 +177,10 @@ def _set_start(kind, net, spec, data, fn, best_theta, identity, hidden, gen, k) 
         fn.assign(identity)
     else:
         try:
-            fit_layerwise(net, spec, _subsample(data, gen))
+            if kind == "resampled":
+                fit_layerwise(net, spec, data, resample=gen)
+            else:
+                fit_layerwise(net, spec, _subsample(data, gen))
         except InvalidNetworkError:
             return False
     return True

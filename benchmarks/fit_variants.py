@@ -1,0 +1,120 @@
+"""Variants of ``fit_norms(method="auto")`` on the under-parameterized goal cells: same cells, seeds and budgets.
+
+    .venv/bin/python benchmarks/fit_variants.py [--dims 6,10] [--seeds 3] [--variants base,geodesic,...]
+                                                [--json out.json]
+
+For each goal cell (depth 2, N/(m·n) = 1/8, 1/4, 1/2) and seed — the under-parameterized experiment's target,
+frozen network and test points (its ``trial_seed``, experiment seed 0) — 3,000 Adam steps run first and are
+timed; then every variant of ``auto`` (:func:`onlynorm.fit.auto_config`) gets **half of Adam's measured time**, one
+after the other in the same trial. Printed per cell: the median test relative RMS (4,000 points) of each variant,
+its ratio to the base variant and to Adam, and the first Levenberg–Marquardt run's held-out error (the single-run
+quality, before any restart). Ratios within one trial; absolute seconds on a shared machine are noise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import time
+
+import numpy as np
+import torch
+
+import onlynorm
+from onlynorm import Box
+from onlynorm.experiments.runner import trial_seed
+from onlynorm.experiments.under_parameterized import GOAL_RATIOS, RATIOS, random_target
+from onlynorm.fit import auto_config
+from onlynorm.fit.data import relative_rms
+
+VARIANTS: dict[str, dict] = {
+    "base": {"geodesic": False, "starts": ("perturbed", "sign-flip", "subsample", "perturbed", "identity")},
+    "geodesic": {"geodesic": True, "starts": ("perturbed", "sign-flip", "subsample", "perturbed", "identity")},
+    "resampled": {"geodesic": False, "starts": ("perturbed", "sign-flip", "resampled", "perturbed", "resampled")},
+    "lean": {"geodesic": False, "lean_restarts": True},
+}
+
+
+def cell_trial(d: int, ratio: float, k: int, variants: list[str], adam_steps: int) -> dict:
+    seed = trial_seed(0, d, 2, RATIOS.index(ratio), k)  # the under-parameterized experiment's seeds
+    spec = random_target(d, 2, seed)
+    box = Box(-1.0, 1.0, dim=d)
+    frozen = onlynorm.random_normnet(spec, seed=seed, hidden=[max(1, round(ratio * d * d))] * 2)
+    x_test = box.sample(4000, seed=seed + 1)
+    y_test = spec(x_test)
+    out: dict = {"d": d, "ratio": ratio, "seed": seed}
+    start = time.perf_counter()
+    net, _ = onlynorm.fit_norms(frozen, spec, box, method="adam", steps=adam_steps, seed=seed)
+    out["adam s"] = time.perf_counter() - start
+    with torch.no_grad():
+        out["adam"] = relative_rms(net(x_test), y_test)
+    budget = out["adam s"] / 2
+    for name in variants:
+        with auto_config(**VARIANTS[name]):
+            start = time.perf_counter()
+            net, report = onlynorm.fit_norms(frozen, spec, box, seed=seed, budget_seconds=budget)
+            wall = time.perf_counter() - start
+        with torch.no_grad():
+            err = relative_rms(net(x_test), y_test)
+        first = report.phase("gauss-newton")
+        restarts = next((p for p in report.phases if p.name == "restarts"), None)
+        out[name] = {
+            "rms": err,
+            "wall/budget": wall / budget,
+            "first run held-out": first.error_after,
+            "first run s": first.seconds,
+            "first run steps": first.iterations,
+            "restarts": restarts.iterations if restarts else 0,
+        }
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dims", default="6,10")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--adam-steps", type=int, default=3000)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    importlib.import_module("torch._dynamo")
+    torch.set_num_threads(1)
+    variants = [v for v in args.variants.split(",") if v]
+    rows = []
+    for d in (int(x) for x in args.dims.split(",")):
+        for ratio in GOAL_RATIOS:
+            cell = [cell_trial(d, ratio, k, variants, args.adam_steps) for k in range(args.seeds)]
+            rows += cell
+            parts = []
+            for v in variants:
+                med = float(np.median([t[v]["rms"] for t in cell]))
+                vs_base = float(np.median([t[v]["rms"] / t[variants[0]]["rms"] for t in cell]))
+                vs_adam = float(np.median([t[v]["rms"] / t["adam"] for t in cell]))
+                first = float(np.median([t[v]["first run held-out"] for t in cell]))
+                parts.append(
+                    f"{v} {med:.4f} (/{variants[0]} {vs_base:.3f}, /adam {vs_adam:.3f}, first run {first:.4f})"
+                )
+            adam = float(np.median([t["adam"] for t in cell]))
+            print(f"d={d} ratio={ratio:g}: adam {adam:.4f}; " + "; ".join(parts), flush=True)
+    print("median over cells of the per-cell median ratio to adam:")
+    for v in variants:
+        cells = {}
+        for t in rows:
+            cells.setdefault((t["d"], t["ratio"]), []).append(t[v]["rms"] / t["adam"])
+        by_ratio = {}
+        for (_d, r), vals in cells.items():
+            by_ratio.setdefault(r, []).append(float(np.median(vals)))
+        walls = [t[v]["wall/budget"] for t in rows]
+        print(
+            f"  {v}: "
+            + ", ".join(f"1/{round(1 / r)} {np.median(vals):.3f}" for r, vals in sorted(by_ratio.items()))
+            + f"; wall/budget max {max(walls):.3f}"
+        )
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(rows, fh, indent=2)
+
+
+if __name__ == "__main__":
+    main()
