@@ -28,11 +28,15 @@ from onlynorm.experiments.under_parameterized import GOAL_RATIOS, RATIOS, random
 from onlynorm.fit import auto_config
 from onlynorm.fit.data import relative_rms
 
+#: the variant measured as auto's default before these choices: restarts cycle, rows lean from 128 γ, β, no geodesic
+BASE = {"geodesic": False, "starts": ("perturbed", "sign-flip", "subsample", "perturbed", "identity"), "lean_from": 128}
 VARIANTS: dict[str, dict] = {
-    "base": {"geodesic": False, "starts": ("perturbed", "sign-flip", "subsample", "perturbed", "identity")},
-    "geodesic": {"geodesic": True, "starts": ("perturbed", "sign-flip", "subsample", "perturbed", "identity")},
-    "resampled": {"geodesic": False, "starts": ("perturbed", "sign-flip", "resampled", "perturbed", "resampled")},
-    "lean": {"geodesic": False, "lean_restarts": True},
+    "base": BASE,
+    "geodesic": dict(BASE, geodesic=True),
+    "geodesic-fallback": dict(BASE, geodesic="fallback"),
+    "resampled": dict(BASE, starts=("perturbed", "sign-flip", "resampled", "perturbed", "resampled")),
+    "lean": dict(BASE, lean_from=0),
+    "lean-resampled": dict(BASE, lean_from=0, starts=("perturbed", "sign-flip", "resampled", "perturbed", "resampled")),
 }
 
 

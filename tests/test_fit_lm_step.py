@@ -23,11 +23,11 @@ from onlynorm.targets.convert import as_target
 from .conftest import random_mlp
 
 
-def _quadratic(n: int, p: int, seed: int):
+def _quadratic(n: int, p: int, seed: int, curvature: float = 0.3):
     """``r(θ) = c + Aθ + ½ Q(θ, θ)``: its Jacobian ``A + Q(θ, ·)`` and second derivative ``Q(v, v)`` are exact."""
     gen = torch.Generator().manual_seed(seed)
     c, A = torch.randn(n, generator=gen, dtype=torch.float64), torch.randn(n, p, generator=gen, dtype=torch.float64)
-    Q = 0.3 * torch.randn(n, p, p, generator=gen, dtype=torch.float64)
+    Q = curvature * torch.randn(n, p, p, generator=gen, dtype=torch.float64)
     Q = Q + Q.transpose(1, 2)
 
     def residual(th):
@@ -58,6 +58,28 @@ def test_geodesic_step_is_velocity_plus_half_the_acceleration(n, p, seed, lam):
     step = damped_step(residual, theta, float(r0 @ r0), JtJ, g, lam, jac=J, geodesic=True, res0=r0)
     assert step.accelerated and step.evaluations == 1
     torch.testing.assert_close(step.candidate, expected, rtol=1e-8, atol=1e-10)  # finite difference exact here
+
+
+@given(seed=st.integers(0, 10**6), lam=st.floats(1e-4, 1e-2))
+def test_geodesic_fallback_takes_the_plain_step_where_the_path_bends(seed, lam):
+    residual, jacobian, Q = _quadratic(8, 3, seed, curvature=3.0)  # strongly curved: the acceleration test fails
+    theta = torch.randn(3, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
+    r0, J = residual(theta), jacobian(theta)
+    JtJ, g = J.T @ J, J.T @ r0
+    M = JtJ + lam * torch.diag(JtJ.diagonal())
+    v = torch.linalg.solve(M, -g)
+    a = torch.linalg.solve(M, -(J.T @ torch.einsum("ipq,p,q->i", Q, v, v)))
+    D = JtJ.diagonal()
+    ratio = 2 * float(torch.sqrt((D * a * a).sum())) / float(torch.sqrt((D * v * v).sum()))
+    assume(ratio > 1.1 * GEODESIC_ALPHA and float(residual(theta + v).square().sum()) < float(r0 @ r0))
+    loss = float(r0 @ r0)
+    plain = damped_step(residual, theta, loss, JtJ, g, lam)
+    back = damped_step(residual, theta, loss, JtJ, g, lam, jac=J, geodesic=True, res0=r0, fallback=True)
+    assert not back.accelerated and back.evaluations == 1
+    torch.testing.assert_close(back.candidate, plain.candidate)  # the plain Levenberg–Marquardt step
+    torch.testing.assert_close(back.candidate, theta + v)
+    strict = damped_step(residual, theta, loss, JtJ, g, lam, jac=J, geodesic=True, res0=r0)
+    assert strict.evaluations >= 2 and strict.rejected >= 1  # strict Transtrum–Sethna damps more instead
 
 
 def test_geodesic_needs_the_jacobian():

@@ -292,7 +292,7 @@ def _auto(
         max_iterations=steps,
         min_gain=MIN_GAIN,
         jacobian_dtype=torch.float32,
-        rows=auto_rows(identity.numel()),
+        rows=auto_rows(identity.numel(), current().lean_from),
         geodesic=current().geodesic,
     )
     report.phases.append(first)

@@ -4,12 +4,14 @@
 ``benchmarks/fit_variants.py`` compares variants on the same cells, seeds and budgets this way). The defaults are
 the variant that measured best (docs/RESULTS.md §6a says by how much):
 
-* ``geodesic`` — geodesic acceleration in every Levenberg–Marquardt step (:mod:`onlynorm.fit.lm_step`);
+* ``geodesic`` — geodesic acceleration in every Levenberg–Marquardt step (:mod:`onlynorm.fit.lm_step`):
+  ``False``, ``True`` (Transtrum–Sethna: a step whose acceleration fails the test is damped more) or
+  ``"fallback"`` (such a step is the plain one);
 * ``starts`` — the cycle of restart kinds (:mod:`onlynorm.fit.restarts`);
-* ``lean_restarts`` — restarts step with lean rows (8 equations per parameter, 256–1,024 rows) at every size,
-  not only from ``LEAN_FROM`` parameters on: cheaper steps, more restarts in the same time.
+* ``lean_from`` — from this many γ, β on, Levenberg–Marquardt steps use lean rows (8 equations per parameter,
+  256–1,024 rows, instead of at least 1,024): cheaper steps, more of them and more restarts in the same time.
 
->>> current().geodesic in (True, False)
+>>> current().geodesic in (True, False, "fallback")
 True
 >>> with auto_config(geodesic=True):
 ...     current().geodesic
@@ -32,9 +34,9 @@ START_KINDS = ("perturbed", "sign-flip", "subsample", "resampled", "identity")
 
 @dataclasses.dataclass(frozen=True)
 class AutoConfig:
-    geodesic: bool = False
+    geodesic: bool | str = False
     starts: tuple[str, ...] = ("perturbed", "sign-flip", "subsample", "perturbed", "identity")
-    lean_restarts: bool = False
+    lean_from: int = 128
 
 
 _CURRENT = [AutoConfig()]

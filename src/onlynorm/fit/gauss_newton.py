@@ -31,6 +31,7 @@ from __future__ import annotations
 import time
 
 import torch
+from torch.func import vjp
 
 from ..constructions.memory import format_bytes, memory_limit
 from ..errors import MemoryBudgetError
@@ -52,11 +53,13 @@ LEAN_ROWS = -1
 #: auto steps with lean rows from this many norm parameters on (there the Jacobian and normal equations dominate a
 #: step: at d = 16, N = m·n/2, 576 parameters, 256 rows take 4× the steps of 1024 in the same time, to a lower error)
 LEAN_FROM = 128
+#: float32 Jacobians: ``JᵀJ`` as a float32 product, ``Jᵀr`` by a float64 backward pass, from this many parameters
+FLOAT32_PRODUCT_FROM = 80
 
 
-def auto_rows(parameters: int) -> int | None:
-    """The ``rows`` ``auto`` passes: lean for many parameters, the default otherwise."""
-    return LEAN_ROWS if parameters >= LEAN_FROM else None
+def auto_rows(parameters: int, lean_from: int = LEAN_FROM) -> int | None:
+    """The ``rows`` ``auto`` passes: lean from ``lean_from`` parameters on, the default otherwise."""
+    return LEAN_ROWS if parameters >= lean_from else None
 
 
 def parameter_blocks(net: NormNet, spec=None) -> list[list[str]]:
@@ -121,7 +124,7 @@ def fit_gauss_newton(
     step_seconds: float = 0.0,
     min_gain: float = 0.0,
     jacobian_dtype: torch.dtype | None = None,
-    geodesic: bool = False,
+    geodesic: bool | str = False,
 ) -> Phase:
     """Improve ``net``'s γ, β in place by Levenberg–Marquardt until converged, ``max_iterations`` accepted steps or
     ``deadline`` (a ``time.perf_counter()`` value); returns the phase record. ``step_seconds`` is the expected cost
@@ -129,7 +132,8 @@ def fit_gauss_newton(
     (``"converged"``, ``"steps"``, ``"budget"`` or ``"exact"``) and what a step cost (``"step_seconds"``). ``min_gain`` > 0 (``auto`` passes ``MIN_GAIN``) also ends a crawl (see the module docstring).
     ``jacobian_dtype=torch.float32`` forms the Jacobians of a float64 network in float32 (on a float32 copy; the
     normal equations, residuals and the kept parameters stay float64). ``geodesic=True`` adds geodesic acceleration
-    to every step (:mod:`onlynorm.fit.lm_step`).
+    to every step (:mod:`onlynorm.fit.lm_step`); ``geodesic="fallback"`` takes the plain step where the acceleration
+    test fails.
 
     **Deadline.** A step is not begun when the slowest step so far (``step_seconds`` at first) would end after the
     deadline, and a step's own retries of growing ``λ`` stop at the deadline (``stopped = "budget"``); only the
@@ -262,18 +266,30 @@ def _block_note(parameters: int, budget: int, blocks: int) -> str:
     )
 
 
-def _block_step(fn: NormFunction, jac: NormFunction, x, y, outputs: int, lam: float, deadline, geodesic: bool):
+def _block_step(fn: NormFunction, jac: NormFunction, x, y, outputs: int, lam: float, deadline, geodesic):
     """The normal equations of one block at its current γ, β and a damped step from them: ``(Step, mode)``."""
     scale = float(torch.linalg.vector_norm(y.to(torch.float64))) or 1.0
     theta = fn.vector().to(torch.float64)
     mode = choose_mode(fn.size, outputs)
-    loss, JtJ, g, res, J = _normal_equations(fn, theta, x, y, scale, mode, jac, keep=geodesic)
+    loss, JtJ, g, res, J = _normal_equations(fn, theta, x, y, scale, mode, jac, keep=bool(geodesic))
     dtype = fn.params[0].dtype
 
     def residual(th: torch.Tensor) -> torch.Tensor:
         return _scaled_residual(fn, th.to(dtype), x, y, scale)
 
-    step = damped_step(residual, theta, loss, JtJ, g, lam, deadline=deadline, jac=J, geodesic=geodesic, res0=res)
+    step = damped_step(
+        residual,
+        theta,
+        loss,
+        JtJ,
+        g,
+        lam,
+        deadline=deadline,
+        jac=J,
+        geodesic=bool(geodesic),
+        res0=res,
+        fallback=geodesic == "fallback",
+    )
     return step, mode
 
 
@@ -304,11 +320,28 @@ def _normal_equations(
 ):
     """``(‖r‖², JᵀJ, Jᵀr, r, J or None)`` at ``θ`` (float64), the Jacobian formed in ``mode`` by ``jac`` (``fn``
     itself, or the same block of a lower-precision copy) and freed before returning unless ``keep`` (geodesic
-    acceleration needs it; its bytes are within the budget, which counts the Jacobian and the normal matrix)."""
-    res = _scaled_residual(fn, theta.to(fn.params[0].dtype), x, y, scale)
+    acceleration needs it; its bytes are within the budget, which counts the Jacobian and the normal matrix).
+
+    With a lower-precision ``jac`` (float32 Jacobians of a float64 network) ``JᵀJ`` is the float32 product of the
+    float32 Jacobian (its entries carry float32 error already; no float64 copy of ``J`` is made — at d = 10 that
+    copy and the float64 product cost as much as the Jacobian), while the gradient ``Jᵀr`` — which cancels towards
+    0 at a minimum and needs the full precision — is one vector–Jacobian product of the network itself. From
+    ``FLOAT32_PRODUCT_FROM`` parameters on: below, the extra backward pass costs more than it saves (measured in one
+    process, 1,024 rows: 1.3× slower at 60 γ, β; 0.70× at 88, 0.53× at 140, 0.33× at 320)."""
     low = jac.params[0].dtype
-    J = jac.jacobian(theta.to(low), x.to(low), mode=mode).to(torch.float64) / scale
-    JtJ, g = J.T @ J, J.T @ res
+    if low == fn.params[0].dtype or fn.params[0].dtype != torch.float64 or fn.size < FLOAT32_PRODUCT_FROM:
+        res = _scaled_residual(fn, theta.to(fn.params[0].dtype), x, y, scale)
+        J = jac.jacobian(theta.to(low), x.to(low), mode=mode).to(torch.float64) / scale
+        JtJ, g = J.T @ J, J.T @ res
+    else:
+        J = jac.jacobian(theta.to(low), x.to(low), mode=mode)
+        JtJ = (J.T @ J).to(torch.float64) / (scale * scale)
+        out, pullback = vjp(lambda th: fn(th, x).reshape(-1), theta)[:2]
+        diff = (out - y.reshape(-1)).detach()
+        grads: tuple[torch.Tensor, ...] = pullback(diff)
+        res, g = diff.to(torch.float64) / scale, grads[0].detach().to(torch.float64) / (scale * scale)
+        if keep:
+            J = J.to(torch.float64) / scale
     if not keep:
         del J
         return float(res @ res), JtJ, g, res, None

@@ -12,7 +12,8 @@ algorithm for nonlinear least-squares minimization*, 2012) adds the second-order
     r_vv ≈ (2/h) · ((r(θ + h v) − r(θ)) / h − J v),     (JᵀJ + λ D) a = −Jᵀ r_vv,
 
 the candidate is ``θ + v + a/2``, accepted only when ``2‖a‖_D / ‖v‖_D ≤ α`` (the correction is small next to the
-velocity: the quadratic model is trusted) and it lowers ``‖r‖²``. It costs one residual evaluation and one
+velocity: the quadratic model is trusted) and it lowers ``‖r‖²``; otherwise ``λ`` grows (or, with ``fallback``,
+the plain ``θ + v`` is tried at the same ``λ``). It costs one residual evaluation and one
 triangular solve per try (the Cholesky factor is shared); the Jacobian is kept for ``J v`` and ``Jᵀ r_vv``.
 
 **Deadline.** The tries of one step are not begun past ``deadline`` once one try has been timed (a converged block
@@ -90,11 +91,14 @@ def damped_step(
     jac: torch.Tensor | None = None,
     geodesic: bool = False,
     res0: torch.Tensor | None = None,
+    fallback: bool = False,
 ) -> Step:
     """One damped step from the normal equations ``JᵀJ, g = Jᵀr`` at ``θ`` (float64): see the module docstring.
 
     ``residual(θ)`` returns ``r(θ)`` (float64, ``θ`` float64). ``geodesic=True`` needs ``jac`` (``J``, float64)
-    and ``res0`` (``r(θ)``; computed when not given). The returned ``λ`` is a third of the one that worked.
+    and ``res0`` (``r(θ)``; computed when not given); ``fallback=True`` tries the plain ``θ + v`` at the same ``λ``
+    where the acceleration test fails, instead of damping more. The returned ``λ`` is a third of the one that
+    worked.
     """
     diag = JtJ.diagonal().clamp_min(1e-12 * float(JtJ.diagonal().max().clamp_min(1e-300)))
     if geodesic and jac is None:
@@ -118,12 +122,14 @@ def damped_step(
         step = v
         if geodesic:
             a, ratio = _acceleration(residual, theta, res0, v, jac, L, diag, GEODESIC_H)
-            if not math.isfinite(ratio) or ratio > GEODESIC_ALPHA:  # the path bends too much: damp more
+            if math.isfinite(ratio) and ratio <= GEODESIC_ALPHA:
+                step, accelerated = v + 0.5 * a, True
+            elif not fallback:  # the path bends too much: damp more (Transtrum–Sethna)
                 rejected += 1
                 lam *= 4
                 slowest = max(slowest, time.perf_counter() - t0)
                 continue
-            step, accelerated = v + 0.5 * a, True
+            # fallback: the plain velocity at this λ (across a ReLU kink the finite difference is not a curvature)
         cand = theta + step
         new_res = residual(cand)
         new_loss = float(new_res @ new_res)

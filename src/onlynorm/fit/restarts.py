@@ -30,7 +30,7 @@ from ..errors import InvalidNetworkError
 from ..nets.normnet import NormNet
 from .auto_config import current
 from .data import FitData
-from .gauss_newton import LEAN_ROWS, MIN_GAIN, auto_rows, fit_gauss_newton
+from .gauss_newton import MIN_GAIN, auto_rows, fit_gauss_newton
 from .jacobian import NormFunction
 from .layerwise import fit_layerwise
 from .report import Phase
@@ -112,7 +112,7 @@ def fit_restarts(
     k = 0
     stopped = "exact" if best <= exact_tolerance else "budget"
     config = current()
-    rows = LEAN_ROWS if config.lean_restarts else auto_rows(fn.size)
+    rows = auto_rows(fn.size, config.lean_from)
     while best > exact_tolerance:
         left = deadline - time.perf_counter()
         kind = config.starts[k % len(config.starts)]
