@@ -36,6 +36,8 @@ VARIANTS: dict[str, dict] = {
     "geodesic-fallback": dict(BASE, geodesic="fallback"),
     "resampled": dict(BASE, starts=("perturbed", "sign-flip", "resampled", "perturbed", "resampled")),
     "lean": dict(BASE, lean_from=0),
+    "screen": dict(BASE, screen_steps=8),
+    "screen-resampled": dict(BASE, screen_steps=8, starts=("perturbed", "resampled", "sign-flip", "resampled")),
     "lean-resampled": dict(BASE, lean_from=0, starts=("perturbed", "sign-flip", "resampled", "perturbed", "resampled")),
 }
 

@@ -18,6 +18,7 @@ from onlynorm.fit.data import prepare_data
 from onlynorm.fit.gauss_newton import fit_gauss_newton
 from onlynorm.fit.layerwise import fit_layerwise
 from onlynorm.fit.lm_step import GEODESIC_ALPHA, LAMBDA_MAX, damped_step
+from onlynorm.fit.restarts import SCREEN_MARGIN
 from onlynorm.targets.convert import as_target
 
 from .conftest import random_mlp
@@ -158,3 +159,19 @@ def test_auto_config_changes_a_block_and_refuses_unknown_fields():
     with pytest.raises(InvalidOptionError, match="starts must be"):
         with auto_config(starts=("teleport",)):
             pass
+
+
+def test_screened_restarts_drop_only_the_runs_far_behind_the_best():
+    g = random_mlp([4, 6, 3], seed=5)
+    frozen = onlynorm.random_normnet(g, hidden=[4, 4], seed=1)
+    with auto_config(screen_steps=3):
+        _, report = onlynorm.fit_norms(frozen, g, Box(-1.0, 1.0), samples=256, budget_seconds=2.0)
+    restarts = report.phase("restarts")
+    runs = restarts.details["runs"]
+    assert runs, "the budget leaves time for restarts"
+    best = restarts.error_before
+    for run in runs:
+        if run["screened"]:  # stopped after the screening steps, behind the best then by more than the margin
+            assert run["steps"] == 3 and run["error"] >= best * (1 + SCREEN_MARGIN)
+        best = min(best, run["error"])
+    assert restarts.error_after == pytest.approx(best)

@@ -2,12 +2,16 @@
 
 ``auto`` reads :func:`current`; :func:`auto_config` changes it for a ``with`` block (the benchmark
 ``benchmarks/fit_variants.py`` compares variants on the same cells, seeds and budgets this way). The defaults are
-the variant that measured best (docs/RESULTS.md §6a says by how much):
+the variant that measured best on the goal cells (``screen-resampled`` there: screened restarts, the resampled
+layer-wise start twice per cycle, no geodesic acceleration; docs/RESULTS.md §6a has the numbers of every
+variant):
 
 * ``geodesic`` — geodesic acceleration in every Levenberg–Marquardt step (:mod:`onlynorm.fit.lm_step`):
   ``False``, ``True`` (Transtrum–Sethna: a step whose acceleration fails the test is damped more) or
   ``"fallback"`` (such a step is the plain one);
 * ``starts`` — the cycle of restart kinds (:mod:`onlynorm.fit.restarts`);
+* ``screen_steps`` — ``None``, or restarts are screened: run on past their first ``screen_steps`` steps only when
+  they are then close to the best (:mod:`onlynorm.fit.restarts`);
 * ``lean_from`` — from this many γ, β on, Levenberg–Marquardt steps use lean rows (8 equations per parameter,
   256–1,024 rows, instead of at least 1,024): cheaper steps, more of them and more restarts in the same time.
 
@@ -35,8 +39,9 @@ START_KINDS = ("perturbed", "sign-flip", "subsample", "resampled", "identity")
 @dataclasses.dataclass(frozen=True)
 class AutoConfig:
     geodesic: bool | str = False
-    starts: tuple[str, ...] = ("perturbed", "sign-flip", "subsample", "perturbed", "identity")
+    starts: tuple[str, ...] = ("perturbed", "resampled", "sign-flip", "resampled")
     lean_from: int = 128
+    screen_steps: int | None = 8
 
 
 _CURRENT = [AutoConfig()]
