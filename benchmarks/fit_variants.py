@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/fit_variants.py [--dims 6,10] [--seeds 3] [--variants base,geodesic,...]
                                                 [--json out.json]
+    .venv/bin/python benchmarks/fit_variants.py --from-json docs/results/fit-variants/run3.json   # re-summarize
 
 For each goal cell (depth 2, N/(m·n) = 1/8, 1/4, 1/2) and seed — the under-parameterized experiment's target,
 frozen network and test points (its ``trial_seed``, experiment seed 0) — 3,000 Adam steps run first and are
@@ -76,6 +77,32 @@ def cell_trial(d: int, ratio: float, k: int, variants: list[str], adam_steps: in
     return out
 
 
+def summarize(rows: list[dict], variants: list[str]) -> None:
+    """Per ratio, the median over cells of each variant's per-cell median error over Adam's; per trial, how often
+    each variant beat the first one (by more than 0.1 %)."""
+    print("median over cells of the per-cell median ratio to adam:")
+    for v in variants:
+        cells: dict = {}
+        for t in rows:
+            cells.setdefault((t["d"], t["ratio"]), []).append(t[v]["rms"] / t["adam"])
+        by_ratio: dict = {}
+        for (_d, r), vals in cells.items():
+            by_ratio.setdefault(r, []).append(float(np.median(vals)))
+        walls = [t[v]["wall/budget"] for t in rows]
+        rel = [t[v]["rms"] / t[variants[0]]["rms"] for t in rows]
+        better, worse = sum(x < 0.999 for x in rel), sum(x > 1.001 for x in rel)
+        first = [t[v]["first run held-out"] / t[variants[0]]["first run held-out"] for t in rows]
+        first_s = [t[v]["first run s"] / t[variants[0]]["first run s"] for t in rows]
+        print(
+            f"  {v}: "
+            + ", ".join(f"1/{round(1 / r)} {np.median(vals):.3f}" for r, vals in sorted(by_ratio.items()))
+            + f"; vs {variants[0]} per trial: better {better}, worse {worse}, tied {len(rel) - better - worse}, "
+            f"mean {np.mean(rel):.3f}, range {min(rel):.3f}–{max(rel):.3f}; first run's held-out error "
+            f"{np.median(first):.3f}× (better {sum(x < 0.999 for x in first)}, worse {sum(x > 1.001 for x in first)}) "
+            f"in {np.median(first_s):.2f}× the time; wall/budget max {max(walls):.3f}"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dims", default="6,10")
@@ -83,7 +110,13 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--adam-steps", type=int, default=3000)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--from-json", default=None, help="summarize a stored run (no fitting)")
     args = parser.parse_args()
+    if args.from_json:
+        with open(args.from_json) as fh:
+            rows = json.load(fh)
+        summarize(rows, [v for v in rows[0] if isinstance(rows[0][v], dict)])
+        return
     importlib.import_module("torch._dynamo")
     torch.set_num_threads(1)
     variants = [v for v in args.variants.split(",") if v]
@@ -103,20 +136,7 @@ def main() -> None:
                 )
             adam = float(np.median([t["adam"] for t in cell]))
             print(f"d={d} ratio={ratio:g}: adam {adam:.4f}; " + "; ".join(parts), flush=True)
-    print("median over cells of the per-cell median ratio to adam:")
-    for v in variants:
-        cells = {}
-        for t in rows:
-            cells.setdefault((t["d"], t["ratio"]), []).append(t[v]["rms"] / t["adam"])
-        by_ratio = {}
-        for (_d, r), vals in cells.items():
-            by_ratio.setdefault(r, []).append(float(np.median(vals)))
-        walls = [t[v]["wall/budget"] for t in rows]
-        print(
-            f"  {v}: "
-            + ", ".join(f"1/{round(1 / r)} {np.median(vals):.3f}" for r, vals in sorted(by_ratio.items()))
-            + f"; wall/budget max {max(walls):.3f}"
-        )
+    summarize(rows, variants)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(rows, fh, indent=2)
