@@ -39,6 +39,9 @@ VARIANTS: dict[str, dict] = {
     "lean": dict(BASE, lean_from=0),
     "screen": dict(BASE, screen_steps=8),
     "screen-resampled": dict(BASE, screen_steps=8, starts=("perturbed", "resampled", "sign-flip", "resampled")),
+    "screen-identity": dict(
+        BASE, screen_steps=8, starts=("perturbed", "resampled", "identity", "sign-flip", "resampled")
+    ),
     "lean-resampled": dict(BASE, lean_from=0, starts=("perturbed", "sign-flip", "resampled", "perturbed", "resampled")),
 }
 

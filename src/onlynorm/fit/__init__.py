@@ -18,7 +18,8 @@ which then means one run of at most that many Levenberg–Marquardt steps), ``au
   ``DEFAULT_BUDGET_FACTOR`` (5) times what its first run took, at most ``DEFAULT_BUDGET_MAX`` (60 s); the report
   states the budget and its source, why the fit stopped (``report.stopped``: ``"exact"``, ``"converged"``,
   ``"budget"``, ``"steps"`` or ``"done"``) and, for outputs of ≥ 2 columns (classifiers), the argmax agreement with
-  the target on the held-out points.
+  the target on the held-out points. ``auto``'s measured choices (restart cycle, screening, geodesic acceleration,
+  lean rows) live in :mod:`onlynorm.fit.auto_config`; ``with auto_config(...)`` changes them for A/B runs.
 
 >>> import onlynorm
 >>> from torch import nn
@@ -214,8 +215,8 @@ def _fit(frozen, spec, data, method, budget_seconds, seed, progress, steps, memo
             budget_seconds=None if deadline is None else max(1e-3, deadline - time.perf_counter()),
             seed=seed,
         )
+        adam.details["stopped"] = "budget" if adam.iterations < (steps or ADAM_STEPS) else "steps"
         report.phases.append(adam)
-        report.stopped = "budget" if adam.iterations < (steps or ADAM_STEPS) else "steps"
     else:
         clock = (start, budget_seconds, steps is None, deadline, evaluation)
         net = _auto(net, spec, fit_data, report, clock, memory_budget, seed, progress, steps or GN_STEPS)

@@ -2,9 +2,9 @@
 
 ``auto`` reads :func:`current`; :func:`auto_config` changes it for a ``with`` block (the benchmark
 ``benchmarks/fit_variants.py`` compares variants on the same cells, seeds and budgets this way). The defaults are
-the variant that measured best on the goal cells (``screen-resampled`` there: screened restarts, the resampled
-layer-wise start twice per cycle, no geodesic acceleration; docs/RESULTS.md §6a has the numbers of every
-variant):
+the variant that measured best on the goal cells (``screen-identity`` there: screened restarts, the resampled
+layer-wise start twice per cycle and the identity once, no geodesic acceleration; docs/RESULTS.md §6a has the
+numbers of every variant):
 
 * ``geodesic`` — geodesic acceleration in every Levenberg–Marquardt step (:mod:`onlynorm.fit.lm_step`):
   ``False``, ``True`` (Transtrum–Sethna: a step whose acceleration fails the test is damped more) or
@@ -39,7 +39,7 @@ START_KINDS = ("perturbed", "sign-flip", "subsample", "resampled", "identity")
 @dataclasses.dataclass(frozen=True)
 class AutoConfig:
     geodesic: bool | str = False
-    starts: tuple[str, ...] = ("perturbed", "resampled", "sign-flip", "resampled")
+    starts: tuple[str, ...] = ("perturbed", "resampled", "identity", "sign-flip", "resampled")
     lean_from: int = 128
     screen_steps: int | None = 8
 

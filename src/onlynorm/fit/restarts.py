@@ -2,7 +2,7 @@
 
 Once the first run (layer-wise start, then Levenberg–Marquardt) has converged, the remaining time goes to restarts,
 cycling through starts of these kinds (each followed by a Levenberg–Marquardt run on all γ, β; the default cycle is
-``perturbed, resampled, sign-flip, resampled``, :mod:`onlynorm.fit.auto_config`):
+``perturbed, resampled, identity, sign-flip, resampled``, :mod:`onlynorm.fit.auto_config`):
 
 * ``"perturbed"`` — the best γ, β so far with multiplicative noise (basin hopping; the noise grows 0.1 → 0.3 over
   the cycles);
