@@ -5,6 +5,7 @@ Wall-time bounds here are loose (a loaded 2-core machine); the 5 % goal is measu
 
 from __future__ import annotations
 
+import copy
 import importlib
 import time
 
@@ -13,7 +14,7 @@ import torch
 
 import onlynorm
 from onlynorm import Box, fit_norms
-from onlynorm.fit.restarts import STARTS
+from onlynorm.fit.auto_config import START_KINDS
 
 from .conftest import random_mlp
 
@@ -36,7 +37,7 @@ def test_restarts_run_within_the_budget_and_keep_the_best():
     assert [p.name for p in report.phases] == ["layerwise", "gauss-newton", "restarts"]
     restarts = report.phase("restarts")
     assert restarts.iterations >= 1 and restarts.details["runs"]
-    assert {r["start"] for r in restarts.details["runs"]} <= set(STARTS)
+    assert {r["start"] for r in restarts.details["runs"]} <= set(START_KINDS)
     assert restarts.error_after <= restarts.error_before  # the best on held-out points is kept
     assert restarts.error_after == min([restarts.error_before] + [r["error"] for r in restarts.details["runs"]])
     assert report.stopped == "budget" and report.budget_seconds == budget and report.budget_source == "given"
@@ -94,3 +95,34 @@ def test_auto_with_float32_and_float64(net_dtype, target_dtype):
     net, report = fit_norms(frozen, g, Box(-1.0, 1.0), samples=128, budget_seconds=0.4)
     assert net.dtype == net_dtype and report.final_error < report.initial_error
     assert report.stopped in ("budget", "exact")
+
+
+#: scheduler noise allowed on top of the 5 % goal: on a shared 2-core machine (other test workers, other jobs) a
+#: process can wait a few time slices (tens of ms) between its last deadline check and its return; 0.2 s is that
+#: wait at load ~10, not a step (steps here are 5–50 ms). The 5 % goal itself is measured in benchmarks/fit_budget.py.
+ALLOWANCE_SECONDS = 0.2
+
+
+def _retuned(model, scale, seed):
+    out = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in out.parameters():
+            p.add_(scale * p.abs().mean() * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    return out.eval()
+
+
+@pytest.mark.parametrize("case", ["width", "pretrained"])
+@pytest.mark.parametrize("budget", [0.3, 0.8])
+def test_a_small_budget_ends_within_it(case, budget):
+    if case == "width":
+        g = random_mlp([6, 6, 6], seed=7)
+        frozen, target, box = onlynorm.random_normnet(g, hidden=[9, 9], seed=1), g, Box(-1.0, 1.0)
+    else:
+        base = random_mlp([8, 8, 8, 8], seed=7)
+        frozen, target, box = onlynorm.with_norms(base), _retuned(base, 0.3, 8), Box(-1.0, 1.0)
+    net, report, wall = _timed(frozen, target, box, budget_seconds=budget)
+    assert wall <= 1.05 * budget + ALLOWANCE_SECONDS, (wall, [(p.name, p.seconds) for p in report.phases])
+    assert report.stopped == "budget" and report.budget_seconds == budget
+    assert not any("× the budget" in n for n in report.notes) or wall > 1.05 * budget  # the note only on an overrun
+    assert report.final_error < report.initial_error

@@ -93,3 +93,17 @@ def test_fine_tune_quick_run_has_a_cnn_row_for_every_factor(monkeypatch):
         assert t["auto_final_error"] <= t["auto_initial_error"]
     assert "| cnn | even/odd | 4 |" in result.summary and "| mlp | even/odd | 16 |" in result.summary
     assert set(result.figures) == {"fine_tune_capacity.png"}
+
+
+def test_under_parameterized_run_takes_dims_and_repeats_per_dimension(monkeypatch):
+    monkeypatch.setenv("ONLYNORM_JOBS", "1")
+    result = up.run(quick=True, seed=2, dims=[3, 4], repeats={3: 2, 4: 1})
+    table = result.data["table"]
+    assert sorted({(r["d"], r["depth"]) for r in table}) == [(3, 2), (4, 2)]
+    assert {(r["d"], r["trials"]) for r in table} == {(3, 2), (4, 1)}
+    seeds = {(t["d"], t["ratio"]): [] for t in result.data["trials"]}
+    for t in result.data["trials"]:
+        seeds[(t["d"], t["ratio"])].append(t["seed"])
+    assert seeds[(3, 0.25)] == [trial_seed(2, 3, 2, 0, k) for k in range(2)]  # the grid's seeds, cell by cell
+    assert result.data["repeats_per_dim"] == {"3": 2, "4": 1}
+    assert "trials 2 at d = 3, 1 at d = 4 per cell" in result.summary

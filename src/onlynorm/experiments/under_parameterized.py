@@ -116,8 +116,22 @@ def configurations(quick: bool, reference: bool = False) -> tuple[list[tuple[int
     return [(6, 2), (6, 3), (10, 2), (16, 2)], RATIOS, 4, 3000
 
 
-def run(quick: bool, seed: int, console=None, reference: bool = False) -> ExperimentResult:
-    configs, ratios, repeats, adam_steps = configurations(quick, reference)
+def run(
+    quick: bool,
+    seed: int,
+    console=None,
+    reference: bool = False,
+    dims: list[int] | None = None,
+    repeats: dict[int, int] | int | None = None,
+) -> ExperimentResult:
+    """Run the grid. ``dims`` (depth 2) replaces the configurations' dimensions and ``repeats`` their trials per
+    cell (one number, or one per dimension: ``{6: 3, 16: 1}``) — a smaller or larger grid with the same seeds."""
+    configs, ratios, default_repeats, adam_steps = configurations(quick, reference)
+    if dims is not None:
+        configs = [(d, 2) for d in dims]
+    per_dim = repeats if isinstance(repeats, dict) else {}
+    count = {d: per_dim.get(d, repeats if isinstance(repeats, int) else default_repeats) for d, _ in configs}
+    repeats = max(count.values())
     trials = [
         {
             "d": d,
@@ -129,7 +143,7 @@ def run(quick: bool, seed: int, console=None, reference: bool = False) -> Experi
         }
         for d, depth in configs
         for i, r in enumerate(ratios)
-        for k in range(repeats)
+        for k in range(count[d])
     ]
     rows = run_trials(trial, trials, console=console, description="under-parameterized trials")
     table = summarize(rows)
@@ -141,6 +155,7 @@ def run(quick: bool, seed: int, console=None, reference: bool = False) -> Experi
         "configs": configs,
         "ratios": ratios,
         "repeats": repeats,
+        "repeats_per_dim": {str(d): n for d, n in count.items()},
         "adam_steps": adam_steps,
         "table": table,
         "goal": goal_ratios(table),
@@ -228,13 +243,20 @@ def _figure(table: list[dict], configs):
     return fig
 
 
+def _trial_counts(data: dict) -> str:
+    per = data.get("repeats_per_dim") or {}
+    if len(set(per.values())) > 1:
+        return "trials " + ", ".join(f"{n} at d = {d}" for d, n in per.items())
+    return f"{data['repeats']} trials"
+
+
 def _summary(data: dict) -> str:
     ref = bool(data.get("reference"))
     extra_h = " reference | best-known | auto/best-known |" if ref else ""
     lines = [
         "# under-parameterized",
         "",
-        f"{data['repeats']} trials per cell, medians; Adam: {data['adam_steps']} steps of batch 256; auto and "
+        f"{_trial_counts(data)} per cell, medians; Adam: {data['adam_steps']} steps of batch 256; auto and "
         "gauss-newton get half of Adam's measured time as budget; test: 4,000 points of [-1, 1]^d. Errors are "
         "relative RMS."
         + (

@@ -18,7 +18,8 @@ which then means one run of at most that many Levenberg–Marquardt steps), ``au
   ``DEFAULT_BUDGET_FACTOR`` (5) times what its first run took, at most ``DEFAULT_BUDGET_MAX`` (60 s); the report
   states the budget and its source, why the fit stopped (``report.stopped``: ``"exact"``, ``"converged"``,
   ``"budget"``, ``"steps"`` or ``"done"``) and, for outputs of ≥ 2 columns (classifiers), the argmax agreement with
-  the target on the held-out points.
+  the target on the held-out points. ``auto``'s measured choices (restart cycle, screening, geodesic acceleration,
+  lean rows) live in :mod:`onlynorm.fit.auto_config`; ``with auto_config(...)`` changes them for A/B runs.
 
 >>> import onlynorm
 >>> from torch import nn
@@ -47,6 +48,7 @@ from ..nets.seqnet import SeqNet
 from ..options import check_scalar, check_seed
 from ..targets.convert import as_target
 from .adam import fit_adam
+from .auto_config import auto_config, current
 from .data import FitData, prepare_data, relative_rms
 from .exact import check_capacity, exact_applicable, fit_exact
 from .gauss_newton import MIN_GAIN, auto_rows, fit_gauss_newton
@@ -59,6 +61,7 @@ from .transformer import fit_layer_norms
 
 __all__ = [
     "fit_norms",
+    "auto_config",
     "with_norms",
     "FitReport",
     "Phase",
@@ -77,6 +80,10 @@ ADAM_STEPS, GN_STEPS = 3000, 300
 DEFAULT_BUDGET_FACTOR, DEFAULT_BUDGET_MAX = 5.0, 60.0
 #: fraction of the budget kept for the final evaluation and bookkeeping (the 5 % tolerance's safety margin)
 RESERVE_FRACTION = 0.02
+#: ... and at least this many held-out evaluations' time (measured on the initial error)
+RESERVE_EVALUATIONS = 4
+#: a fit that ended past this multiple of its budget says so in ``report.notes``
+OVERRUN_NOTE = 1.05
 #: fewest points sampled from a box
 MIN_SAMPLES = 8
 
@@ -167,15 +174,19 @@ def _threads_for(net: NormNet):
 
 def _fit(frozen, spec, data, method, budget_seconds, seed, progress, steps, memory_budget, samples):
     start = time.perf_counter()
-    deadline = None if budget_seconds is None else start + float(budget_seconds)
     fit_data = prepare_data(frozen, spec, data, seed=seed, train_samples=samples, held_samples=max(8, samples // 2))
     net = frozen.clone()
+    evaluation = time.perf_counter()
+    initial_error = fit_data.held_out_error(net)
+    evaluation = time.perf_counter() - evaluation
     report = FitReport(
         method=method,
         train_samples=fit_data.x_train.shape[0],
         held_out_samples=fit_data.x_held.shape[0],
-        initial_error=fit_data.held_out_error(net),
+        initial_error=initial_error,
     )
+    # every phase works to this deadline: the budget less what the final evaluation and bookkeeping need
+    deadline = None if budget_seconds is None else start + float(budget_seconds) - _reserve(budget_seconds, evaluation)
     if method == "exact":
         check_capacity(net, spec)
         net, phase = fit_exact(net, spec, fit_data, progress=progress)
@@ -196,16 +207,37 @@ def _fit(frozen, spec, data, method, budget_seconds, seed, progress, steps, memo
             )
         )
     elif method == "adam":
-        report.phases.append(
-            fit_adam(net, spec, fit_data, steps=steps or ADAM_STEPS, budget_seconds=budget_seconds, seed=seed)
+        adam = fit_adam(
+            net,
+            spec,
+            fit_data,
+            steps=steps or ADAM_STEPS,
+            budget_seconds=None if deadline is None else max(1e-3, deadline - time.perf_counter()),
+            seed=seed,
         )
+        adam.details["stopped"] = "budget" if adam.iterations < (steps or ADAM_STEPS) else "steps"
+        report.phases.append(adam)
     else:
-        clock = (start, budget_seconds, steps is None)
+        clock = (start, budget_seconds, steps is None, deadline, evaluation)
         net = _auto(net, spec, fit_data, report, clock, memory_budget, seed, progress, steps or GN_STEPS)
     report.exact = net.dtype == torch.float64 and report.final_error <= EXACT_TOLERANCE
     _finish(report, net, fit_data, budget_seconds)
+    wall = time.perf_counter() - start
+    if budget_seconds is not None and wall > OVERRUN_NOTE * budget_seconds:
+        report.notes.append(
+            f"ended {wall:.3f} s after its start, {wall / budget_seconds:.2f}× the budget of {budget_seconds:g} s "
+            "(a step or start that took far longer than the ones measured before it, or the machine's load)"
+        )
     net.meta = net.meta.replace(fit=report)  # typed: saved with the network, read back by NetMeta.from_dict
     return net, report
+
+
+def _reserve(budget_seconds: float, evaluation: float) -> float:
+    """Seconds kept back from the phases for the final evaluation and bookkeeping: a fraction of the budget, and at
+    least ``RESERVE_EVALUATIONS`` held-out evaluations (the final ones: the best γ, β's error and the agreement)."""
+    return min(
+        0.25 * float(budget_seconds), max(RESERVE_FRACTION * float(budget_seconds), RESERVE_EVALUATIONS * evaluation)
+    )
 
 
 def _finish(report: FitReport, net: NormNet, data: FitData, budget_seconds) -> None:
@@ -213,8 +245,6 @@ def _finish(report: FitReport, net: NormNet, data: FitData, budget_seconds) -> N
     if not report.stopped:
         last = report.phases[-1] if report.phases else None
         reason = "done" if last is None else str(last.details.get("stopped", "done"))
-        if last is not None and last.name == "adam":
-            reason = "budget" if budget_seconds is not None and last.seconds >= budget_seconds else "steps"
         report.stopped = "exact" if report.exact else reason
     if report.budget_seconds is None and budget_seconds is not None:
         report.budget_seconds, report.budget_source = float(budget_seconds), "given"
@@ -227,8 +257,7 @@ def _finish(report: FitReport, net: NormNet, data: FitData, budget_seconds) -> N
 def _auto(
     net: NormNet, spec, data: FitData, report: FitReport, clock, memory_budget, seed, progress, steps: int
 ) -> NormNet:
-    start, budget_seconds, default_steps = clock
-    deadline = None if budget_seconds is None else start + float(budget_seconds) * (1 - RESERVE_FRACTION)
+    start, budget_seconds, default_steps, deadline, evaluation = clock
     identity = NormFunction(net).vector().clone()
     if exact_applicable(net, spec):
         try:
@@ -264,7 +293,8 @@ def _auto(
         max_iterations=steps,
         min_gain=MIN_GAIN,
         jacobian_dtype=torch.float32,
-        rows=auto_rows(identity.numel()),
+        rows=auto_rows(identity.numel(), current().lean_from),
+        geodesic=current().geodesic,
     )
     report.phases.append(first)
     if first.error_after <= EXACT_TOLERANCE or first.details.get("stopped") == "budget":
@@ -277,7 +307,7 @@ def _auto(
         budget_seconds = min(DEFAULT_BUDGET_MAX, DEFAULT_BUDGET_FACTOR * (time.perf_counter() - start))
         report.budget_seconds = budget_seconds
         report.budget_source = f"default: {DEFAULT_BUDGET_FACTOR:g}× the first run, at most {DEFAULT_BUDGET_MAX:g} s"
-        deadline = start + budget_seconds * (1 - RESERVE_FRACTION)
+        deadline = start + budget_seconds - _reserve(budget_seconds, evaluation)
     restarts = fit_restarts(
         net,
         spec,

@@ -31,19 +31,19 @@ from __future__ import annotations
 import time
 
 import torch
+from torch.func import vjp
 
 from ..constructions.memory import format_bytes, memory_limit
 from ..errors import MemoryBudgetError
 from ..nets.normnet import NormNet
 from .data import FitData
 from .jacobian import NormFunction, choose_mode, jacobian_bytes
+from .lm_step import LAMBDA_START, damped_step
 from .report import Phase
 from .segments import segments
 
 __all__ = ["fit_gauss_newton", "parameter_blocks", "plan_blocks", "auto_rows", "LEAN_ROWS"]
 
-LAMBDA_START = 1e-3
-LAMBDA_MAX = 1e8
 #: converged when ``patience`` accepted steps (per block) lowered the best held-out error by less than this fraction
 MIN_GAIN = 1e-3
 #: a lower-precision Jacobian (``jacobian_dtype``) is used only while the best held-out error is above this
@@ -53,11 +53,16 @@ LEAN_ROWS = -1
 #: auto steps with lean rows from this many norm parameters on (there the Jacobian and normal equations dominate a
 #: step: at d = 16, N = m·n/2, 576 parameters, 256 rows take 4× the steps of 1024 in the same time, to a lower error)
 LEAN_FROM = 128
+#: a step is begun only if this many times the slowest step so far still fits before the deadline: on a shared
+#: machine one step can take twice the slowest before it (measured: 1.23× a 0.3-s budget whose steps took ≤ 0.05 s)
+STEP_SAFETY = 1.5
+#: float32 Jacobians: ``JᵀJ`` as a float32 product, ``Jᵀr`` by a float64 backward pass, from this many parameters
+FLOAT32_PRODUCT_FROM = 80
 
 
-def auto_rows(parameters: int) -> int | None:
-    """The ``rows`` ``auto`` passes: lean for many parameters, the default otherwise."""
-    return LEAN_ROWS if parameters >= LEAN_FROM else None
+def auto_rows(parameters: int, lean_from: int = LEAN_FROM) -> int | None:
+    """The ``rows`` ``auto`` passes: lean from ``lean_from`` parameters on, the default otherwise."""
+    return LEAN_ROWS if parameters >= lean_from else None
 
 
 def parameter_blocks(net: NormNet, spec=None) -> list[list[str]]:
@@ -122,13 +127,20 @@ def fit_gauss_newton(
     step_seconds: float = 0.0,
     min_gain: float = 0.0,
     jacobian_dtype: torch.dtype | None = None,
+    geodesic: bool | str = False,
 ) -> Phase:
     """Improve ``net``'s γ, β in place by Levenberg–Marquardt until converged, ``max_iterations`` accepted steps or
     ``deadline`` (a ``time.perf_counter()`` value); returns the phase record. ``step_seconds`` is the expected cost
     of one step (a step that would end after the deadline is not started); its ``details`` say why the run stopped
     (``"converged"``, ``"steps"``, ``"budget"`` or ``"exact"``) and what a step cost (``"step_seconds"``). ``min_gain`` > 0 (``auto`` passes ``MIN_GAIN``) also ends a crawl (see the module docstring).
     ``jacobian_dtype=torch.float32`` forms the Jacobians of a float64 network in float32 (on a float32 copy; the
-    normal equations, residuals and the kept parameters stay float64)."""
+    normal equations, residuals and the kept parameters stay float64). ``geodesic=True`` adds geodesic acceleration
+    to every step (:mod:`onlynorm.fit.lm_step`); ``geodesic="fallback"`` takes the plain step where the acceleration
+    test fails.
+
+    **Deadline.** A step is not begun when ``STEP_SAFETY`` (1.5) times the slowest step so far (``step_seconds`` at
+    first) would end after the deadline, and a step's own retries of growing ``λ`` stop at the deadline (``stopped = "budget"``); only the
+    first step of a run without an estimate is begun unconditionally."""
     flags = {p: p.requires_grad for p in net.parameters()}
     for p in flags:  # Jacobians come from torch.func; no autograd graph on the network's own tensors
         p.requires_grad_(False)
@@ -145,7 +157,7 @@ def fit_gauss_newton(
             progress,
             patience,
             step_seconds,
-            (min_gain, jacobian_dtype),
+            (min_gain, jacobian_dtype, geodesic),
         )
     finally:
         for p, flag in flags.items():
@@ -166,39 +178,40 @@ def _run(
     sizes = dict(zip(every.names, every.sizes))
     plan, layout = plan_blocks(parameter_blocks(net, spec), sizes, rows, outputs, budget)
     fns = [(NormFunction(net, names), r) for names, r in plan]
-    min_gain, jacobian_dtype = options
+    min_gain, jacobian_dtype, geodesic = options
     low = net.clone().to(jacobian_dtype) if jacobian_dtype not in (None, net.dtype) else None
     jacs = [fn if low is None else NormFunction(low, fn.names) for fn, _r in fns]
+    low_all = NormFunction(low) if low is not None else None
     lambdas = [LAMBDA_START] * len(fns)
     history = [before]
     accepted = rejected = evaluations = 0
     largest = 0
     mode_used = set()
-    last_step = step_seconds
     stalled = 0
-    stopped, step_times = "steps", []
+    stopped, step_times = "steps", list[float]()
     b = -1
     best_held, best_theta = before, every.vector().clone()
-    kept = 0
+    kept = accelerated = 0
     while accepted < max_iterations:
         step_start = time.perf_counter()
-        if deadline is not None and step_start + last_step > deadline:
+        if deadline is not None and step_start + STEP_SAFETY * max([step_seconds] + step_times) > deadline:
             stopped = "budget"
             break
         b = (b + 1) % len(fns)
         fn, r = fns[b]
-        x, y = data.x_train[pick[:r]], data.y_train[pick[:r]]
-        scale = float(torch.linalg.vector_norm(y.to(torch.float64))) or 1.0
-        theta = fn.vector().to(torch.float64)
-        mode = choose_mode(fn.size, outputs)
-        mode_used.add(mode)
         jac = jacs[b] if best_held > LOW_PRECISION_ABOVE else fn  # near exact: full-precision Jacobians
-        loss, JtJ, g = _normal_equations(fn, theta, x, y, scale, mode, jac)
+        if low_all is not None and len(fns) > 1:  # the other blocks of the low-precision copy follow the network
+            low_all.assign(every.vector())
+        step, mode = _block_step(
+            fn, jac, data.x_train[pick[:r]], data.y_train[pick[:r]], outputs, lambdas[b], deadline, geodesic
+        )
+        mode_used.add(mode)
         largest = max(largest, jacobian_bytes(r, outputs, fn.size))
-        cand, lambdas[b], tried, refused = _damped_step(fn, x, y, scale, theta, loss, JtJ, g, lambdas[b])
-        evaluations, rejected = evaluations + tried, rejected + refused
-        if cand is not None:
-            fn.assign(cand)
+        lambdas[b] = step.lam
+        evaluations, rejected = evaluations + step.evaluations, rejected + step.rejected
+        if step.candidate is not None:
+            fn.assign(step.candidate)
+            accelerated += step.accelerated
             new_held = data.held_out_error(net)
             if new_held < best_held:
                 best_held, best_theta = new_held, every.vector().clone()
@@ -208,23 +221,20 @@ def _run(
             stalled = 0 if new_held <= best_held else stalled + 1
             if progress is not None:
                 progress(accepted, max_iterations, f"gauss-newton: step {accepted}, held-out rel RMS {best_held:.3e}")
+        elif step.out_of_time:
+            stopped = "budget"
+            break
         else:  # no step lowers the training loss: this block has converged
             stalled += patience
             lambdas[b] = LAMBDA_START
-        last_step = time.perf_counter() - step_start
-        step_times.append(last_step)
+        step_times.append(time.perf_counter() - step_start)
         window = patience * len(fns)
         crawling = len(history) > window and history[-1] > (1 - min_gain) * history[-1 - window]
         if best_held < 1e-13 or stalled >= window or crawling:
             stopped = "exact" if best_held < 1e-13 else "converged"
             break
     every.assign(best_theta)
-    notes = []
-    if layout != "full":
-        notes.append(
-            f"gauss-newton: Jacobian of all {every.size} norm parameters exceeds the memory budget "
-            f"{format_bytes(budget)}; stepped block-wise over {len(fns)} blocks"
-        )
+    notes = [] if layout == "full" else [_block_note(every.size, budget, len(fns))]
     return Phase(
         "gauss-newton",
         before,
@@ -242,12 +252,48 @@ def _run(
             "rows": rows,
             "rejected": rejected,
             "kept": kept,
+            "geodesic": geodesic,
+            "accelerated": accelerated,
             "evaluations": evaluations,
             "jacobian_mode": sorted(mode_used),
             "largest_jacobian_bytes": largest,
             "memory_budget_bytes": budget,
         },
     )
+
+
+def _block_note(parameters: int, budget: int, blocks: int) -> str:
+    return (
+        f"gauss-newton: Jacobian of all {parameters} norm parameters exceeds the memory budget "
+        f"{format_bytes(budget)}; stepped block-wise over {blocks} blocks"
+    )
+
+
+def _block_step(fn: NormFunction, jac: NormFunction, x, y, outputs: int, lam: float, deadline, geodesic):
+    """The normal equations of one block at its current γ, β and a damped step from them: ``(Step, mode)``."""
+    scale = float(torch.linalg.vector_norm(y.to(torch.float64))) or 1.0
+    theta = fn.vector().to(torch.float64)
+    mode = choose_mode(fn.size, outputs)
+    loss, JtJ, g, res, J = _normal_equations(fn, theta, x, y, scale, mode, jac, keep=bool(geodesic))
+    dtype = fn.params[0].dtype
+
+    def residual(th: torch.Tensor) -> torch.Tensor:
+        return _scaled_residual(fn, th.to(dtype), x, y, scale)
+
+    step = damped_step(
+        residual,
+        theta,
+        loss,
+        JtJ,
+        g,
+        lam,
+        deadline=deadline,
+        jac=J,
+        geodesic=bool(geodesic),
+        res0=res,
+        fallback=geodesic == "fallback",
+    )
+    return step, mode
 
 
 def _training_rows(net: NormNet, data: FitData, parameters: int, rows: int | None, seed: int):
@@ -272,39 +318,34 @@ def _scaled_residual(fn: NormFunction, theta: torch.Tensor, x, y, scale: float) 
         return (fn(theta, x) - y).reshape(-1).to(torch.float64) / scale
 
 
-def _normal_equations(fn: NormFunction, theta: torch.Tensor, x, y, scale: float, mode: str, jac: NormFunction):
-    """``(‖r‖², JᵀJ, Jᵀr)`` at ``θ`` (float64), the Jacobian formed in ``mode`` by ``jac`` (``fn`` itself, or the
-    same block of a lower-precision copy) and freed before returning: only the ``P × P`` matrix outlives the call."""
-    res = _scaled_residual(fn, theta.to(fn.params[0].dtype), x, y, scale)
+def _normal_equations(
+    fn: NormFunction, theta: torch.Tensor, x, y, scale: float, mode: str, jac: NormFunction, keep: bool = False
+):
+    """``(‖r‖², JᵀJ, Jᵀr, r, J or None)`` at ``θ`` (float64), the Jacobian formed in ``mode`` by ``jac`` (``fn``
+    itself, or the same block of a lower-precision copy) and freed before returning unless ``keep`` (geodesic
+    acceleration needs it; its bytes are within the budget, which counts the Jacobian and the normal matrix).
+
+    With a lower-precision ``jac`` (float32 Jacobians of a float64 network) ``JᵀJ`` is the float32 product of the
+    float32 Jacobian (its entries carry float32 error already; no float64 copy of ``J`` is made — at d = 10 that
+    copy and the float64 product cost as much as the Jacobian), while the gradient ``Jᵀr`` — which cancels towards
+    0 at a minimum and needs the full precision — is one vector–Jacobian product of the network itself. From
+    ``FLOAT32_PRODUCT_FROM`` parameters on: below, the extra backward pass costs more than it saves (measured in one
+    process, 1,024 rows: 1.3× slower at 60 γ, β; 0.70× at 88, 0.53× at 140, 0.33× at 320)."""
     low = jac.params[0].dtype
-    J = jac.jacobian(theta.to(low), x.to(low), mode=mode).to(torch.float64) / scale
-    JtJ, g = J.T @ J, J.T @ res
-    del J
-    return float(res @ res), JtJ, g
-
-
-def _damped_step(fn: NormFunction, x, y, scale: float, theta, loss: float, JtJ, g, lam: float):
-    """One Levenberg–Marquardt step from the normal equations at ``θ``: solve ``(JᵀJ + λ diag(JᵀJ)) δ = −Jᵀr``,
-    growing ``λ`` ×4 until ``θ + δ`` lowers the training loss ``loss`` or ``λ`` passes ``LAMBDA_MAX``.
-
-    Returns ``(θ + δ in the network's dtype, or None if no λ helped; the λ for the next step — a third of the one
-    that worked; evaluations; rejected candidates)``. The network is not changed.
-    """
-    diag = JtJ.diagonal().clamp_min(1e-12 * float(JtJ.diagonal().max().clamp_min(1e-300)))
-    evaluations = rejected = 0
-    while lam <= LAMBDA_MAX:
-        evaluations += 1
-        try:
-            L = torch.linalg.cholesky(JtJ + torch.diag(lam * diag))
-            delta = torch.cholesky_solve(-g.unsqueeze(1), L)[:, 0]
-        except RuntimeError:  # not positive definite in floating point: damp more
-            lam *= 4
-            continue
-        cand = (theta + delta).to(fn.params[0].dtype)
-        new_res = _scaled_residual(fn, cand, x, y, scale)
-        new_loss = float(new_res @ new_res)
-        if torch.isfinite(torch.tensor(new_loss)) and new_loss < loss:
-            return cand, max(lam / 3, 1e-9), evaluations, rejected
-        rejected += 1
-        lam *= 4
-    return None, lam, evaluations, rejected
+    if low == fn.params[0].dtype or fn.params[0].dtype != torch.float64 or fn.size < FLOAT32_PRODUCT_FROM:
+        res = _scaled_residual(fn, theta.to(fn.params[0].dtype), x, y, scale)
+        J = jac.jacobian(theta.to(low), x.to(low), mode=mode).to(torch.float64) / scale
+        JtJ, g = J.T @ J, J.T @ res
+    else:
+        J = jac.jacobian(theta.to(low), x.to(low), mode=mode)
+        JtJ = (J.T @ J).to(torch.float64) / (scale * scale)
+        out, pullback = vjp(lambda th: fn(th, x).reshape(-1), theta)[:2]
+        diff = (out - y.reshape(-1)).detach()
+        grads: tuple[torch.Tensor, ...] = pullback(diff)
+        res, g = diff.to(torch.float64) / scale, grads[0].detach().to(torch.float64) / (scale * scale)
+        if keep:
+            J = J.to(torch.float64) / scale
+    if not keep:
+        del J
+        return float(res @ res), JtJ, g, res, None
+    return float(res @ res), JtJ, g, res, J

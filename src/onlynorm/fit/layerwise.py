@@ -88,8 +88,13 @@ def _set(norm, gamma: torch.Tensor, beta: torch.Tensor) -> None:
         norm.bias.copy_(beta.to(norm.bias))
 
 
-def fit_layerwise(net: NormNet, spec, data: FitData, *, slack: float = DEFAULT_SLACK, progress=None) -> Phase:
-    """Fit ``net``'s γ, β in place, pair by pair (see the module docstring); returns the phase record."""
+def fit_layerwise(
+    net: NormNet, spec, data: FitData, *, slack: float = DEFAULT_SLACK, progress=None, resample=None
+) -> Phase:
+    """Fit ``net``'s γ, β in place, pair by pair (see the module docstring); returns the phase record.
+
+    ``resample`` (a ``torch.Generator``): each layer's least squares use a fresh random half of the rows (the
+    errors still propagate through all of them) — a different start for every draw, used by ``auto``'s restarts."""
     start = time.perf_counter()
     before = data.held_out_error(net)
     segs = segments(net, spec)
@@ -109,14 +114,16 @@ def fit_layerwise(net: NormNet, spec, data: FitData, *, slack: float = DEFAULT_S
                 continue
             t_full = seg.target_out(ht)
             T = rows(t_full).to(torch.float64)
+            pick = _half(T.shape[0], resample)
             if seg.kind == "unit":
                 stage = seg.stages[0]
-                gamma, beta = _regress(rows(stage.normalized(h)).to(torch.float64), T)
+                v = rows(stage.normalized(h)).to(torch.float64)
+                gamma, beta = _regress(v, T) if pick is None else _regress(v[pick], T[pick])
                 _set(stage.norm, gamma, beta)
                 h = stage(h)
                 fits.append(relative_rms(rows(h), T))
             else:
-                h, pre, bounds = _fit_pair(seg, h, T, bounds, slack)
+                h, pre, bounds = _fit_pair(seg, h, T, bounds, slack, pick)
                 fits.append(relative_rms(pre, T))
             ht = torch.relu(t_full) if seg.relu_after else t_full
             if progress is not None:
@@ -162,11 +169,16 @@ def _stage_bounds(stage, bounds):
     return (zmin.clamp(min=0), zmax.clamp(min=0)) if stage.relu else (zmin, zmax)
 
 
-def _fit_pair(seg: Segment, h: torch.Tensor, T: torch.Tensor, bounds, slack: float):
+def _half(n: int, gen) -> torch.Tensor | None:
+    """A random half of ``n`` rows (at least 2), or ``None`` (all rows) without a generator."""
+    return None if gen is None else torch.randperm(n, generator=gen)[: max(2, n // 2)]
+
+
+def _fit_pair(seg: Segment, h: torch.Tensor, T: torch.Tensor, bounds, slack: float, pick=None):
     first, second = seg.stages
     A, B = weight_matrix(first).to(torch.float64), weight_matrix(second).to(torch.float64)
     H = patches(first, h).to(torch.float64)
-    gamma = function_space_gamma(A, B, H, T)
+    gamma = function_space_gamma(A, B, H, T) if pick is None else function_space_gamma(A, B, H[pick], T[pick])
     z = H @ (gamma[:, None] * A).T
     zmin, zmax = z.min(0).values, z.max(0).values
     if bounds is not None:
@@ -176,7 +188,7 @@ def _fit_pair(seg: Segment, h: torch.Tensor, T: torch.Tensor, bounds, slack: flo
     _set(first.norm, gamma, beta1)
     u = first(h)
     v = rows(pre_norm(second, u)).to(torch.float64)
-    gamma2, beta2 = _regress(v, T)
+    gamma2, beta2 = _regress(v, T) if pick is None else _regress(v[pick], T[pick])
     _set(second.norm, gamma2, beta2)
     out = second.norm(pre_norm(second, u))
     if bounds is not None:

@@ -1,15 +1,21 @@
 """Spend the rest of ``auto``'s budget: Levenberg–Marquardt restarted from other starts, the best on held-out kept.
 
 Once the first run (layer-wise start, then Levenberg–Marquardt) has converged, the remaining time goes to restarts,
-cycling through these starts (each followed by a Levenberg–Marquardt run on all γ, β):
+cycling through starts of these kinds (each followed by a Levenberg–Marquardt run on all γ, β; the default cycle is
+``perturbed, resampled, identity, sign-flip, resampled``, :mod:`onlynorm.fit.auto_config`):
 
 * ``"perturbed"`` — the best γ, β so far with multiplicative noise (basin hopping; the noise grows 0.1 → 0.3 over
   the cycles);
 * ``"sign-flip"`` — the best so far with γ, β of a random quarter of the hidden units negated (the unit is then
   active on the other side of its hyperplane);
 * ``"subsample"`` — the layer-wise start fitted on a random half of the training points;
+* ``"resampled"`` — the layer-wise start with a fresh random half of the rows for every layer's least squares
+  (errors still propagated through all points);
 * ``"identity"`` — the frozen network's own norms (γ = 1, β = 0 for a random network; a pretrained one's
   BatchNorms).
+
+**Screening** (``auto_config(screen_steps=k)``): each restart first runs ``k`` steps and is run on to convergence
+only if its held-out error is then within ``SCREEN_MARGIN`` of the best so far — more starts in the same time.
 
 **The schedule.** A restart is begun only if the time left (minus a reserve for the final evaluation) holds at
 least a third of a typical run — the first run's Levenberg–Marquardt time, then the running mean of the restarts'
@@ -26,6 +32,7 @@ import torch
 
 from ..errors import InvalidNetworkError
 from ..nets.normnet import NormNet
+from .auto_config import current
 from .data import FitData
 from .gauss_newton import MIN_GAIN, auto_rows, fit_gauss_newton
 from .jacobian import NormFunction
@@ -34,9 +41,13 @@ from .report import Phase
 
 __all__ = ["fit_restarts", "STARTS", "MIN_RUN_FRACTION"]
 
-STARTS = ("perturbed", "sign-flip", "subsample", "perturbed", "identity")
+#: the default cycle of restart kinds (``auto_config(starts=...)`` changes it)
+STARTS = current().starts
 #: a restart is begun only if at least this fraction of a typical run fits in the time left
 MIN_RUN_FRACTION = 1 / 3
+#: screening (``auto_config(screen_steps=k)``): a restart is run on past its first k steps only if its held-out
+#: error is then within this fraction of the best so far
+SCREEN_MARGIN = 0.1
 
 
 def _hidden_norms(net: NormNet) -> set[str]:
@@ -107,10 +118,12 @@ def fit_restarts(
     typical = max(run_seconds, 1e-4)
     k = 0
     stopped = "exact" if best <= exact_tolerance else "budget"
+    config = current()
+    rows = auto_rows(fn.size, config.lean_from)
     while best > exact_tolerance:
         left = deadline - time.perf_counter()
-        kind = STARTS[k % len(STARTS)]
-        if kind == "subsample" and left < layerwise_seconds + 2 * step_seconds:
+        kind = config.starts[k % len(config.starts)]
+        if kind in ("subsample", "resampled") and left < layerwise_seconds + 2 * step_seconds:
             kind = "perturbed"
         if left < max(MIN_RUN_FRACTION * typical, 2 * step_seconds):
             break
@@ -118,24 +131,38 @@ def fit_restarts(
         if not _set_start(kind, net, spec, data, fn, best_theta, identity, hidden, gen, k):
             k += 1
             continue
-        phase = fit_gauss_newton(
-            net,
-            data,
-            spec=spec,
-            deadline=deadline,
-            memory_budget=memory_budget,
-            seed=seed + k + 1,
-            max_iterations=max_iterations,
-            step_seconds=step_seconds,
-            min_gain=MIN_GAIN,
-            jacobian_dtype=torch.float32,
-            rows=auto_rows(fn.size),
-        )
+        if kind in ("subsample", "resampled"):  # the slowest layer-wise start so far guards the next one
+            layerwise_seconds = max(layerwise_seconds, time.perf_counter() - t0)
+        if time.perf_counter() + step_seconds > deadline:  # the start itself took the time left
+            break
+        lm = {
+            "spec": spec,
+            "deadline": deadline,
+            "memory_budget": memory_budget,
+            "seed": seed + k + 1,
+            "step_seconds": step_seconds,
+            "min_gain": MIN_GAIN,
+            "jacobian_dtype": torch.float32,
+            "rows": rows,
+            "geodesic": config.geodesic,
+        }
+        screen = config.screen_steps if config.screen_steps and config.screen_steps < max_iterations else None
+        phase = fit_gauss_newton(net, data, max_iterations=screen or max_iterations, **lm)
+        error, steps, screened = phase.error_after, phase.iterations, False
+        if screen is not None and phase.details.get("stopped") == "steps":
+            if error < best * (1 + SCREEN_MARGIN):  # promising: run it to convergence
+                step_seconds = max(step_seconds, float(phase.details.get("step_seconds", 0.0)))
+                more = fit_gauss_newton(
+                    net, data, max_iterations=max_iterations - steps, **dict(lm, step_seconds=step_seconds)
+                )
+                error, steps, phase = more.error_after, steps + more.iterations, more
+            else:  # far behind the best after the screening steps: drop it, start another
+                screened = True
         step_seconds = max(step_seconds, float(phase.details.get("step_seconds", 0.0)))
         seconds = time.perf_counter() - t0
-        runs.append({"start": kind, "error": phase.error_after, "seconds": seconds, "steps": phase.iterations})
-        if phase.error_after < best:
-            best, best_theta = phase.error_after, fn.vector().clone()
+        runs.append({"start": kind, "error": error, "seconds": seconds, "steps": steps, "screened": screened})
+        if error < best:
+            best, best_theta = error, fn.vector().clone()
         typical = (typical * len(runs) + seconds) / (len(runs) + 1)
         k += 1
         if progress is not None:
@@ -166,7 +193,10 @@ def _set_start(kind, net, spec, data, fn, best_theta, identity, hidden, gen, k) 
         fn.assign(identity)
     else:
         try:
-            fit_layerwise(net, spec, _subsample(data, gen))
+            if kind == "resampled":
+                fit_layerwise(net, spec, data, resample=gen)
+            else:
+                fit_layerwise(net, spec, _subsample(data, gen))
         except InvalidNetworkError:
             return False
     return True
