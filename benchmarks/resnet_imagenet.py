@@ -27,7 +27,10 @@ def child(name: str, images: int) -> None:
     def progress(done: int, total: int, message: str) -> None:
         print(f"  [{name}] {done}/{total} {message}", file=sys.stderr, flush=True)
 
-    print(json.dumps(imagenet_run(name, images=images, progress=progress), default=str))
+    def log(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    print(json.dumps(imagenet_run(name, images=images, progress=progress, log=log), default=str))
 
 
 def main() -> None:

@@ -20,27 +20,26 @@ refinement stalls.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
-import scipy.linalg
 import torch
 
 from .errors import SingularSystemError
 from .linalg import _LowPrecisionLU, _pivot_rcond, _system_norm, khatri_rao_system_transposed, vec
 
-__all__ = ["SharedSolution", "solve_khatri_rao_shared", "compose_shared"]
+__all__ = ["SharedSolution", "solve_khatri_rao_shared", "compose_shared", "shared_error"]
 
 
 @dataclass
 class SharedSolution:
-    """``gamma`` ``(T, N)``; ``realised`` ``B Γ_t A`` of each block ``(T, m, k)`` and ``residual`` its max-abs
-    distance to ``W_t`` ``(T,)``; ``rcond`` the pivot ratio of the one LU; ``precision`` ``"float64"`` or
+    """``gamma`` ``(T, N)`` (rounded to ``hold``, the dtype the network stores it in); ``residual`` the max-abs
+    distance of ``B Γ_t A`` to ``W_t`` per block ``(T,)`` and ``error_norm`` ``‖[B Γ_t A − W_t]_t‖_F`` over all
+    blocks, both of that rounded ``γ``; ``rcond`` the pivot ratio of the one LU; ``precision`` ``"float64"`` or
     ``"mixed"`` (``steps`` refinement steps)."""
 
     gamma: torch.Tensor
-    realised: torch.Tensor
     residual: torch.Tensor
+    error_norm: float
     rcond: float
     precision: str
     steps: int = 0
@@ -53,6 +52,17 @@ def compose_shared(B: torch.Tensor, gamma: torch.Tensor, A: torch.Tensor) -> tor
     return (B @ GA.transpose(0, 1).reshape(N, T * k)).reshape(B.shape[0], T, k).transpose(0, 1)
 
 
+def shared_error(B: torch.Tensor, gamma: torch.Tensor, A: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """``E = [B Γ_1 A − W_1 … B Γ_T A − W_T]`` as ``(m, T, k)`` in one fused GEMM ``addmm(−W, B, G)`` with
+    ``G[u, (t, j)] = γ_t[u] A[u, j]`` — the exactness check of every block at the cost of one ``N × N × T·k``
+    product (no ``(T, m, k)`` copy of the realised weights, no second pass to subtract)."""
+    (N, k), T, m = A.shape, gamma.shape[0], B.shape[0]
+    G = torch.empty(N, T, k, dtype=A.dtype, device=A.device)  # the blocks side by side, row-major
+    torch.mul(gamma.T.unsqueeze(-1), A.unsqueeze(1), out=G)
+    Wm = W.transpose(0, 1).reshape(m, T * k)  # a view when W is the (m, T, k) layout read as (T, m, k)
+    return torch.addmm(Wm, B, G.view(N, T * k), beta=-1).view(m, T, k)
+
+
 def solve_khatri_rao_shared(
     A: torch.Tensor,
     B: torch.Tensor,
@@ -61,10 +71,12 @@ def solve_khatri_rao_shared(
     layer: int | None = None,
     precision: str = "auto",
     max_refinement: int = 10,
+    hold: torch.dtype = torch.float64,
 ) -> SharedSolution:
     """Solve ``B diag(γ_t) A = W_t`` for ``t = 1..T`` with one factorisation of ``M = Aᵀ ⊙ B``.
 
-    ``A`` is ``(N, k)``, ``B`` ``(m, N)``, ``W`` ``(T, m, k)`` with ``N = m·k``; everything is computed in float64.
+    ``A`` is ``(N, k)``, ``B`` ``(m, N)``, ``W`` ``(T, m, k)`` with ``N = m·k``; everything is computed in float64,
+    ``γ`` is rounded once to ``hold`` and its residual checked (one GEMM, :func:`shared_error`).
     A singular ``M`` raises :class:`SingularSystemError` (pivot ratio below ``N·eps``).
     """
     N, k = A.shape
@@ -80,23 +92,25 @@ def solve_khatri_rao_shared(
             f"solve_khatri_rao_shared: precision must be 'auto', 'float64' or 'mixed', found {precision!r}"
         )
     A, B, W = A.double(), B.double(), W.double()
-    rhs = vec(W).T.contiguous()  # (N, T): column t is vec W_t
+    rhs = vec(W).mT  # (N, T), column t is vec W_t: column-major, the layout LAPACK solves in (no copy)
     gamma, rcond, used, steps = None, 0.0, "float64", 0
     if precision == "mixed" or (precision == "auto" and N > 20 * T):
-        gamma, rcond, steps = _mixed(A, B, W, rhs, max_refinement)
+        gamma, rcond, steps = _mixed(A, B, W, rhs.contiguous(), max_refinement)
         used = "mixed"
     if gamma is None:
         gamma, rcond = _float64(A, B, rhs, layer)
         used = "float64"
-    realised = compose_shared(B, gamma, A)
-    residual = (realised - W).abs().amax(dim=(-2, -1))
+    if hold != torch.float64:
+        gamma = gamma.to(hold).double()  # the γ the network will hold: its residual is the one reported
+    E = shared_error(B, gamma, A, W)
+    residual = E.abs().amax(dim=(0, 2))
     if not bool(torch.isfinite(residual).all()):
         raise SingularSystemError(
             f"{_where(layer)}shared Khatri–Rao solve of size {N} produced non-finite γ; check the frozen weights",
             layer=layer,
             size=N,
         )
-    return SharedSolution(gamma=gamma, realised=realised, residual=residual, rcond=rcond, precision=used, steps=steps)
+    return SharedSolution(gamma, residual, float(torch.linalg.vector_norm(E)), rcond, used, steps)
 
 
 def _where(layer: int | None) -> str:
@@ -104,19 +118,16 @@ def _where(layer: int | None) -> str:
 
 
 def _float64(A, B, rhs: torch.Tensor, layer) -> tuple[torch.Tensor, float]:
-    """One float64 LU of ``M`` (factored in place on the CPU) and the ``T`` solves: ``(Γ (T, N), pivot ratio)``."""
+    """One float64 LU of ``M`` and the ``T`` solves: ``(Γ (T, N), pivot ratio)``.
+
+    torch's LAPACK (MKL on the CPU wheels) for both, on every device: mixing it with scipy's OpenBLAS in one solve
+    leaves two thread pools spinning on the same cores, which made each small torch op after the LU take
+    milliseconds on a 2-core machine."""
     N = A.shape[0]
-    Mt = khatri_rao_system_transposed(A, B, torch.float64)
-    if Mt.device.type == "cpu":
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            lu, piv = scipy.linalg.lu_factor(Mt.numpy().T, overwrite_a=True, check_finite=False)
-        rcond = _pivot_rcond(torch.from_numpy(lu))
-        solve = lambda: torch.from_numpy(scipy.linalg.lu_solve((lu, piv), rhs.numpy(), check_finite=False))  # noqa: E731
-    else:
-        LU, pivots, _ = torch.linalg.lu_factor_ex(Mt.mT)
-        rcond = _pivot_rcond(LU)
-        solve = lambda: torch.linalg.lu_solve(LU, pivots, rhs)  # noqa: E731
+    Mt = khatri_rao_system_transposed(A, B, torch.float64)  # row-major Mᵀ = column-major M
+    LU, pivots, _ = torch.linalg.lu_factor_ex(Mt.mT)
+    del Mt
+    rcond = _pivot_rcond(LU)
     if not rcond >= N * torch.finfo(torch.float64).eps:
         raise SingularSystemError(
             f"{_where(layer)}the shared Khatri–Rao system of size {N} is singular (pivot ratio {rcond:.1e}); "
@@ -124,7 +135,7 @@ def _float64(A, B, rhs: torch.Tensor, layer) -> tuple[torch.Tensor, float]:
             layer=layer,
             size=N,
         )
-    return solve().T.contiguous(), rcond
+    return torch.linalg.lu_solve(LU, pivots, rhs).mT, rcond
 
 
 def _mixed(A, B, W, rhs: torch.Tensor, max_steps: int) -> tuple[torch.Tensor | None, float, int]:

@@ -294,7 +294,13 @@ def demo(
         False,
         "--resnet",
         help="A CIFAR-geometry ResNet-20 reconstructed exactly by "
-        "method='deep' (minutes), and what a ResNet-18 at 224×224 would need.",
+        "method='deep' (minutes), and what ResNet-18/50 at 224×224 would need.",
+    ),
+    imagenet: bool = typer.Option(
+        False,
+        "--imagenet",
+        help="With --resnet: also reconstruct ResNet-18 and ResNet-50 at 3×224×224 by deep, tied=True "
+        "and verify them on 2 images (about 15 more minutes on 2 cores).",
     ),
     transformer: bool = typer.Option(
         False,
@@ -310,10 +316,13 @@ def demo(
         raise OnlyNormError("choose at most one of --builtin, --tasks, --cnn, --resnet, --transformer")
     if json_path is not None:
         check_output_path(json_path)
+    if imagenet and not resnet:
+        raise OnlyNormError("--imagenet extends --resnet: use onlynorm demo --resnet --imagenet")
     flags = {"builtin": builtin, "tasks": tasks, "cnn": cnn, "resnet": resnet, "transformer": transformer}
     name = next((flag for flag, given in flags.items() if given), "digits")
-    module = importlib.import_module(f"..demos.{name}", __package__)  # onlynorm.demos.NAME
-    if not module.run(seed=seed, json_path=json_path, console=console):
+    module = importlib.import_module(f"..demos.{name}", __package__)  # onlynorm.demos.NAME, beside this package
+    extra = {"imagenet": True} if imagenet else {}
+    if not module.run(seed=seed, json_path=json_path, console=console, **extra):
         raise typer.Exit(1)
 
 

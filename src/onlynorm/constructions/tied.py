@@ -12,8 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import InvalidNetworkError
-from ..linalg import relative_residual
-from ..linalg_tied import SharedSolution, compose_shared, solve_khatri_rao_shared
+from ..linalg_tied import SharedSolution, solve_khatri_rao_shared
 from ..nets.conv_stream import grouped_conv
 from ..nets.records import SolveRecord
 from ..nets.tied import TiedResidualStream
@@ -49,23 +48,50 @@ def draw_tied(stage: TiedResidualStream | TiedConvStream, gen: torch.Generator) 
             fill_frozen(module.weight, gen)
 
 
-def _solve(A, B, W, layer: int) -> SharedSolution:
-    return solve_khatri_rao_shared(A.detach().double(), B.detach().double(), W.double(), layer=layer)
+def _solve(A, B, W, layer: int, hold: torch.dtype) -> SharedSolution:
+    return solve_khatri_rao_shared(A.detach().double(), B.detach().double(), W.double(), layer=layer, hold=hold)
 
 
-def _record(layer: int, sols: list[SharedSolution], realised, wanted, details: dict) -> SolveRecord:
-    residual, relative = relative_residual(realised, wanted)
+def _record(layer: int, sols: list[SharedSolution], wanted: torch.Tensor, details: dict) -> SolveRecord:
+    """The layer's record from its solves' checks: ``max|Ŵ − W|`` and ``‖Ŵ − W‖_F / ‖W‖_F`` over every block."""
+    residual = max(float(s.residual.max()) for s in sols)
+    error = sum(s.error_norm**2 for s in sols) ** 0.5
+    scale = float(torch.linalg.vector_norm(wanted))
     return SolveRecord(
         layer=layer,
         kind="shared",
         residual=residual,
-        relative_residual=relative,
+        relative_residual=error / scale if scale > 0 else error,
         exact=True,
         rcond=min(s.rcond for s in sols),
         precision="mixed" if any(s.precision == "mixed" for s in sols) else "float64",
         steps=max(s.steps for s in sols),
         details=details,
     )
+
+
+def box_offsets(A: torch.Tensor, gamma: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, margin: float):
+    """``β_t = −min z + slack`` of every block's branch units ``z = Γ_t A x`` over the box ``x ∈ [lo_t, hi_t]``.
+
+    ``A`` is shared, so per unit ``u``: ``z ∈ mid ± half`` with ``mid = γ_tu (A c_t)_u``,
+    ``half = |γ_tu| (|A| r_t)_u`` (``c, r`` the centre and radius of block ``t``'s box): three ``(T, k) × (k, N)``
+    products for every block at once, no ``(T, N, k)`` tensor of ``Γ_t A``. The slack is
+    :func:`~onlynorm.constructions.base.safe_margin`'s, fused (its ``max(spread, |zmin|, |zmax|)`` is
+    ``max(2·half, |mid| + half)``): ``margin · max(2·half, |mid| + half, |Γ_t A| (|x| + 1))``, floored by ``margin``
+    times the mean spread. ``lo``, ``hi`` ``(T, k)``, ``gamma`` ``(T, N)``; returns ``(T, N)``.
+
+    >>> A, gamma = torch.tensor([[1.0], [-2.0]]), torch.tensor([[1.0, 0.5]])
+    >>> box_offsets(A, gamma, torch.tensor([[0.0]]), torch.tensor([[1.0]]), 1e-3)   # z ∈ [0, 1] and [−1, 0]
+    tensor([[0.0020, 1.0020]])
+    """
+    g = gamma.abs()
+    half = ((hi - lo) / 2 @ A.abs().T).mul_(g)
+    mid = ((hi + lo) / 2 @ A.T).mul_(gamma)
+    slack = mid.abs().add_(half)
+    torch.maximum(slack, ((torch.maximum(lo.abs(), hi.abs()) + 1) @ A.abs().T).mul_(g), out=slack)
+    torch.maximum(slack, 2 * half, out=slack)
+    floor = max(2 * margin * float(half.mean()) if half.numel() else 0.0, torch.finfo(A.dtype).tiny ** 0.5)
+    return slack.mul_(margin).clamp_min_(floor).add_(half).sub_(mid)
 
 
 def solve_tied_stream(
@@ -79,27 +105,20 @@ def solve_tied_stream(
     parts = [(stage.branch, stage.readout, W64[:, :split].reshape(m, T, k).transpose(0, 1), slice(0, split))]
     if stage.rest is not None and stage.rest_readout is not None:
         parts.append((stage.rest, stage.rest_readout, W64[:, split:].unsqueeze(0), slice(split, n)))
-    gammas, betas, sols, realised = [], [], [], []
+    gammas, betas, sols = [], [], []
     offset = torch.zeros(m, dtype=torch.float64)
     for A_mod, B_mod, Wt, cols in parts:
-        sol = _solve(A_mod.weight, B_mod.weight, Wt, layer)
-        gamma = sol.gamma.to(W.dtype).double()  # the γ the network will hold
+        sol = _solve(A_mod.weight, B_mod.weight, Wt, layer, W.dtype)  # γ as the network will hold it
         A, B = A_mod.weight.detach().double(), B_mod.weight.detach().double()
-        GA = gamma.unsqueeze(-1) * A  # (T_part, N, k)
-        lo_t, hi_t = lo64[cols].reshape(Wt.shape[0], -1, 1), hi64[cols].reshape(Wt.shape[0], -1, 1)
-        pos, neg = GA.clamp(min=0), GA.clamp(max=0)
-        zmin, zmax = (pos @ lo_t + neg @ hi_t).squeeze(-1), (pos @ hi_t + neg @ lo_t).squeeze(-1)
-        scale = (GA.abs() @ (torch.maximum(lo_t.abs(), hi_t.abs()) + 1)).squeeze(-1)
-        beta = -zmin + safe_margin(zmin, zmax, margin, scale)
+        blocks = Wt.shape[0]
+        beta = box_offsets(A, sol.gamma, lo64[cols].reshape(blocks, -1), hi64[cols].reshape(blocks, -1), margin)
         offset = offset + B @ beta.sum(0)
-        gammas.append(gamma.reshape(-1))
+        gammas.append(sol.gamma.reshape(-1))
         betas.append(beta.reshape(-1))
         sols.append(sol)
-        done = sol.realised if W.dtype == torch.float64 else compose_shared(B, gamma, A)
-        realised.append(done.transpose(0, 1).reshape(m, -1))
     _set(stage, torch.cat(gammas), torch.cat(betas), b.double() - offset)
     details = {"blocks": len(stage.sizes), "block": k, "tied": 1}
-    return _record(layer, sols, torch.cat(realised, dim=1), W64, details)
+    return _record(layer, sols, W64, details)
 
 
 def _set(stage, gamma: torch.Tensor, beta: torch.Tensor, beta_out: torch.Tensor) -> None:
@@ -125,10 +144,10 @@ def solve_tied_conv(conv: Conv, stage: TiedConvStream, lo, hi, margin: float, in
     parts = [(stage.branch, stage.readout, W[:, :split].reshape(c_out, T, k * kh * kw).transpose(0, 1), 0, split)]
     if stage.rest is not None and stage.rest_readout is not None:
         parts.append((stage.rest, stage.rest_readout, W[:, split:].flatten(1).unsqueeze(0), split, c_in))
-    gammas, betas, sols, realised = [], [], [], []
+    gammas, betas, sols = [], [], []
     offset = torch.zeros(c_out, dtype=torch.float64)
     for A_mod, B_mod, Wt, c0, c1 in parts:
-        sol = _solve(A_mod.weight.flatten(1), B_mod.weight.flatten(1), Wt, index)
+        sol = _solve(A_mod.weight.flatten(1), B_mod.weight.flatten(1), Wt, index, torch.float64)
         gamma = sol.gamma
         if stage.paired:  # relu(v) − relu(−v) = v for every v: β_t = 0
             beta = torch.zeros_like(gamma)
@@ -141,12 +160,10 @@ def solve_tied_conv(conv: Conv, stage: TiedConvStream, lo, hi, margin: float, in
         gammas.append(gamma.reshape(-1))
         betas.append(beta.reshape(-1))
         sols.append(sol)
-        realised.append(sol.realised.reshape(-1))
     _set(stage, torch.cat(gammas), torch.cat(betas), conv.bias.double() - offset)
-    wanted = torch.cat([p[2].reshape(-1) for p in parts])
     details = {"type": "linear" if flat else "conv", "blocks": len(stage.sizes), "block": k, "tied": 1}
     details["size"] = stage.per_block
-    return _record(index, sols, torch.cat(realised), wanted, details)
+    return _record(index, sols, W, details)
 
 
 def _linear_regime_beta(A, gamma, x_lo, x_hi, stage: TiedConvStream, margin: float, budget: int = 256 << 20):

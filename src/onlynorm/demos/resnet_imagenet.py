@@ -8,7 +8,8 @@ is built, solved and verified on a few images of the box ``[0, 1]^{3×224×224}`
 conversion, reconstruction and verification, the process's peak resident memory, frozen/tunable/target parameter
 counts, and the max relative error ``max |f − g| / max |g|`` over the images.
 
-Used by ``onlynorm demo --resnet`` and ``benchmarks/resnet_imagenet.py`` (one model per child process there, so the
+Used by ``onlynorm demo --resnet --imagenet`` (``--resnet`` alone reports only the conversion and the memory guard's
+estimates: :func:`imagenet_estimates`) and ``benchmarks/resnet_imagenet.py`` (one model per child process there, so the
 peak memory is that model's alone).
 """
 
@@ -32,7 +33,7 @@ from ..targets.cnn import ConvNetSpec
 from ..verify import verify
 from .resnet_models import resnet18, resnet50
 
-__all__ = ["MODELS", "imagenet_target", "imagenet_run", "peak_rss_bytes"]
+__all__ = ["MODELS", "imagenet_target", "imagenet_estimates", "imagenet_run", "peak_rss_bytes"]
 
 MODELS: dict[str, Callable[[], nn.Module]] = {"resnet18": resnet18, "resnet50": resnet50}
 IN_SHAPE = (3, 224, 224)
@@ -64,26 +65,45 @@ def imagenet_target(name: str, seed: int = 0) -> nn.Module:
     return model.double().eval()
 
 
-def imagenet_run(
-    name: str, seed: int = 0, images: int = 2, progress: Callable[[int, int, str], None] | None = None
-) -> dict[str, Any]:
-    """Convert, reconstruct (``deep, tied=True``, float64) and verify ``name`` on ``images`` images of the box."""
-    doc: dict[str, Any] = {"model": name, "images": images, "seed": seed, "threads": torch.get_num_threads()}
-    t0, c0 = time.perf_counter(), time.process_time()
+def imagenet_estimates(name: str, seed: int = 0) -> tuple[nn.Module, ConvNetSpec, dict[str, Any]]:
+    """The target, its conversion and what the memory guard says (nothing is allocated): the seconds of conversion,
+    the estimates of every construction, and whether the untied deep network fits (``"fits"`` or ``"refused: …"``)."""
+    t0 = time.perf_counter()
     model = imagenet_target(name, seed)
     spec = ConvNetSpec.from_module(model, IN_SHAPE)
+    doc: dict[str, Any] = {"model": name, "seed": seed, "threads": torch.get_num_threads()}
     doc["convert_seconds"] = time.perf_counter() - t0
     doc["estimates"] = conv_estimates(spec, torch.float64)
-    box = Box(0.0, 1.0)
+    doc["target_parameters"] = spec.num_parameters
     untied = get_construction("conv_deep")
-    try:  # the untied default: what the memory guard says (nothing is allocated)
+    try:
         check_memory(untied, spec, dtype=torch.float64, options=untied.check_options({}))
         doc["untied"] = "fits"
     except MemoryBudgetError as exc:
         doc["untied"] = f"refused: {exc}"
+    return model, spec, doc
+
+
+def imagenet_run(
+    name: str,
+    seed: int = 0,
+    images: int = 2,
+    progress: Callable[[int, int, str], None] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Convert, reconstruct (``deep, tied=True``, float64) and verify ``name`` on ``images`` images of the box;
+    ``progress`` gets a call per solved layer, ``log`` a line per stage (conversion, reconstruction, verification)."""
+    say = log or (lambda line: None)
+    t0, c0 = time.perf_counter(), time.process_time()
+    say(f"[{name}] converting the model (torch.fx) and asking the memory guard")
+    model, spec, doc = imagenet_estimates(name, seed)
+    doc["images"] = images
+    box = Box(0.0, 1.0)
+    say(f"[{name}] reconstructing by deep, tied=True: one LU per layer")
     t1, c1 = time.perf_counter(), time.process_time()
     net = reconstruct(spec, method="deep", tied=True, domain=box, seed=seed, progress=progress)
     doc["reconstruct_seconds"], doc["reconstruct_cpu_seconds"] = time.perf_counter() - t1, time.process_time() - c1
+    say(f"[{name}] reconstructed in {doc['reconstruct_seconds']:.0f} s; verifying {images} images of [0, 1]")
     t2, c2 = time.perf_counter(), time.process_time()
     report = verify(net, model, box, samples=images, seed=seed)
     doc["verify_seconds"], doc["verify_cpu_seconds"] = time.perf_counter() - t2, time.process_time() - c2
@@ -100,4 +120,5 @@ def imagenet_run(
         target_parameters=s.target_parameters,
         peak_rss_bytes=peak_rss_bytes(),
     )
+    say(f"[{name}] verified in {doc['verify_seconds']:.0f} s: max relative error {report.max_rel_error:.1e}")
     return doc

@@ -58,7 +58,6 @@ class TiedResidualStream(Stage):
         super().__init__()
         self.in_features, self.out_features, self.relu = int(in_features), int(out_features), bool(relu)
         self.block = min(int(block), self.in_features)
-        self.sizes = block_sizes(self.in_features, self.block)
         self.full = self.in_features // self.block
         m, k, r = self.out_features, self.block, self.in_features % self.block
         self.per_block = m * k
@@ -69,6 +68,12 @@ class TiedResidualStream(Stage):
         self.channels = self.full * m * k + m * r
         self.branch_norm = make_batchnorm(self.channels, dtype=dtype, device=device)
         self.norm = make_batchnorm(m, dtype=dtype, device=device)
+
+    @property
+    def sizes(self) -> list[int]:
+        """The input block sizes (``k`` … ``k``, the smaller last one): computed, not stored, so cloning a network
+        (a deepcopy) does not copy a list of ``⌈n/k⌉`` ints per stage."""
+        return block_sizes(self.in_features, self.block)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         inplace = not torch.is_grad_enabled()

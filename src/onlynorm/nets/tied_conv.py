@@ -74,7 +74,6 @@ class TiedConvStream(ConvStreamShape, Stage):
         self.in_channels, self.out_channels = int(in_channels), int(out_channels)
         self.flat, self.paired = bool(flat), bool(paired)
         self.block = min(int(block), self.in_channels)
-        self.sizes = block_sizes(self.in_channels, self.block)
         self.full = self.in_channels // self.block
         k, r = self.block, self.in_channels % self.block
         self.per_block = self.out_channels * k * kh * kw
@@ -89,6 +88,12 @@ class TiedConvStream(ConvStreamShape, Stage):
         self.channels = self.full * self.per_block + n_rest
         self.branch_norm = make_batchnorm(self.channels, dims=2, dtype=dtype, device=device)
         self.norm = make_batchnorm(self.out_channels, dims=2, dtype=dtype, device=device)
+
+    @property
+    def sizes(self) -> list[int]:
+        """The input block sizes (``k`` … ``k``, the smaller last one): computed, not stored, so cloning a network
+        (a deepcopy) does not copy a list of ``⌈n/k⌉`` ints per stage."""
+        return block_sizes(self.in_channels, self.block)
 
     @property
     def geometry(self) -> dict[str, tuple[int, int]]:
