@@ -184,7 +184,7 @@ def print_resnet20(console: Console | None, doc: dict[str, Any], s, report) -> N
             (f"max relative error, {doc['box_samples']} images of the box", f"{report.max_rel_error:.2e}"),
             (
                 "certificate (no unit can leave its regime)",
-                f"{'yes' if report.certified else 'NO'}; interval bound on "
+                f"{'yes' if report.certified else 'NO'}; proven bound on "
                 f"sup|f − g| {report.certified_bound:.1e}, on rounding "
                 f"{report.rounding_bound:.1e} ({doc['verify_seconds']:.1f} s with "
                 "sampling)",
