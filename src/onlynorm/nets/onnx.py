@@ -96,6 +96,18 @@ def build_model(net: Any, *, lower_conv: bool | None = None) -> Any:
         [onnx.helper.make_tensor_value_info("output", elem, ["batch", *value.shape[1:]])],
         initializer=g.initializers,
     )
+    return make_model(
+        graph,
+        f"onlynorm NormNet (method {net.method}): a frozen random network whose only tuned "
+        "parameters are the BatchNormalization scale/B inputs",
+        {"onlynorm.method": net.method, "onlynorm.target_dims": str(net.target_dims)},
+    )
+
+
+def make_model(graph: Any, doc: str, props: dict[str, str]) -> Any:
+    """The ONNX model around ``graph``: onlynorm as producer, opset :data:`OPSET`, IR :data:`IR_VERSION` (the
+    oldest onnxruntime releases still read), the description and metadata a reader sees first."""
+    onnx = onnx_module()
     model = onnx.helper.make_model(
         graph,
         producer_name="onlynorm",
@@ -103,11 +115,8 @@ def build_model(net: Any, *, lower_conv: bool | None = None) -> Any:
         opset_imports=[onnx.helper.make_opsetid("", OPSET)],
     )
     model.ir_version = IR_VERSION
-    model.doc_string = (
-        f"onlynorm NormNet (method {net.method}): a frozen random network whose only tuned "
-        "parameters are the BatchNormalization scale/B inputs"
-    )
-    onnx.helper.set_model_props(model, {"onlynorm.method": net.method, "onlynorm.target_dims": str(net.target_dims)})
+    model.doc_string = doc
+    onnx.helper.set_model_props(model, props)
     return model
 
 

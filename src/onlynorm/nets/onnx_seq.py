@@ -37,11 +37,10 @@ from typing import Any
 import torch
 
 from .. import _io
-from .._version import __version__
 from ..errors import InvalidNetworkError
 from ..targets.seqgraph import FUNCTIONS, PARAMETERISED, GNode, decode
 from .modules import inference_form
-from .onnx import IR_VERSION, OPSET
+from .onnx import OPSET, make_model
 from .onnx_graph import onnx_module
 from .onnx_seq_graph import Dyn, NotDynamic, SeqGraph, Val, elem_type
 from .onnx_seq_ops import LOWERINGS
@@ -250,7 +249,7 @@ def _graph(net: Any, a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...]) -
 
 def build_seq_model(net: Any, example_input: Any = None, *, dynamic: bool | None = None) -> tuple[Any, dict]:
     """``(onnx.ModelProto, facts)`` of a SeqNet in inference form; see :func:`export_seq_onnx`."""
-    onnx = onnx_module()
+    onnx_module()  # refuses in one line when the onnx extra is missing, before any work
     if net.dtype not in (torch.float64, torch.float32):
         raise InvalidNetworkError(f"ONNX export supports float64 and float32 networks, found {net.dtype}")
     for name, module in net.named_modules():
@@ -271,19 +270,11 @@ def build_seq_model(net: Any, example_input: Any = None, *, dynamic: bool | None
                 b = a
         if graph is None:
             graph, in_dims = _graph(net, a, a)
-    model = onnx.helper.make_model(
+    model = make_model(
         graph,
-        producer_name="onlynorm",
-        producer_version=__version__,
-        opset_imports=[onnx.helper.make_opsetid("", OPSET)],
-    )
-    model.ir_version = IR_VERSION
-    model.doc_string = (
         "onlynorm SeqNet: a frozen random sequence network whose only tuned parameters are the "
-        "BatchNormalization scale/B inputs and the LayerNorm γ, β"
-    )
-    onnx.helper.set_model_props(
-        model, {"onlynorm.method": str(net.method), "onlynorm.target": net.summary().target_name}
+        "BatchNormalization scale/B inputs and the LayerNorm γ, β",
+        {"onlynorm.method": str(net.method), "onlynorm.target": net.summary().target_name},
     )
     return model, {"examples": (a, b), "inputs": in_dims, "dynamic": b is not a}
 
