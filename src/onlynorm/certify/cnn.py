@@ -32,7 +32,9 @@ also carried as one number bounding its 2-norm over the activation (``E ≥ ‖�
 ``E ← ‖W‖₂ E + ‖(Ŵ − W) ĥ + (b̂ − b)‖₂`` (the last term entrywise as above or ``‖Ŵ − W‖₂ M + ‖b̂ − b‖₂``),
 ``R ← ‖Ŵ‖₂ R + ‖local‖₂``, the residual sum adding both branches', pooling by its Lipschitz constant. At every
 step each form tightens the other (``|δ_i| ≤ ‖δ‖₂``, and ``‖δ‖₂`` ≤ the norm of the entrywise bounds), and the
-result reports the smaller. ``Ŵ`` and ``b̂`` are composed with error-free products (:mod:`onlynorm.certify.compose`):
+result reports the smaller. The magnitude ``M`` has a third bound from the box's centre ``c``:
+``‖ĝ(x)‖₂ ≤ ‖g̃(c)‖₂ + Rg + E + L ‖x − c‖₂`` with ``L`` the product of the realised layers' norms (the residual sum
+adding its branches') — the biases enter once, through ``g̃(c)``, not multiplied through every layer. ``Ŵ`` and ``b̂`` are composed with error-free products (:mod:`onlynorm.certify.compose`):
 a plain float64 product's bound carries the Khatri–Rao cancellation factor and would dominate the distance.
 
 **ReLU, max pooling and Flatten** are exact in floating point and 1-Lipschitz per element, so every bound passes
@@ -53,7 +55,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -87,6 +89,9 @@ class _State:
     R: float = math.inf
     Rg: float = math.inf
     M: float = math.inf
+    #: the target's float64 activation at the box's centre, and ``L`` ≥ the Lipschitz constant of ``ĝ`` up to here
+    center: torch.Tensor | None = None
+    L: float = math.inf
 
     @property
     def mag(self) -> torch.Tensor:
@@ -114,11 +119,16 @@ def _sum_up(*terms: float) -> float:
     return math.fsum(terms) * (1 + 4 * U64)
 
 
-def _tighten(st: _State) -> _State:
+def _tighten(st: _State, radius: float) -> _State:
     """Each bound form sharpens the other: an entry is at most the vector's 2-norm (``|δ_i| ≤ ‖δ‖₂``), and the
-    2-norm at most the norm of the entrywise bounds. Both stay valid, so the state keeps the smaller of each."""
+    2-norm at most the norm of the entrywise bounds. Both stay valid, so the state keeps the smaller of each.
+    The magnitude has a third bound from the box's centre ``c``: ``‖ĝ(x)‖ ≤ ‖g̃(c)‖ + Rg + E + L ‖x − c‖`` (``g̃(c)``
+    the target's float64 value there, within ``Rg`` of ``g(c)``, itself within ``E`` of ``ĝ(c)``)."""
+    M = st.M
+    if st.center is not None:
+        M = min(M, _sum_up(norm_up(st.center), st.Rg, st.E, st.L * radius))
     err, rf, rg = st.err.clamp(max=st.E), st.rf.clamp(max=st.R), st.rg.clamp(max=st.Rg)
-    lo, hi = st.lo.clamp(min=-st.M, max=st.M), st.hi.clamp(min=-st.M, max=st.M)
+    lo, hi = st.lo.clamp(min=-M, max=M), st.hi.clamp(min=-M, max=M)
     mag = torch.maximum(lo.abs(), hi.abs())
     return _State(
         lo,
@@ -129,7 +139,9 @@ def _tighten(st: _State) -> _State:
         min(st.E, norm_up(err)),
         min(st.R, norm_up(rf)),
         min(st.Rg, norm_up(rg)),
-        min(st.M, norm_up(mag)),
+        min(M, norm_up(mag)),
+        st.center,
+        st.L,
     )
 
 
@@ -156,7 +168,10 @@ def certify_conv(net, spec: ConvNetSpec, box: Box, nodes: Sequence[Node], *, nor
     notes: list[str] = []
     walker = _Walker(u_f, notes, Overflow(net.dtype), norm_bounds)
     walker.overflow.check(_peak(torch.maximum(lo.abs(), hi.abs())))  # the input, cast to f's dtype
-    state = walker.walk(nodes, walker.tighten(_State(lo, hi, zero, cast, zero.clone())))
+    center = (lo + hi) / 2
+    walker.radius = norm_up(torch.maximum(hi - center, center - lo))  # ≥ ‖x − c‖₂ on the box
+    start = _State(lo, hi, zero, cast, zero.clone(), center=center, L=1.0)
+    state = walker.walk(nodes, walker.tighten(start))
     walker.overflow.check(_peak(state.mag_f))
     walker.overflow.check_g(_peak(state.mag_g))
     hit = walker.overflow.hit
@@ -183,20 +198,27 @@ class _Walker:
         self.u_f, self.notes, self.overflow = u_f, notes, overflow
         self.norms = LayerNorms()
         self.norm_bounds = norm_bounds  # False: the entrywise (interval) bounds alone, for comparison
+        self.radius = math.inf  # ‖x − c‖₂ on the box, set by certify_conv
 
     def tighten(self, st: _State) -> _State:
-        return _tighten(st) if self.norm_bounds else st
+        return _tighten(st, self.radius) if self.norm_bounds else st
 
     def walk(self, nodes: Sequence[Node], st: _State) -> _State:
         for node in nodes:
             if isinstance(node, Realised):
-                st = self.realised(node, st)
+                out = self.realised(node, st)
             elif isinstance(node, Skip):
-                st = self.residual_sum(self.walk(node.body, st), self.walk(node.shortcut, st))
+                body, skip = self.walk(node.body, st), self.walk(node.shortcut, st)
+                out = self.residual_sum(body, skip)
+                if body.center is not None and skip.center is not None:
+                    out = replace(out, center=torch.relu(body.center + skip.center), L=_sum_up(body.L, skip.L))
             else:
                 _check_op(node.stage, node.layer, f"stage {path_label(node.path)} ({node.layer.type})")
-                st = self.fixed(node.layer, st)
-            st = self.tighten(st)
+                out = self.fixed(node.layer, st)
+                lip = pool_lipschitz(node.layer, tuple(st.lo.shape[1:])) if isinstance(node.layer, Pool) else 1.0
+                if st.center is not None:
+                    out = replace(out, center=node.layer.forward(st.center), L=lip * st.L)
+            st = self.tighten(out)
         return st
 
     def realised(self, node: Realised, st: _State) -> _State:
@@ -345,6 +367,7 @@ class _Walker:
         offsets = norm_up(col(db).expand_as(lo))
         local_e = min(norm_up(_up(op(st.mag, dW) + col(db), grow)), _sum_up(norm_dW * st.M, offsets))
         norm_hat = _sum_up(norm_W, norm_dW)
+        center = None if st.center is None else layer.forward(st.center)
         return _State(
             lo - widen,
             hi + widen,
@@ -355,6 +378,8 @@ class _Walker:
             _sum_up(norm_hat * st.R, norm_up(_up(local_f, grow))),
             _sum_up(norm_W * st.Rg, norm_up(_up(local_g, grow))),
             _sum_up(norm_hat * st.M, norm_up(col(b_hat.abs() + b_err).expand_as(lo))),
+            center,
+            norm_hat * st.L * (1 + 4 * U64),
         )
 
     def check_activity(self, ops: _LinearOps, GA, b1, K: int, st: _State, pre_err, where: str) -> None:
