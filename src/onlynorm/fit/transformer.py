@@ -3,21 +3,22 @@
 :func:`fit_layer_norms` (the best LayerNorm ``γ, β`` of any SeqNet for a target on given inputs) — what LayerNorm
 tuning of a language or vision transformer does. ``fit_norms``/``with_norms`` call these for sequence models.
 
-Methods: ``"gauss-newton"`` (Levenberg–Marquardt on all LayerNorm ``γ, β``: Jacobians by ``torch.func.jacfwd``,
-a step kept only if the held-out error falls), ``"adam"`` (the gradient baseline on the same parameters), and
-``"auto"`` (= gauss-newton). The held-out inputs are the last call of ``data`` (a list), or the last fifth of the
+Methods (:mod:`~onlynorm.fit.transformer_lm`): ``"gauss-newton"`` (Levenberg–Marquardt on all LayerNorm ``γ, β``,
+normal equations formed in memory-capped chunks of forward-mode tangents, a step kept only if the held-out error
+falls), ``"adam"`` (the gradient baseline on the same parameters, its last iterate), and ``"auto"`` (within
+``budget_seconds``: an Adam warm start, LM, then Adam for the time left; the best held-out parameters; without a
+budget, = gauss-newton). The held-out inputs are the last call of ``data`` (a list), or the last fifth of the
 rows of a single tensor.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Any
 
 import torch
 from torch import nn
-from torch.func import functional_call, jacfwd
+from torch.func import functional_call
 
 from ..errors import InvalidNetworkError, OnlyNormError
 from ..nets.records import NetMeta
@@ -26,6 +27,7 @@ from ..nets.stage import Stage
 from ..targets.seqgraph import GNode
 from ..targets.transformer import TransformerSpec
 from .report import FitReport, Phase
+from .transformer_lm import Problem, State, auto, levenberg_marquardt
 
 __all__ = ["with_layer_norms", "fit_layer_norms", "METHODS"]
 
@@ -100,6 +102,8 @@ def fit_layer_norms(
 ) -> tuple[SeqNet, FitReport]:
     """Fit only the LayerNorm ``γ, β`` of ``frozen`` so it computes ``target`` on ``data``; returns a new network
     and the report (held-out relative RMS error before and after)."""
+    start = time.perf_counter()  # the budget covers the whole call
+    deadline = None if budget_seconds is None else start + float(budget_seconds)
     if method not in METHODS:
         raise OnlyNormError(f"method: expected one of {', '.join(METHODS)} for a transformer network, found {method!r}")
     if not isinstance(target, nn.Module):
@@ -116,33 +120,29 @@ def fit_layer_norms(
     theta = torch.cat([params[n].detach().reshape(-1) for n in names])
     sizes = [params[n].numel() for n in names]
 
-    def outputs(vec: torch.Tensor, calls: Calls) -> list[torch.Tensor]:
+    def f(vec: torch.Tensor, *call: torch.Tensor) -> torch.Tensor:
         chunks = dict(zip(names, (c.reshape(params[n].shape) for n, c in zip(names, vec.split(sizes)))))
-        return [functional_call(net, chunks, c) for c in calls]
+        return functional_call(net, chunks, call)
 
-    def error(vec: torch.Tensor, calls: Calls, want: list[torch.Tensor]) -> float:
-        with torch.no_grad():
-            got = outputs(vec, calls)
-        num = sum(float(((a - b) ** 2).sum()) for a, b in zip(got, want))
-        den = sum(float((b**2).sum()) for b in want)
-        return math.sqrt(num / den) if den > 0 else math.sqrt(num)
-
-    start = time.perf_counter()
-    deadline = None if budget_seconds is None else start + float(budget_seconds)
-    before = error(theta, held, want_held)
-    if method == "adam":
-        theta, iterations, history = _adam(theta, outputs, train, want_train, steps or 3000, deadline, seed)
+    problem = Problem(f, train, want_train, held, want_held)
+    before = problem.held_error(theta)
+    if deadline is not None:  # keep time for the end (a held-out evaluation, the report): no more than the set-up
+        deadline -= time.perf_counter() - start
+    if method == "adam":  # the baseline: its last iterate, as plain Adam returns it
+        theta, iterations, history = _adam(theta, problem, steps or 3000, deadline, seed)
     else:
-        theta, iterations, history = _levenberg_marquardt(
-            theta, outputs, error, train, want_train, held, want_held, steps or 100, deadline
-        )
+        state = State(theta.clone(), before)
+        if method == "auto":
+            auto(problem, state, steps or 100, deadline, seed=seed)
+        else:
+            levenberg_marquardt(problem, state, steps or 100, deadline, seed=seed)
+        theta, iterations, history = state.theta, state.iterations, state.history
     with torch.no_grad():
         for n, c in zip(names, theta.split(sizes)):
             params[n].copy_(c.reshape(params[n].shape))
-    after = error(theta, held, want_held)
-    name = "adam" if method == "adam" else "gauss-newton"
+    after = problem.held_error(theta)
     phase = Phase(
-        name,
+        method,
         before,
         after,
         time.perf_counter() - start,
@@ -163,7 +163,7 @@ def fit_layer_norms(
     return net, report
 
 
-def _adam(theta, outputs, train, want, steps, deadline, seed):
+def _adam(theta, problem, steps, deadline, seed):
     torch.manual_seed(seed)
     vec = theta.clone().requires_grad_(True)
     opt = torch.optim.Adam([vec], lr=1e-2)
@@ -172,38 +172,10 @@ def _adam(theta, outputs, train, want, steps, deadline, seed):
     while done < steps:
         done += 1
         opt.zero_grad()
-        got = outputs(vec, train)
-        loss = sum(((a - b) ** 2).mean() for a, b in zip(got, want)) / len(want)
+        got = [problem.f(vec, *c) for c in problem.train]
+        loss = sum(((a - b) ** 2).mean() for a, b in zip(got, problem.want)) / len(problem.want)
         loss.backward()
         opt.step()
         if deadline is not None and time.perf_counter() > deadline:
             break
     return vec.detach(), done, history
-
-
-def _levenberg_marquardt(theta, outputs, error, train, want, held, want_held, steps, deadline):
-    def residual(vec):
-        return torch.cat([(a - b).reshape(-1) for a, b in zip(outputs(vec, train), want)])
-
-    damping, best = 1e-3, error(theta, held, want_held)
-    history: list[float] = []
-    done = 0
-    while done < steps:
-        done += 1
-        r = residual(theta).detach()
-        jac = jacfwd(residual)(theta).detach()
-        jtj, jtr = jac.T @ jac, jac.T @ r
-        accepted = False
-        for _ in range(8):
-            step = torch.linalg.solve(jtj + damping * torch.diag(jtj.diagonal().clamp_min(1e-12)), -jtr)
-            trial = theta + step
-            err = error(trial, held, want_held)
-            if err < best:
-                theta, best, accepted = trial, err, True
-                damping = max(damping / 3, 1e-9)
-                history.append(err)
-                break
-            damping *= 4
-        if not accepted or best <= 1e-13 or (deadline is not None and time.perf_counter() > deadline):
-            break
-    return theta, done, history
