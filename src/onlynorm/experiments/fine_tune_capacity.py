@@ -30,6 +30,7 @@ from torch import nn
 import onlynorm
 from onlynorm.demos.digits import fit_classifier, load_digits_split
 from onlynorm.fit.data import relative_rms
+from onlynorm.nets.records import FitReport
 
 from .runner import ExperimentResult, run_trials, trial_seed
 
@@ -109,6 +110,36 @@ def _model(arch: str, width: int, seed: int) -> nn.Sequential:
     return _cnn(width, seed) if arch == "cnn" else _mlp(width, seed)
 
 
+def adam_then_auto(frozen, target, data, Xte, target_te, labels, adam_steps: int, seed: int) -> tuple[dict, FitReport]:
+    """One trial's comparison: the frozen network's own scores (``base``), ``adam_steps`` Adam steps, then ``auto``
+    with half of Adam's measured time as its budget — each scored on ``Xte`` by its logits' relative RMS to the
+    target's ``target_te``, its argmax agreement with them and its accuracy on ``labels``. Returns the scores (and
+    ``auto_budget``) and auto's report."""
+    out: dict = {}
+
+    def score(name, net, seconds, iterations):
+        with torch.no_grad():
+            logits = net(Xte)
+        out[name] = {
+            "logit_rms": relative_rms(logits, target_te),
+            "agreement": float((logits.argmax(1) == target_te.argmax(1)).double().mean()),
+            "accuracy": float((logits.argmax(1) == labels).double().mean()),
+            "seconds": seconds,
+            "iterations": iterations,
+        }
+
+    score("base", frozen, 0.0, 0)
+    start = time.perf_counter()
+    net, report = onlynorm.fit_norms(frozen, target, data, method="adam", steps=adam_steps, seed=seed)
+    adam_seconds = time.perf_counter() - start
+    score("adam", net, adam_seconds, report.iterations)
+    start = time.perf_counter()
+    net, report = onlynorm.fit_norms(frozen, target, data, method="auto", budget_seconds=adam_seconds / 2, seed=seed)
+    score("auto", net, time.perf_counter() - start, report.iterations)
+    out["auto_budget"] = adam_seconds / 2
+    return out, report
+
+
 def trial(
     task: str, width: int, factor: int, epochs: int, tune_epochs: int, adam_steps: int, seed: int, arch: str = "mlp"
 ) -> dict:
@@ -135,26 +166,8 @@ def trial(
         "target_accuracy": float((target_te.argmax(1) == labels).double().mean()),
     }
 
-    def score(name, net, seconds, iterations):
-        with torch.no_grad():
-            logits = net(Xte)
-        out[name] = {
-            "logit_rms": relative_rms(logits, target_te),
-            "agreement": float((logits.argmax(1) == target_te.argmax(1)).double().mean()),
-            "accuracy": float((logits.argmax(1) == labels).double().mean()),
-            "seconds": seconds,
-            "iterations": iterations,
-        }
-
-    score("base", frozen, 0.0, 0)
-    start = time.perf_counter()
-    net, report = onlynorm.fit_norms(frozen, target, Xtr, method="adam", steps=adam_steps, seed=seed)
-    adam_seconds = time.perf_counter() - start
-    score("adam", net, adam_seconds, report.iterations)
-    start = time.perf_counter()
-    net, report = onlynorm.fit_norms(frozen, target, Xtr, method="auto", budget_seconds=adam_seconds / 2, seed=seed)
-    score("auto", net, time.perf_counter() - start, report.iterations)
-    out["auto_budget"] = adam_seconds / 2
+    scores, report = adam_then_auto(frozen, target, Xtr, Xte, target_te, labels, adam_steps, seed)
+    out.update(scores)
     out["auto_phases"] = [p.name for p in report.phases]
     out["auto_initial_error"], out["auto_final_error"] = report.initial_error, report.final_error
     return out

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import copy
 import resource
-import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -33,9 +32,8 @@ import torch
 import onlynorm
 from onlynorm.demos.digits import fit_classifier, load_digits_split
 from onlynorm.demos.transformer import as_tokens, train_transformer
-from onlynorm.fit.data import relative_rms
 
-from .fine_tune_capacity import task_labels
+from .fine_tune_capacity import adam_then_auto, task_labels
 from .runner import ExperimentResult, run_trials, trial_seed
 
 TASKS = ["even/odd", "≥ 5", "permuted"]
@@ -104,26 +102,8 @@ def trial(
         "target_accuracy": float((target_te.argmax(1) == labels).double().mean()),
     }
 
-    def score(name: str, net, seconds: float, iterations: int) -> None:
-        with torch.no_grad():
-            logits = net(Xte)
-        out[name] = {
-            "logit_rms": relative_rms(logits, target_te),
-            "agreement": float((logits.argmax(1) == target_te.argmax(1)).double().mean()),
-            "accuracy": float((logits.argmax(1) == labels).double().mean()),
-            "seconds": seconds,
-            "iterations": iterations,
-        }
-
-    score("base", frozen, 0.0, 0)
-    start = time.perf_counter()
-    net, report = onlynorm.fit_norms(frozen, target, data, method="adam", steps=steps, seed=seed)
-    adam_seconds = time.perf_counter() - start
-    score("adam", net, adam_seconds, report.iterations)
-    start = time.perf_counter()
-    net, report = onlynorm.fit_norms(frozen, target, data, method="auto", budget_seconds=adam_seconds / 2, seed=seed)
-    score("auto", net, time.perf_counter() - start, report.iterations)
-    out["auto_budget"] = adam_seconds / 2
+    scores, _ = adam_then_auto(frozen, target, data, Xte, target_te, labels, steps, seed)
+    out.update(scores)
     out["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # this process, so far
     return out
 
