@@ -55,7 +55,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -208,16 +208,10 @@ class _Walker:
             if isinstance(node, Realised):
                 out = self.realised(node, st)
             elif isinstance(node, Skip):
-                body, skip = self.walk(node.body, st), self.walk(node.shortcut, st)
-                out = self.residual_sum(body, skip)
-                if body.center is not None and skip.center is not None:
-                    out = replace(out, center=torch.relu(body.center + skip.center), L=_sum_up(body.L, skip.L))
+                out = self.residual_sum(self.walk(node.body, st), self.walk(node.shortcut, st))
             else:
                 _check_op(node.stage, node.layer, f"stage {path_label(node.path)} ({node.layer.type})")
                 out = self.fixed(node.layer, st)
-                lip = pool_lipschitz(node.layer, tuple(st.lo.shape[1:])) if isinstance(node.layer, Pool) else 1.0
-                if st.center is not None:
-                    out = replace(out, center=node.layer.forward(st.center), L=lip * st.L)
             st = self.tighten(out)
         return st
 
@@ -251,6 +245,7 @@ class _Walker:
         In the 2-norm, ReLU and Flatten are 1-Lipschitz, pooling :func:`~onlynorm.certify.opnorm.pool_lipschitz`."""
         lo, hi = layer.bounds(st.lo, st.hi)
         lip = pool_lipschitz(layer, tuple(st.lo.shape[1:])) if isinstance(layer, Pool) else 1.0
+        center = None if st.center is None else layer.forward(st.center)
         if not (isinstance(layer, Pool) and layer.mode == "avg"):
             return _State(
                 lo,
@@ -262,6 +257,8 @@ class _Walker:
                 lip * st.R,
                 lip * st.Rg,
                 lip * st.M,
+                center,
+                lip * st.L,
             )
         k = layer.kernel[0] * layer.kernel[1]
 
@@ -282,6 +279,8 @@ class _Walker:
             _sum_up(lip * st.R * grow, norm_up(local_f)),
             _sum_up(lip * st.Rg * grow, norm_up(local_g)),
             _sum_up(lip * st.M, norm_up(widen)),
+            center,
+            lip * st.L,
         )
 
     def residual_sum(self, body: _State, skip: _State) -> _State:
@@ -291,6 +290,9 @@ class _Walker:
         widen = gamma_n(1, U64) * torch.maximum(lo.abs(), hi.abs())
         local_f = self.u_f * (skip.mag_f + body.mag_f)
         local_g = U64 * (skip.mag_g + body.mag_g)
+        center = None
+        if body.center is not None and skip.center is not None:
+            center = torch.relu(body.center + skip.center)
         return _State(
             (lo - widen).clamp(min=0),
             (hi + widen).clamp(min=0),
@@ -301,6 +303,8 @@ class _Walker:
             _sum_up(skip.R * (1 + 2 * U64), body.R * (1 + 2 * U64), norm_up(local_f)),
             _sum_up(skip.Rg * (1 + 2 * U64), body.Rg * (1 + 2 * U64), norm_up(local_g)),
             _sum_up(skip.M, body.M, norm_up(widen)),
+            center,
+            _sum_up(body.L, skip.L),
         )
 
     # ------------------------------------------------------------------ one target Conv/Linear
