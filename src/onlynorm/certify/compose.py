@@ -25,33 +25,13 @@ from __future__ import annotations
 
 import torch
 
+from ..linalg_exact import tree_sum, two_product, two_sum
 from .core import U64, gamma_n
 
 __all__ = ["compose", "compose_vector", "BUDGET"]
 
 #: multiply-adds above which the composition is one plain float64 product with the γ_n bound
 BUDGET = 400_000_000
-_SPLIT = float(2**27 + 1)  # Veltkamp's splitter for float64 (two 26-bit halves)
-
-
-def _two_sum(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    s = a + b
-    z = s - a
-    return s, (a - (s - z)) + (b - z)
-
-
-def _split(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    c = _SPLIT * a
-    hi = c - (c - a)
-    return hi, a - hi
-
-
-def _two_product(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``p + e = a·b`` exactly (no overflow or underflow assumed: the certificate checks ranges separately)."""
-    p = a * b
-    a1, a2 = _split(a)
-    b1, b2 = _split(b)
-    return p, a2 * b2 - (((p - a1 * b1) - a2 * b1) - a1 * b2)
 
 
 def _dot2(Bs: torch.Tensor, gs: torch.Tensor, As: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,10 +40,10 @@ def _dot2(Bs: torch.Tensor, gs: torch.Tensor, As: torch.Tensor) -> tuple[torch.T
     s = torch.zeros(Bs.shape[0], Bs.shape[1], As.shape[2], dtype=torch.float64)
     c = torch.zeros_like(s)
     for i in range(n):
-        p1, e1 = _two_product(Bs[:, :, i], gs[:, i : i + 1])  # (T, m): B γ, exactly p1 + e1
+        p1, e1 = two_product(Bs[:, :, i], gs[:, i : i + 1])  # (T, m): B γ, exactly p1 + e1
         a = As[:, i : i + 1, :]  # (T, 1, k)
-        p2, e2 = _two_product(p1[:, :, None], a)
-        s, q = _two_sum(s, p2)
+        p2, e2 = two_product(p1[:, :, None], a)
+        s, q = two_sum(s, p2)
         c = c + (q + e2 + e1[:, :, None] * a)  # e1·a rounds, but it is u-small: in the bound below
     C = s + c
     majorant = (Bs.abs() * gs.abs()[:, None, :]) @ As.abs()
@@ -119,18 +99,9 @@ def compose_vector(B: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torc
     (``TwoProduct``) and the ``2n`` pieces of each row summed by a tree of ``TwoSum`` (every level exact; the
     ``log₂ n`` levels of rounding errors, ``u``-small, are summed last)."""
     B, v = B.double().cpu(), v.double().cpu()
-    p, e = _two_product(B, v[None, :])
-    terms = torch.cat([p, e], dim=1)
-    errors = []
-    while terms.shape[1] > 1:
-        if terms.shape[1] % 2:
-            terms = torch.cat([terms, torch.zeros_like(terms[:, :1])], dim=1)
-        s, err = _two_sum(terms[:, 0::2], terms[:, 1::2])
-        errors.append(err)
-        terms = s
-    head = terms[:, 0] if terms.shape[1] else torch.zeros(B.shape[0], dtype=torch.float64)
-    tail = torch.cat(errors, dim=1) if errors else torch.zeros(B.shape[0], 1, dtype=torch.float64)
-    c = head + tail.sum(dim=1)
-    n = tail.shape[1]
-    bound = U64 * c.abs() * (1 + 2 * U64) + gamma_n(n + 2, U64) * tail.abs().sum(dim=1) * (1 + gamma_n(n + 2, U64))
+    p, e = two_product(B, v[None, :])
+    head, tail, tail_abs = tree_sum(torch.cat([p, e], dim=1))
+    c = head + tail
+    n = 2 * p.shape[1]  # more than the number of rounding errors the tree kept
+    bound = U64 * c.abs() * (1 + 2 * U64) + gamma_n(n + 2, U64) * tail_abs * (1 + gamma_n(n + 2, U64))
     return c, bound + 1e-300
