@@ -28,7 +28,15 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["two_sum", "two_product", "tree_sum", "CompensatedProduct", "compose_compensated", "residual_compensated"]
+__all__ = [
+    "two_sum",
+    "two_product",
+    "tree_sum",
+    "CompensatedProduct",
+    "compose_compensated",
+    "compose_accurate",
+    "residual_compensated",
+]
 
 _SPLIT = float(2**27 + 1)  # Veltkamp's splitter for float64 (two 26-bit halves)
 
@@ -129,6 +137,20 @@ def compose_compensated(B: torch.Tensor, gamma: torch.Tensor, A: torch.Tensor) -
     """``hi + lo ≈ B diag(γ) A`` (batched: ``(T, m, N)``, ``(T, N)``, ``(T, N, k)`` → ``(T, m, k)`` twice), as if
     computed in about twice float64's precision (:class:`CompensatedProduct`)."""
     return CompensatedProduct(B)(gamma, A)
+
+
+def compose_accurate(B: torch.Tensor, gamma: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+    """``B diag(γ) A`` rounded once (``fl(hi + lo)``, within ``u|Ŵ|`` plus :class:`CompensatedProduct`'s error) for
+    float64 data — what a solve record compares with ``W``, so that it reports the realised weights' error and not
+    the ``u·|B||γ||A|`` of a plain product. Batched as :func:`compose_compensated`; unbatched ``(m, N)``, ``(N,)``,
+    ``(N, k)`` too. Narrower dtypes are composed in float64 (their products are exact there)."""
+    batched = B.dim() == 3
+    if not batched:
+        B, gamma, A = B.unsqueeze(0), gamma.unsqueeze(0), A.unsqueeze(0)
+    B, gamma, A = B.double(), gamma.double(), A.double()
+    hi, lo = compose_compensated(B, gamma, A)
+    out = hi + lo
+    return out if batched else out[0]
 
 
 def residual_compensated(

@@ -41,7 +41,8 @@ import torch
 from ..certify.cnn import certify_conv
 from ..domain import Box
 from ..errors import InvalidNetworkError
-from ..linalg import compose, relative_residual, solve_khatri_rao_batched
+from ..linalg import relative_residual, solve_khatri_rao_batched
+from ..linalg_exact import compose_accurate
 from ..nets.conv_stream import ConvStream, grouped_conv
 from ..nets.match import Realised, walk_bounds, walk_nodes
 from ..nets.normnet import NormNet
@@ -263,7 +264,7 @@ def _solve_stream(conv: Conv, stage: ConvStream, lo, hi, margin: float, index: i
             g, _res, _ = solve_khatri_rao_batched(A, Bt, Wt, layer=index)
         for u, gt in zip(units, g):
             gamma[u] = gt
-        realised.append(compose(Bt, g, A).reshape(-1))
+        realised.append(compose_accurate(Bt, g, A).reshape(-1))  # not u·|B||γ||A|-blurred
         wanted.append(Wt.reshape(-1))
     # β: every branch channel active at every position of the reachable input
     if stage.paired:  # relu(v) − relu(−v) = v for every v: no activity to ensure, β_t = 0

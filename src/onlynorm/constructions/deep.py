@@ -27,7 +27,8 @@ import torch
 
 from ..certify import CertifyResult, certify_residual_streams
 from ..domain import Box, affine_bounds, interval_bounds
-from ..linalg import compose, relative_residual, solve_khatri_rao_batched
+from ..linalg import relative_residual, solve_khatri_rao_batched
+from ..linalg_exact import compose_accurate
 from ..nets.match import walk_nodes
 from ..nets.normnet import NormNet
 from ..nets.records import SolveRecord
@@ -150,6 +151,7 @@ class DeepConstruction(Construction):
             slices = stage.block_slices()
             gammas: list[torch.Tensor] = [W.new_empty(0)] * len(slices)
             rconds: list[float] = []
+            realised = torch.empty_like(W)
             # one batched solve per block size (all blocks but possibly the last share k)
             for k in sorted(set(stage.sizes)):
                 idx = [t for t, size in enumerate(stage.sizes) if size == k]
@@ -158,9 +160,10 @@ class DeepConstruction(Construction):
                 Wt = torch.stack([W[:, slices[t]] for t in idx])
                 gamma, _, rcond = solve_khatri_rao_batched(A, B, Wt, layer=i)
                 rconds += [float(r) for r in rcond]
-                for t, g in zip(idx, gamma):
+                composed = compose_accurate(B, gamma, A)  # the realised blocks, not u·|B||γ||A|-blurred
+                for t, g, block in zip(idx, gamma, composed):
                     gammas[t] = g
-            realised = torch.empty_like(W)
+                    realised[:, slices[t]] = block
             offset = torch.zeros_like(b)
             for t, (branch, readout, J) in enumerate(zip(stage.branches, stage.readouts, slices)):
                 A = branch.linear.weight
@@ -171,7 +174,6 @@ class DeepConstruction(Construction):
                 )
                 set_norms(branch, gammas[t], beta)
                 offset = offset + readout.weight @ beta
-                realised[:, J] = compose(readout.weight, gammas[t], A)
             set_norms(stage, None, b - offset)
             residual, relative = relative_residual(realised, W)
             records.append(

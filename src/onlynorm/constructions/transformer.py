@@ -24,7 +24,8 @@ import torch
 
 from ..domain import Box
 from ..errors import InvalidOptionError, MemoryBudgetError
-from ..linalg import compose, relative_residual, solve_khatri_rao_batched
+from ..linalg import relative_residual, solve_khatri_rao_batched
+from ..linalg_exact import compose_accurate
 from ..nets.factorised import FactorisedEmbedding, FactorisedLinear, FactorisedTable
 from ..nets.records import NetMeta, SolveInfo, SolveRecord
 from ..nets.seqnet import ConstStage, LayerNormStage, SeqNet
@@ -245,7 +246,7 @@ def solve_factorised(
         stage.norm.weight.copy_(gamma.reshape(-1))
         stage.norm.bias.copy_(beta.reshape(-1))
     g = stage.norm.weight.detach().to(torch.float64).reshape(s * t, n)  # as rounded to the network's dtype
-    realised = compose(bm, g, a).reshape(s, t, r, k).permute(0, 2, 1, 3).reshape(s * r, t * k)[:m, :fan_in]
+    realised = compose_accurate(bm, g, a).reshape(s, t, r, k).permute(0, 2, 1, 3).reshape(s * r, t * k)[:m, :fan_in]
     residual, relative = relative_residual(realised, w.to(torch.float64))
     tolerance = 1e-10 if stage.A.dtype == torch.float64 else 1e-5  # what the network's dtype can hold
     details: dict[str, Any] = {"node": name, "blocks": s * t, "size": n}
