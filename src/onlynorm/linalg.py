@@ -402,8 +402,8 @@ def solve_khatri_rao_batched(
 
     ``A`` is ``(T, N, k)``, ``B`` is ``(T, m, N)``, ``W`` is ``(T, m, k)`` with ``N = m·k``. Batches are chunked so at
     most ``max_bytes`` of system matrices exist at a time. Returns ``γ`` ``(T, N)``, the max-abs residual of each
-    system (computed accurately, not in plain float64) and its pivot-ratio condition estimate. A singular system raises :class:`SingularSystemError` naming
-    the block.
+    system (computed accurately, not in plain float64) and its pivot-ratio condition estimate. A singular system
+    raises :class:`SingularSystemError` naming the block.
 
     >>> A, B = torch.randn(5, 6, 2, dtype=torch.float64), torch.randn(5, 3, 6, dtype=torch.float64)
     >>> W = torch.randn(5, 3, 2, dtype=torch.float64)
