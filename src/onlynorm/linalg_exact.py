@@ -7,10 +7,9 @@ refinement driven by it stalls at a ``γ`` whose true error ``|Ŵ − W|`` is th
 exactly (Dekker/Veltkamp ``TwoProduct``: ``a·b = p + e``) and the products' sum formed from error-free slices
 (Ozaki's splitting: products of the slices are exact float64 GEMMs), so the result is an unevaluated sum
 ``hi + lo`` about 2⁻⁷⁵ of the row-by-column scale from the exact product, and the residual ``(W − hi) − lo`` is
-accurate down to the rounding of ``γ`` itself. :func:`tree_sum` (a pairwise tree of ``TwoSum``, Ogita, Rump &
-Oishi, *Accurate sum and dot product*, 2005) serves the certificate's rigorous bounds. Refinement on it
-(:func:`onlynorm.linalg.solve_khatri_rao_batched`) then reaches a ``γ`` whose realised weights are 25–125× closer to
-``W`` on a ResNet-20's layers than the float64 LU's.
+accurate down to the rounding of ``γ`` itself: refinement on it (:mod:`onlynorm.linalg_refine`) reaches a ``γ``
+whose realised weights are far closer to ``W`` than the float64 LU's. :func:`tree_sum` (a pairwise tree of
+``TwoSum``, Ogita, Rump & Oishi, *Accurate sum and dot product*, 2005) serves the certificate's rigorous bounds.
 
 Overflow and underflow are assumed not to occur (the splitter needs ``|a| < 2⁹⁹⁶``).
 
