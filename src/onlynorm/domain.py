@@ -19,6 +19,7 @@ from collections.abc import Sequence
 import torch
 
 from .errors import InvalidDomainError
+from .finite import all_finite
 
 __all__ = ["Box", "affine_bounds", "interval_bounds", "resolve_domain"]
 
@@ -73,9 +74,9 @@ class Box:
             if n == 0:
                 raise InvalidDomainError("expected a non-empty box, found 0-dimensional bounds")
             lo, hi = lo.expand(n).clone(), hi.expand(n).clone()
-        if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
+        if not (all_finite(lo) and all_finite(hi)):
             raise InvalidDomainError("expected finite box bounds, found NaN or Inf; use a bounded domain")
-        if not torch.isfinite(hi - lo).all() or float(torch.maximum(lo.abs(), hi.abs()).max()) > _MAX_BOUND:
+        if not all_finite(hi - lo) or float(torch.maximum(lo.abs(), hi.abs()).max()) > _MAX_BOUND:
             raise InvalidDomainError(
                 f"box bounds overflow: expected |low|, |high| ≤ {_MAX_BOUND:g} so that interval "
                 "bounds and β stay finite in float64; rescale the inputs"

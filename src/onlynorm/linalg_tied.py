@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import SingularSystemError
+from .finite import all_finite
 from .linalg import _LowPrecisionLU, _pivot_rcond, _system_norm, khatri_rao_system_transposed, vec
 
 __all__ = ["SharedSolution", "solve_khatri_rao_shared", "compose_shared", "shared_error"]
@@ -103,8 +104,8 @@ def solve_khatri_rao_shared(
     if hold != torch.float64:
         gamma = gamma.to(hold).double()  # the γ the network will hold: its residual is the one reported
     E = shared_error(B, gamma, A, W)
-    residual = E.abs().amax(dim=(0, 2))
-    if not bool(torch.isfinite(residual).all()):
+    residual = torch.maximum(-E.amin(dim=(0, 2)), E.amax(dim=(0, 2)))  # max |E| per block without an |E| copy
+    if not all_finite(residual):
         raise SingularSystemError(
             f"{_where(layer)}shared Khatri–Rao solve of size {N} produced non-finite γ; check the frozen weights",
             layer=layer,
@@ -161,5 +162,5 @@ def _mixed(A, B, W, rhs: torch.Tensor, max_steps: int) -> tuple[torch.Tensor | N
         r = rhs - vec(compose_shared(B, gamma.T, A)).T
     r_norm = torch.linalg.norm(r, dim=0)
     backward = r_norm / (norm_M * torch.linalg.norm(gamma, dim=0) + norm_w).clamp_min(1e-300)
-    ok = bool(torch.isfinite(backward).all()) and bool((backward <= 64 * eps).all())
+    ok = all_finite(backward) and bool((backward <= 64 * eps).all())
     return (gamma.T.contiguous() if ok else None), lu.rcond, step

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..finite import all_finite
 from ..nets.modules import ModuleSeq
 from ..nets.normnet import NormNet
 from ..nets.stage import STAGES
@@ -96,7 +97,7 @@ def certifiability_problems(net: nn.Module) -> list[str]:
     statistics tracked, not training)."""
     problems: list[str] = structure_problems(net)
     for name, t in list(net.named_parameters()) + list(net.named_buffers()):
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        if t.is_floating_point() and not all_finite(t):
             problems.append(f"{name} holds NaN/Inf values")
     for name, m in net.named_modules():
         if not isinstance(m, nn.modules.batchnorm._BatchNorm):

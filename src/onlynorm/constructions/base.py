@@ -16,6 +16,7 @@ import torch
 from ..certify import CertifyResult
 from ..domain import Box
 from ..errors import FileFormatError, InvalidDomainError, InvalidNetworkError, InvalidOptionError, OnlyNormError
+from ..finite import all_finite
 from ..nets.linear import NormLinear
 from ..nets.match import Node
 from ..nets.normnet import NormNet, register_meta_check
@@ -294,7 +295,7 @@ def begin_solve(net: NormNet, target) -> tuple[Any, NormNet, float]:
 def finish_solve(out: NormNet, records: Sequence[SolveRecord | dict], notes: list[str], domain: Box) -> NormNet:
     """Record how the norms were solved (typed per-layer records, notes, the box) in ``out.meta.solve``."""
     for p in out.norm_parameters():
-        if not bool(torch.isfinite(p).all()):
+        if not all_finite(p):
             raise InvalidDomainError(
                 f"the solved γ, β overflow (non-finite) on the box {domain!r}: the bounds or the weights are too "
                 f"large for {str(out.dtype).removeprefix('torch.')}; rescale the inputs or use a smaller box"
@@ -306,7 +307,7 @@ def finish_solve(out: NormNet, records: Sequence[SolveRecord | dict], notes: lis
 
 def check_frozen_finite(net: NormNet) -> None:
     for p in net.frozen_parameters():
-        if not torch.isfinite(p).all():
+        if not all_finite(p):
             raise InvalidNetworkError(
                 "the frozen network has NaN/Inf weights; expected finite frozen weights — re-initialise them"
             )

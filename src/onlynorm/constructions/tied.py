@@ -84,6 +84,8 @@ def box_offsets(A: torch.Tensor, gamma: torch.Tensor, lo: torch.Tensor, hi: torc
     >>> box_offsets(A, gamma, torch.tensor([[0.0]]), torch.tensor([[1.0]]), 1e-3)   # z ∈ [0, 1] and [−1, 0]
     tensor([[0.0020, 1.0020]])
     """
+    if A.shape[1] == 1:
+        return _box_offsets_rank_one(A[:, 0], gamma, lo[:, 0], hi[:, 0], margin)
     g = gamma.abs()
     half = ((hi - lo) / 2 @ A.abs().T).mul_(g)
     mid = ((hi + lo) / 2 @ A.T).mul_(gamma)
@@ -92,6 +94,20 @@ def box_offsets(A: torch.Tensor, gamma: torch.Tensor, lo: torch.Tensor, hi: torc
     torch.maximum(slack, 2 * half, out=slack)
     floor = max(2 * margin * float(half.mean()) if half.numel() else 0.0, torch.finfo(A.dtype).tiny ** 0.5)
     return slack.mul_(margin).clamp_min_(floor).add_(half).sub_(mid)
+
+
+def _box_offsets_rank_one(a: torch.Tensor, gamma: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, margin: float):
+    """:func:`box_offsets` for one input per block (``k = 1``, the MLP's usual block), in seven passes over
+    ``(T, N)`` instead of ~seventeen: with ``P = Γ ⊙ a``, every term is ``|P_tu|`` times a per-block scalar —
+    ``mid = P c``, ``half = |P| r``, and the slack's maximum is ``margin · |P| · max(|c| + r, |x| + 1, 2r)``."""
+    c, r = (hi + lo) / 2, (hi - lo) / 2
+    q = torch.maximum(torch.maximum(c.abs() + r, torch.maximum(lo.abs(), hi.abs()) + 1), 2 * r)
+    P = gamma * a
+    P_abs = P.abs()
+    mean_half = float(P_abs.sum(1) @ r) / P.numel() if P.numel() else 0.0
+    floor = max(2 * margin * mean_half, torch.finfo(a.dtype).tiny ** 0.5)
+    beta = torch.mul(P_abs, (margin * q).unsqueeze(1)).clamp_min_(floor)
+    return beta.addcmul_(P_abs, r.unsqueeze(1)).addcmul_(P, c.unsqueeze(1), value=-1)
 
 
 def solve_tied_stream(

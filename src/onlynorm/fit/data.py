@@ -19,6 +19,7 @@ import torch
 
 from ..domain import Box
 from ..errors import InvalidDomainError, InvalidNetworkError, InvalidOptionError
+from ..finite import all_finite
 from ..nets.normnet import NormNet
 from ..nets.stage import dtype_name
 
@@ -125,7 +126,7 @@ def _check_tensor(data: torch.Tensor, n_in: int, in_shape) -> torch.Tensor:
             f"data: expected at least {MIN_ROWS} input rows (a training and a held-out part), found "
             f"{data.shape[0]}; pass more inputs or a Box to sample"
         )
-    if not torch.isfinite(data).all():
+    if not all_finite(data):
         bad = int((~torch.isfinite(data)).any(dim=tuple(range(1, data.ndim))).sum())
         raise InvalidDomainError(f"data: expected finite inputs, found NaN/Inf in {bad} row(s); drop or repair them")
     return data

@@ -27,6 +27,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..errors import InvalidNetworkError
+from ..finite import all_finite
 from ..nets.conv import FixedOp
 from ..nets.normnet import NormNet
 from ..nets.pretrained import PretrainedConv2d, PretrainedLinear, PretrainedStage, norm_stats
@@ -82,7 +83,7 @@ def with_norms(model: nn.Module, in_shape: tuple[int, int, int] | None = None, *
     if not params:
         raise InvalidNetworkError("with_norms: expected a model with Linear/Conv2d layers, found no parameters")
     dtype, device = params[0].dtype, params[0].device
-    if not all(torch.isfinite(p).all() for p in params):
+    if not all(all_finite(p) for p in params):
         raise InvalidNetworkError("with_norms: the model has NaN/Inf parameters; expected finite weights")
     mods = [m for m in model if not isinstance(m, (nn.Identity, nn.Dropout))]
     stages: list[Stage] = []

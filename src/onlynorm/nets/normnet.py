@@ -36,6 +36,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import _io
 from ..errors import FileFormatError, InvalidNetworkError
+from ..finite import all_finite
 from .modules import RAISED_EPS, ModuleSeq
 from .onnx import export_onnx
 from .records import NetMeta
@@ -291,7 +292,7 @@ class NormNet(nn.Module):
                     f"{source}: tensor {k!r} has dtype {dtype_name(v.dtype)}, expected {dtype_name(dtype)} (the dtype "
                     "the file declares); the file is corrupt — re-create it"
                 )
-            if not torch.isfinite(v).all():
+            if not all_finite(v):
                 raise FileFormatError(f"{source}: tensor {k!r} holds NaN/Inf values; the file is corrupt")
         net.to_empty(device=device if device is not None else "cpu")
         net.load_state_dict({k: v.to(device=device) for k, v in tensors.items()}, strict=True)
@@ -371,7 +372,7 @@ class NormNet(nn.Module):
                     f"{dtype_name(self.dtype)} (this network's dtype); load a norm set saved from a "
                     f"{dtype_name(self.dtype)} network, or convert the network first"
                 )
-            if not torch.isfinite(tensors[name]).all():
+            if not all_finite(tensors[name]):
                 raise FileFormatError(f"norm set {str(path)!r}: {name} holds NaN/Inf values")
         stored = doc.get("meta") or {}
         if not isinstance(stored, dict):

@@ -22,6 +22,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import _io
 from ..errors import FileFormatError, InvalidNetworkError
+from ..finite import all_finite
 from ..targets.seqgraph import PARAMETERISED, GNode, run_graph
 from .normnet import _DTYPES, DOCUMENT_FORMATS, FORMAT_VERSION, NetSummary, NormNet, document_header
 from .onnx_graph import OnnxGraph
@@ -290,7 +291,7 @@ class SeqNet(NormNet):
         if expected != found:
             raise FileFormatError(f"{source}: weights do not match the described architecture; re-create the file")
         for k, v in tensors.items():
-            if v.is_floating_point() and not k.endswith(".value") and not torch.isfinite(v).all():
+            if v.is_floating_point() and not k.endswith(".value") and not all_finite(v):
                 raise FileFormatError(f"{source}: tensor {k!r} holds NaN/Inf values; the file is corrupt")
         net.to_empty(device=device if device is not None else "cpu")
         net.load_state_dict({k: v.to(device=device) for k, v in tensors.items()}, strict=True)

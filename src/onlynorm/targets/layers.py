@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InvalidTargetError
+from ..finite import all_finite
 
 __all__ = [
     "TARGET_DTYPES",
@@ -76,7 +77,7 @@ def check_target_tensor(t: torch.Tensor, where: str) -> None:
             f"{where}: expected a floating-point tensor (float16, bfloat16, float32 or float64), found dtype "
             f"{str(t.dtype).removeprefix('torch.')}; convert it with .double()"
         )
-    if not torch.isfinite(t).all():
+    if not all_finite(t):
         bad = int((~torch.isfinite(t)).sum())
         raise InvalidTargetError(
             f"{where} has {bad} non-finite value(s) (NaN or Inf); expected finite numbers — check the training run "
