@@ -37,6 +37,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .. import _io
 from ..errors import FileFormatError, InvalidNetworkError
 from ..finite import all_finite
+from .clone import copy_sharing
 from .modules import RAISED_EPS, ModuleSeq
 from .onnx import export_onnx
 from .records import NetMeta
@@ -410,11 +411,11 @@ class NormNet(nn.Module):
         """
         if deep:
             return copy.deepcopy(self)
-        # deepcopy with every frozen parameter pre-mapped to a new Parameter over the same storage
+        # a deep copy with every frozen parameter pre-mapped to a new Parameter over the same storage
         memo: dict[int, Any] = {
             id(p): nn.Parameter(p.detach(), requires_grad=p.requires_grad) for p in self.frozen_parameters()
         }
-        return copy.deepcopy(self, memo)
+        return copy_sharing(self, memo)
 
 
 def _check_chains(net: NormNet, dtype: torch.dtype, source: str) -> None:
