@@ -65,6 +65,9 @@ def test_affine_bounds_are_attained_at_vertices(m, n, seed):
     z = corners @ W.T + b
     torch.testing.assert_close(zmin, z.min(dim=0).values, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(zmax, z.max(dim=0).values, rtol=1e-12, atol=1e-12)
+    pmin, pmax = affine_bounds(W, lo, lo, b)  # a point box: one value, no rounding spread
+    assert torch.equal(pmin, pmax)
+    torch.testing.assert_close(pmin, W @ lo + b, rtol=1e-13, atol=1e-13)
 
 
 def test_interval_bounds_contain_every_sampled_activation():
@@ -81,3 +84,4 @@ def test_interval_bounds_contain_every_sampled_activation():
             h = torch.relu(h)
     lo, hi = boxes[-1]
     assert bool(((h >= lo - 1e-12) & (h <= hi + 1e-12)).all())
+

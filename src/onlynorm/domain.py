@@ -188,10 +188,17 @@ def resolve_domain(domain: Box | tuple | None, dim: int) -> Box:
 def affine_bounds(
     weight: torch.Tensor, low: torch.Tensor, high: torch.Tensor, bias: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact range of ``z = W h + b`` over ``h ∈ [low, high]`` (componentwise min and max)."""
-    w_pos, w_neg = weight.clamp(min=0), weight.clamp(max=0)
-    zmin = w_pos @ low + w_neg @ high
-    zmax = w_pos @ high + w_neg @ low
+    """Exact range of ``z = W h + b`` over ``h ∈ [low, high]`` (componentwise min and max):
+    ``z ∈ W c ± |W| r`` with the box's centre ``c`` and radius ``r`` — one ``|W|`` pass and two products (the
+    ``W⁺ l + W⁻ u`` form needs two clamped copies and four), and a point box gives ``zmin = zmax`` exactly.
+
+    >>> zmin, zmax = affine_bounds(torch.tensor([[1.0, -2.0]]), torch.tensor([0.0, 0.0]), torch.tensor([1.0, 1.0]))
+    >>> zmin.tolist(), zmax.tolist()
+    ([-2.0], [1.0])
+    """
+    mid = weight @ ((high + low) / 2)
+    spread = weight.abs() @ ((high - low) / 2)
+    zmin, zmax = mid - spread, mid + spread
     if bias is not None:
         zmin, zmax = zmin + bias, zmax + bias
     return zmin, zmax
