@@ -84,4 +84,3 @@ def test_interval_bounds_contain_every_sampled_activation():
             h = torch.relu(h)
     lo, hi = boxes[-1]
     assert bool(((h >= lo - 1e-12) & (h <= hi + 1e-12)).all())
-
