@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import hashlib
 
+import pytest
+import torch
+from torch import nn
+
 import onlynorm
 from onlynorm import Box
 
@@ -44,3 +48,50 @@ def test_random_normnet_does_not_touch_the_global_rng():
     torch.manual_seed(123)
     onlynorm.random_normnet(target, seed=9)
     assert torch.equal(torch.rand(3), expected)
+
+
+@pytest.mark.parametrize(
+    "method, options, cnn",
+    [
+        ("width", {}, False),
+        ("deep", {}, False),
+        ("deep", {"tied": 1}, False),
+        ("lowrank", {}, False),
+        ("sparse", {"density": 0.9}, False),
+        ("width", {}, True),
+        ("deep", {"tied": 1}, True),
+    ],
+)
+def test_reconstruct_solving_its_own_network_in_place_equals_build_then_solve(method, options, cnn):
+    """``reconstruct`` solves the network it built without cloning it (``solving_in_place``); the result is bit
+    for bit ``solve_norms(random_normnet(...))``, which solves a clone and leaves the built network untouched."""
+    torch.manual_seed(4)
+    if cnn:
+        g = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 4 * 4, 2)).double()
+        shape = {"in_shape": (2, 4, 4)}
+    else:
+        g = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)).double()
+        shape = {}
+    f = onlynorm.reconstruct(g, method=method, seed=5, **shape, **options)
+    built = onlynorm.random_normnet(g, method=method, seed=5, **shape, **options)
+    before = {k: v.clone() for k, v in built.state_dict().items()}
+    solved = onlynorm.solve_norms(built, g)
+    assert all(torch.equal(v, built.state_dict()[k]) for k, v in before.items())  # the clone path copies
+    assert f.state_dict().keys() == solved.state_dict().keys()
+    for k, v in f.state_dict().items():
+        assert torch.equal(v, solved.state_dict()[k]), k
+    assert f.meta == solved.meta
+
+
+def test_begin_solve_clones_except_for_the_network_handed_over():
+    from onlynorm.constructions.base import begin_solve, solving_in_place
+    from onlynorm.targets.convert import as_target
+
+    g = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1)).double()
+    net, other = onlynorm.random_normnet(g), onlynorm.random_normnet(g, seed=1)
+    spec = as_target(g)
+    assert begin_solve(net, spec)[1] is not net
+    with solving_in_place(net):
+        assert begin_solve(net, spec)[1] is net
+        assert begin_solve(other, spec)[1] is not other  # only the network handed over
+    assert begin_solve(net, spec)[1] is not net

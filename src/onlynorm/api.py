@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .constructions import get_construction
-from .constructions.base import Construction, Progress
+from .constructions.base import Construction, Progress, solving_in_place
 from .constructions.memory import check_memory
 from .constructions.plan import Plan
 from .constructions.transformer import build_seqnet, check_transformer_options, solve_seqnet
@@ -176,7 +176,8 @@ def reconstruct(
     net = construction.build(
         spec, seed=build.seed, dtype=build.dtype, device=build.device, plan=build.plan, **build.options
     )
-    return construction.solve(net, spec, box, progress=progress, plan=build.plan)
+    with solving_in_place(net):  # nobody else holds `net`: solve it rather than a clone of it
+        return construction.solve(net, spec, box, progress=progress, plan=build.plan)
 
 
 def _reconstruct_sequence_model(
@@ -192,7 +193,7 @@ def _reconstruct_sequence_model(
     seed, device = check_seed(seed), check_device(device)
     spec, opts = _sequence_spec(target, example_input, method, dtype, options, "reconstruct")
     net = build_seqnet(spec, seed=seed, dtype=spec.dtype, device=device, options=opts)
-    return solve_seqnet(net, spec)
+    return solve_seqnet(net, spec, in_place=True)  # nobody else holds `net`
 
 
 def _sequence_spec(

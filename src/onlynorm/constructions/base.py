@@ -7,8 +7,10 @@ instead: ``solve`` only reads frozen weights and writes normalization parameters
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -279,17 +281,34 @@ def default_margin(dtype: torch.dtype) -> float:
     return DEFAULT_MARGIN if dtype == torch.float64 else DEFAULT_MARGIN_REDUCED
 
 
+#: the network :func:`solving_in_place` hands to the solve (``None`` outside it)
+_IN_PLACE: contextvars.ContextVar[NormNet | None] = contextvars.ContextVar("onlynorm_solve_in_place", default=None)
+
+
+@contextlib.contextmanager
+def solving_in_place(net: NormNet) -> Iterator[None]:
+    """Within this block, :func:`begin_solve` solves ``net`` itself instead of a clone. For callers that have just
+    built ``net`` and hold the only reference (:func:`onlynorm.reconstruct`): the clone would be a second copy of
+    every γ, β and BatchNorm buffer — memory at ResNet scale, ~1 ms on a tied MLP — thrown away at once."""
+    token = _IN_PLACE.set(net)
+    try:
+        yield
+    finally:
+        _IN_PLACE.reset(token)
+
+
 def begin_solve(net: NormNet, target) -> tuple[Any, NormNet, float]:
     """Common start of every ``solve``: refuse non-finite frozen weights, bring the target to the network's
     dtype/device, clone the network — new γ, β and BatchNorm buffers, the frozen tensors *shared* with ``net``
-    (:meth:`NormNet.clone`: no copy of the frozen weights; the caller's γ, β stay untouched) — and read the
-    ``margin`` option."""
+    (:meth:`NormNet.clone`: no copy of the frozen weights; the caller's γ, β stay untouched; no clone inside
+    :func:`solving_in_place` for that network) — and read the ``margin`` option."""
     check_frozen_finite(net)
     spec = target.to(dtype=net.dtype, device=net.device)
     margin = net.meta.options.get("margin")
     if margin is not None:  # recorded options are data: a tampered value is named, not converted
         margin = dataclasses.replace(MARGIN, name="meta.options.margin").check(margin)
-    return spec, net.clone(), float(default_margin(net.dtype) if margin is None else margin)
+    out = net if _IN_PLACE.get() is net else net.clone()
+    return spec, out, float(default_margin(net.dtype) if margin is None else margin)
 
 
 def finish_solve(out: NormNet, records: Sequence[SolveRecord | dict], notes: list[str], domain: Box) -> NormNet:

@@ -199,9 +199,10 @@ def build_seqnet(
     return SeqNet(stages, graph, spec.inputs, meta=meta)
 
 
-def solve_seqnet(net: SeqNet, spec: TransformerSpec) -> SeqNet:
-    """A copy of ``net`` with every ``γ, β`` solved for ``spec`` (frozen tensors untouched)."""
-    out: SeqNet = net.clone()  # type: ignore[assignment]
+def solve_seqnet(net: SeqNet, spec: TransformerSpec, *, in_place: bool = False) -> SeqNet:
+    """A copy of ``net`` with every ``γ, β`` solved for ``spec`` (frozen tensors untouched); ``in_place=True``
+    solves ``net`` itself (for a caller that has just built it and holds the only reference)."""
+    out: SeqNet = net if in_place else net.clone()  # type: ignore[assignment]
     maps = {i: (w, b) for i, w, b in spec.linear_maps()}
     records = []
     for i, node in enumerate(out.graph):
