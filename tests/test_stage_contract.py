@@ -371,3 +371,30 @@ def test_the_architecture_guide_example_stage_type_works(tmp_path):
         assert np.abs(got - net(x).detach().numpy()).max() < 1e-14
     finally:
         stage_module.STAGES.pop("scaled_linear", None)
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 10**6), dtype=st.sampled_from([torch.float32, torch.float64]))
+def test_paired_relu_is_exactly_the_identity(seed, dtype):
+    """``relu(v) − relu(−v)`` (what autograd evaluates) has the bits of ``v`` (what the no-grad path returns) for
+    every value — subnormals, the largest finite, ±Inf, NaN — up to the sign of a zero."""
+    from onlynorm.nets.modules import paired_relu
+
+    gen = torch.Generator().manual_seed(seed)
+    info = torch.finfo(dtype)
+    special = [0.0, -0.0, info.tiny / 4, -info.tiny / 3, info.max, -info.max, float("inf"), -float("inf")]
+    special = torch.tensor(special, dtype=torch.float64)  # exact in float64, rounded once to `dtype` below
+    v = torch.cat(
+        [
+            torch.randn(200, generator=gen, dtype=torch.float64) * 10 ** torch.randint(-30, 30, (200,), generator=gen),
+            special,
+        ]
+    ).to(dtype)
+    explicit = paired_relu(v.clone())
+    assert paired_relu(v, inplace=True) is v
+    nonzero = v != 0
+    int_t = torch.int32 if dtype == torch.float32 else torch.int64
+    assert torch.equal(explicit[nonzero].view(int_t), v[nonzero].view(int_t))  # bit for bit
+    assert bool((explicit[~nonzero] == 0).all())
+    nan = torch.tensor([float("nan")], dtype=dtype)
+    assert bool(torch.isnan(paired_relu(nan)).all())

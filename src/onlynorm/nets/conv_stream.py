@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..errors import InvalidNetworkError
-from .modules import frozen_module, make_batchnorm, normalize
+from .modules import frozen_module, make_batchnorm, normalize, paired_relu
 from .onnx_graph import OnnxGraph, batchnorm, conv, conv_kernel
 from .stage import Stage, StageLayout, register_stage
 from .stream import block_sizes
@@ -179,8 +179,7 @@ class ConvStream(ConvStreamShape, Stage):
         inplace = not torch.is_grad_enabled()
         v = normalize(self.branch_norm, self.branch_pre(x), inplace=inplace)
         if self.paired:  # readout [B, −B] of [relu(v), relu(−v)] = B (relu(v) − relu(−v)), one matmul
-            pos = torch.relu(v)
-            u = pos.sub_(v.neg_().relu_()) if inplace else pos - torch.relu(-v)
+            u = paired_relu(v, inplace=inplace)
         else:
             u = v.relu_() if inplace else torch.relu(v)
         if self.readout.bias is not None:

@@ -17,6 +17,7 @@ __all__ = [
     "make_batchnorm",
     "frozen_module",
     "normalize",
+    "paired_relu",
     "inference_scale_shift",
     "inference_form",
     "conv2d_config",
@@ -72,6 +73,22 @@ def normalize(norm: _BatchNorm, z: torch.Tensor, *, inplace: bool = False) -> to
     shape = (1, -1) + (1,) * (z.ndim - 2)
     scale, shift = form[0].reshape(shape), form[1].reshape(shape)
     return z.mul_(scale).add_(shift) if inplace else z * scale + shift
+
+
+def paired_relu(v: torch.Tensor, *, inplace: bool = False) -> torch.Tensor:
+    """``relu(v) − relu(−v)``: a sign-paired unit read out by ``[B, −B]``, which is **exactly** ``v`` in IEEE
+    arithmetic — ``relu`` is exact, and ``x − 0 = x``, ``0 − (−x) = x`` are exact (NaN stays NaN; only the sign of
+    a zero may differ, which no later sum or product can tell apart). So without autograd (``inplace``) the
+    activation is returned as it is: the same values, without four passes over the widest tensor of a stream
+    (~40 % of a tied ResNet-18 forward). With autograd the two ReLUs run, so gradients are those of the ReLU network.
+
+    >>> v = torch.tensor([-2.0, 0.0, 3.5])
+    >>> paired_relu(v, inplace=True) is v, torch.equal(paired_relu(v), v)
+    (True, True)
+    """
+    if inplace:
+        return v
+    return torch.relu(v) - torch.relu(-v)
 
 
 def inference_scale_shift(norm: _BatchNorm) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -26,7 +26,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..errors import InvalidNetworkError, NotCertifiableError
 from .conv_stream import ConvStreamShape, grouped_conv
-from .modules import frozen_module, inference_scale_shift, make_batchnorm, normalize
+from .modules import frozen_module, inference_scale_shift, make_batchnorm, normalize, paired_relu
 from .onnx_graph import OnnxGraph, batchnorm, conv_kernel, slice_last
 from .stage import Stage, StageLayout, register_stage
 from .stream import block_sizes
@@ -116,8 +116,7 @@ class TiedConvStream(ConvStreamShape, Stage):
 
     def _rho(self, v: torch.Tensor, inplace: bool) -> torch.Tensor:
         if self.paired:  # relu(v) − relu(−v): readout [B, −B] of [relu(v), relu(−v)]
-            pos = torch.relu(v)
-            return pos.sub_(v.neg_().relu_()) if inplace else pos - torch.relu(-v)
+            return paired_relu(v, inplace=inplace)
         return v.relu_() if inplace else torch.relu(v)
 
     def _chunk(self, batch: int, positions: int, item: int) -> int:
