@@ -265,15 +265,22 @@ def test_tied_conv_streams_over_chunks_of_blocks_with_the_same_bits():
     g = _cnn(6, 3, seed=0)
     f = onlynorm.reconstruct(g, method="deep", in_shape=(6, 6, 6), domain=Box(0.0, 1.0), tied=1)
     x = torch.rand(3, 6, 6, 6, dtype=torch.float64)
+    stage = next(m for m in f.modules() if isinstance(m, TiedConvStream) and m.full == 6)
+    one_block = 3 * x.shape[0] * stage.per_block * 36 * 8  # _chunk's bytes for one block per chunk
     with torch.no_grad():
         whole = f(x)
-        saved = TiedConvStream.chunk_bytes
-        try:
-            TiedConvStream.chunk_bytes = 1  # one block per chunk
-            chunked = f(x)
-        finally:
-            TiedConvStream.chunk_bytes = saved
-    assert float((whole - chunked).abs().max()) <= 1e-12 * float(whole.abs().max())
+    saved = TiedConvStream.chunk_bytes
+    try:
+        for blocks in (1, 2, 4):  # chunks of 1, 1+2+2+1 and 1+4+1 blocks: the reused buffer, also part-filled
+            TiedConvStream.chunk_bytes = blocks * one_block
+            assert stage._chunk(x.shape[0], 36, 8) == blocks  # the chunking this case is about
+            with torch.no_grad():
+                chunked = f(x)
+            tracked = f(x.clone().requires_grad_(True)).detach()  # autograd: no buffer, out-of-place
+            assert torch.equal(chunked, tracked), blocks
+            assert float((whole - chunked).abs().max()) <= 1e-12 * float(whole.abs().max())
+    finally:
+        TiedConvStream.chunk_bytes = saved
 
 
 def test_memory_guard_suggests_tied_when_untied_does_not_fit():

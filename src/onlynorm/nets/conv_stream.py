@@ -248,11 +248,16 @@ class ConvStream(ConvStreamShape, Stage):
         return out
 
 
-def grouped_conv(x: torch.Tensor, weight: torch.Tensor, groups: int, stride, padding, dilation) -> torch.Tensor:
+def grouped_conv(
+    x: torch.Tensor, weight: torch.Tensor, groups: int, stride, padding, dilation, *, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """``F.conv2d(x, weight, groups=groups)`` as one unfold and one batched matmul.
 
     torch's CPU grouped convolution in float64 takes a slow path (seconds for a 64-group 3×3 layer on one 8×8
     image); ``unfold`` orders its rows by (channel, k_h, k_w), so group ``t`` reads a contiguous row block.
+    ``out`` (no autograd): a buffer of at least the result's size to write it into — a stream evaluated in chunks
+    reuses one buffer, because a fresh allocation of hundreds of MB is returned to the OS on free and page-faults
+    again on the next chunk (3.6× the matmul itself for a 1 → 576 channel 3×3 conv on 16 56×56 maps).
     """
     B, _, H, W = x.shape
     out_channels, k, kh, kw = weight.shape
@@ -260,5 +265,9 @@ def grouped_conv(x: torch.Tensor, weight: torch.Tensor, groups: int, stride, pad
     Ho, Wo = (H + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (W + 2 * pw - dw * (kw - 1) - 1) // sw + 1
     cols = F.unfold(x, (kh, kw), dilation=(dh, dw), padding=(ph, pw), stride=(sh, sw))
     cols = cols.view(B, groups, k * kh * kw, Ho * Wo)
-    out = torch.matmul(weight.reshape(groups, out_channels // groups, k * kh * kw), cols)
-    return out.view(B, out_channels, Ho, Wo)
+    kernel = weight.reshape(groups, out_channels // groups, k * kh * kw)
+    if out is None:
+        return torch.matmul(kernel, cols).view(B, out_channels, Ho, Wo)
+    target = out.view(-1)[: B * out_channels * Ho * Wo].view(B, groups, out_channels // groups, Ho * Wo)
+    torch.matmul(kernel, cols, out=target)
+    return target.view(B, out_channels, Ho, Wo)

@@ -138,10 +138,11 @@ class TiedConvStream(ConvStreamShape, Stage):
         whole: list[torch.Tensor] = []  # batch statistics: every channel first, normalised together
         start, chunk = 0, 1
         out_hw: tuple[int, ...] = (0, 0)
+        buffer: torch.Tensor | None = None  # no autograd: every chunk's branch activation in one allocation
         while start < self.full:
             stop = min(self.full, start + chunk)
             xb = x[:, start * k : stop * k].reshape(b * (stop - start), k, *x.shape[2:])
-            v = grouped_conv(xb, self.branch.weight, 1, *geo)
+            v = grouped_conv(xb, self.branch.weight, 1, *geo, out=buffer)
             out_hw = tuple(v.shape[2:])
             v = v.reshape(b, (stop - start) * self.per_block, *out_hw)
             if form is None:
@@ -155,6 +156,8 @@ class TiedConvStream(ConvStreamShape, Stage):
                 acc = part if acc is None else (acc.add_(part) if inplace else acc + part)
             if start == 0:
                 chunk = self._chunk(b, out_hw[0] * out_hw[1], x.element_size())
+                if inplace and form is not None and chunk < self.full:
+                    buffer = v.new_empty(b * min(chunk, self.full - stop) * self.per_block * out_hw[0] * out_hw[1])
             start = stop
         u_rest = None
         if self.rest is not None:
