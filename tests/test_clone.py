@@ -23,7 +23,12 @@ class _Odd(nn.Module):
         self.sizes = [1, 2]
         self.register_buffer("count", torch.zeros(1))
         self.calls = 0
+        self.seen = 0
         self.register_forward_hook(_count)
+        self.register_forward_pre_hook(self._see)  # a bound method: the copy's hook must be bound to the copy
+
+    def _see(self, module, args):
+        self.seen += 1
 
     def forward(self, x):
         return self.alias(x) * self.scale
@@ -46,6 +51,7 @@ def test_copy_sharing_is_deepcopy_but_for_the_shared_tensors():
     assert src.sizes == [1, 2]  # lists are copied, not shared
     x = torch.randn(4, 3)
     assert torch.equal(got(x), ref(x)) and got.calls == 1 and src.calls == 0  # the hook runs on the copy
+    assert got.seen == 1 and src.seen == 0 and ref.seen == 1  # the bound-method hook too, as deepcopy rebinds it
     assert set(got.state_dict()) == set(ref.state_dict())
     for k, v in got.state_dict().items():
         assert torch.equal(v, ref.state_dict()[k]), k

@@ -3,9 +3,9 @@
 ``copy.deepcopy`` of an ``nn.Module`` walks ~17 bookkeeping attributes per module (hook dictionaries, flags) through
 the generic pickle protocol; on a 17-module tied network that is ~2 ms, 15 % of a whole tied solve. Here each module
 is rebuilt directly: its ``_modules`` recursively, its ``_parameters`` as new Parameters (or the *shared* ones
-given), its ``_buffers`` cloned, its hook dictionaries copied shallowly (a hook is a function: deepcopy keeps it
-too), and every other attribute deep-copied with the same memo — so attributes that hold tensors, lists or
-dataclasses get exactly deepcopy's semantics, and a tensor or module reachable twice is copied once.
+given), its ``_buffers`` cloned, its empty hook dictionaries replaced by new empty ones, and every other attribute
+deep-copied with the same memo — so attributes that hold tensors, lists, dataclasses or hooks get exactly
+deepcopy's semantics, and a tensor or module reachable twice is copied once.
 
 >>> import torch
 >>> from torch import nn
@@ -25,8 +25,8 @@ from torch import nn
 
 __all__ = ["copy_sharing"]
 
-#: ``nn.Module`` attributes holding hooks or flags: containers of functions, copied one level deep (as deepcopy would
-#: leave the functions themselves shared, this is the same result without the pickle-protocol walk)
+#: ``nn.Module`` attributes holding hooks: when empty (as in every network onlynorm builds) a new empty container is
+#: the whole copy; a non-empty one goes through deepcopy like any attribute (a bound-method hook is rebound to the copy)
 _HOOK_ATTRIBUTES = frozenset(
     {
         "_backward_pre_hooks",
@@ -66,8 +66,8 @@ def _copy_module(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
             state[key] = {name: None if p is None else _copy_tensor(p, memo) for name, p in value.items()}
         elif key == "_buffers":
             state[key] = {name: None if b is None else _copy_tensor(b, memo) for name, b in value.items()}
-        elif key in _HOOK_ATTRIBUTES:
-            state[key] = copy.copy(value)
+        elif key in _HOOK_ATTRIBUTES and not value:
+            state[key] = copy.copy(value)  # the usual case: an empty container, nothing to walk
         else:
             state[key] = copy.deepcopy(value, memo)
     new.__dict__.update(state)
