@@ -218,7 +218,7 @@ def test_float32_deep_network_runs_in_float32_with_gamma_solved_in_float64():
     A = stage.branch.weight[units].double().flatten(1)[None]
     B = stage.readout.weight[:, units].double().flatten(1)[None]
     W = g[0].weight.detach()[:, J].flatten(1)[None]
-    gamma64, _, _ = solve_khatri_rao_batched(A, B, W)
+    gamma64 = solve_khatri_rao_batched(A, B, W).gamma
     # γ of the float32 network is the float64 solution for its own (float32) frozen weights, rounded once
     assert torch.equal(stage.branch_norm.weight[units].detach(), gamma64[0].float())
     assert onlynorm.verify(f32, g, samples=300).max_rel_error <= 1e-4
@@ -254,3 +254,35 @@ def test_residual_sequential_targets_also_take_deep():
     f = onlynorm.reconstruct(g, method="deep", in_shape=(1, 4, 4), domain=Box(0.0, 1.0))
     report = onlynorm.verify(f, g, samples=300, certify=True)
     assert report.max_rel_error <= 1e-9 and report.certified
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_solve_records_are_the_residuals_of_the_gamma_the_network_holds(dtype):
+    """The records take ``max |Ŵ − W|`` and ``‖Ŵ − W‖_F / ‖W‖_F`` from the solves' accurate residuals; the residual
+    of every block recomputed from the network's stored (rounded) γ and frozen weights gives the same numbers."""
+    from onlynorm.linalg_refine import accurate_residual
+
+    torch.manual_seed(3)
+    mlp = nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3)).double()
+    cnn = _conv_target(4, 3, 3, 1, 1, 1, 5, 2)
+    for g, shape in ((mlp, None), (cnn, (4, 5, 5))):
+        f = onlynorm.reconstruct(g, method="deep", in_shape=shape, block=2, dtype=dtype)
+        stage, record = f.layers[0], f.meta.solve.records[0]
+        W = g[0].weight.detach().to(dtype).double() if shape is None else g[0].weight.detach().double()
+        errors = []
+        for t, slices in enumerate(stage.block_slices()):
+            if shape is None:  # residual stream: branch t reads input columns J
+                A, B = stage.branches[t].linear.weight.double(), stage.readouts[t].weight.double()
+                gamma, block = stage.branches[t].norm.weight.detach().double(), W[:, slices]
+            else:  # conv stream: branch channels `units` read input channels J
+                units, J = slices
+                A = (stage.branch.weight[units] if t < stage.full else stage.rest.weight).double().flatten(1)
+                B = stage.readout.weight[:, units].double().flatten(1)
+                gamma, block = stage.branch_norm.weight[units].detach().double(), W[:, J].flatten(1)
+            errors.append(accurate_residual(A[None], B[None], gamma[None], block[None]).flatten())
+        error = torch.cat(errors)
+        assert error.numel() == W.numel()  # every weight in exactly one block
+        relative = float(torch.linalg.vector_norm(error) / torch.linalg.vector_norm(W))
+        assert record.residual == pytest.approx(float(error.abs().max()), rel=1e-6, abs=1e-300)
+        assert record.relative_residual == pytest.approx(relative, rel=1e-6, abs=1e-300)
+        assert relative <= (1e-13 if dtype == torch.float64 else 1e-6)

@@ -161,10 +161,19 @@ def test_refinement_lands_at_the_rounding_of_the_exact_solution(T, m, k, seed, s
     lu = BatchLU(khatri_rao_system(A, B))
     assume(bool((lu.rcond > 1e-8).all()))  # well-posed systems; singular ones are refused elsewhere
     lu_gamma = lu.solve(vec(W))
-    gamma, reported = refine(A, B, W, lu_gamma, lu)
+    gamma, reported, reported_norm = refine(A, B, W, lu_gamma, lu)
     before, after = exact_residual_max(A, B, lu_gamma, W), exact_residual_max(A, B, gamma, W)
     for t in range(T):
         assert after[t] <= before[t]  # a correction is kept only where it helps
+        # the reported ‖r‖_F is that of the exact residual of the returned γ (a sum of squares of exact entries)
+        squares = sum(
+            (Fraction(W[t, i, j].item()) - exact_entry(B, gamma, A, t, i, j)) ** 2 for i in range(m) for j in range(k)
+        )
+        # every entry is within the compensated product's bound of the exact one, so the norm within √(m·k) of it
+        entry_error = N * float(B[t].abs().max()) * float((gamma[t].unsqueeze(-1) * A[t]).abs().max()) * 2.0**-74
+        exact_norm = float(squares) ** 0.5
+        assert abs(reported_norm[t].item() - exact_norm) <= 8 * float(U) * exact_norm + (m * k) ** 0.5 * entry_error
+        assert reported_norm[t] >= reported[t] * (1 - 1e-9)  # ‖r‖_F ≥ max |r|
         # the reported residual is the exact one, to the compensated product's accuracy
         scale = N * Fraction(B[t].abs().max().item()) * Fraction((gamma[t].unsqueeze(-1) * A[t]).abs().max().item())
         assert abs(Fraction(reported[t].item()) - after[t]) <= 8 * U * after[t] + Fraction(1, 2**74) * scale
@@ -186,7 +195,7 @@ def test_refinement_beats_the_plain_lu_on_cancelling_systems():
     W = torch.randn(T, m, k, dtype=torch.float64, generator=gen)
     lu = BatchLU(khatri_rao_system(A, B))
     lu_gamma = lu.solve(vec(W))
-    gamma, _ = refine(A, B, W, lu_gamma, lu)
+    gamma, _, _ = refine(A, B, W, lu_gamma, lu)
     before, after = exact_residual_max(A, B, lu_gamma, W), exact_residual_max(A, B, gamma, W)
     assert sum(before) > 4 * sum(after), (sum(map(float, before)), sum(map(float, after)))
 
@@ -210,7 +219,7 @@ def test_batched_solver_reports_the_accurate_residual_in_every_dtype(dtype):
     T, m, k = 5, 3, 2
     A, B = torch.randn(T, m * k, k, generator=gen).to(dtype), torch.randn(T, m, m * k, generator=gen).to(dtype)
     W = torch.randn(T, m, k, generator=gen).to(dtype)
-    gamma, residual, rcond = solve_khatri_rao_batched(A, B, W)
+    gamma, residual, rcond, _ = solve_khatri_rao_batched(A, B, W)
     assert gamma.dtype == dtype and residual.dtype == dtype and bool((rcond > 0).all())
     exact = exact_residual_max(A.double(), B.double(), gamma.double(), W.double())
     for t in range(T):

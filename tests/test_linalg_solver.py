@@ -85,7 +85,7 @@ def test_batched_solver_matches_one_solve_per_block():
     A = torch.randn(T, m * k, k, generator=gen, dtype=torch.float64)
     B = torch.randn(T, m, m * k, generator=gen, dtype=torch.float64)
     W = torch.randn(T, m, k, generator=gen, dtype=torch.float64)
-    gamma, residual, rcond = solve_khatri_rao_batched(A, B, W, max_bytes=2 * (m * k) ** 2 * 8)  # 3 chunks
+    gamma, residual, rcond, _ = solve_khatri_rao_batched(A, B, W, max_bytes=2 * (m * k) ** 2 * 8)  # 3 chunks
     for t in range(T):
         single = solve_khatri_rao(A[t], B[t], W[t], precision="float64")
         torch.testing.assert_close(gamma[t], single.gamma, rtol=1e-9, atol=1e-12)

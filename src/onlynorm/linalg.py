@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import scipy.linalg
@@ -38,6 +39,7 @@ __all__ = [
     "solve_khatri_rao",
     "khatri_rao_system_transposed",
     "solve_khatri_rao_batched",
+    "BatchedSolution",
     "kr_pattern",
     "structural_rank",
     "consistent_solution",
@@ -393,23 +395,34 @@ def structural_rank(pattern) -> int:
     return int(_srank(mat))
 
 
+class BatchedSolution(NamedTuple):
+    """:func:`solve_khatri_rao_batched`'s result: ``gamma`` ``(T, N)``; per system ``residual = max |W_t − Ŵ_t|`` and
+    ``residual_norm = ‖W_t − Ŵ_t‖_F`` of the realised ``Ŵ_t = B_t diag(γ_t) A_t`` (computed below the rounding of
+    ``γ``, not in plain float64), and ``rcond``, the pivot-ratio condition estimate."""
+
+    gamma: torch.Tensor
+    residual: torch.Tensor
+    rcond: torch.Tensor
+    residual_norm: torch.Tensor
+
+
 def solve_khatri_rao_batched(
     A: torch.Tensor, B: torch.Tensor, W: torch.Tensor, *, layer: int | None = None, max_bytes: int = 256 << 20
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> BatchedSolution:
     """Solve the ``T`` square systems ``B_t diag(γ_t) A_t = W_t`` at once: an LU per system, then refinement on an
     error-free residual (:func:`onlynorm.linalg_refine.refine`), which brings the realised ``B_t diag(γ_t) A_t``
     down to the rounding of ``γ`` itself instead of ``u·|B||γ||A|``.
 
     ``A`` is ``(T, N, k)``, ``B`` is ``(T, m, N)``, ``W`` is ``(T, m, k)`` with ``N = m·k``. Batches are chunked so at
-    most ``max_bytes`` of system matrices exist at a time. Returns ``γ`` ``(T, N)``, the max-abs residual of each
-    system (computed accurately, not in plain float64) and its pivot-ratio condition estimate. A singular system
-    raises :class:`SingularSystemError` naming the block.
+    most ``max_bytes`` of system matrices exist at a time. Returns a :class:`BatchedSolution`: ``γ`` ``(T, N)``, the
+    max-abs and Frobenius residual of each system (computed accurately, not in plain float64) and its pivot-ratio
+    condition estimate. A singular system raises :class:`SingularSystemError` naming the block.
 
     >>> A, B = torch.randn(5, 6, 2, dtype=torch.float64), torch.randn(5, 3, 6, dtype=torch.float64)
     >>> W = torch.randn(5, 3, 2, dtype=torch.float64)
-    >>> gamma, residual, rcond = solve_khatri_rao_batched(A, B, W)
-    >>> gamma.shape, bool(residual.max() < 1e-10)
-    (torch.Size([5, 6]), True)
+    >>> sol = solve_khatri_rao_batched(A, B, W)
+    >>> sol.gamma.shape, bool(sol.residual.max() < 1e-10), bool((sol.residual_norm >= sol.residual).all())
+    (torch.Size([5, 6]), True, True)
     """
     T, N, k = A.shape
     m = B.shape[1]
@@ -419,7 +432,7 @@ def solve_khatri_rao_batched(
             f"{tuple(A.shape)}, {tuple(B.shape)}, {tuple(W.shape)}"
         )
     chunk = max(1, max_bytes // max(1, N * N * A.element_size()))
-    gammas, residuals, rconds = [], [], []
+    gammas, residuals, rconds, norms = [], [], [], []
     where = "" if layer is None else f"layer {layer}, "
     for start in range(0, T, chunk):
         a, b, w = A[start : start + chunk], B[start : start + chunk], W[start : start + chunk]
@@ -436,8 +449,9 @@ def solve_khatri_rao_batched(
             )
         # the LU's γ, then refinement on an error-free residual (:mod:`onlynorm.linalg_refine`): a float64
         # residual cannot see below u·|B||γ||A|, the cancellation factor times float64's rounding
-        gamma, residual = refine(a, b, w, lu.solve(vec(w)), lu)
+        gamma, residual, norm = refine(a, b, w, lu.solve(vec(w)), lu)
         gammas.append(gamma)
         residuals.append(residual)
         rconds.append(rcond)
-    return torch.cat(gammas), torch.cat(residuals), torch.cat(rconds)
+        norms.append(norm)
+    return BatchedSolution(torch.cat(gammas), torch.cat(residuals), torch.cat(rconds), torch.cat(norms))

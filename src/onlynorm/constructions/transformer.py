@@ -235,7 +235,7 @@ def solve_factorised(
     blocks = padded.reshape(s, r, t, k).permute(0, 2, 1, 3).reshape(s * t, r, k)
     a = stage.A.detach().to(torch.float64).reshape(s * t, n, k)
     bm = stage.B.detach().to(torch.float64).reshape(s * t, r, n)
-    gamma, _, rcond = solve_khatri_rao_batched(a, bm, blocks, layer=layer)
+    gamma, _, rcond, _ = solve_khatri_rao_batched(a, bm, blocks, layer=layer)
     beta = torch.zeros(s, t, n, dtype=torch.float64, device=w.device)
     if b is not None:
         bias = torch.zeros(s * r, dtype=torch.float64, device=w.device)
