@@ -193,7 +193,8 @@ def _reconstruct_sequence_model(
     seed, device = check_seed(seed), check_device(device)
     spec, opts = _sequence_spec(target, example_input, method, dtype, options, "reconstruct")
     net = build_seqnet(spec, seed=seed, dtype=spec.dtype, device=device, options=opts)
-    return solve_seqnet(net, spec, in_place=True)  # nobody else holds `net`
+    with solving_in_place(net):  # nobody else holds `net`: solve it rather than a clone of it
+        return solve_seqnet(net, spec)
 
 
 def _sequence_spec(

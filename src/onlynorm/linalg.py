@@ -17,6 +17,7 @@ torch.Size([6, 6])
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -32,6 +33,7 @@ from .linalg_refine import BatchLU, refine
 __all__ = [
     "khatri_rao",
     "relative_residual",
+    "blockwise_residual",
     "khatri_rao_reference",
     "khatri_rao_system",
     "compose",
@@ -95,6 +97,23 @@ def relative_residual(realised: torch.Tensor, target: torch.Tensor) -> tuple[flo
     scale = float(torch.linalg.norm(target.to(torch.float64)))
     frob = float(torch.linalg.norm(err))
     return absolute, (frob / scale if scale > 0 else frob)
+
+
+def blockwise_residual(
+    max_abs: Iterable[torch.Tensor | float], norms: Iterable[torch.Tensor | float], target: torch.Tensor
+) -> tuple[float, float]:
+    """:func:`relative_residual`'s pair for a weight solved in blocks, from each block's ``max |r|`` and ``‖r‖_F``
+    (the solves already hold them): ``(max over blocks, √(Σ ‖r_t‖_F²) / ‖W‖_F)`` — absolute if ``W = 0``.
+
+    >>> W = torch.eye(2, dtype=torch.float64)
+    >>> absolute, relative = blockwise_residual([torch.tensor([1e-3], dtype=torch.float64), 1e-3], [1e-3, 1e-3], W)
+    >>> round(absolute, 12), round(relative, 12)          # the same numbers as relative_residual(W + 1e-3·I, W)
+    (0.001, 0.001)
+    """
+    absolute = max((float(torch.as_tensor(m, dtype=torch.float64).max()) for m in max_abs), default=0.0)
+    squares = sum(float((torch.as_tensor(n, dtype=torch.float64) ** 2).sum()) for n in norms)
+    scale = float(torch.linalg.vector_norm(target.to(torch.float64)))
+    return absolute, (squares**0.5 / scale if scale > 0 else squares**0.5)
 
 
 @dataclass

@@ -297,6 +297,12 @@ def solving_in_place(net: NormNet) -> Iterator[None]:
         _IN_PLACE.reset(token)
 
 
+def clone_unless_in_place(net: NormNet) -> NormNet:
+    """The network a solve writes into: ``net`` itself inside :func:`solving_in_place` for it, else
+    :meth:`NormNet.clone` (new γ, β and buffers, the frozen tensors shared)."""
+    return net if _IN_PLACE.get() is net else net.clone()
+
+
 def begin_solve(net: NormNet, target) -> tuple[Any, NormNet, float]:
     """Common start of every ``solve``: refuse non-finite frozen weights, bring the target to the network's
     dtype/device, clone the network — new γ, β and BatchNorm buffers, the frozen tensors *shared* with ``net``
@@ -307,8 +313,7 @@ def begin_solve(net: NormNet, target) -> tuple[Any, NormNet, float]:
     margin = net.meta.options.get("margin")
     if margin is not None:  # recorded options are data: a tampered value is named, not converted
         margin = dataclasses.replace(MARGIN, name="meta.options.margin").check(margin)
-    out = net if _IN_PLACE.get() is net else net.clone()
-    return spec, out, float(default_margin(net.dtype) if margin is None else margin)
+    return spec, clone_unless_in_place(net), float(default_margin(net.dtype) if margin is None else margin)
 
 
 def finish_solve(out: NormNet, records: Sequence[SolveRecord | dict], notes: list[str], domain: Box) -> NormNet:

@@ -41,7 +41,7 @@ import torch
 from ..certify.cnn import certify_conv
 from ..domain import Box
 from ..errors import InvalidNetworkError
-from ..linalg import solve_khatri_rao_batched
+from ..linalg import blockwise_residual, solve_khatri_rao_batched
 from ..linalg_refine import accurate_residual
 from ..nets.conv_stream import ConvStream, grouped_conv
 from ..nets.match import Realised, walk_bounds, walk_nodes
@@ -251,7 +251,7 @@ def _solve_stream(conv: Conv, stage: ConvStream, lo, hi, margin: float, index: i
         lo, hi = lo.reshape(1, -1, 1, 1), hi.reshape(1, -1, 1, 1)
     B = stage.readout.weight.detach().double().flatten(1)  # (c_out, channels)
     gamma = torch.empty(stage.channels, dtype=torch.float64)
-    max_abs, squares = 0.0, 0.0  # max |Ŵ − W| and ‖Ŵ − W‖_F² over the blocks
+    block_max, block_norm = [], []  # each block's max |Ŵ − W| and ‖Ŵ − W‖_F
     held = stage.branch_norm.weight.dtype  # γ is rounded to it when set below
     slices = stage.block_slices()
     groups = [list(range(stage.full))] + ([[stage.full]] if stage.rest is not None else [])
@@ -266,12 +266,12 @@ def _solve_stream(conv: Conv, stage: ConvStream, lo, hi, margin: float, index: i
         for u, gt in zip(units, sol.gamma):
             gamma[u] = gt
         if held == torch.float64:  # the solve's accurate residual is that of the γ the network holds
-            max_abs = max(max_abs, float(sol.residual.max()))
-            squares += float((sol.residual_norm**2).sum())
+            block_max.append(sol.residual)
+            block_norm.append(sol.residual_norm)
         else:  # γ as rounded to the network's dtype: its residual below that rounding (not u·|B||γ||A|-blurred)
             error = accurate_residual(A, Bt, sol.gamma.to(held).double(), Wt)
-            max_abs = max(max_abs, float(error.abs().max()))
-            squares += float((error**2).sum())
+            block_max.append(error.abs().amax(dim=(-2, -1)))
+            block_norm.append(torch.linalg.vector_norm(error, dim=(-2, -1)))
     # β: every branch channel active at every position of the reachable input
     if stage.paired:  # relu(v) − relu(−v) = v for every v: no activity to ensure, β_t = 0
         beta = torch.zeros_like(gamma)
@@ -282,12 +282,12 @@ def _solve_stream(conv: Conv, stage: ConvStream, lo, hi, margin: float, index: i
         stage.branch_norm.bias.copy_(beta)
         stage.norm.weight.fill_(1.0)
         stage.norm.bias.copy_(conv.bias.double() - B @ beta)
-    scale = float(torch.linalg.vector_norm(W))
+    residual, relative = blockwise_residual(block_max, block_norm, W)
     return SolveRecord(
         layer=index,
         kind="batched",
-        residual=max_abs,  # relative_residual's definition, from the solves' residuals
-        relative_residual=squares**0.5 / scale if scale > 0 else squares**0.5,
+        residual=residual,
+        relative_residual=relative,
         exact=True,
         precision="float64",
         details={

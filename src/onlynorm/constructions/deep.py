@@ -27,7 +27,7 @@ import torch
 
 from ..certify import CertifyResult, certify_residual_streams
 from ..domain import Box, affine_bounds, interval_bounds
-from ..linalg import solve_khatri_rao_batched
+from ..linalg import blockwise_residual, solve_khatri_rao_batched
 from ..nets.match import walk_nodes
 from ..nets.normnet import NormNet
 from ..nets.records import SolveRecord
@@ -150,7 +150,7 @@ class DeepConstruction(Construction):
             slices = stage.block_slices()
             gammas: list[torch.Tensor] = [W.new_empty(0)] * len(slices)
             rconds: list[float] = []
-            max_abs, squares = 0.0, 0.0  # max |Ŵ − W| and ‖Ŵ − W‖_F² over the blocks, from the solves' residuals
+            block_max, block_norm = [], []  # each block's max |Ŵ − W| and ‖Ŵ − W‖_F, from its solve
             # one batched solve per block size (all blocks but possibly the last share k)
             for k in sorted(set(stage.sizes)):
                 idx = [t for t, size in enumerate(stage.sizes) if size == k]
@@ -159,8 +159,8 @@ class DeepConstruction(Construction):
                 Wt = torch.stack([W[:, slices[t]] for t in idx])
                 sol = solve_khatri_rao_batched(A, B, Wt, layer=i)  # γ in the network's dtype, residual of that γ
                 rconds += [float(r) for r in sol.rcond]
-                max_abs = max(max_abs, float(sol.residual.max()))
-                squares += float((sol.residual_norm.double() ** 2).sum())
+                block_max.append(sol.residual)
+                block_norm.append(sol.residual_norm)
                 for t, g in zip(idx, sol.gamma):
                     gammas[t] = g
             offset = torch.zeros_like(b)
@@ -174,13 +174,13 @@ class DeepConstruction(Construction):
                 set_norms(branch, gammas[t], beta)
                 offset = offset + readout.weight @ beta
             set_norms(stage, None, b - offset)
-            scale = float(torch.linalg.vector_norm(W.double()))
+            residual, relative = blockwise_residual(block_max, block_norm, W)  # without composing Ŵ again
             records.append(
                 SolveRecord(
                     layer=i,
                     kind="batched",
-                    residual=max_abs,  # relative_residual's definition, without composing Ŵ a second time
-                    relative_residual=squares**0.5 / scale if scale > 0 else squares**0.5,
+                    residual=residual,
+                    relative_residual=relative,
                     exact=True,
                     rcond=min(rconds),
                     precision="float64",

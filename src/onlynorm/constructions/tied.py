@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import InvalidNetworkError
+from ..linalg import blockwise_residual
 from ..linalg_tied import SharedSolution, solve_khatri_rao_shared
 from ..nets.conv_stream import grouped_conv
 from ..nets.records import SolveRecord
@@ -54,14 +55,12 @@ def _solve(A, B, W, layer: int, hold: torch.dtype) -> SharedSolution:
 
 def _record(layer: int, sols: list[SharedSolution], wanted: torch.Tensor, details: dict) -> SolveRecord:
     """The layer's record from its solves' checks: ``max|Ŵ − W|`` and ``‖Ŵ − W‖_F / ‖W‖_F`` over every block."""
-    residual = max(float(s.residual.max()) for s in sols)
-    error = sum(s.error_norm**2 for s in sols) ** 0.5
-    scale = float(torch.linalg.vector_norm(wanted))
+    residual, relative = blockwise_residual([s.residual for s in sols], [s.error_norm for s in sols], wanted)
     return SolveRecord(
         layer=layer,
         kind="shared",
         residual=residual,
-        relative_residual=error / scale if scale > 0 else error,
+        relative_residual=relative,
         exact=True,
         rcond=min(s.rcond for s in sols),
         precision="mixed" if any(s.precision == "mixed" for s in sols) else "float64",
@@ -92,8 +91,14 @@ def box_offsets(A: torch.Tensor, gamma: torch.Tensor, lo: torch.Tensor, hi: torc
     slack = mid.abs().add_(half)
     torch.maximum(slack, ((torch.maximum(lo.abs(), hi.abs()) + 1) @ A.abs().T).mul_(g), out=slack)
     torch.maximum(slack, 2 * half, out=slack)
-    floor = max(2 * margin * float(half.mean()) if half.numel() else 0.0, torch.finfo(A.dtype).tiny ** 0.5)
+    floor = _slack_floor(float(half.mean()) if half.numel() else 0.0, margin, A.dtype)
     return slack.mul_(margin).clamp_min_(floor).add_(half).sub_(mid)
+
+
+def _slack_floor(mean_half: float, margin: float, dtype: torch.dtype) -> float:
+    """The least slack of :func:`box_offsets`: ``margin`` times the mean spread ``2·half``, and never below
+    ``√tiny`` (a unit whose range is a point still gets a positive margin)."""
+    return max(2 * margin * mean_half, torch.finfo(dtype).tiny ** 0.5)
 
 
 def _box_offsets_rank_one(a: torch.Tensor, gamma: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, margin: float):
@@ -105,8 +110,7 @@ def _box_offsets_rank_one(a: torch.Tensor, gamma: torch.Tensor, lo: torch.Tensor
     P = gamma * a
     P_abs = P.abs()
     mean_half = float(P_abs.sum(1) @ r) / P.numel() if P.numel() else 0.0
-    floor = max(2 * margin * mean_half, torch.finfo(a.dtype).tiny ** 0.5)
-    beta = torch.mul(P_abs, (margin * q).unsqueeze(1)).clamp_min_(floor)
+    beta = torch.mul(P_abs, (margin * q).unsqueeze(1)).clamp_min_(_slack_floor(mean_half, margin, a.dtype))
     return beta.addcmul_(P_abs, r.unsqueeze(1)).addcmul_(P, c.unsqueeze(1), value=-1)
 
 

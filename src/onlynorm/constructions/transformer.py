@@ -33,6 +33,7 @@ from ..nets.stage import Stage
 from ..options import check_scalar
 from ..targets.seqgraph import GNode
 from ..targets.transformer import TransformerSpec
+from .base import clone_unless_in_place
 from .memory import format_bytes, memory_limit
 
 __all__ = ["build_seqnet", "solve_seqnet", "check_transformer_options", "estimate_bytes", "MAX_WIDTH_SYSTEM", "METHODS"]
@@ -199,10 +200,10 @@ def build_seqnet(
     return SeqNet(stages, graph, spec.inputs, meta=meta)
 
 
-def solve_seqnet(net: SeqNet, spec: TransformerSpec, *, in_place: bool = False) -> SeqNet:
-    """A copy of ``net`` with every ``γ, β`` solved for ``spec`` (frozen tensors untouched); ``in_place=True``
-    solves ``net`` itself (for a caller that has just built it and holds the only reference)."""
-    out: SeqNet = net if in_place else net.clone()  # type: ignore[assignment]
+def solve_seqnet(net: SeqNet, spec: TransformerSpec) -> SeqNet:
+    """A copy of ``net`` with every ``γ, β`` solved for ``spec`` (frozen tensors untouched) — ``net`` itself inside
+    :func:`~onlynorm.constructions.base.solving_in_place`, as for every construction's solve."""
+    out: SeqNet = clone_unless_in_place(net)  # type: ignore[assignment]
     maps = {i: (w, b) for i, w, b in spec.linear_maps()}
     records = []
     for i, node in enumerate(out.graph):
