@@ -16,9 +16,10 @@ from onlynorm.errors import InvalidOptionError
 from onlynorm.fit.auto_config import auto_config, current
 from onlynorm.fit.data import prepare_data
 from onlynorm.fit.gauss_newton import fit_gauss_newton
+from onlynorm.fit.jacobian import NormFunction
 from onlynorm.fit.layerwise import fit_layerwise
 from onlynorm.fit.lm_step import GEODESIC_ALPHA, LAMBDA_MAX, damped_step
-from onlynorm.fit.restarts import SCREEN_MARGIN
+from onlynorm.fit.restarts import SCREEN_MARGIN, fit_restarts
 from onlynorm.targets.convert import as_target
 
 from .conftest import random_mlp
@@ -150,7 +151,7 @@ def test_auto_config_changes_a_block_and_refuses_unknown_fields():
             onlynorm.random_normnet(g, hidden=[3, 3], seed=0), g, Box(-1.0, 1.0), samples=128, budget_seconds=0.6
         )
         assert report.phase("gauss-newton").details["geodesic"] == cfg.geodesic
-        runs = report.phase("restarts").details["runs"] if any(p.name == "restarts" for p in report.phases) else []
+        runs = [r for p in report.phases if p.name == "restarts" for r in p.details["runs"]]
         assert {r["start"] for r in runs} <= {"resampled", "identity"}
     assert current() == before
     with pytest.raises(InvalidOptionError, match="expected fields"):
@@ -175,3 +176,24 @@ def test_screened_restarts_drop_only_the_runs_far_behind_the_best():
             assert run["steps"] == 3 and run["error"] >= best * (1 + SCREEN_MARGIN)
         best = min(best, run["error"])
     assert restarts.error_after == pytest.approx(best)
+
+
+@pytest.mark.parametrize(
+    ("cycle", "expected"), [(("resampled", "identity"), {"identity"}), (("subsample", "resampled"), set())]
+)
+def test_short_time_replaces_a_layerwise_start_only_by_a_kind_of_the_configured_cycle(cycle, expected):
+    """A layer-wise start the time left cannot hold gives way to the next cheap start of the user's cycle, never
+    to a kind the cycle does not name; a cycle of layer-wise starts only then stops instead."""
+    g = random_mlp([3, 5, 2], seed=1)
+    net = onlynorm.random_normnet(g, hidden=[3, 3], seed=0)
+    spec = as_target(g)
+    data = prepare_data(net, spec, Box(-1.0, 1.0), seed=0, train_samples=128, held_samples=64)
+    identity = NormFunction(net).vector().clone()
+    with auto_config(starts=cycle):
+        phase = fit_restarts(
+            net, spec, data, identity=identity, deadline=time.perf_counter() + 0.5, run_seconds=0.01,
+            step_seconds=0.001, layerwise_seconds=1e6, exact_tolerance=0.0, max_iterations=3,
+        )  # fmt: skip
+    starts = [r["start"] for r in phase.details["runs"]]
+    assert set(starts) == expected  # every layer-wise start was too slow: the cycle's cheap start took its turns
+    assert bool(starts) == bool(expected) and phase.details["stopped"] == "budget"

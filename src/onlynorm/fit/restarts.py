@@ -20,7 +20,9 @@ only if its held-out error is then within ``SCREEN_MARGIN`` of the best so far �
 **The schedule.** A restart is begun only if the time left (minus a reserve for the final evaluation) holds at
 least a third of a typical run — the first run's Levenberg–Marquardt time, then the running mean of the restarts'
 — and each run is handed the deadline, so its last step is not begun unless it fits (the slowest step so far is the
-estimate). Restarts stop early only when the held-out error reaches the exact regime. The network is left holding
+estimate). A layer-wise start (``subsample``, ``resampled``) the time left cannot hold gives way to the cycle's
+next start that needs no layer-wise fit — always a kind the configured cycle names; a cycle of layer-wise starts
+only then stops. Restarts stop early only when the held-out error reaches the exact regime. The network is left holding
 the best γ, β found on the held-out points; the phase record lists every restart (start, error, seconds).
 """
 
@@ -40,6 +42,9 @@ from .layerwise import fit_layerwise
 from .report import Phase
 
 __all__ = ["fit_restarts", "STARTS", "MIN_RUN_FRACTION"]
+
+#: the starts that run a layer-wise fit (the slow ones: skipped for a cheap start when time is short)
+_LAYERWISE = ("subsample", "resampled")
 
 #: the default cycle of restart kinds (``auto_config(starts=...)`` changes it)
 STARTS = current().starts
@@ -122,16 +127,16 @@ def fit_restarts(
     rows = auto_rows(fn.size, config.lean_from)
     while best > exact_tolerance:
         left = deadline - time.perf_counter()
-        kind = config.starts[k % len(config.starts)]
-        if kind in ("subsample", "resampled") and left < layerwise_seconds + 2 * step_seconds:
-            kind = "perturbed"
-        if left < max(MIN_RUN_FRACTION * typical, 2 * step_seconds):
+        kind: str | None = config.starts[k % len(config.starts)]
+        if kind in _LAYERWISE and left < layerwise_seconds + 2 * step_seconds:
+            kind = _cheap_start(config.starts, k)
+        if kind is None or left < max(MIN_RUN_FRACTION * typical, 2 * step_seconds):
             break
         t0 = time.perf_counter()
         if not _set_start(kind, net, spec, data, fn, best_theta, identity, hidden, gen, k):
             k += 1
             continue
-        if kind in ("subsample", "resampled"):  # the slowest layer-wise start so far guards the next one
+        if kind in _LAYERWISE:  # the slowest layer-wise start so far guards the next one
             layerwise_seconds = max(layerwise_seconds, time.perf_counter() - t0)
         if time.perf_counter() + step_seconds > deadline:  # the start itself took the time left
             break
@@ -181,10 +186,20 @@ def fit_restarts(
     )
 
 
+def _cheap_start(cycle: tuple[str, ...], k: int) -> str | None:
+    """The next start after position ``k`` of ``cycle`` that needs no layer-wise fit (None if the cycle has none):
+    what runs instead of a layer-wise start the time left cannot hold — always a kind the user's cycle names."""
+    for i in range(1, len(cycle) + 1):
+        kind = cycle[(k + i) % len(cycle)]
+        if kind not in _LAYERWISE:
+            return kind
+    return None
+
+
 def _set_start(kind, net, spec, data, fn, best_theta, identity, hidden, gen, k) -> bool:
     """Put the start ``kind`` into ``net``; False if it does not apply to this network (then it is skipped)."""
     if kind == "perturbed":
-        fn.assign(_perturbed(best_theta, 0.1 + 0.1 * (k // len(STARTS) % 3), gen))
+        fn.assign(_perturbed(best_theta, 0.1 + 0.1 * (k // len(current().starts) % 3), gen))
     elif kind == "sign-flip":
         if not hidden:
             return False
