@@ -170,18 +170,22 @@ def _map_capacity(label: str, stage: Any, w: torch.Tensor, b: torch.Tensor | Non
     s, t = stage.blocks
     k, r, n = stage.block, stage.out_block, stage.system_size
     m, fan_in = w.shape
-    a = stage.A.detach().to("cpu", torch.float64).reshape(s * t, n, k)
-    bm = stage.B.detach().to("cpu", torch.float64).reshape(s * t, r, n)
+    A, B = stage.factors()  # per block (a tied stage's one pair, seen by every block)
+    a = A.detach().to("cpu", torch.float64).reshape(s * t, n, k)
+    bm = B.detach().to("cpu", torch.float64).reshape(s * t, r, n)
     rows = [min(r, m - (i // t) * r) for i in range(s * t)]  # real outputs and inputs of each block
     cols = [min(k, fan_in - (i % t) * k) for i in range(s * t)]
     padded = torch.zeros(s * r, t * k, dtype=torch.float64)
     padded[:m, :fan_in] = w.detach().to("cpu", torch.float64)
     blocks = padded.reshape(s, r, t, k).permute(0, 2, 1, 3).reshape(s * t, r, k)
     rank, top, low, num, den = 0, 0.0, float("inf"), 0.0, float(padded.square().sum())
+    spectra: dict[tuple[int, int], torch.Tensor] = {}  # tied: blocks with the same real part share their system
     for i in range(s * t):
         # the block's system restricted to its real equations: (B_i ⊙ A_iᵀ) γ = vec W_i, rows i < r_i, cols j < k_i
         M = khatri_rao_system(a[i, :, : cols[i]], bm[i, : rows[i]])
-        sv = torch.linalg.svdvals(M)
+        key = (rows[i], cols[i])
+        sv = spectra[key] if stage.tied and key in spectra else torch.linalg.svdvals(M)
+        spectra[key] = sv
         kept = sv[sv > max(M.shape) * torch.finfo(torch.float64).eps * float(sv[0])]
         rank += int(kept.numel())
         top, low = max(top, float(sv[0])), min(low, float(kept[-1]))

@@ -13,6 +13,12 @@ parameter-free op is copied. So ``f ≡ g`` up to the solves' rounding, for ever
 ``min(m, 256)``: systems of size ``out_block·block``) or ``method="width"`` (one system of size ``m·n`` per map,
 refused above :data:`MAX_WIDTH_SYSTEM`). The frozen tensors depend only on the seed and the architecture: they are
 drawn from one generator, stage by stage, from the shapes alone.
+
+``tied=1`` (``deep`` only): every block of a map shares one frozen pair ``(A, B)`` — one draw per map instead of one
+per block, so *not* the i.i.d. network of the theorem (``tied=0``, the default). All ``S·T`` block systems of a map
+then have one Khatri–Rao matrix: one LU per map and a solve with ``S·T`` right-hand sides
+(:func:`onlynorm.linalg_tied.solve_khatri_rao_shared`); the frozen tensors of a map shrink ``S·T``-fold and its
+forward reads out once per output block (:class:`~onlynorm.nets.factorised.FactorisedLinear`).
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from ..domain import Box
 from ..errors import InvalidOptionError, MemoryBudgetError
 from ..linalg import relative_residual, solve_khatri_rao_batched
 from ..linalg_exact import compose_accurate
+from ..linalg_tied import solve_khatri_rao_shared
 from ..nets.factorised import FactorisedEmbedding, FactorisedLinear, FactorisedTable
 from ..nets.records import NetMeta, SolveInfo, SolveRecord
 from ..nets.seqnet import ConstStage, LayerNormStage, SeqNet
@@ -45,10 +52,11 @@ _DEFAULT_OUT_BLOCK = 256
 
 
 def check_transformer_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
-    """``{"method", "block", "out_block"}`` validated (``block``/``out_block`` only for ``deep``)."""
+    """``{"method", "block", "out_block", "tied"}`` validated (``block``/``out_block``/``tied`` only for ``deep``;
+    ``tied`` is 0 or 1, ``True``/``False`` accepted)."""
     if method not in METHODS:
         raise InvalidOptionError(f"method: expected one of {list(METHODS)} for a transformer target, found {method!r}")
-    allowed = {"block", "out_block"} if method == "deep" else set()
+    allowed = {"block", "out_block", "tied"} if method == "deep" else set()
     unknown = sorted(set(options) - allowed)
     if unknown:
         raise InvalidOptionError(
@@ -56,9 +64,12 @@ def check_transformer_options(method: str, options: dict[str, Any]) -> dict[str,
             f"accepted: {sorted(allowed) or 'none'}"
         )
     out: dict[str, Any] = {"method": method}
-    for name in sorted(allowed):
+    for name in sorted(allowed - {"tied"}):
         value = options.get(name)
         out[name] = None if value is None else check_scalar(value, name, int, min_val=1)
+    if method == "deep":
+        tied = options.get("tied", 0)
+        out["tied"] = check_scalar(int(tied) if isinstance(tied, bool) else tied, "tied", int, min_val=0, max_val=1)
     return out
 
 
@@ -88,7 +99,8 @@ def _blocks(node: GNode, options: dict[str, Any]) -> tuple[int, int]:
 
 def estimate_bytes(spec: TransformerSpec, options: dict[str, Any], dtype: torch.dtype) -> int:
     """Peak bytes of build + solve: the frozen ``A, B`` of every factorised map (kept, in ``dtype``, plus their
-    float64 copies and one chunk of system matrices while a map is solved)."""
+    float64 copies and one chunk of system matrices while a map is solved; tied: one pair per map, its one
+    ``N × N`` system and the ``S·T`` right-hand sides, solutions and residuals)."""
     size = torch.finfo(dtype).bits // 8
     frozen, peak = 0, 0
     for node in spec.nodes:
@@ -96,9 +108,14 @@ def estimate_bytes(spec: TransformerSpec, options: dict[str, Any], dtype: torch.
             n, m = _shape(node)
             k, r = _blocks(node, options)
             blocks = math.ceil(n / k) * math.ceil(m / r)
-            elements = blocks * r * k * (k + r)
+            if options.get("tied"):
+                elements = r * k * (k + r)
+                solve = (r * k) ** 2 * 8 * 2 + blocks * r * k * 8 * 4
+            else:
+                elements = blocks * r * k * (k + r)
+                solve = elements * 8 * 2 + min(256 << 20, blocks * (r * k) ** 2 * 8)
             frozen += elements * size
-            peak = max(peak, elements * 8 * 2 + min(256 << 20, blocks * (r * k) ** 2 * 8))
+            peak = max(peak, solve)
     return frozen + peak
 
 
@@ -106,10 +123,14 @@ def _check_memory(spec: TransformerSpec, options: dict[str, Any], dtype: torch.d
     need = estimate_bytes(spec, options, dtype)
     limit, source = memory_limit(device)
     if need > limit:
+        advice = "use method='deep' with a smaller out_block (systems of size out_block·block)"
+        if options["method"] == "deep" and not options.get("tied"):
+            tied = estimate_bytes(spec, {**options, "tied": 1}, dtype)
+            if tied <= limit:
+                advice = f"use tied=True (one frozen draw per map: ~{format_bytes(tied)}) or a smaller out_block"
         raise MemoryBudgetError(
             f"the transformer construction ({options['method']}) needs about {format_bytes(need)}, over the memory "
-            f"limit {format_bytes(limit)} ({source}); use method='deep' with a smaller out_block (systems of size "
-            "out_block·block)",
+            f"limit {format_bytes(limit)} ({source}); {advice}",
             needed_bytes=need,
             limit_bytes=limit,
         )
@@ -120,10 +141,11 @@ def _stage_for(node: GNode, options: dict[str, Any], dtype: torch.dtype, device:
     if node.op in ("linear", "embedding", "table"):
         n, m = _shape(node)
         k, r = _blocks(node, options)
+        tied = bool(options.get("tied"))
         if node.op == "table":
-            return FactorisedTable(c["shape"], k, r, dtype=dtype, device=device)
+            return FactorisedTable(c["shape"], k, r, tied=tied, dtype=dtype, device=device)
         cls = FactorisedLinear if node.op == "linear" else FactorisedEmbedding
-        return cls(n, m, k, r, dtype=dtype, device=device)
+        return cls(n, m, k, r, tied=tied, dtype=dtype, device=device)
     if node.op == "layer_norm":
         return LayerNormStage(c["shape"], c["eps"], c["affine"], c["bias"], dtype=dtype, device=device)
     return ConstStage(c["shape"], c["dtype"], dtype=dtype, device=device)
@@ -131,7 +153,8 @@ def _stage_for(node: GNode, options: dict[str, Any], dtype: torch.dtype, device:
 
 def random_factors(stage: FactorisedLinear, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Random frozen ``A, B`` for ``stage``, drawn from the shapes alone: ``A`` with random signs and magnitudes
-    uniform in ``[0.5, 1.5]/√k``, each ``B_{st}`` with orthonormal rows (:func:`orthonormal_rows`).
+    uniform in ``[0.5, 1.5]/√k``, each ``B_{st}`` with orthonormal rows (:func:`orthonormal_rows`) — one pair per
+    block, or one for the whole map when the stage is tied (its tensors hold one).
 
     Gaussian factors work too, but their block systems are worse conditioned and the large ``γ`` of a badly
     conditioned block amplify rounding: a 2-block d=32 encoder measured 5e-11 relative error with Gaussian
@@ -234,9 +257,14 @@ def solve_factorised(
     padded = torch.zeros(s * r, t * k, dtype=torch.float64, device=w.device)
     padded[:m, :fan_in] = w.to(torch.float64)
     blocks = padded.reshape(s, r, t, k).permute(0, 2, 1, 3).reshape(s * t, r, k)
-    a = stage.A.detach().to(torch.float64).reshape(s * t, n, k)
-    bm = stage.B.detach().to(torch.float64).reshape(s * t, r, n)
-    gamma, _, rcond, _ = solve_khatri_rao_batched(a, bm, blocks, layer=layer)
+    A, B = stage.factors()  # per block: the frozen tensors, or views of the tied pair (no copies)
+    a = A.detach().to(torch.float64).reshape(s * t, n, k)
+    bm = B.detach().to(torch.float64).reshape(s * t, r, n)
+    if stage.tied:  # one matrix for every block: one LU, S·T right-hand sides
+        shared = solve_khatri_rao_shared(a[0], bm[0], blocks, layer=layer)
+        gamma, rcond = shared.gamma, torch.tensor([shared.rcond])
+    else:
+        gamma, _, rcond, _ = solve_khatri_rao_batched(a, bm, blocks, layer=layer)
     beta = torch.zeros(s, t, n, dtype=torch.float64, device=w.device)
     if b is not None:
         bias = torch.zeros(s * r, dtype=torch.float64, device=w.device)
@@ -251,14 +279,14 @@ def solve_factorised(
     realised = compose_accurate(bm, g, a).reshape(s, t, r, k).permute(0, 2, 1, 3).reshape(s * r, t * k)[:m, :fan_in]
     residual, relative = relative_residual(realised, w.to(torch.float64))
     tolerance = 1e-10 if stage.A.dtype == torch.float64 else 1e-5  # what the network's dtype can hold
-    details: dict[str, Any] = {"node": name, "blocks": s * t, "size": n}
+    details: dict[str, Any] = {"node": name, "blocks": s * t, "size": n} | ({"tied": 1} if stage.tied else {})
     if b is not None:
         beta_r = stage.norm.bias.detach().to(torch.float64).reshape(s, t, n)
         got = torch.einsum("stin,stn->si", bm.reshape(s, t, r, n), beta_r).reshape(-1)[:m]
         details["bias_residual"] = float((got - b.to(torch.float64)).abs().max())
     return SolveRecord(
         layer=layer,
-        kind="batched",
+        kind="shared" if stage.tied else "batched",
         residual=residual,
         relative_residual=relative,
         exact=bool(relative <= tolerance),

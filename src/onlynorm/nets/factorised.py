@@ -6,6 +6,11 @@ of ``r``: ``y_{I_s} = Σ_t B_{st} (γ_{st} ⊙ (A_{st} x_{J_t}) + β_{st})`` wit
 ``N = r·k`` — each block one square Khatri–Rao system ``B_{st} diag(γ_{st}) A_{st} = W[I_s, J_t]``. ``k = n, r = m``
 is the width construction's one system of size ``m·n``. Features past ``n`` (outputs past ``m``) are zero padding.
 
+``tied=True``: every block shares one frozen pair ``A ∈ R^{N×k}``, ``B ∈ R^{r×N}`` (stored once, as ``(1, 1, N, k)``
+and ``(1, 1, r, N)``), so ``y_{I_s} = B Σ_t (γ_{st} ⊙ (A x_{J_t}) + β_{st})``: the products ``A x_{J_t}`` are shared
+by every output block and the readout runs once per output block instead of once per block — the same function as
+the untied sum, with one Khatri–Rao matrix ``Aᵀ ⊙ B`` for all ``S·T`` systems (one LU per map).
+
 * :class:`FactorisedLinear` — ``x ↦ W x + b`` on the last dimension;
 * :class:`FactorisedEmbedding` — ``idx ↦ W[idx]``, the map of the one-hot token;
 * :class:`FactorisedTable` — a learned tensor ``P`` (positional embeddings): row ``l`` is the map of ``e_l``.
@@ -24,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import FileFormatError
 from .modules import make_batchnorm, normalize
 from .onnx_graph import OnnxGraph, batchnorm, keep_lead, slice_last
 from .onnx_seq_graph import elem_type
@@ -39,7 +45,9 @@ def _frozen(shape: tuple[int, ...], dtype: torch.dtype, device: Any) -> nn.Param
 @register_stage
 class FactorisedLinear(Stage):
     """``x ↦ Σ_{s,t} B_{st}(γ_{st} ⊙ (A_{st} x_{J_t}) + β_{st})`` on the last dimension of ``x``; frozen ``A``
-    ``(S, T, N, k)`` and ``B`` ``(S, T, r, N)``, ``γ, β`` from one BatchNorm1d of width ``S·T·N``."""
+    ``(S, T, N, k)`` and ``B`` ``(S, T, r, N)`` — ``(1, 1, N, k)`` and ``(1, 1, r, N)`` when ``tied``, one pair
+    shared by every block (:meth:`factors` gives the per-block view either way) — ``γ, β`` from one BatchNorm1d of
+    width ``S·T·N``."""
 
     kind = "factorised_linear"
 
@@ -50,23 +58,44 @@ class FactorisedLinear(Stage):
         block: int | None = None,
         out_block: int | None = None,
         *,
+        tied: bool = False,
         dtype: torch.dtype = torch.float64,
         device: torch.device | str | None = None,
     ):
         super().__init__()
+        if tied not in (True, False):  # 0 and 1 too (the option's integer form)
+            raise ValueError(f"{type(self).__name__}: tied must be True or False, found {tied!r}")
+        self.tied = bool(tied)
         self.in_features, self.out_features = int(in_features), int(out_features)
         self.block = min(int(block or in_features), self.in_features)
         self.out_block = min(int(out_block or out_features), self.out_features)
         s, t = math.ceil(self.out_features / self.out_block), math.ceil(self.in_features / self.block)
         n = self.out_block * self.block
-        self.A = _frozen((s, t, n, self.block), dtype, device)
-        self.B = _frozen((s, t, self.out_block, n), dtype, device)
+        self._blocks = (s, t)
+        draws = (1, 1) if self.tied else (s, t)
+        self.A = _frozen((*draws, n, self.block), dtype, device)
+        self.B = _frozen((*draws, self.out_block, n), dtype, device)
         self.norm = make_batchnorm(s * t * n, dtype=dtype, device=device)
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], *, dtype: torch.dtype, device=None) -> Stage:
+        if config.get("tied", False) not in (True, False):
+            raise FileFormatError(
+                f"stage {cls.kind!r}: config field 'tied' must be true or false, found {config['tied']!r}; the "
+                "architecture description is corrupt — re-create the file"
+            )
+        return cls(**config, dtype=dtype, device=device)
 
     @property
     def blocks(self) -> tuple[int, int]:
         """``(S, T)``: output and input blocks."""
-        return int(self.A.shape[0]), int(self.A.shape[1])
+        return self._blocks
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A, B)`` per block, ``(S, T, N, k)`` and ``(S, T, r, N)``: the frozen tensors themselves, or (tied)
+        views of the one shared pair expanded over the blocks (no copy)."""
+        s, t = self.blocks
+        return self.A.expand(s, t, *self.A.shape[2:]), self.B.expand(s, t, *self.B.shape[2:])
 
     @property
     def system_size(self) -> int:
@@ -79,31 +108,52 @@ class FactorisedLinear(Stage):
         flat = x.reshape(-1, self.in_features)
         if t * k != self.in_features:
             flat = F.pad(flat, (0, t * k - self.in_features))
+        if self.tied:
+            return self._tied_forward(flat).reshape(*lead, self.out_features)
         z = torch.einsum("mtk,stjk->mstj", flat.reshape(-1, t, k), self.A).reshape(-1, s * t * n)
         z = normalize(self.norm, z, inplace=not torch.is_grad_enabled())
         y = torch.einsum("mstj,stij->msi", z.reshape(-1, s, t, n), self.B).reshape(-1, s * self.out_block)
         return y[:, : self.out_features].reshape(*lead, self.out_features)
 
+    def _tied_forward(self, flat: torch.Tensor) -> torch.Tensor:
+        """The tied sum on padded rows ``(R, T·k)``: ``z_t = A x_{J_t}`` once (``(R, T, N)``), repeated for every
+        output block only where the BatchNorm needs it (``(R, S·T·N)``), ``u_s = Σ_t BN(z)_{st}``, ``y_s = B u_s``:
+        ``Σ_t B v_t = B Σ_t v_t``, the untied function with ``T`` times fewer readout products."""
+        s, t = self.blocks
+        n, k = self.system_size, self.block
+        z = flat.reshape(-1, t, k) @ self.A[0, 0].T
+        # contiguous: one copy per output block (reshape may keep a stride-0 view, which BN's in-place form refuses)
+        z = z.unsqueeze(1).expand(-1, s, t, n).contiguous().view(-1, s * t * n)
+        z = normalize(self.norm, z, inplace=not torch.is_grad_enabled())
+        y = (z.reshape(-1, s, t, n).sum(2) @ self.B[0, 0].T).reshape(-1, s * self.out_block)
+        return y[:, : self.out_features]
+
     def dense(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(A, B)`` as dense matrices ``(S·T·N, n)`` and ``(m, S·T·N)`` (zeros off the blocks)."""
         s, t = self.blocks
         n, k, r = self.system_size, self.block, self.out_block
-        a = torch.zeros(s, t, n, t, k, dtype=self.A.dtype, device=self.A.device)
-        b = torch.zeros(s, r, s, t, n, dtype=self.B.dtype, device=self.B.device)
+        A, B = self.factors()
+        a = torch.zeros(s, t, n, t, k, dtype=A.dtype, device=A.device)
+        b = torch.zeros(s, r, s, t, n, dtype=B.dtype, device=B.device)
         for i in range(s):
             for j in range(t):
-                a[i, j, :, j] = self.A[i, j]
-                b[i, :, i, j] = self.B[i, j]
+                a[i, j, :, j] = A[i, j]
+                b[i, :, i, j] = B[i, j]
         a = a.reshape(s * t * n, t * k)[:, : self.in_features]
         return a, b.reshape(s * r, s * t * n)[: self.out_features]
 
     def config(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "in_features": self.in_features,
             "out_features": self.out_features,
             "block": self.block,
             "out_block": self.out_block,
         }
+        return out | self._tied_config()
+
+    def _tied_config(self) -> dict[str, Any]:
+        """``{"tied": True}`` for a tied stage; nothing otherwise (untied files stay as they were)."""
+        return {"tied": True} if self.tied else {}
 
     def lower_onnx(self, g: OnnxGraph, x: str, example: torch.Tensor) -> str:
         """The blocked products as ``forward`` computes them: rows ``(R, n)`` (an input of any rank is flattened
@@ -120,12 +170,31 @@ class FactorisedLinear(Stage):
         n, k, r = self.system_size, self.block, self.out_block
         if t * k != self.in_features:
             rows = g.node("Pad", [rows, g.ints("pads", [0, 0, 0, t * k - self.in_features])], "pad")
+        if self.tied:
+            return self._lower_tied_rows(g, rows)
         blocks = g.node("Reshape", [rows, g.ints("blocks", [-1, 1, t, 1, k])], "blocks")
         z = g.node("MatMul", [blocks, g.const("factor_a", self.A.detach().transpose(2, 3).contiguous())], "factor_a")
         z = batchnorm(g, self.norm, g.node("Reshape", [z, g.ints("rows", [-1, s * t * n])], "rows"))
         z = g.node("Reshape", [z, g.ints("blocks", [-1, s, 1, t * n])], "blocks")
         b = self.B.detach().permute(0, 1, 3, 2).reshape(s, t * n, r)  # (S, T, r, N) → (S, T·N, r)
         y = g.node("MatMul", [z, g.const("factor_b", b.contiguous())], "factor_b")
+        y = g.node("Reshape", [y, g.ints("rows", [-1, s * r])], "rows")
+        return y if s * r == self.out_features else slice_last(g, y, slice(0, self.out_features))
+
+    def _lower_tied_rows(self, g: OnnxGraph, rows: str) -> str:
+        """:meth:`_tied_forward` on padded rows: ``MatMul`` of ``(R, T, k)`` by the shared ``Aᵀ`` ``(k, N)``,
+        ``Expand`` over the ``S`` output blocks, the BatchNorm on ``(R, S·T·N)``, ``ReduceSum`` over ``T``,
+        ``MatMul`` by the shared ``Bᵀ`` ``(N, r)``, the first ``m`` of the ``S·r`` outputs."""
+        s, t = self.blocks
+        n, k, r = self.system_size, self.block, self.out_block
+        blocks = g.node("Reshape", [rows, g.ints("blocks", [-1, 1, t, k])], "blocks")
+        z = g.node("MatMul", [blocks, g.const("factor_a", self.A.detach()[0, 0].T.contiguous())], "factor_a")
+        if s > 1:
+            z = g.node("Expand", [z, g.ints("out_blocks", [1, s, 1, 1])], "out_blocks")
+        z = batchnorm(g, self.norm, g.node("Reshape", [z, g.ints("rows", [-1, s * t * n])], "rows"))
+        z = g.node("Reshape", [z, g.ints("blocks", [-1, s, t, n])], "blocks")
+        z = g.node("ReduceSum", [z, g.ints("axes", [2])], "block_sum", keepdims=0)
+        y = g.node("MatMul", [z, g.const("factor_b", self.B.detach()[0, 0].T.contiguous())], "factor_b")
         y = g.node("Reshape", [y, g.ints("rows", [-1, s * r])], "rows")
         return y if s * r == self.out_features else slice_last(g, y, slice(0, self.out_features))
 
@@ -141,10 +210,12 @@ class FactorisedLinear(Stage):
         return g.node("Cast", [hot], "one_hot", to=elem_type(self.A.dtype))
 
     def layout(self) -> StageLayout:
-        return StageLayout(type(self), (self.in_features, self.out_features), False, (("block", self.block),))
+        details = (("block", self.block), ("tied", self.tied))
+        return StageLayout(type(self), (self.in_features, self.out_features), False, details)
 
     def extra_repr(self) -> str:
-        return f"{self.in_features}→{self.out_features}, blocks={self.blocks}, N={self.system_size}"
+        tied = ", tied" if self.tied else ""
+        return f"{self.in_features}→{self.out_features}, blocks={self.blocks}, N={self.system_size}{tied}"
 
 
 @register_stage
@@ -173,19 +244,21 @@ class FactorisedTable(FactorisedLinear):
         block: int | None = None,
         out_block: int | None = None,
         *,
+        tied: bool = False,
         dtype: torch.dtype = torch.float64,
         device: torch.device | str | None = None,
     ):
         self.shape = [int(v) for v in shape]
         d = self.shape[-1] if self.shape else 1
-        super().__init__(max(1, math.prod(self.shape) // max(d, 1)), d, block, out_block, dtype=dtype, device=device)
+        rows = max(1, math.prod(self.shape) // max(d, 1))
+        super().__init__(rows, d, block, out_block, tied=tied, dtype=dtype, device=device)
 
     def forward(self) -> torch.Tensor:  # type: ignore[override]
         eye = torch.eye(self.in_features, dtype=self.A.dtype, device=self.A.device)
         return super().forward(eye).reshape(self.shape)
 
     def config(self) -> dict[str, Any]:
-        return {"shape": self.shape, "block": self.block, "out_block": self.out_block}
+        return {"shape": self.shape, "block": self.block, "out_block": self.out_block} | self._tied_config()
 
     def lower_onnx(self, g: OnnxGraph, x: str, example: torch.Tensor) -> str:
         """The factorised map of the identity's rows (``onehot(Range(n))``) reshaped to the table's shape; ``x``
