@@ -1,6 +1,6 @@
 """Transformer reconstruction and ONNX export: time, error and sizes, one row per model.
 
-    .venv/bin/python benchmarks/transformer.py [--d 64] [--heads 4] [--layers 2] [--method deep]
+    .venv/bin/python benchmarks/transformer.py [--d 64] [--heads 4] [--layers 2] [--method deep] [--tied 0,1]
                                                [--models encoder,decoder] [--no-onnx] [--json out.json]
 
 Models (float64): ``encoder`` — a pre-norm GELU ``nn.TransformerEncoder`` (dim_feedforward = 4d, final LayerNorm);
@@ -10,6 +10,8 @@ its own length (dim_feedforward = 4d, final LayerNorm); ``gpt`` (not in the defa
 own forward on fresh inputs of sequence lengths 1, 8 and 32 (batch 4). With ONNX (needs the onnx extra):
 ``net.to_onnx`` time and node count, the exported graph's error against the network under onnxruntime on the same
 inputs, and onnxruntime's time for one batch of length 32 over the network's forward in torch (ratio in one run).
+``--tied 0,1`` runs every model untied and tied (one frozen draw per map, ``deep`` only), each with the time of one
+forward of a batch of length 32 (best of 5); the ratios between the two rows are measured in one run.
 """
 
 from __future__ import annotations
@@ -122,12 +124,18 @@ def onnx_row(f: onlynorm.nets.SeqNet, model: str, d: int) -> dict:
     }
 
 
-def case(model: str, d: int, heads: int, layers: int, method: str, export: bool, seed: int = 0) -> dict:
+def case(
+    model: str, d: int, heads: int, layers: int, method: str, export: bool, seed: int = 0, tied: int = 0
+) -> dict:
     torch.manual_seed(seed)
     g = build(model, d, heads, layers)
+    options = {"tied": tied} if tied else {}
     start = time.perf_counter()
-    f = onlynorm.reconstruct(g, example_input=inputs(model, 8, d, batch=2), method=method, seed=seed)
+    f = onlynorm.reconstruct(g, example_input=inputs(model, 8, d, batch=2), method=method, seed=seed, **options)
     seconds = time.perf_counter() - start
+    x = inputs(model, LENGTHS[-1], d)
+    with torch.no_grad():
+        forward_s = _seconds(lambda: f(*x))
     report = onlynorm.verify(f, g, inputs=[inputs(model, t, d) for t in LENGTHS])
     summary = f.summary()
     row = {
@@ -136,7 +144,9 @@ def case(model: str, d: int, heads: int, layers: int, method: str, export: bool,
         "heads": heads,
         "layers": layers,
         "method": method,
+        "tied": tied,
         "seconds": round(seconds, 3),
+        "forward_seconds": round(forward_s, 4),
         "max_rel_error": report.max_rel_error,
         "frozen_parameters": summary.frozen_parameters,
         "tunable_parameters": summary.tunable_parameters,
@@ -152,13 +162,15 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--method", default="deep")
     parser.add_argument("--models", default="encoder,decoder", help="comma-separated: encoder, decoder, gpt")
+    parser.add_argument("--tied", default="0", help="comma-separated 0/1: untied and/or tied rows (deep only)")
     parser.add_argument("--no-onnx", action="store_true", help="skip the ONNX export rows")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     rows = []
     for model in args.models.split(","):
-        rows.append(case(model, args.d, args.heads, args.layers, args.method, not args.no_onnx))
-        print(" ".join(f"{k}={v}" for k, v in rows[-1].items()), flush=True)
+        for tied in (int(v) for v in args.tied.split(",")):
+            rows.append(case(model, args.d, args.heads, args.layers, args.method, not args.no_onnx, tied=tied))
+            print(" ".join(f"{k}={v}" for k, v in rows[-1].items()), flush=True)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(rows, fh, indent=2)
