@@ -124,9 +124,7 @@ def onnx_row(f: onlynorm.nets.SeqNet, model: str, d: int) -> dict:
     }
 
 
-def case(
-    model: str, d: int, heads: int, layers: int, method: str, export: bool, seed: int = 0, tied: int = 0
-) -> dict:
+def case(model: str, d: int, heads: int, layers: int, method: str, export: bool, seed: int = 0, tied: int = 0) -> dict:
     torch.manual_seed(seed)
     g = build(model, d, heads, layers)
     options = {"tied": tied} if tied else {}

@@ -147,8 +147,8 @@ def reconstruct(
     For a sequence model (transformer), ``example_input`` — a tensor (LongTensor token ids, or float features) or
     a tuple of tensors — fixes the input signature; the result is a :class:`~onlynorm.nets.seqnet.SeqNet` equal to
     the model for every input and sequence length (no domain). ``method`` is ``"deep"`` (the default for these;
-    options ``block``, ``out_block``, ``tied``) or ``"width"``; see :mod:`onlynorm.constructions.transformer`. Other targets
-    default to ``"width"``.
+    options ``block``, ``out_block``, ``tied``) or ``"width"``; see :mod:`onlynorm.constructions.transformer`.
+    Other targets default to ``"width"``.
 
     >>> import torch
     >>> from torch import nn
